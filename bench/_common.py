@@ -1,0 +1,50 @@
+"""Shared benchmark helpers: interleaved timing and RESULTS.md section updates."""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import time
+from collections.abc import Callable
+
+RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 7, min_time: float = 0.05
+) -> dict[str, float]:
+    """Median seconds per call of each fn, running them in turn so machine noise hits all alike."""
+    for fn in fns.values():  # warm up caches, thread pools, allocations
+        fn()
+    inner = {}
+    for name, fn in fns.items():
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < min_time:
+            fn()
+            n += 1
+        inner[name] = max(1, n)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def update_results(section: str, body: str) -> None:
+    """Replaces the text between <!-- section:begin --> and <!-- section:end --> in RESULTS.md."""
+    text = RESULTS.read_text()
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    if begin not in text:
+        text += f"\n## {section}\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    RESULTS.write_text(f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

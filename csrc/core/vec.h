@@ -1,0 +1,177 @@
+// Vec: eight float32 lanes, the SIMD vocabulary shared by every *_isa.cc kernel.
+// Include only from *_isa.cc files: it defines pt::PT_ISA_NS::Vec, an __m256 wrapper in the AVX2
+// build and a plain array (auto-vectorised for the baseline target) in the generic build.
+#pragma once
+
+#if !defined(PT_ISA_NS)
+#error "core/vec.h is for *_isa.cc translation units (compiled once per ISA)"
+#endif
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(PT_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace pt {
+namespace PT_ISA_NS {
+
+#if defined(PT_ISA_AVX2)
+
+struct Vec {
+  static constexpr int width = 8;
+  __m256 v;
+  Vec() = default;
+  explicit Vec(__m256 x) : v(x) {}
+  explicit Vec(float x) : v(_mm256_set1_ps(x)) {}
+  static Vec zero() { return Vec(_mm256_setzero_ps()); }
+  static Vec load(const float* p) { return Vec(_mm256_loadu_ps(p)); }
+  // Loads the first n (< 8) lanes, zero elsewhere.
+  static Vec load(const float* p, int n) { return Vec(_mm256_maskload_ps(p, mask(n))); }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(float* p, int n) const { _mm256_maskstore_ps(p, mask(n), v); }
+  static __m256i mask(int n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
+  }
+  friend Vec operator+(Vec a, Vec b) { return Vec(_mm256_add_ps(a.v, b.v)); }
+  friend Vec operator-(Vec a, Vec b) { return Vec(_mm256_sub_ps(a.v, b.v)); }
+  friend Vec operator*(Vec a, Vec b) { return Vec(_mm256_mul_ps(a.v, b.v)); }
+  friend Vec operator/(Vec a, Vec b) { return Vec(_mm256_div_ps(a.v, b.v)); }
+  friend Vec fma(Vec a, Vec b, Vec c) { return Vec(_mm256_fmadd_ps(a.v, b.v, c.v)); }
+  friend Vec max(Vec a, Vec b) { return Vec(_mm256_max_ps(a.v, b.v)); }
+  friend Vec min(Vec a, Vec b) { return Vec(_mm256_min_ps(a.v, b.v)); }
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  float max() const {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // 2^n for integral-valued lanes n in [-126, 127].
+  static Vec pow2i(Vec n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127)), 23);
+    return Vec(_mm256_castsi256_ps(e));
+  }
+  static Vec round(Vec x) { return Vec(_mm256_round_ps(x.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
+  static Vec select(Vec mask_ge, Vec a, Vec b) { return Vec(_mm256_blendv_ps(b.v, a.v, mask_ge.v)); }
+  static Vec less(Vec a, Vec b) { return Vec(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)); }
+  static Vec is_nan(Vec a) { return Vec(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q)); }
+};
+
+#else  // generic: a fixed array the compiler vectorises for the baseline target
+
+struct Vec {
+  static constexpr int width = 8;
+  float v[8];
+  Vec() = default;
+  explicit Vec(float x) {
+    for (int i = 0; i < 8; ++i) v[i] = x;
+  }
+  static Vec zero() { return Vec(0.0f); }
+  static Vec load(const float* p) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static Vec load(const float* p, int n) {
+    Vec r(0.0f);
+    for (int i = 0; i < n; ++i) r.v[i] = p[i];
+    return r;
+  }
+  void store(float* p) const {
+    for (int i = 0; i < 8; ++i) p[i] = v[i];
+  }
+  void store(float* p, int n) const {
+    for (int i = 0; i < n; ++i) p[i] = v[i];
+  }
+  template <class F>
+  static Vec map2(Vec a, Vec b, F f) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = f(a.v[i], b.v[i]);
+    return r;
+  }
+  friend Vec operator+(Vec a, Vec b) { return map2(a, b, [](float x, float y) { return x + y; }); }
+  friend Vec operator-(Vec a, Vec b) { return map2(a, b, [](float x, float y) { return x - y; }); }
+  friend Vec operator*(Vec a, Vec b) { return map2(a, b, [](float x, float y) { return x * y; }); }
+  friend Vec operator/(Vec a, Vec b) { return map2(a, b, [](float x, float y) { return x / y; }); }
+  friend Vec fma(Vec a, Vec b, Vec c) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return r;
+  }
+  // Same NaN rule as AVX2 maxps/minps: when either lane is NaN the second operand wins.
+  friend Vec max(Vec a, Vec b) { return map2(a, b, [](float x, float y) { return x > y ? x : y; }); }
+  friend Vec min(Vec a, Vec b) { return map2(a, b, [](float x, float y) { return x < y ? x : y; }); }
+  float sum() const {
+    // Same pairing order as the AVX2 horizontal sum, so both ISAs round alike.
+    float s[4];
+    for (int i = 0; i < 4; ++i) s[i] = v[i] + v[i + 4];
+    return (s[0] + s[2]) + (s[1] + s[3]);
+  }
+  float max() const {
+    float s[4];
+    for (int i = 0; i < 4; ++i) s[i] = v[i] > v[i + 4] ? v[i] : v[i + 4];
+    const float a = s[0] > s[2] ? s[0] : s[2], b = s[1] > s[3] ? s[1] : s[3];
+    return a > b ? a : b;
+  }
+  static Vec pow2i(Vec n) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) {
+      const std::int32_t bits = (static_cast<std::int32_t>(n.v[i]) + 127) << 23;
+      float f;
+      __builtin_memcpy(&f, &bits, 4);
+      r.v[i] = f;
+    }
+    return r;
+  }
+  static Vec round(Vec x) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = std::nearbyint(x.v[i]);
+    return r;
+  }
+  // Lanes of mask with their sign bit set take a, the others b (AVX2 blendv semantics).
+  static Vec select(Vec mask, Vec a, Vec b) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = std::signbit(mask.v[i]) ? a.v[i] : b.v[i];
+    return r;
+  }
+  static Vec less(Vec a, Vec b) { return map2(a, b, [](float x, float y) { return x < y ? -0.0f : 0.0f; }); }
+  static Vec is_nan(Vec a) {
+    Vec r;
+    for (int i = 0; i < 8; ++i) r.v[i] = std::isnan(a.v[i]) ? -0.0f : 0.0f;
+    return r;
+  }
+};
+
+#endif
+
+// e^x, relative error about 2e-7 for x <= 88; e^x for x < -87.3 is 0; NaN stays NaN.
+inline Vec exp(Vec x) {
+  const Vec nan_lanes = Vec::is_nan(x);
+  const Vec lo(-87.33654f), hi(88.37626f);
+  const Vec xc = min(max(x, lo), hi);
+  const Vec n = Vec::round(xc * Vec(1.44269504088896341f));
+  // r = x - n ln2, with ln2 split in two for precision
+  Vec r = fma(n, Vec(-0.693359375f), xc);
+  r = fma(n, Vec(2.12194440e-4f), r);
+  Vec p(1.9875691500e-4f);
+  p = fma(p, r, Vec(1.3981999507e-3f));
+  p = fma(p, r, Vec(8.3334519073e-3f));
+  p = fma(p, r, Vec(4.1665795894e-2f));
+  p = fma(p, r, Vec(1.6666665459e-1f));
+  p = fma(p, r, Vec(5.0000001201e-1f));
+  p = fma(p * r, r, r + Vec(1.0f));
+  Vec y = p * Vec::pow2i(n);
+  y = Vec::select(Vec::less(x, lo), Vec::zero(), y);
+  return Vec::select(nan_lanes, x, y);
+}
+
+}  // namespace PT_ISA_NS
+}  // namespace pt

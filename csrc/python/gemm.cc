@@ -1,0 +1,10 @@
+#include "python/common.h"
+#include "python/registry.h"
+
+namespace py = pybind11;
+
+namespace pt {
+
+void register_gemm(py::module_& m) {}
+
+}  // namespace pt

@@ -1,0 +1,3 @@
+"""(filled in by its kernel family)"""
+
+__all__: list[str] = []
