@@ -173,5 +173,31 @@ inline Vec exp(Vec x) {
   return Vec::select(nan_lanes, x, y);
 }
 
+// erf(x), absolute error below 2e-7 (Abramowitz & Stegun 7.1.26 with an exact e^(-x^2)).
+inline Vec erf(Vec x) {
+  const Vec negative = Vec::less(x, Vec::zero());
+  const Vec a = max(x, Vec::zero() - x);
+  const Vec t = Vec(1.0f) / fma(Vec(0.3275911f), a, Vec(1.0f));
+  Vec p(1.061405429f);
+  p = fma(p, t, Vec(-1.453152027f));
+  p = fma(p, t, Vec(1.421413741f));
+  p = fma(p, t, Vec(-0.284496736f));
+  p = fma(p, t, Vec(0.254829592f));
+  const Vec y = Vec(1.0f) - p * t * exp(Vec::zero() - a * a);
+  return Vec::select(negative, Vec::zero() - y, y);
+}
+
+// GELU in its exact form x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), as torch.nn.functional.gelu.
+inline Vec gelu(Vec x) {
+  return Vec(0.5f) * x * (Vec(1.0f) + erf(x * Vec(0.70710678118654752f)));
+}
+
+// d gelu / dx = Phi(x) + x * phi(x).
+inline Vec gelu_grad(Vec x) {
+  const Vec cdf = Vec(0.5f) * (Vec(1.0f) + erf(x * Vec(0.70710678118654752f)));
+  const Vec pdf = Vec(0.39894228040143268f) * exp(Vec(-0.5f) * x * x);
+  return fma(x, pdf, cdf);
+}
+
 }  // namespace PT_ISA_NS
 }  // namespace pt
