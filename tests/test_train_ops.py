@@ -19,11 +19,11 @@ except ImportError:  # pragma: no cover - torch is optional
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 ISAS = ["generic"] + (["avx2"] if _C.cpu_has_avx2_fma() else [])
-_erf = np.vectorize(math.erf)
+_erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
 def f32(rng, shape, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(np.float32)
+    return np.asarray(rng.standard_normal(shape) * scale, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- embedding
@@ -260,3 +260,154 @@ def test_norm_bad_inputs(rng):
         ops.clip_grad_norm([a, a], 1.0)
     with pytest.raises(ValueError, match="max_norm:"):
         ops.clip_grad_norm([a], 0.0)
+
+
+# ---------------------------------------------------------------- activations
+
+
+def gelu_ref(x):
+    x = x.astype(np.float64)
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+def gelu_grad_ref(x):
+    x = x.astype(np.float64)
+    return 0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+@fixture_ok
+@given(shape=st.lists(st.integers(0, 40), max_size=3), scale=st.sampled_from([1.0, 4.0]))
+def test_gelu_forward_backward(isa, shape, scale):
+    rng = np.random.default_rng(sum(shape) + len(shape))
+    x, dout = f32(rng, shape, scale), f32(rng, shape)
+    y = ops.gelu(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, gelu_ref(x), rtol=1e-5, atol=1e-6)
+    dx = ops.gelu_backward(dout, x)
+    np.testing.assert_allclose(dx, dout * gelu_grad_ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_extremes_and_finite_differences(isa):
+    x = np.array([-1e4, -40, -9, -3, -1e-3, 0, 1e-3, 0.5, 3, 9, 40, 1e4], np.float32)
+    np.testing.assert_allclose(ops.gelu(x), gelu_ref(x), rtol=1e-6, atol=1e-6)
+    h = 1e-5
+    num = (gelu_ref(x.astype(np.float64) + h) - gelu_ref(x.astype(np.float64) - h)) / (2 * h)
+    np.testing.assert_allclose(ops.gelu_backward(np.ones_like(x), x), num, rtol=1e-4, atol=1e-6)
+
+
+def test_gelu_out_and_thread_invariance(threads, rng):
+    x = f32(rng, (300, 257), 3.0)
+    results = []
+    for t in (1, 2):
+        threads(t)
+        results.append((ops.gelu(x), ops.gelu_backward(x, x)))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    out = np.empty_like(x)
+    assert ops.gelu(x, out=out) is out
+    np.testing.assert_array_equal(out, results[0][0])
+    if torch is not None:
+        xt = torch.tensor(x, requires_grad=True)
+        yt = torch.nn.functional.gelu(xt)
+        yt.backward(torch.tensor(x))
+        np.testing.assert_allclose(out, yt.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(results[0][1], xt.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_relu_backward(isa, rng):
+    pre = f32(rng, (7, 33))
+    pre[0, :5] = 0.0
+    out = np.maximum(pre, 0)
+    dout = f32(rng, pre.shape)
+    np.testing.assert_array_equal(ops.relu_backward(dout, out), np.where(out > 0, dout, 0))
+
+
+def test_activation_bad_inputs(rng):
+    x = f32(rng, (3, 4))
+    with pytest.raises(TypeError, match="x:"):
+        ops.gelu(x.astype(np.float64))
+    with pytest.raises(ValueError, match="out:"):
+        ops.gelu(x, out=np.empty((4, 3), np.float32))
+    with pytest.raises(ValueError, match="x:"):
+        ops.gelu_backward(x, x[:2])
+    with pytest.raises(ValueError, match="out:"):
+        ops.relu_backward(x, x.T)
+    with pytest.raises(TypeError, match="dout:"):
+        ops.relu_backward(x.astype(np.int32), x)
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_dropout_mask_properties(isa, rng):
+    n, p = 200_000, 0.3
+    x = f32(rng, n)
+    y = ops.dropout(x, p, seed=42)
+    kept = y != 0
+    rate = kept.mean()
+    assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    scale = np.float32(1) / (np.float32(1) - np.float32(p))
+    np.testing.assert_array_equal(y[kept], x[kept] * scale)
+    # neighbours and other seeds are uncorrelated
+    k = kept.astype(np.float64)
+    assert abs(np.corrcoef(k[:-1], k[1:])[0, 1]) < 0.02
+    other = ops.dropout(x, p, seed=43) != 0
+    assert abs(np.corrcoef(k, other)[0, 1]) < 0.02
+    # backward applies the same mask
+    dy = f32(rng, n)
+    np.testing.assert_array_equal(
+        ops.dropout_backward(dy, p, seed=42), np.where(kept, dy * scale, 0)
+    )
+
+
+def test_dropout_reproducible_across_threads_and_isas(threads, rng):
+    x = f32(rng, (61, 1001))
+    before = _C.selected_isa()
+    results = []
+    try:
+        for isa in ISAS:
+            _C._force_isa(isa)
+            for t in (1, 2):
+                threads(t)
+                results.append(ops.dropout(x, 0.1, seed=7, offset=123))
+    finally:
+        _C._force_isa(before)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_dropout_offset_is_a_counter(rng):
+    x = np.ones(1000, np.float32)
+    whole = ops.dropout(x, 0.5, seed=2**63 + 5)
+    np.testing.assert_array_equal(
+        ops.dropout(x[:600], 0.5, seed=2**63 + 5, offset=400), whole[400:]
+    )
+    # C-order flat index, whatever the strides
+    grid = f32(rng, (8, 30))[:, ::2]
+    np.testing.assert_array_equal(
+        ops.dropout(grid, 0.5, seed=1), ops.dropout(np.ascontiguousarray(grid), 0.5, seed=1)
+    )
+    assert (ops.dropout(x, 0.5, seed=1) != whole).any()
+
+
+def test_dropout_edge_probabilities(rng):
+    x = f32(rng, (5, 9))
+    np.testing.assert_array_equal(ops.dropout(x, 0.0, seed=3), x)
+    np.testing.assert_array_equal(ops.dropout(x, 1.0, seed=3), 0)
+    np.testing.assert_array_equal(ops.dropout_backward(x, 0.0, seed=3), x)
+    assert ops.dropout(np.zeros((0, 4), np.float32), 0.5, seed=1).shape == (0, 4)
+
+
+def test_dropout_bad_inputs(rng):
+    x = f32(rng, 10)
+    for p in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="p:"):
+            ops.dropout(x, p, seed=1)
+    with pytest.raises(ValueError, match="seed:"):
+        ops.dropout(x, 0.1, seed=-1)
+    with pytest.raises(ValueError, match="offset:"):
+        ops.dropout(x, 0.1, seed=1, offset=2**64)
+    with pytest.raises(TypeError, match="seed:"):
+        ops.dropout(x, 0.1, seed=1.5)
+    with pytest.raises(TypeError, match="dy:"):
+        ops.dropout_backward(x.astype(np.float64), 0.1, seed=1)
