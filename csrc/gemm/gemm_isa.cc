@@ -403,12 +403,12 @@ int small_m_panels(index_t M, index_t* start, int* height) {
   return n;
 }
 
-// Small M (5..32), B with unit column stride (the NN layout). A is packed once (it is tiny). B is
-// copied KC x 64 at a time into a thread-local buffer (reading B in place thrashes L1 sets when its
-// row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1. Reading B
-// from L3 or memory is the cost that matters here, so while one block is computed the next one's
-// lines are prefetched, a quarter per panel.
-void gemm_small_m_rowmajor_b(const GemmArgs& p, int nt) {
+// Small M (5..32; 17..32 when B is stored transposed). A is packed once (it is tiny). B is packed
+// KC x 64 at a time into a thread-local buffer (reading a row-major B in place thrashes L1 sets
+// when its row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1.
+// Reading B from L3 or memory is the cost that matters here, so while one block is computed the
+// next one's lines are prefetched, a quarter per panel.
+void gemm_small_m_blocked(const GemmArgs& p, int nt) {
   constexpr index_t kNB = 4 * NR;
   const index_t M = p.M, N = p.N, K = p.K;
   index_t start[(kSmallM + MR - 1) / MR];
@@ -426,7 +426,7 @@ void gemm_small_m_rowmajor_b(const GemmArgs& p, int nt) {
       for (index_t pc = 0; pc < K; pc += kKC) {
         const index_t kc = min_i(kKC, K - pc);
         const bool last = pc + kc == K;
-        pack_b(bbuf, p.b + pc * p.b_rs + n0, p.b_rs, 1, kc, nb);
+        pack_b(bbuf, p.b + pc * p.b_rs + n0 * p.b_cs, p.b_rs, p.b_cs, kc, nb);
         // The next block this thread packs: the next K slice, or the next columns from k = 0.
         const index_t next_pc = last ? 0 : pc + kc, next_n0 = last ? n0 + kNB : n0;
         const bool has_next = !last || blk + 1 < blk1;
@@ -435,7 +435,7 @@ void gemm_small_m_rowmajor_b(const GemmArgs& p, int nt) {
         for (index_t q = 0; q < q_count; ++q) {
           if (has_next) {
             const index_t r0 = next_kc * q / q_count, r1 = next_kc * (q + 1) / q_count;
-            prefetch_block(p.b + (next_pc + r0) * p.b_rs + next_n0, p.b_rs, r1 - r0, next_nb);
+            prefetch_strided(p.b + (next_pc + r0) * p.b_rs + next_n0 * p.b_cs, p.b_rs, p.b_cs, r1 - r0, next_nb);
           }
           const int cols = static_cast<int>(min_i(NR, nb - q * NR));
           Epilogue ep;
@@ -645,8 +645,8 @@ void gemm_2d(const GemmArgs& p) {
   const int nt = useful_threads(p);
   if (p.M <= kTinyM && p.b_cs == 1) {
     gemm_tiny_m_rowmajor_b(p, nt);
-  } else if (p.M <= kSmallM && p.b_cs == 1) {
-    gemm_small_m_rowmajor_b(p, nt);
+  } else if (p.M <= kSmallM && (p.b_cs == 1 || (p.M > kDotM && p.b_rs == 1))) {
+    gemm_small_m_blocked(p, nt);
   } else if (p.M <= kSmallM && p.b_rs == 1) {
     gemm_small_m_transposed_b(p, nt);
   } else {
