@@ -301,11 +301,11 @@ inline void team_barrier(int team) {
 #endif
 }
 
-// Threads worth using: about 256k multiply-adds each, so tiny products stay on one thread.
+// Threads worth using: about 128k multiply-adds each, so tiny products stay on one thread.
 int useful_threads(const GemmArgs& p) {
   const double work = static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
   const int nt = num_threads();
-  const double cap = work / (1 << 18);
+  const double cap = work / (1 << 17);
   return cap < 1.0 ? 1 : (cap < nt ? static_cast<int>(cap) : nt);
 }
 
@@ -407,7 +407,8 @@ int small_m_panels(index_t M, index_t* start, int* height) {
 // KC x 64 at a time into a thread-local buffer (reading a row-major B in place thrashes L1 sets
 // when its row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1.
 // Reading B from L3 or memory is the cost that matters here, so while one block is computed the
-// next one's lines are prefetched, a quarter per panel.
+// next one's lines are prefetched, a thin slice before each micro-kernel call (a long burst of
+// prefetches would stall on the miss buffers like plain loads).
 void gemm_small_m_blocked(const GemmArgs& p, int nt) {
   constexpr index_t kNB = 4 * NR;
   const index_t M = p.M, N = p.N, K = p.K;
@@ -432,19 +433,22 @@ void gemm_small_m_blocked(const GemmArgs& p, int nt) {
         const bool has_next = !last || blk + 1 < blk1;
         const index_t next_kc = min_i(kKC, K - next_pc), next_nb = min_i(kNB, N - next_n0);
         const index_t q_count = (nb + NR - 1) / NR;
+        const index_t calls = q_count * np;
+        const float* next_b = p.b + next_pc * p.b_rs + next_n0 * p.b_cs;
         for (index_t q = 0; q < q_count; ++q) {
-          if (has_next) {
-            const index_t r0 = next_kc * q / q_count, r1 = next_kc * (q + 1) / q_count;
-            prefetch_strided(p.b + (next_pc + r0) * p.b_rs + next_n0 * p.b_cs, p.b_rs, p.b_cs, r1 - r0, next_nb);
-          }
           const int cols = static_cast<int>(min_i(NR, nb - q * NR));
           Epilogue ep;
           ep.load_c = p.accumulate || pc > 0;
           ep.bias = last && p.bias ? p.bias + n0 + q * NR : nullptr;
           ep.act = last ? p.act : Activation::none;
-          for (int i = 0; i < np; ++i)
+          for (int i = 0; i < np; ++i) {
+            if (has_next) {  // a thin slice of the next block before each micro-kernel call
+              const index_t c = q * np + i, r0 = next_kc * c / calls, r1 = next_kc * (c + 1) / calls;
+              prefetch_strided(next_b + r0 * p.b_rs, p.b_rs, p.b_cs, r1 - r0, next_nb);
+            }
             run_tile(height[i], kc, buf + i * MR * K + pc * MR, bbuf + q * kc * NR, NR,
                      p.c + start[i] * p.ldc + n0 + q * NR, p.ldc, cols, ep);
+          }
         }
       }
     }
