@@ -301,11 +301,12 @@ inline void team_barrier(int team) {
 #endif
 }
 
-// Threads worth using: about 128k multiply-adds each, so tiny products stay on one thread.
+// Threads worth using: one per 256k multiply-adds (OpenBLAS uses the same cut), so small
+// products stay on one thread and never wait for a team to wake up.
 int useful_threads(const GemmArgs& p) {
   const double work = static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
   const int nt = num_threads();
-  const double cap = work / (1 << 17);
+  const double cap = work / (1 << 18);
   return cap < 1.0 ? 1 : (cap < nt ? static_cast<int>(cap) : nt);
 }
 
