@@ -301,7 +301,7 @@ inline void team_barrier(int team) {
 #endif
 }
 
-// Threads worth using: one per 256k multiply-adds (OpenBLAS uses the same cut), so small
+// Threads worth using: one per 256k multiply-adds (about where OpenBLAS goes parallel), so small
 // products stay on one thread and never wait for a team to wake up.
 int useful_threads(const GemmArgs& p) {
   const double work = static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
@@ -544,19 +544,19 @@ template <int R, int S>
 void dot_tile(index_t K, const float* a, index_t lda, const float* bt, index_t ldb, float* c,
               index_t ldc, bool load_c) {
   Vec acc[R][S];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < S; ++j) acc[i][j] = Vec::zero();
   index_t k = 0;
   for (; k + Vec::width <= K; k += Vec::width) {
     Vec bv[S];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < S; ++j) bv[j] = Vec::load(bt + j * ldb + k);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const Vec av = Vec::load(a + i * lda + k);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int j = 0; j < S; ++j) acc[i][j] = fma(av, bv[j], acc[i][j]);
     }
   }
@@ -607,7 +607,11 @@ void gemm_small_m_transposed_b(const GemmArgs& p, int nt) {
   run_team(nt, [&](int t, int team) {
     for (index_t ch = chunks * t / team; ch < chunks * (t + 1) / team; ++ch) {
       const index_t n0 = ch * kChunk, n1 = min_i(N, n0 + kChunk);
-      for (index_t j = n0; j < n1; j += 3) {
+      index_t j = n0;
+      if (M == 1)  // one row: eight B rows at a time keep more loads in flight
+        for (; j + 8 <= n1; j += 8)
+          dot_tile<1, 8>(K, a, lda, p.b + j * p.b_cs, p.b_cs, p.c + j, p.ldc, p.accumulate);
+      for (; j < n1; j += 3) {
         const int s = static_cast<int>(min_i(3, n1 - j));
         const float* bt = p.b + j * p.b_cs;
         for (index_t i = 0; i < M; i += 4) {
