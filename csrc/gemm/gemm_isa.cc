@@ -6,7 +6,9 @@
 //     pack_a   MC x KC of op(A) into MR-tall panels (thread-local),
 //     macro_kernel: for each B panel (jr), for each A panel (ir): MR x NR micro-kernel.
 // Partial sums go to C in K-block order and each C tile belongs to one thread, so the bits of C
-// do not depend on the thread count. Two paths skip packing B when M is small (decoding).
+// do not depend on the thread count. For M <= kSmallM (decoding) A is packed once and B is packed
+// a 64-column block at a time (gemm_small_m_blocked), streamed unpacked (tiny M, row-major B) or
+// read in place as dot products (B stored transposed).
 #include <cstdlib>
 #include <new>
 
@@ -310,7 +312,7 @@ int useful_threads(const GemmArgs& p) {
   return cap < 1.0 ? 1 : (cap < nt ? static_cast<int>(cap) : nt);
 }
 
-// Asks for the lines of rows x cols floats (row stride ld) to be brought into L2.
+// Asks for the cache lines of rows x cols floats (row stride ld) to be fetched.
 inline void prefetch_block(const float* b, index_t ld, index_t rows, index_t cols) {
   for (index_t r = 0; r < rows; ++r)
     for (index_t j = 0; j < cols; j += 16) __builtin_prefetch(b + r * ld + j, 0, 3);
@@ -407,9 +409,8 @@ int small_m_panels(index_t M, index_t* start, int* height) {
 // Small M (5..32; 17..32 when B is stored transposed). A is packed once (it is tiny). B is packed
 // KC x 64 at a time into a thread-local buffer (reading a row-major B in place thrashes L1 sets
 // when its row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1.
-// Reading B from L3 or memory is the cost that matters here, so while one block is computed the
-// next one's lines are prefetched, a thin slice before each micro-kernel call (a long burst of
-// prefetches would stall on the miss buffers like plain loads).
+// Reading B from L3 or memory is a large part of the cost here, so while one block is computed
+// the next one's lines are prefetched, a thin slice before each micro-kernel call.
 void gemm_small_m_blocked(const GemmArgs& p, int nt) {
   constexpr index_t kNB = 4 * NR;
   const index_t M = p.M, N = p.N, K = p.K;
