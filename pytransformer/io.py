@@ -5,8 +5,9 @@ header length N, then N bytes of UTF-8 JSON, then the raw data section. The JSON
 name to ``{"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}`` (offsets relative to
 the start of the data section) plus an optional ``"__metadata__"`` map of str to str. Tensors are
 stored C-ordered, little-endian, packed without holes. We pad the header with spaces so the data
-section starts 8-byte aligned, and store the SHA-256 of the data section in
-``__metadata__["sha256"]`` so a bit flip anywhere in the data is detected on load.
+section starts 8-byte aligned, and store in ``__metadata__["sha256"]`` a SHA-256 over a canonical
+description of the header (names, dtypes, shapes, offsets, the other metadata) followed by the data
+section, so a flipped bit anywhere in the file is detected on load.
 
 Every write goes to a temporary file in the target's directory, is flushed and fsync'ed, then
 renamed over the target (and the directory fsync'ed), so a crash mid-write leaves either the old
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io as pyio
 import json
 import math
 import os
@@ -31,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "save_safetensors",
     "load_safetensors",
+    "load_safetensors_bytes",
     "read_safetensors_header",
     "atomic_write_text",
     "atomic_write_bytes",
@@ -128,8 +131,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 # save
 
 
+def _new_digest(entries: list[tuple[str, str, list[int], int, int]], meta: Mapping[str, str]):
+    """A sha256 object primed with a canonical form of the header (all but the checksum itself)."""
+    described = {
+        "tensors": [
+            [name, code, list(shape), begin, end] for name, code, shape, begin, end in entries
+        ],
+        "metadata": {k: v for k, v in meta.items() if k != _CHECKSUM_KEY},
+    }
+    text = json.dumps(described, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii") + b"\0")
+
+
 def _as_storable(name: str, value: object) -> tuple[str, np.ndarray]:
     """The safetensors dtype code and a C-contiguous little-endian view/copy of one tensor."""
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
     if not isinstance(value, np.ndarray):
         raise TypeError(f"tensors[{name!r}]: expected a numpy array, got {type(value).__name__}")
     code = _KIND_SIZE_TO_CODE.get((value.dtype.kind, value.dtype.itemsize))
@@ -179,8 +196,8 @@ def save_safetensors(
 
     header: dict[str, object] = {}
     stored: list[np.ndarray] = []
+    entries = []
     offset = 0
-    digest = hashlib.sha256()
     for name, value in tensors.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"tensors: names must be non-empty str, got {name!r}")
@@ -192,8 +209,11 @@ def save_safetensors(
             "shape": list(arr.shape),
             "data_offsets": [offset, offset + arr.nbytes],
         }
+        entries.append((name, code, list(arr.shape), offset, offset + arr.nbytes))
         offset += arr.nbytes
         stored.append(arr)
+    digest = _new_digest(entries, meta)
+    for arr in stored:
         for chunk in _chunks(_byte_view(arr)):
             digest.update(chunk)
     meta[_CHECKSUM_KEY] = digest.hexdigest()
@@ -289,69 +309,88 @@ def read_safetensors_header(
     """Validates a file's header without reading tensors: returns ({name: (dtype code, shape)},
     metadata including the stored "sha256"). Raises CheckpointError like load_safetensors."""
     path = os.fspath(path)
-    _, meta, entries = _open_and_check(path, keep_open=False)
+    with _open(path) as f:
+        meta, entries = _check_stream(f, os.fstat(f.fileno()).st_size, path)
     return {name: (code, shape) for name, code, shape, _, _ in entries}, meta
 
 
-def _open_and_check(path: str, keep_open: bool):
+def _open(path: str) -> IO[bytes]:
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below or by the caller
+        return open(path, "rb")
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    try:
-        size = os.fstat(f.fileno()).st_size
-        header, data_size = _read_header(f, path, size)
-        meta = header.get("__metadata__", {})
-        if not isinstance(meta, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-        ):
-            raise _fail(path, "corrupt header: __metadata__ must map str to str")
-        entries = _check_entries(header, data_size, path)
-    except BaseException:
-        f.close()
-        raise
-    if keep_open:
-        return f, meta, entries
-    f.close()
-    return header, meta, entries
+
+
+def _check_stream(f: IO[bytes], size: int, label: str) -> tuple[dict[str, str], list[_Entry]]:
+    """Reads and validates the header of the stream ``f`` of ``size`` bytes."""
+    header, data_size = _read_header(f, label, size)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _fail(label, "corrupt header: __metadata__ must map str to str")
+    return meta, _check_entries(header, data_size, label)
 
 
 def _read_into(
-    f: IO[bytes], view: memoryview, update: Callable[[memoryview], None], path: str
+    f: IO[bytes], view: memoryview, update: Callable[[memoryview], None], label: str
 ) -> None:
     for chunk in _chunks(view):
         got = f.readinto(chunk)
         if got != len(chunk):
-            raise _fail(path, "truncated while reading tensor data")
+            raise _fail(label, "truncated while reading tensor data")
         update(chunk)
 
 
-def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _load_stream(
+    f: IO[bytes], size: int, label: str, require_checksum: bool
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    meta, entries = _check_stream(f, size, label)
+    want = meta.get(_CHECKSUM_KEY)
+    if want is None and require_checksum:
+        raise _fail(
+            label, f"no checksum (__metadata__[{_CHECKSUM_KEY!r}]) although one is required"
+        )
+    digest = _new_digest(entries, meta)
+    tensors: dict[str, np.ndarray] = {}
+    for name, code, shape, _, _ in entries:
+        if code == _BF16:
+            bits = np.empty(shape, "<u2")
+            _read_into(f, _byte_view(bits), digest.update, label)
+            arr = (bits.astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.empty(shape, _CODE_TO_DTYPE[code])
+            _read_into(f, _byte_view(arr), digest.update, label)
+            arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+        tensors[name] = arr
+    if want is not None and digest.hexdigest() != want:
+        raise _fail(
+            label, "checksum mismatch: the file is corrupt (sha256 differs from the stored one)"
+        )
+    return tensors, {k: v for k, v in meta.items() if k != _CHECKSUM_KEY}
+
+
+def load_safetensors(
+    path: str | os.PathLike, *, require_checksum: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Reads a safetensors file into fresh, writable, aligned, C-contiguous numpy arrays.
 
     Returns (tensors in the file's data order, metadata). Raises ``CheckpointError`` (a
     ValueError) when the file is missing, truncated, has a corrupt header, entries that overlap,
-    leave holes or disagree with their shapes, or when the stored SHA-256 of the data section does
-    not match. BF16 tensors are widened to float32.
+    leave holes or disagree with their shapes, or when the stored checksum does not match.
+    ``require_checksum=True`` also rejects files without one (files from other writers have none;
+    our own always do). BF16 tensors are widened to float32.
     """
     path = os.fspath(path)
-    f, meta, entries = _open_and_check(path, keep_open=True)
-    digest = hashlib.sha256()
-    tensors: dict[str, np.ndarray] = {}
-    with f:
-        for name, code, shape, _, _ in entries:
-            if code == _BF16:
-                bits = np.empty(shape, np.uint16)
-                _read_into(f, _byte_view(bits), digest.update, path)
-                if np.little_endian is False:  # pragma: no cover
-                    bits = bits.byteswap()
-                arr = (bits.astype(np.uint32) << 16).view(np.float32)
-            else:
-                arr = np.empty(shape, _CODE_TO_DTYPE[code])
-                _read_into(f, _byte_view(arr), digest.update, path)
-                arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
-            tensors[name] = arr
-    want = meta.get(_CHECKSUM_KEY)
-    if want is not None and digest.hexdigest() != want:
-        raise _fail(path, "checksum mismatch: tensor data corrupt (sha256 differs from the header)")
-    return tensors, {k: v for k, v in meta.items() if k != _CHECKSUM_KEY}
+    with _open(path) as f:
+        return _load_stream(f, os.fstat(f.fileno()).st_size, path, require_checksum)
+
+
+def load_safetensors_bytes(
+    data: bytes | bytearray | memoryview, *, require_checksum: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``load_safetensors`` for a file's contents already in memory."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"data: expected bytes, got {type(data).__name__}")
+    view = memoryview(data).cast("B")
+    return _load_stream(pyio.BytesIO(view), len(view), "<bytes>", require_checksum)
