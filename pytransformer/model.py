@@ -286,7 +286,16 @@ class _Model:
         self._saved: tuple | None = None
 
     def _finish(self, seed: int) -> None:
-        self.store.allocate(np.random.default_rng(int(seed)))
+        skip = getattr(self, "_skip_init", False)
+        self.store.allocate(None if skip else np.random.default_rng(int(seed)))
+
+    @classmethod
+    def _uninitialised(cls, config: TransformerConfig) -> Any:
+        """A model with zero parameters, for load(): random initialisation would be wasted."""
+        model = cls.__new__(cls)
+        model._skip_init = True
+        model.__init__(config)
+        return model
 
     # -- parameters -----------------------------------------------------------------------------
     def parameters(self) -> dict[str, np.ndarray]:
@@ -398,7 +407,7 @@ class _Model:
                 f"{directory}: config.json does not match the config stored with the "
                 "weights (a save was interrupted or files were mixed)"
             )
-        model = cls(config)
+        model = cls._uninitialised(config)
         try:
             model.load_state_dict(tensors)
         except (TypeError, ValueError) as exc:
