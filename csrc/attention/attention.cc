@@ -57,6 +57,18 @@ void run_tasks(index_t n, index_t scratch_per_task, Task&& task) {
   });
 }
 
+// Copies the (B, L, H, D) view x (unit stride along D) into dst laid out (B, H, L, D), one
+// parallel task per (b, h), and returns the view of the copy.
+AttnView pack_heads(float* dst, const AttnView& x, index_t B, index_t L, index_t H, index_t D) {
+  parallel_for(B * H, [&](index_t t) {
+    const index_t b = t / H, h = t % H;
+    const float* src = x.data + b * x.sb + h * x.sh;
+    for (index_t l = 0; l < L; ++l)
+      std::memcpy(dst + (t * L + l) * D, src + l * x.sl, sizeof(float) * static_cast<size_t>(D));
+  });
+  return AttnView{dst, H * L * D, D, L * D, 1};
+}
+
 }  // namespace
 
 void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView v,
@@ -79,7 +91,17 @@ void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView 
     });
     return;
   }
+  // Every query tile of a head streams all of the head's keys and values: rows H*D (or 3*H*D)
+  // apart defeat the prefetchers and alias to few cache sets, so such layouts are first copied
+  // to contiguous (B, H, Lk, D) (memory O(B*H*Lk*D), paid back many times over).
   const index_t nqt = (c.Lq + kAttnBQ - 1) / kAttnBQ;
+  std::vector<float> packed;
+  if (nqt > 1 && (k.sl != c.D || v.sl != c.D)) {
+    const size_t n = static_cast<size_t>(c.B * c.Lk * c.H * c.D);
+    packed.resize(2 * n);
+    k = pack_heads(packed.data(), k, c.B, c.Lk, c.H, c.D);
+    v = pack_heads(packed.data() + n, v, c.B, c.Lk, c.H, c.D);
+  }
   auto body = PT_DISPATCH(attention_forward_tile);
   run_tasks(heads * nqt, attn_forward_scratch(c.D), [&](index_t t, float* scratch) {
     const index_t bh = t / nqt, i0 = (t % nqt) * kAttnBQ;
