@@ -18,6 +18,28 @@ namespace PT_ISA_NS {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// Scores are kept in base 2 (q is packed with scale * log2 e), so softmax needs 2^x, which is
+// cheaper than e^x (no ln 2 range reduction); lse is converted back to natural log at the end.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// 2^x for the x <= 0 of a softmax (x = -inf gives exactly 0, NaN stays NaN): 2^n * p(r) with
+// n = round(x), r = x - n in [-1/2, 1/2] and p the degree-6 Taylor polynomial of e^(r ln 2)
+// (relative error ~1.5e-7). Larger x are clamped to 127 and only ever masked out afterwards.
+inline Vec exp2_softmax(Vec x) {
+  const Vec lo(-126.0f);
+  const Vec xc = min(Vec(127.0f), max(lo, x));  // operand order keeps NaN
+  const Vec n = Vec::round(xc);
+  const Vec r = xc - n;
+  Vec p(1.5403530393381609e-4f);
+  p = fma(p, r, Vec(1.3333558146428443e-3f));
+  p = fma(p, r, Vec(9.6181291076284772e-3f));
+  p = fma(p, r, Vec(5.5504108664821580e-2f));
+  p = fma(p, r, Vec(2.4022650695910071e-1f));
+  p = fma(p, r, Vec(6.9314718055994531e-1f));
+  p = fma(p, r, Vec(1.0f));
+  return Vec::select(Vec::less(x, lo), Vec::zero(), p * Vec::pow2i(n));
+}
 
 // Micro-kernel: C (R x 8 NV) = cs * C + sum over k < kn of A[r*ars + k*aks] * B[k*ldb + (0 .. 8 NV)],
 // with cs[r] = rs[r] (rs not null), 1 (rs null, ACC) or 0 (ACC = false: C is overwritten).
@@ -114,8 +136,8 @@ void mask_tile(float* s, index_t ld, index_t kn, index_t ncols, index_t j0, cons
 }
 
 // Online softmax step over a score tile s (kn keys x ncols queries, leading dimension ld):
-// updates the running max m and sum l of each query, turns s into p = exp(s - m_new) and writes
-// the factor alpha = exp(m_old - m_new) that rescales the query's output accumulator.
+// updates the running max m and sum l of each query, turns s into p = 2^(s - m_new) and writes
+// the factor alpha = 2^(m_old - m_new) that rescales the query's output accumulator (base 2).
 void softmax_update(float* s, index_t ld, index_t kn, index_t ncols, float* m, float* l,
                     float* alpha) {
   for (index_t i = 0; i < ncols; i += 8) {
@@ -128,11 +150,11 @@ void softmax_update(float* s, index_t ld, index_t kn, index_t ncols, float* m, f
                                   Vec::zero(), m_new);
     Vec sum = Vec::zero();
     for (index_t j = 0; j < kn; ++j) {
-      const Vec p = exp(Vec::load(s + j * ld + i) - m_sub);
+      const Vec p = exp2_softmax(Vec::load(s + j * ld + i) - m_sub);
       p.store(s + j * ld + i);
       sum = sum + p;
     }
-    const Vec a = exp(m_old - m_sub);
+    const Vec a = exp2_softmax(m_old - m_sub);
     a.store(alpha + i);
     (Vec::load(l + i) * a + sum).store(l + i);
     m_new.store(m + i);
@@ -167,7 +189,7 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
   float* alpha = l + BQ;
   float* nvis = alpha + BQ;
 
-  pack_transposed(qt, LD, ncols, q, D, b, h, i0, mq, c.scale);
+  pack_transposed(qt, LD, ncols, q, D, b, h, i0, mq, c.scale * kLog2e);
   for (index_t i = 0; i < ncols; ++i) {
     m[i] = -kInf;
     l[i] = 0.0f;
@@ -193,7 +215,7 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
     const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
     const Vec iv(inv);
     for (index_t d = 0; d < D; d += 8) (Vec::load(o + i * D + d) * iv).store(row + d);
-    if (lse) lse[(b * c.H + h) * c.Lq + i0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : -kInf;
+    if (lse) lse[(b * c.H + h) * c.Lq + i0 + i] = l[i] > 0.0f ? m[i] * kLn2 + std::log(l[i]) : -kInf;
   }
 }
 
@@ -283,7 +305,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
 
   for (index_t t = 0; t < nqt; ++t) {
     const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
-    pack_transposed(qt + t * D * LD, LD, BQ, q, D, b, h, i0, mq, c.scale);
+    pack_transposed(qt + t * D * LD, LD, BQ, q, D, b, h, i0, mq, c.scale * kLog2e);
     pack_transposed(dot + t * D * LD, LD, BQ, dout, D, b, h, i0, mq, 1.0f);
   }
   const float* dob = dout.data + b * dout.sb + h * dout.sh;
@@ -298,7 +320,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
       for (index_t d = 0; d < D; d += 8)
         acc = fma(Vec::load(dob + i * dout.sl + d), Vec::load(ob + i * out.sl + d), acc);
       delta[i] = acc.sum();
-      lse_h[i] = lse[(b * c.H + h) * Lq + i];
+      lse_h[i] = lse[(b * c.H + h) * Lq + i] * kLog2e;  // base 2, like the packed scores
       nvis[i] = static_cast<float>(attn_visible(c, b, i));
     } else {
       delta[i] = 0.0f;
@@ -318,11 +340,12 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
       const index_t kend = attn_visible(c, b, i0 + mq - 1), kfull = attn_visible(c, b, i0);
       if (kend <= j0) continue;  // no query of this tile sees these keys
       const index_t ncols = (mq + 7) / 8 * 8;
-      // P^T = exp(S^T - lse), masked to 0 after the exponential (lse may be -inf there).
+      // P^T = 2^(S^T - lse log2 e), masked to 0 after the power (lse may be -inf there).
       small_gemm<false>(pt, LD, kb + j0 * k.sl, k.sl, 1, qt + t * D * LD, LD, kn, ncols, D);
       for (index_t i = 0; i < ncols; i += 8) {
         const Vec lv = Vec::load(lse_h + i0 + i);
-        for (index_t j = 0; j < kn; ++j) exp(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
+        for (index_t j = 0; j < kn; ++j)
+          exp2_softmax(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
       }
       if (j0 + kn > kfull) mask_tile(pt, LD, kn, ncols, j0, nvis + i0, 0.0f);
       // dV += P^T dOut
