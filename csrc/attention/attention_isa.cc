@@ -25,7 +25,7 @@ constexpr float kLn2 = 0.693147180559945309f;
 
 // 2^x for the x <= 0 of a softmax (x = -inf gives exactly 0, NaN stays NaN): 2^n * p(r) with
 // n = round(x), r = x - n in [-1/2, 1/2] and p the degree-6 Taylor polynomial of e^(r ln 2)
-// (relative error ~1.5e-7). Larger x are clamped to 127 and only ever masked out afterwards.
+// (relative error below 2.5e-7). Larger x are clamped to 127 and only ever masked out afterwards.
 inline Vec exp2_softmax(Vec x) {
   const Vec lo(-126.0f);
   const Vec xc = min(Vec(127.0f), max(lo, x));  // operand order keeps NaN
@@ -110,15 +110,12 @@ void pack_rows(float* dst, index_t ld, const float* x, index_t sl, index_t n, in
     for (index_t d = 0; d < D; d += 8) Vec::load(x + r * sl + d).store(dst + r * ld + d);
 }
 
-// Packs rows [i0, i0 + mq) of head (b, h) of x transposed and scaled: xt[d*ld + i] =
-// scale * x(b, i0 + i, h, d); columns mq .. ncols are zero.
-void pack_transposed(float* xt, index_t ld, index_t ncols, const AttnView& x, index_t D, index_t b,
-                     index_t h, index_t i0, index_t mq, float scale) {
-  const float* base = x.data + b * x.sb + h * x.sh;
-  for (index_t i = 0; i < mq; ++i) {
-    const float* row = base + (i0 + i) * x.sl;
-    for (index_t d = 0; d < D; ++d) xt[d * ld + i] = scale * row[d];
-  }
+// Packs mq rows of D floats (row i at x + i*sl) transposed and scaled: xt[d*ld + i] =
+// scale * x[i*sl + d]; columns mq .. ncols are zero.
+void pack_transposed(float* xt, index_t ld, index_t ncols, const float* x, index_t sl, index_t D,
+                     index_t mq, float scale) {
+  for (index_t i = 0; i < mq; ++i)
+    for (index_t d = 0; d < D; ++d) xt[d * ld + i] = scale * x[i * sl + d];
   for (index_t d = 0; d < D; ++d)
     for (index_t i = mq; i < ncols; ++i) xt[d * ld + i] = 0.0f;
 }
@@ -188,8 +185,11 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
   float* l = m + BQ;
   float* alpha = l + BQ;
   float* nvis = alpha + BQ;
+  float* qrows = nvis + BQ;     // mq x D rows of q
 
-  pack_transposed(qt, LD, ncols, q, D, b, h, i0, mq, c.scale * kLog2e);
+  // Whole-Vec row copies keep many cache misses in flight; the transpose then reads L1.
+  pack_rows(qrows, D, q.data + b * q.sb + h * q.sh + i0 * q.sl, q.sl, mq, D);
+  pack_transposed(qt, LD, ncols, qrows, D, D, mq, c.scale * kLog2e);
   for (index_t i = 0; i < ncols; ++i) {
     m[i] = -kInf;
     l[i] = 0.0f;
@@ -303,17 +303,18 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   float* qr = dva + BK * D;       // Lq rows of q, RS apart
   float* dor = qr + Lq * RS;      // Lq rows of dOut, RS apart
 
-  for (index_t t = 0; t < nqt; ++t) {
-    const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
-    pack_transposed(qt + t * D * LD, LD, BQ, q, D, b, h, i0, mq, c.scale * kLog2e);
-    pack_transposed(dot + t * D * LD, LD, BQ, dout, D, b, h, i0, mq, 1.0f);
-  }
   const float* dob = dout.data + b * dout.sb + h * dout.sh;
   const float* ob = out.data + b * out.sb + h * out.sh;
   const float* qb = q.data + b * q.sb + h * q.sh;
-  // Rows of q and dOut are re-read for every key tile: pack them once (strided rows alias in L1).
+  // Rows of q and dOut are re-read for every key tile: pack them once (strided rows alias in L1),
+  // with whole-Vec loads, then transpose from the packed copy.
   pack_rows(qr, RS, qb, q.sl, Lq, D);
   pack_rows(dor, RS, dob, dout.sl, Lq, D);
+  for (index_t t = 0; t < nqt; ++t) {
+    const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
+    pack_transposed(qt + t * D * LD, LD, BQ, qr + i0 * RS, RS, D, mq, c.scale * kLog2e);
+    pack_transposed(dot + t * D * LD, LD, BQ, dor + i0 * RS, RS, D, mq, 1.0f);
+  }
   for (index_t i = 0; i < lqp; ++i) {
     if (i < Lq) {
       Vec acc = Vec::zero();
