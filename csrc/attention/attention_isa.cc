@@ -302,6 +302,8 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   float* dva = dka + BK * D;      // BK x D accumulator of P^T dOut
   float* qr = dva + BK * D;       // Lq rows of q, RS apart
   float* dor = qr + Lq * RS;      // Lq rows of dOut, RS apart
+  float* kp = dor + Lq * RS;      // BK rows of k, RS apart
+  float* vp = kp + BK * RS;       // BK rows of v, RS apart
 
   const float* dob = dout.data + b * dout.sb + h * dout.sh;
   const float* ob = out.data + b * out.sb + h * out.sh;
@@ -336,13 +338,15 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   for (index_t j0 = 0; j0 < Lk; j0 += BK) {
     const index_t kn = Lk - j0 < BK ? Lk - j0 : BK;
     for (index_t i = 0; i < kn * D; ++i) dka[i] = dva[i] = 0.0f;
+    pack_rows(kp, RS, kb + j0 * k.sl, k.sl, kn, D);  // this key tile serves every query tile
+    pack_rows(vp, RS, vb + j0 * v.sl, v.sl, kn, D);
     for (index_t t = 0; t < nqt; ++t) {
       const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
       const index_t kend = attn_visible(c, b, i0 + mq - 1), kfull = attn_visible(c, b, i0);
       if (kend <= j0) continue;  // no query of this tile sees these keys
       const index_t ncols = (mq + 7) / 8 * 8;
       // P^T = 2^(S^T - lse log2 e), masked to 0 after the power (lse may be -inf there).
-      small_gemm<false>(pt, LD, kb + j0 * k.sl, k.sl, 1, qt + t * D * LD, LD, kn, ncols, D);
+      small_gemm<false>(pt, LD, kp, RS, 1, qt + t * D * LD, LD, kn, ncols, D);
       for (index_t i = 0; i < ncols; i += 8) {
         const Vec lv = Vec::load(lse_h + i0 + i);
         for (index_t j = 0; j < kn; ++j)
@@ -352,7 +356,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
       // dV += P^T dOut
       small_gemm<true>(dva, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
       // dS^T = P^T * (V dOut^T - delta)
-      small_gemm<false>(dst, LD, vb + j0 * v.sl, v.sl, 1, dot + t * D * LD, LD, kn, ncols, D);
+      small_gemm<false>(dst, LD, vp, RS, 1, dot + t * D * LD, LD, kn, ncols, D);
       for (index_t i = 0; i < ncols; i += 8) {
         const Vec dl = Vec::load(delta + i0 + i);
         for (index_t j = 0; j < kn; ++j) {
@@ -362,7 +366,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
       }
       // dK += dS^T Q ; dQ += dS K (both scaled at the end)
       small_gemm<true>(dka, D, dst, LD, 1, qr + i0 * RS, RS, kn, D, mq);
-      small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kb + j0 * k.sl, k.sl, mq, D, kn);
+      small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kp, RS, mq, D, kn);
     }
     for (index_t j = 0; j < kn; ++j) {
       float* dkrow = dk + ((b * Lk + j0 + j) * c.H + h) * D;
