@@ -18,6 +18,9 @@ namespace PT_ISA_NS {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Local min (std::min would instantiate a template the linker may share with baseline code).
+inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 // Scores are kept in base 2 (q is packed with scale * log2 e), so softmax needs 2^x, which is
 // cheaper than e^x (no ln 2 range reduction); lse is converted back to natural log at the end.
 constexpr float kLog2e = 1.44269504088896341f;
@@ -132,6 +135,12 @@ void mask_tile(float* s, index_t ld, index_t kn, index_t ncols, index_t j0, cons
   }
 }
 
+// How many of the kn keys of the tile starting at key j0 query i sees.
+inline index_t visible_in_tile(const float* nvis, index_t i, index_t j0, index_t kn) {
+  const index_t n = static_cast<index_t>(nvis[i]) - j0;
+  return n < 0 ? 0 : (n > kn ? kn : n);
+}
+
 // Online softmax step over a score tile s (kn keys x ncols queries, leading dimension ld):
 // updates the running max m and sum l of each query, turns s into p = 2^(s - m_new) and writes
 // the factor alpha = 2^(m_old - m_new) that rescales the query's output accumulator (base 2).
@@ -203,11 +212,33 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
   const float* vb = v.data + b * v.sb + h * v.sh;
   for (index_t j0 = 0; j0 < kend; j0 += kAttnBK) {
     const index_t kn = kend - j0 < kAttnBK ? kend - j0 : kAttnBK;
-    small_gemm<false>(s, LD, kb + j0 * k.sl, k.sl, 1, qt, LD, kn, ncols, D);
-    if (j0 + kn > kfull) mask_tile(s, LD, kn, ncols, j0, nvis, -kInf);
+    const float* kt = kb + j0 * k.sl;
+    const float* vt = vb + j0 * v.sl;
+    if (j0 + kn <= kfull) {  // every query sees every key of the tile
+      small_gemm<false>(s, LD, kt, k.sl, 1, qt, LD, kn, ncols, D);
+      softmax_update(s, LD, kn, ncols, m, l, alpha);
+      // O = alpha * O + P V (the rescale rides on the accumulator load)
+      small_gemm<true>(o, D, s, 1, LD, vt, v.sl, mq, D, kn, alpha);
+      continue;
+    }
+    // A partly hidden (causal diagonal) tile: each 16-query panel of S^T computes only the keys
+    // its last query sees, and each 6-query group of O sums only over those; everything beyond
+    // is masked to p = 0 anyway. This halves the work of diagonal tiles.
+    for (index_t jc = 0; jc < ncols; jc += 16) {
+      const index_t rows = visible_in_tile(nvis, imin(jc + 16, mq) - 1, j0, kn);
+      if (rows == 0) continue;
+      if (ncols - jc >= 16)
+        gemm_panel<2, false>(s + jc, LD, kt, k.sl, 1, qt + jc, LD, rows, D, nullptr);
+      else
+        gemm_panel<1, false>(s + jc, LD, kt, k.sl, 1, qt + jc, LD, rows, D, nullptr);
+    }
+    mask_tile(s, LD, kn, ncols, j0, nvis, -kInf);
     softmax_update(s, LD, kn, ncols, m, l, alpha);
-    // O = alpha * O + P V (the rescale rides on the accumulator load)
-    small_gemm<true>(o, D, s, 1, LD, vb + j0 * v.sl, v.sl, mq, D, kn, alpha);
+    for (index_t r = 0; r < mq; r += 6) {
+      const index_t mr = imin(6, mq - r);
+      const index_t keys = visible_in_tile(nvis, r + mr - 1, j0, kn);
+      small_gemm<true>(o + r * D, D, s + r, 1, LD, vt, v.sl, mr, D, keys, alpha + r);
+    }
   }
 
   for (index_t i = 0; i < mq; ++i) {
