@@ -298,7 +298,6 @@ class TokenBatcher:
             "rng_state": copy.deepcopy(self._epoch_rng_state),
             "n_sentences": int(self._usable.size),
             "max_tokens": self.max_tokens,
-            "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict) -> None:
