@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from . import ops
 from ._native import _C
+from . import ops
 from .model import Transformer, TransformerConfig, TransformerEncoderModel, TransformerLM
 
 __version__ = "0.1.0"

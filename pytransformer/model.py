@@ -160,17 +160,18 @@ def _check_ids(name: str, ids: Any, vocab_size: int, ndim: int) -> np.ndarray:
 
 
 def _check_lengths(name: str, lengths: Any, batch: int, max_length: int) -> np.ndarray:
-    """Integer array (batch,) with every length in [1, max_length]; returns it as int64."""
+    """Integer array (batch,) with every length in [0, max_length]; returns it as int64.
+    (A length 0 — an empty source — is all padding: its attention rows come out as zeros.)"""
     if not isinstance(lengths, np.ndarray):
         raise TypeError(f"{name}: expected a numpy integer array, got {type(lengths).__name__}")
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected an integer array, got dtype {lengths.dtype}")
     if lengths.shape != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},), got {lengths.shape}")
-    if (lengths < 1).any() or (lengths > max_length).any():
+    if (lengths < 0).any() or (lengths > max_length).any():
         raise ValueError(
-            f"{name}: every length must be in [1, {max_length}] (the padded array's "
-            f"length), got min {int(lengths.min())} max {int(lengths.max())}"
+            f"{name}: every length must be in [0, {max_length}] (the padded array's length), "
+            f"got min {int(lengths.min())} max {int(lengths.max())}"
         )
     return lengths.astype(np.int64, copy=False)
 
