@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from pytransformer import io as ptio
-from pytransformer.data import TokenBatcher, make_batch, synthetic_pairs
+from pytransformer.data import TokenBatcher, make_batch, make_lm_batch, synthetic_pairs
 from pytransformer.model import Transformer, TransformerConfig, TransformerLM
 from pytransformer.optim import Adam
-from pytransformer.schedule import InverseSqrt, Noam
+from pytransformer.schedule import Cosine, Noam
 from pytransformer.trainer import Trainer, latest_checkpoint
 
 PAD, BOS, EOS = 0, 1, 2
@@ -278,62 +278,55 @@ def test_trainer_validation(tmp_path):
 # learning
 
 
-@pytest.mark.parametrize("task", ["copy", "reverse"])
-def test_learns_copy_and_reverse(task):
+@pytest.mark.parametrize("task, steps", [("copy", 300), ("reverse", 600)])
+def test_learns_copy_and_reverse(threads, task, steps):
+    """Teacher-forced argmax accuracy >= 99% on held-out pairs after a few seconds of training
+    (one thread: the model is so small that a second one only adds synchronisation)."""
+    threads(1)
     cfg = TransformerConfig(
-        src_vocab_size=14,
-        tgt_vocab_size=14,
-        d_model=32,
-        num_heads=2,
-        d_ff=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        dropout=0.0,
-        max_len=32,
-        tie_embeddings="all",
-    )
+        src_vocab_size=14, tgt_vocab_size=14, d_model=32, num_heads=2, d_ff=64,
+        num_encoder_layers=1, num_decoder_layers=1, dropout=0.0, max_len=32, tie_embeddings="all",
+    )  # fmt: skip
     model = Transformer(cfg, seed=0)
     data = TokenBatcher(
-        synthetic_pairs(task, 3000, 14, 2, 8, seed=1),
-        512,
-        pad_id=PAD,
-        bos_id=BOS,
-        eos_id=EOS,
-        seed=0,
+        synthetic_pairs(task, 3000, 14, 2, 8, seed=1), 1024, pad_id=PAD, bos_id=BOS, eos_id=EOS
     )
-    opt = Adam(model.parameters(), lr=InverseSqrt(5e-3, 50), max_grad_norm=1.0)
-    Trainer(model, opt, data, label_smoothing=0.0, progress=False).fit(300)
+    opt = Adam(model.parameters(), lr=Cosine(1e-2, steps, warmup=30), max_grad_norm=1.0)
+    Trainer(model, opt, data, label_smoothing=0.0, progress=False).fit(steps)
     held_out = synthetic_pairs(task, 300, 14, 2, 8, seed=2)
     assert token_accuracy(model, held_out) >= 0.99
 
 
-def test_language_model_overfits_a_small_text():
+def test_language_model_overfits_a_small_text(threads):
+    threads(1)
     text = (
         "It is a truth universally acknowledged, that a single man in possession of a good "
         "fortune, must be in want of a wife."
     )
+    k = 7  # every 7 characters of this text are followed by one and the same character
+    grams = {}
+    for i in range(len(text) - k):
+        grams.setdefault(text[i : i + k], set()).add(text[i + k])
+    assert all(len(nxt) == 1 for nxt in grams.values())
     chars = sorted(set(text))
     ids = np.array([chars.index(c) + 3 for c in text], np.int64)
-    seqs = [ids[i : i + 24] for i in range(0, len(ids) - 24, 4)]
+    seqs = [ids[i : i + 32] for i in range(0, len(ids) - 31, 4)]
+    V = len(chars) + 3
     cfg = TransformerConfig(
-        src_vocab_size=len(chars) + 3,
-        tgt_vocab_size=len(chars) + 3,
-        d_model=32,
-        num_heads=2,
-        d_ff=64,
-        num_encoder_layers=0,
-        num_decoder_layers=2,
-        dropout=0.0,
-        max_len=32,
-    )
+        src_vocab_size=V, tgt_vocab_size=V, d_model=32, num_heads=2, d_ff=64,
+        num_encoder_layers=0, num_decoder_layers=2, dropout=0.0, max_len=64,
+    )  # fmt: skip
     model = TransformerLM(cfg, seed=0)
-    data = TokenBatcher(seqs, 1024, pad_id=PAD, bos_id=BOS, eos_id=EOS, lm=True, seed=0)
-    opt = Adam(model.parameters(), lr=InverseSqrt(1e-2, 20))
+    data = TokenBatcher(seqs, 4096, pad_id=PAD, bos_id=BOS, eos_id=EOS, lm=True)
+    opt = Adam(model.parameters(), lr=Cosine(1e-2, 200, warmup=20))
     tr = Trainer(model, opt, data, label_smoothing=0.0, progress=False, valid_data=list(data))
+    first = tr.evaluate()["valid_loss"]
     out = tr.fit(200)
-    assert out["valid_loss"] < 0.05  # nats per token on the training text itself: memorised
+    assert out["valid_loss"] < 0.1 * first
+    # after k characters of context the next one is determined: the model must have memorised it
     model.eval()
-    batch = next(iter(data))
+    batch = make_lm_batch(seqs, PAD, BOS, EOS)
     pred = model.forward(batch.tgt_in).argmax(-1)
     mask = batch.tgt_out != PAD
+    mask[:, :k] = False
     assert (pred == batch.tgt_out)[mask].mean() >= 0.99
