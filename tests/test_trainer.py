@@ -174,6 +174,29 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     assert state["schedule"] == {"name": "noam", "d_model": 16, "warmup": 4, "factor": 0.5}
 
 
+def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    tr = make_trainer(tmp_path, checkpoint_every=2)
+    tr.fit(2)
+    os.makedirs(tmp_path / ".step-00000009.tmp-1")  # debris of a process killed mid-checkpoint
+    real = ptio.save_safetensors
+
+    def failing(path, tensors, metadata=None):
+        if str(path).endswith("optimizer.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(ptio, "save_safetensors", failing)
+    tr.train_step()
+    tr.train_step()
+    with pytest.raises(OSError, match="No space"):
+        tr.save_checkpoint()
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step-00000002")
+    assert not any(n.startswith(".step-00000004") for n in os.listdir(tmp_path))
+    fresh = make_trainer(tmp_path)
+    assert fresh.load_checkpoint(tmp_path).endswith("step-00000002") and fresh.step == 2
+
+
 def test_bad_checkpoints_are_rejected(tmp_path):
     tr = make_trainer(tmp_path / "a")
     tr.fit(2)
