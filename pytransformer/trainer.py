@@ -44,6 +44,7 @@ from .optim import Adam
 __all__ = ["Trainer", "latest_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_MASK64 = (1 << 64) - 1
 _FORMAT = "pytransformer-trainer"
 _OPT_FILE, _STATE_FILE, _LOG_FILE = "optimizer.safetensors", "trainer.json", "log.jsonl"
 
@@ -74,10 +75,19 @@ def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
     return int(value)
 
 
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijective scramble of a 64-bit integer."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def _dropout_seed(seed: int, step: int, micro: int) -> int:
     """A 63-bit seed for one forward pass, distinct for every (run seed, step, micro-batch)."""
-    state = np.random.SeedSequence([seed, step, micro]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+    h = _mix64(seed * 0x9E3779B97F4A7C15 + 1)
+    h = _mix64(h ^ (step * 0xD1B54A32D192ED03))
+    return _mix64(h ^ (micro + 0x632BE59BD9B4E019)) >> 1
 
 
 class Trainer:
