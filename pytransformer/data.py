@@ -63,6 +63,8 @@ def _as_ids(seq: object, what: str) -> np.ndarray:
         raise TypeError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
     if arr.min() < 0:
         raise IndexError(f"{what}: negative token id {int(arr.min())}")
+    if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"{what}: token id {int(arr.max())} does not fit int64")
     return arr.astype(np.int64, copy=False)
 
 
@@ -194,7 +196,11 @@ class TokenBatcher:
         _check_special(pad_id, bos_id, eos_id)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-        if max_sentences is not None and (not isinstance(max_sentences, int) or max_sentences <= 0):
+        if max_sentences is not None and (
+            isinstance(max_sentences, bool)
+            or not isinstance(max_sentences, int)
+            or max_sentences <= 0
+        ):
             raise ValueError(
                 f"max_sentences: expected a positive int or None, got {max_sentences!r}"
             )

@@ -9,6 +9,7 @@ updates them in place with the fused native kernel ``ops.adam_step``; first and 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,7 +39,7 @@ def _check_array(what: str, arr: object) -> np.ndarray:
 
 
 def _check_number(name: str, value: object, lo: float, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     if value < lo or (hi is not None and value >= hi):
         raise ValueError(

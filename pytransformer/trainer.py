@@ -90,6 +90,20 @@ def _dropout_seed(seed: int, step: int, micro: int) -> int:
     return _mix64(h ^ (micro + 0x632BE59BD9B4E019)) >> 1
 
 
+def _check_optimizer_holds(model: Any, optimizer: Adam) -> None:
+    """The optimizer must update the model's own arrays (not copies such as a state_dict)."""
+    params = model.parameters()
+    if params.keys() != optimizer.params.keys():
+        raise ValueError("optimizer: its parameter names differ from model.parameters()")
+    for name, p in params.items():
+        q = optimizer.params[name]
+        if q.ctypes.data != p.ctypes.data or q.shape != p.shape:
+            raise ValueError(
+                f"optimizer: params[{name!r}] is not the model's array (build the optimizer "
+                "from model.parameters(), not from copies)"
+            )
+
+
 class Trainer:
     """Trains ``model`` with ``optimizer`` on batches from ``train_data``.
 
@@ -138,6 +152,7 @@ class Trainer:
             raise ValueError(
                 f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}"
             )
+        _check_optimizer_holds(model, optimizer)
         self.model, self.optimizer, self.train_data = model, optimizer, train_data
         self.label_smoothing = float(label_smoothing)
         self.seed = _positive_int("seed", seed, allow_zero=True)

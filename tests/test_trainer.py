@@ -285,6 +285,8 @@ def test_trainer_validation(tmp_path):
     tr = make_trainer()
     with pytest.raises(TypeError, match="optimizer"):
         Trainer(tr.model, object(), tr.train_data)
+    with pytest.raises(ValueError, match="copies"):
+        Trainer(tr.model, Adam(tr.model.state_dict()), tr.train_data)
     with pytest.raises(TypeError, match="train_data"):
         Trainer(tr.model, tr.optimizer, [1, 2])
     with pytest.raises(ValueError, match="accumulate"):
