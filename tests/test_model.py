@@ -606,3 +606,29 @@ def test_argument_checks():
         m.decode_step(state, np.full(len(sl), cfg.tgt_vocab_size))
     with pytest.raises(RuntimeError, match="forward"):
         pt.Transformer(cfg).backward(np.zeros((1, 1, cfg.tgt_vocab_size), np.float32))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_attention_path_matches_the_kernel(causal):
+    """The path used under attention dropout, run with p ~ 0 (every probability kept), against
+    ops.attention / ops.attention_backward, with masked keys and an empty row."""
+    from pytransformer import ops
+    from pytransformer.nn.attention import _Attention
+    from pytransformer.nn.layers import Context
+
+    rng = np.random.default_rng(0)
+    B, L, H, D = 3, 5, 2, 4
+    qkv = rng.standard_normal((B, L, 3, H, D)).astype(np.float32)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    lengths = None if causal else np.array([5, 2, 0])
+    ctx = Context()
+    ctx.grad_mode = True
+    core = _Attention(H, D, 1e-12, ctx)
+    out = core.forward(q, k, v, lengths, causal)
+    ref, lse = ops.attention(q, k, v, key_lengths=lengths, causal=causal, return_lse=True)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = core.backward(dout)
+    refs = ops.attention_backward(dout, q, k, v, ref, lse, key_lengths=lengths, causal=causal)
+    for g, r in zip(grads, refs, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
