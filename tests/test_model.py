@@ -632,3 +632,23 @@ def test_explicit_attention_path_matches_the_kernel(causal):
     refs = ops.attention_backward(dout, q, k, v, ref, lse, key_lengths=lengths, causal=causal)
     for g, r in zip(grads, refs, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_source_rows_are_finite_and_consistent():
+    """make_batch gives an empty source length 0: its cross-attention sees no key (zeros)."""
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=1)
+    b = random_batch(cfg, np.random.default_rng(3), B=3, S=5, T=4)
+    b.src_lengths[1] = 0
+    b.src[1] = PAD
+    loss, n = m.loss_and_grad(b)
+    assert np.isfinite(loss) and n == b.n_tokens and np.isfinite(m.grad_buffer).all()
+    m.eval()
+    full = m.forward(b.src, b.src_lengths, b.tgt_in)
+    memory = m.encode(b.src, b.src_lengths)
+    assert not memory[1].any()
+    state = m.init_decoder_state(memory, b.src_lengths, 4)
+    for t in range(4):
+        logits, attn = m.decode_step(state, b.tgt_in[:, t], need_attention=True)
+        assert rel_err(logits, full[:, t]) <= 1e-4
+        assert not attn[1].any()
