@@ -288,14 +288,38 @@ def _finish_single(prob, i, seq, g, logprob, attn_hist) -> _Hyp:
 # Beam search
 
 
+_GROUP = 32  # elements per group in _topk_rows
+
+
 def _topk_rows(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices (R, k) of the k largest entries of each row of x (R, V), unordered."""
-    v = x.shape[1]
+    """Indices (R, k) of the k largest entries of each row of x (R, V), unordered.
+
+    For a large V, a full selection per row (np.argpartition) costs ~10x a pass over the data.
+    Instead: split each row into groups (group g holds the elements g, g + G, g + 2G, ... so the
+    maxima are one vectorised reduction), keep the k groups with the largest maxima (every
+    top-k element lies in them: a group holding one has a maximum >= the k-th value, and at most
+    k groups do), and select among those k * 32 elements.
+    """
+    r, v = x.shape
     if k >= v:
         return np.broadcast_to(np.arange(v), x.shape).copy()
     if k == 1:
         return x.argmax(axis=1)[:, None]
-    return np.argpartition(x, v - k, axis=1)[:, v - k :]
+    b = _GROUP
+    if v < 8 * k * b:
+        return np.argpartition(x, v - k, axis=1)[:, v - k :]
+    ng = v // b  # groups; the v - ng * b trailing elements form one extra group
+    v0 = ng * b
+    gmax = x[:, :v0].reshape(r, b, ng).max(axis=1)
+    if v0 < v:
+        gmax = np.concatenate([gmax, x[:, v0:].max(axis=1, keepdims=True)], axis=1)
+    sel = np.argpartition(gmax, gmax.shape[1] - k, axis=1)[:, -k:]
+    idx = np.where((sel == ng)[:, :, None], v0 + np.arange(b), sel[:, :, None] + ng * np.arange(b))
+    valid = (idx < v).reshape(r, k * b)
+    idx = np.minimum(idx, v - 1).reshape(r, k * b)
+    vals = np.where(valid, np.take_along_axis(x, idx, 1), -np.inf)
+    j = np.argpartition(vals, k * b - k, axis=1)[:, -k:]
+    return np.take_along_axis(idx, j, 1)
 
 
 def _beam_search(

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytransformer import decoding
 from pytransformer.decoding import generate, length_penalty, translate
@@ -500,3 +502,15 @@ def test_generate_validation(prompts, kw, exc, words):
 def test_length_penalty_formula():
     for n, a in itertools.product([0, 1, 7, 30], [0.0, 0.6, 1.0]):
         assert length_penalty(n, a) == pytest.approx(((5 + n) / 6) ** a)
+
+
+@given(rows=st.integers(1, 5), v=st.integers(1, 3000), k=st.integers(1, 9), seed=st.integers(0, 99))
+def test_topk_rows_matches_sort(rows, v, k, seed):
+    """The grouped top-k selection equals a full sort (distinct values), also for vocabularies
+    that are not multiples of the group size, with -inf entries (a masked EOS)."""
+    x = np.random.default_rng(seed).permutation(rows * v).reshape(rows, v).astype(np.float32)
+    x[:, seed % v] = -np.inf
+    k = min(k, v)
+    got = np.sort(decoding._topk_rows(x, k), axis=1)
+    want = np.sort(np.argsort(-x, axis=1, kind="stable")[:, :k], axis=1)
+    np.testing.assert_array_equal(got, want)
