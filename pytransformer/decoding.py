@@ -81,7 +81,7 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 def _check_sequences(
-    seqs: object, name: str, vocab_size: int, max_length: int
+    seqs: object, name: str, vocab_size: int, max_length: int, allow_empty: bool
 ) -> list[np.ndarray]:
     """Token-id sequences as int64 arrays, after checking type, emptiness, ids and length."""
     if isinstance(seqs, (str, bytes)) or not isinstance(seqs, (Sequence, np.ndarray)):
@@ -91,9 +91,11 @@ def _check_sequences(
         if isinstance(seq, (str, bytes)):
             raise TypeError(f"{name}[{i}]: expected a sequence of ints, got {type(seq).__name__}")
         arr = np.asarray(seq)
+        if arr.size == 0 and arr.dtype.kind == "f":  # [] converts to float64
+            arr = arr.astype(np.int64)
         if arr.ndim != 1:
             raise ValueError(f"{name}[{i}]: expected a 1-D sequence of ids, got shape {arr.shape}")
-        if arr.size == 0:
+        if arr.size == 0 and not allow_empty:
             raise ValueError(f"{name}[{i}]: is empty")
         if arr.dtype.kind not in "iu":
             raise TypeError(f"{name}[{i}]: expected integer token ids, got dtype {arr.dtype}")
@@ -536,15 +538,15 @@ def translate(
 ) -> list[TranslationResult]:
     """Translates token-id sequences with an encoder-decoder model (``Transformer``).
 
-    sources: a list of source token-id sequences (any lengths; padding is done here, no EOS is
-    appended). beam_size=1 is greedy decoding. length_penalty is GNMT's alpha. Hypotheses have at
-    most max_decoding_length tokens (capped at the model's max_len positions) and at least
-    min_decoding_length before their EOS. num_hypotheses (<= beam_size) best hypotheses are
-    returned per source, best first. max_batch_size bounds the sentences decoded together
-    (sources are sorted by length, batched, and returned in the input order).
+    sources: a list of source token-id sequences (any lengths, empty ones too; padding is done
+    here, no EOS is appended). beam_size=1 is greedy decoding. length_penalty is GNMT's alpha.
+    Hypotheses have at most max_decoding_length tokens (capped at the model's max_len positions)
+    and at least min_decoding_length before their EOS. num_hypotheses (<= beam_size) best
+    hypotheses are returned per source, best first. max_batch_size bounds the sentences decoded
+    together (sources are sorted by length, batched, and returned in the input order).
 
     Raises (before any work) TypeError/ValueError naming a bad parameter, IndexError for a token
-    id outside the source vocabulary, ValueError for an empty source or one longer than max_len.
+    id outside the source vocabulary, ValueError for a source longer than max_len.
     """
     beam_size, alpha, max_batch_size = _check_common(beam_size, length_penalty, max_batch_size)
     max_len = int(_config_value(model, "max_len"))
@@ -562,7 +564,7 @@ def translate(
     want_scores = _check_bool("return_scores", return_scores)
     want_attn = _check_bool("return_attention", return_attention)
     src_vocab = int(_config_value(model, "src_vocab_size", "vocab_size"))
-    srcs = _check_sequences(sources, "sources", src_vocab, max_len)
+    srcs = _check_sequences(sources, "sources", src_vocab, max_len, allow_empty=True)
     if not srcs:
         return []
     max_dec = min(max_dec, max_len)
@@ -574,7 +576,7 @@ def translate(
     results: list[TranslationResult | None] = [None] * len(srcs)
     for chunk in _chunks(order, max_batch_size):
         lengths = np.array([srcs[i].size for i in chunk], dtype=np.int64)
-        ids = np.full((len(chunk), int(lengths.max())), pad, dtype=np.int64)
+        ids = np.full((len(chunk), max(1, int(lengths.max()))), pad, dtype=np.int64)
         for r, i in enumerate(chunk):
             ids[r, : lengths[r]] = srcs[i]
         memory = model.encode(ids, lengths)
@@ -649,7 +651,7 @@ def generate(
         )
     max_len = int(_config_value(lm, "max_len"))
     vocab = int(_config_value(lm, "vocab_size", "tgt_vocab_size"))
-    seqs = _check_sequences(prompts, "prompts", vocab, max_len)
+    seqs = _check_sequences(prompts, "prompts", vocab, max_len, allow_empty=False)
     if not seqs:
         return []
     try:

@@ -101,9 +101,9 @@ class ToySeq2Seq:
         if need_attention:
             s = state.src.shape[1]
             a = self.attn_tab[tokens[:, None], state.src]
-            a = np.where(np.arange(s)[None] < state.src_lengths[:, None], a, -np.inf)
-            a = np.exp(a - a.max(axis=1, keepdims=True))
-            attn = (a / a.sum(axis=1, keepdims=True)).astype(np.float32)
+            valid = np.arange(s)[None] < state.src_lengths[:, None]
+            a = np.exp(np.where(valid, a - a.max(axis=1, keepdims=True), -np.inf))
+            attn = (a / np.maximum(a.sum(axis=1, keepdims=True), 1e-30)).astype(np.float32)
         return logits, attn
 
     def translate(self, sources, **kw):
@@ -138,6 +138,8 @@ def ref_logp(model, src, seq):
 
 
 def ref_attention(model, src, hyp):
+    if not src:
+        return np.zeros((len(hyp), 0))
     bos = model.config.bos_id
     a = model.attn_tab[np.array([bos] + hyp[:-1] if hyp else [], dtype=np.int64)[:, None],
                        np.array(src)[None]]
@@ -191,7 +193,7 @@ def ref_greedy(model, src, prefix, max_len, min_len=0):
     return hyp
 
 
-SOURCES = [[3, 4, 5], [8], [5, 6, 7, 8, 3, 4], [4, 4], [7, 3, 5, 6]]
+SOURCES = [[3, 4, 5], [8], [5, 6, 7, 8, 3, 4], [4, 4], [7, 3, 5, 6], []]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +455,6 @@ class Exploding(ToySeq2Seq):
         ([[3, -1]], {}, IndexError, "sources[0][1]"),
         ([[3], [3, 9]], {}, IndexError, "sources[1][1]"),
         ([[3] * 13], {}, ValueError, "max_len"),
-        ([[]], {}, ValueError, "sources[0]"),
         ([[3.0, 4.0]], {}, TypeError, "sources[0]"),
         ("abc", {}, TypeError, "sources"),
         ([[3]], {"beam_size": 0}, ValueError, "beam_size"),
@@ -491,6 +492,7 @@ def test_translate_empty():
         ([[1, 3]], {"seed": "x"}, TypeError, "seed"),
         ([[1, 5]], {}, IndexError, r"prompts\[0\]\[1\]"),
         ([[1] * 13], {}, ValueError, "max_len"),
+        ([[1], []], {}, ValueError, r"prompts\[1\]"),
     ],
 )
 def test_generate_validation(prompts, kw, exc, words):
@@ -514,3 +516,175 @@ def test_topk_rows_matches_sort(rows, v, k, seed):
     got = np.sort(decoding._topk_rows(x, k), axis=1)
     want = np.sort(np.argsort(-x, axis=1, kind="stable")[:, :k], axis=1)
     np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model: the KV-cached decoder against recomputing the whole decoder every step
+
+
+def _real_models():
+    import pytransformer
+
+    if not hasattr(pytransformer, "Transformer"):
+        pytest.skip("the model is not in this build")
+    return pytransformer
+
+
+def tiny_transformer(seed=0, **kw):
+    pt = _real_models()
+    cfg = pt.TransformerConfig(
+        src_vocab_size=23, tgt_vocab_size=19, d_model=32, num_heads=4, d_ff=64,
+        num_encoder_layers=2, num_decoder_layers=2, max_len=40, dropout=0.0, **kw)
+    model = pt.Transformer(cfg, seed=seed).eval()
+    return _peaky(model)
+
+
+def tiny_lm(seed=0):
+    pt = _real_models()
+    cfg = pt.TransformerConfig(
+        src_vocab_size=19, tgt_vocab_size=19, d_model=32, num_heads=4, d_ff=64,
+        num_encoder_layers=0, num_decoder_layers=2, max_len=40, dropout=0.0)
+    return _peaky(pt.TransformerLM(cfg, seed=seed).eval())
+
+
+def _peaky(model):
+    """Random weights give nearly flat next-token distributions; sharpen them and favour EOS a
+    little so that hypotheses end at different lengths."""
+    sd = model.state_dict()
+    sd["tgt_embed.weight"] = sd["tgt_embed.weight"] * 4
+    sd["output.bias"] = sd["output.bias"].copy()
+    sd["output.bias"][model.config.eos_id] += 1.5
+    model.load_state_dict(sd)
+    return model
+
+
+class RecomputeState:
+    def __init__(self, src, lengths, batch):
+        self.src, self.lengths = src, lengths
+        self.prefix = np.zeros((batch, 0), dtype=np.int64)
+        self.step = 0
+
+    @property
+    def batch_size(self):
+        return self.prefix.shape[0]
+
+    def reorder(self, indices):
+        self.prefix = self.prefix[indices]
+        if self.src is not None:
+            self.src, self.lengths = self.src[indices], self.lengths[indices]
+
+
+class Recompute:
+    """The same model with no cache at all: each step runs the full teacher-forced forward over
+    the whole prefix (and, for the Transformer, the encoder again) and keeps the last position."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def encode(self, src, lengths):
+        return src, lengths
+
+    def init_decoder_state(self, memory, lengths, max_steps):
+        return RecomputeState(memory[0], lengths, memory[0].shape[0])
+
+    def init_state(self, batch_size, max_steps):
+        return RecomputeState(None, None, batch_size)
+
+    def decode_step(self, state, tokens, *, need_attention=False):
+        state.prefix = np.concatenate([state.prefix, np.asarray(tokens)[:, None]], axis=1)
+        state.step += 1
+        if state.src is None:
+            logits = self.model.forward(state.prefix)
+        else:
+            logits = self.model.forward(state.src, state.lengths, state.prefix)
+        return np.ascontiguousarray(logits[:, -1]), None
+
+
+REAL_SOURCES = [[3, 4, 5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [4, 4],
+                [21, 22, 3, 5, 7, 9, 11], [5, 6, 7]]
+
+
+@pytest.mark.parametrize("beam_size,nbest", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_cached_decoding_equals_full_recompute(beam_size, nbest, norm_first):
+    model = tiny_transformer(seed=1, norm_first=norm_first)
+    kw = dict(beam_size=beam_size, num_hypotheses=nbest, max_decoding_length=14,
+              min_decoding_length=2, return_scores=True)
+    cached = translate(model, REAL_SOURCES, **kw)
+    full = translate(Recompute(model), REAL_SOURCES, **kw)
+    lens = {len(h) for r in cached for h in r.hypotheses}
+    assert len(lens) > 1  # hypotheses ended at different steps (EOS and leaving exercised)
+    for c, f in zip(cached, full, strict=True):
+        assert c.hypotheses == f.hypotheses
+        np.testing.assert_allclose(c.scores, f.scores, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_lm_cached_generation_equals_full_recompute(beam_size):
+    lm = tiny_lm(seed=2)
+    prompts = [[1, 3, 4], [1], [1, 5, 6, 7, 8, 9, 3], [1, 10]]
+    kw = dict(max_new_tokens=12, beam_size=beam_size, temperature=0 if beam_size == 1 else 1.0)
+    assert generate(lm, prompts, **kw) == generate(Recompute(lm), prompts, **kw)
+    sampled = dict(max_new_tokens=12, temperature=0.8, top_k=5, top_p=0.9, seed=3)
+    assert generate(lm, prompts, **sampled) == generate(Recompute(lm), prompts, **sampled)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_real_batch_invariance(beam_size):
+    model = tiny_transformer(seed=3)
+    kw = dict(beam_size=beam_size, num_hypotheses=min(beam_size, 2), max_decoding_length=12,
+              return_scores=True, return_attention=True)
+    together = translate(model, REAL_SOURCES, **kw)
+    chunked = translate(model, REAL_SOURCES, max_batch_size=4, **kw)
+    for i, src in enumerate(REAL_SOURCES):
+        alone = translate(model, [src], **kw)[0]
+        for other in (together[i], chunked[i]):
+            assert other.hypotheses == alone.hypotheses
+            np.testing.assert_allclose(other.scores, alone.scores, rtol=0, atol=1e-5)
+            for a, b in zip(other.attention, alone.attention, strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+        for hyp, att in zip(alone.hypotheses, alone.attention, strict=True):
+            assert att.shape == (len(hyp), len(src))
+            assert (att >= 0).all()
+            np.testing.assert_allclose(att.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_thread_safety():
+    """4 Python threads translating different inputs with one model give the serial results."""
+    import threading
+
+    model = tiny_transformer(seed=4)
+    rng = np.random.default_rng(0)
+    inputs = [[rng.integers(3, 23, size=int(rng.integers(1, 15))).tolist() for _ in range(5)]
+              for _ in range(4)]
+    kw = [dict(beam_size=b, return_scores=True, max_decoding_length=16) for b in (1, 3, 4, 2)]
+    serial = [translate(model, x, **k) for x, k in zip(inputs, kw, strict=True)]
+    results: list = [None] * 4
+    errors: list = []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                out = translate(model, inputs[i], **kw[i])
+                if results[i] is None:
+                    results[i] = out
+                assert out == results[i]
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results == serial
+
+
+def test_real_model_validation():
+    model = tiny_transformer()
+    with pytest.raises(IndexError, match=r"sources\[1\]\[0\]"):
+        model.translate([[3], [23]])
+    with pytest.raises(ValueError, match="max_len"):
+        model.translate([[3] * 41])
+    assert model.translate([]) == []
