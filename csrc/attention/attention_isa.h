@@ -1,0 +1,46 @@
+// Per-ISA tile bodies of attention (defined in attention_isa.cc, compiled once per ISA).
+// Preconditions every body relies on (attention.cc guarantees them): sd == 1 for every view and
+// D a multiple of 8; outputs are C-contiguous.
+#pragma once
+
+#include "attention/attention.h"
+
+namespace pt {
+
+// Query tile and key tile sizes; scratch sizes (floats) each body needs per thread.
+constexpr index_t kAttnBQ = 64;
+constexpr index_t kAttnBK = 64;
+
+inline index_t attn_forward_scratch(index_t D) {
+  return D * kAttnBQ + kAttnBK * kAttnBQ + kAttnBQ * D + 4 * kAttnBQ;
+}
+inline index_t attn_decode_scratch(index_t D, index_t Lk) { return D + Lk + 8; }
+inline index_t attn_backward_scratch(index_t D, index_t Lq) {
+  const index_t lqp = (Lq + kAttnBQ - 1) / kAttnBQ * kAttnBQ;
+  return 2 * lqp * D + Lq * D + 3 * lqp + 2 * kAttnBK * kAttnBQ + 2 * kAttnBK * D;
+}
+
+#define PT_ATTENTION_ISA_DECLS                                                                  \
+  /* One query tile [i0, i0 + mq) (mq <= kAttnBQ) of head (b, h): writes its out rows and, when \
+     lse is not null, its lse entries. */                                                       \
+  void attention_forward_tile(float* out, float* lse, const AttnView& q, const AttnView& k,     \
+                              const AttnView& v, const AttnConfig& c, index_t b, index_t h,     \
+                              index_t i0, index_t mq, float* scratch);                          \
+  /* Lq == 1: the single query of head (b, h) against the Lk cached keys. */                    \
+  void attention_decode_head(float* out, float* lse, const AttnView& q, const AttnView& k,      \
+                             const AttnView& v, const AttnConfig& c, index_t b, index_t h,      \
+                             float* scratch);                                                   \
+  /* All of head (b, h): writes its rows of dq, dk and dv. */                                   \
+  void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& dout,           \
+                               const AttnView& q, const AttnView& k, const AttnView& v,         \
+                               const AttnView& out, const float* lse, const AttnConfig& c,      \
+                               index_t b, index_t h, float* scratch);
+
+namespace generic {
+PT_ATTENTION_ISA_DECLS
+}
+namespace avx2 {
+PT_ATTENTION_ISA_DECLS
+}
+
+}  // namespace pt
