@@ -224,7 +224,7 @@ def test_loss_and_grad_accumulates_and_counts_tokens():
     g1 = m.grad_buffer.copy()
     loss2, _ = m.loss_and_grad(batch)
     assert loss1 == loss2
-    np.testing.assert_allclose(m.grad_buffer, 2 * g1, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(m.grad_buffer, 2 * g1, rtol=1e-5, atol=1e-6 * np.abs(g1).max())
 
 
 def test_evaluate_loss_is_plain_cross_entropy_of_forward_logits():

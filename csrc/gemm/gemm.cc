@@ -1,6 +1,7 @@
 // GEMM op logic: batch handling and ISA dispatch. The blocked kernels live in gemm_isa.cc.
 #include "gemm/gemm.h"
 
+#include <chrono>
 #include <cmath>
 
 #include "core/isa.h"
@@ -26,6 +27,13 @@ void gemm_forward(const GemmArgs& args) {
     one.c = args.c + t * args.c_bs;
     kernel(one);
   }
+}
+
+double fma_probe_seconds(index_t iters) {
+  const auto t0 = std::chrono::steady_clock::now();
+  volatile float sink = PT_DISPATCH(fma_probe)(iters);
+  (void)sink;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 static float activate_scalar(float x, Activation act) {

@@ -46,16 +46,21 @@ inline Vec activate(Vec x, Activation act) {
 //   b: B panel, element (k, j) at b[k * rs_b + j], j < 16          (rs_b = NR when packed,
 //                                                                   the row stride of B if not)
 //   c: C tile, element (i, j) at c[i * ldc + j]; all 16 columns are read and written.
-// Accumulators start from C, so a K-blocked sum rounds exactly like an unblocked one.
+// The block's product is summed from zero and added to C at the end, so the FMAs never wait for
+// C's cache lines (prefetched at the start).
 template <int R>
 void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
              const Epilogue& ep) {
   Vec lo[R], hi[R];
 #pragma GCC unroll 6
-  for (int i = 0; i < R; ++i) {
-    lo[i] = ep.load_c ? Vec::load(c + i * ldc) : Vec::zero();
-    hi[i] = ep.load_c ? Vec::load(c + i * ldc + 8) : Vec::zero();
+  for (int i = 0; i < R; ++i) lo[i] = hi[i] = Vec::zero();
+#if defined(PT_ISA_AVX2)
+  for (int i = 0; i < R; ++i) {  // C is needed at the end: fetch its lines meanwhile
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
   }
+#endif
+#pragma GCC unroll 4
   for (index_t k = 0; k < kc; ++k) {
     const Vec b0 = Vec::load(b), b1 = Vec::load(b + 8);
 #pragma GCC unroll 6
@@ -72,6 +77,10 @@ void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c,
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i) {
     Vec x0 = lo[i], x1 = hi[i];
+    if (ep.load_c) {
+      x0 = Vec::load(c + i * ldc) + x0;
+      x1 = Vec::load(c + i * ldc + 8) + x1;
+    }
     if (ep.bias) {
       x0 = x0 + bias0;
       x1 = x1 + bias1;
@@ -186,20 +195,29 @@ void pack_b_panel_transposed(float* dst, const float* src, index_t ld, index_t k
 // pack_b: kc x nc of op(B) (element (k, j) at b[k * rs + j * cs]) into ceil(nc / NR) panels of
 // kc x NR, panel p at dst + p * kc * NR, element (k, j) at [k * NR + j]; columns past nc are zero.
 void pack_b(float* dst, const float* b, index_t rs, index_t cs, index_t kc, index_t nc) {
-  for (index_t p = 0; p < nc; p += NR, dst += kc * NR) {
-    const index_t cols = nc - p < NR ? nc - p : NR;
-    const float* src = b + p * cs;
-    if (cols == NR && cs == 1) {
-      for (index_t k = 0; k < kc; ++k) {
-        Vec::load(src + k * rs).store(dst + k * NR);
-        Vec::load(src + k * rs + 8).store(dst + k * NR + 8);
+  const index_t full = nc / NR;  // whole panels
+  if (cs == 1) {
+    // Row by row across all whole panels, so B is read front to back (prefetcher-friendly).
+    for (index_t k = 0; k < kc; ++k) {
+      const float* src = b + k * rs;
+      for (index_t q = 0; q < full; ++q) {
+        Vec::load(src + q * NR).store(dst + q * kc * NR + k * NR);
+        Vec::load(src + q * NR + 8).store(dst + q * kc * NR + k * NR + 8);
       }
-    } else if (cols == NR && rs == 1) {  // B stored (N, K): the Linear weight layout
-      pack_b_panel_transposed(dst, src, cs, kc);
-    } else {
-      for (index_t k = 0; k < kc; ++k)
-        for (index_t j = 0; j < NR; ++j) dst[k * NR + j] = j < cols ? src[k * rs + j * cs] : 0.0f;
     }
+  } else if (rs == 1) {  // B stored (N, K): the Linear weight layout
+    for (index_t q = 0; q < full; ++q) pack_b_panel_transposed(dst + q * kc * NR, b + q * NR * cs, cs, kc);
+  } else {
+    for (index_t q = 0; q < full; ++q)
+      for (index_t k = 0; k < kc; ++k)
+        for (index_t j = 0; j < NR; ++j) dst[q * kc * NR + k * NR + j] = b[k * rs + (q * NR + j) * cs];
+  }
+  const index_t cols = nc - full * NR;
+  if (cols > 0) {  // the ragged last panel, zero-padded
+    float* d = dst + full * kc * NR;
+    const float* src = b + full * NR * cs;
+    for (index_t k = 0; k < kc; ++k)
+      for (index_t j = 0; j < NR; ++j) d[k * NR + j] = j < cols ? src[k * rs + j * cs] : 0.0f;
   }
 }
 
@@ -321,37 +339,155 @@ void gemm_packed(const GemmArgs& p, int nt) {
   });
 }
 
-// Small M, B with unit column stride (the NN layout): A is packed once (it is tiny) and the
-// micro-kernel reads B where it lies, row stride and all; only a ragged last panel is copied.
+// Row panels for a small M: MR rows each, except that a short last panel (1..3 rows) is merged
+// with the one before and the two split evenly (8 = 4 + 4, not 6 + 2): a micro-kernel with fewer
+// than four rows has too few accumulators to hide the FMA latency. Returns the panel count.
+int small_m_panels(index_t M, index_t* start, int* height) {
+  int n = static_cast<int>((M + MR - 1) / MR);
+  for (int i = 0; i < n; ++i) {
+    start[i] = i * MR;
+    height[i] = static_cast<int>(min_i(MR, M - i * MR));
+  }
+  if (n >= 2 && height[n - 1] < 4) {
+    const int both = MR + height[n - 1];
+    height[n - 2] = (both + 1) / 2;
+    height[n - 1] = both / 2;
+    start[n - 1] = start[n - 2] + height[n - 2];
+  }
+  return n;
+}
+
+// Asks for the lines of rows x cols floats (row stride ld) to be brought into L2.
+inline void prefetch_block(const float* b, index_t ld, index_t rows, index_t cols) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t j = 0; j < cols; j += 16) __builtin_prefetch(b + r * ld + j, 0, 2);
+}
+
+// Small M (5..32), B with unit column stride (the NN layout). A is packed once (it is tiny). B is
+// copied KC x 64 at a time into a thread-local buffer (reading B in place thrashes L1 sets when its
+// row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1. Reading B
+// from L3 or memory is the cost that matters here, so while one block is computed the next one's
+// lines are prefetched, a quarter per panel.
 void gemm_small_m_rowmajor_b(const GemmArgs& p, int nt) {
+  constexpr index_t kNB = 4 * NR;
   const index_t M = p.M, N = p.N, K = p.K;
-  const index_t a_size = round_up(M, MR) * K, edge_size = min_i(K, kKC) * NR;
-  float* buf = tl_scratch.get(static_cast<size_t>(a_size + nt * edge_size));
-  pack_a(buf, p.a, p.a_rs, p.a_cs, M, K);
-  const index_t panels = (N + NR - 1) / NR;
+  index_t start[(kSmallM + MR - 1) / MR];
+  int height[(kSmallM + MR - 1) / MR];
+  const int np = small_m_panels(M, start, height);
+  const index_t a_size = np * MR * K, blk_size = min_i(K, kKC) * kNB;
+  float* buf = tl_scratch.get(static_cast<size_t>(a_size + nt * blk_size));
+  for (int i = 0; i < np; ++i) pack_a(buf + i * MR * K, p.a + start[i] * p.a_rs, p.a_rs, p.a_cs, height[i], K);
+  const index_t blocks = (N + kNB - 1) / kNB;
   run_team(nt, [&](int t, int team) {
-    float* edge = buf + a_size + t * edge_size;
-    for (index_t q = panels * t / team; q < panels * (t + 1) / team; ++q) {
-      const int cols = static_cast<int>(min_i(NR, N - q * NR));
+    float* bbuf = buf + a_size + t * blk_size;
+    const index_t blk1 = blocks * (t + 1) / team;
+    for (index_t blk = blocks * t / team; blk < blk1; ++blk) {
+      const index_t n0 = blk * kNB, nb = min_i(kNB, N - n0);
       for (index_t pc = 0; pc < K; pc += kKC) {
         const index_t kc = min_i(kKC, K - pc);
         const bool last = pc + kc == K;
-        const float* b = p.b + pc * p.b_rs + q * NR;
-        index_t rs_b = p.b_rs;
-        if (cols < NR) {
-          pack_b(edge, b, p.b_rs, 1, kc, cols);
-          b = edge;
-          rs_b = NR;
-        }
-        Epilogue ep;
-        ep.load_c = p.accumulate || pc > 0;
-        ep.bias = last && p.bias ? p.bias + q * NR : nullptr;
-        ep.act = last ? p.act : Activation::none;
-        for (index_t ir = 0; ir < M; ir += MR) {
-          const int rows = static_cast<int>(min_i(MR, M - ir));
-          run_tile(rows, kc, buf + ir * K + pc * MR, b, rs_b, p.c + ir * p.ldc + q * NR, p.ldc, cols, ep);
+        pack_b(bbuf, p.b + pc * p.b_rs + n0, p.b_rs, 1, kc, nb);
+        // The next block this thread packs: the next K slice, or the next columns from k = 0.
+        const index_t next_pc = last ? 0 : pc + kc, next_n0 = last ? n0 + kNB : n0;
+        const bool has_next = !last || blk + 1 < blk1;
+        const index_t next_kc = min_i(kKC, K - next_pc), next_nb = min_i(kNB, N - next_n0);
+        const index_t q_count = (nb + NR - 1) / NR;
+        for (index_t q = 0; q < q_count; ++q) {
+          if (has_next) {
+            const index_t r0 = next_kc * q / q_count, r1 = next_kc * (q + 1) / q_count;
+            prefetch_block(p.b + (next_pc + r0) * p.b_rs + next_n0, p.b_rs, r1 - r0, next_nb);
+          }
+          const int cols = static_cast<int>(min_i(NR, nb - q * NR));
+          Epilogue ep;
+          ep.load_c = p.accumulate || pc > 0;
+          ep.bias = last && p.bias ? p.bias + n0 + q * NR : nullptr;
+          ep.act = last ? p.act : Activation::none;
+          for (int i = 0; i < np; ++i)
+            run_tile(height[i], kc, buf + i * MR * K + pc * MR, bbuf + q * kc * NR, NR,
+                     p.c + start[i] * p.ldc + n0 + q * NR, p.ldc, cols, ep);
         }
       }
+    }
+  });
+}
+
+// R (1..4) rows of C, columns [0, w), for B with unit column stride:
+//   C[m, :] = (load_c ? C[m, :] : 0) + sum_k A[m, k] * B[k, :]
+// The C row pieces stay in L1 while B's rows stream past once, four at a time; each element is
+// summed in k order.
+template <int R>
+void stream_rows(index_t K, const float* a, index_t a_rs, index_t a_cs, const float* b, index_t b_rs,
+                 float* c, index_t ldc, index_t w, bool load_c) {
+  if (!load_c)
+    for (int m = 0; m < R; ++m)
+      for (index_t n = 0; n < w; ++n) c[m * ldc + n] = 0.0f;
+  const index_t wv = w / Vec::width * Vec::width;
+  const int tail = static_cast<int>(w - wv);
+  index_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    Vec am[R][4];
+    for (int m = 0; m < R; ++m)
+      for (int u = 0; u < 4; ++u) am[m][u] = Vec(a[m * a_rs + (k + u) * a_cs]);
+    const float *b0 = b + k * b_rs, *b1 = b0 + b_rs, *b2 = b1 + b_rs, *b3 = b2 + b_rs;
+    for (index_t n = 0; n < wv; n += Vec::width) {
+      const Vec x0 = Vec::load(b0 + n), x1 = Vec::load(b1 + n), x2 = Vec::load(b2 + n), x3 = Vec::load(b3 + n);
+#pragma GCC unroll 4
+      for (int m = 0; m < R; ++m) {
+        float* cm = c + m * ldc + n;
+        Vec acc = Vec::load(cm);
+        acc = fma(am[m][0], x0, acc);
+        acc = fma(am[m][1], x1, acc);
+        acc = fma(am[m][2], x2, acc);
+        acc = fma(am[m][3], x3, acc);
+        acc.store(cm);
+      }
+    }
+    if (tail) {
+      const Vec x0 = Vec::load(b0 + wv, tail), x1 = Vec::load(b1 + wv, tail),
+                x2 = Vec::load(b2 + wv, tail), x3 = Vec::load(b3 + wv, tail);
+      for (int m = 0; m < R; ++m) {
+        float* cm = c + m * ldc + wv;
+        Vec acc = Vec::load(cm, tail);
+        acc = fma(am[m][0], x0, acc);
+        acc = fma(am[m][1], x1, acc);
+        acc = fma(am[m][2], x2, acc);
+        acc = fma(am[m][3], x3, acc);
+        acc.store(cm, tail);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const float* bk = b + k * b_rs;
+    for (int m = 0; m < R; ++m) {
+      const Vec am(a[m * a_rs + k * a_cs]);
+      float* cm = c + m * ldc;
+      for (index_t n = 0; n < wv; n += Vec::width) fma(am, Vec::load(bk + n), Vec::load(cm + n)).store(cm + n);
+      if (tail) fma(am, Vec::load(bk + wv, tail), Vec::load(cm + wv, tail)).store(cm + wv, tail);
+    }
+  }
+}
+
+// Tiny M (1..4, decoding one beam or a few), B with unit column stride: a GEMV-like sweep that
+// reads B exactly once, in address order where it can: column chunks are as wide as 16 KiB of C
+// rows allows (whole rows of B when N is moderate), split between threads.
+void gemm_tiny_m_rowmajor_b(const GemmArgs& p, int nt) {
+  const index_t N = p.N;
+  const index_t per_thread = round_up((N + nt - 1) / nt, Vec::width);
+  const index_t kChunk = min_i(round_up(4096 / p.M, Vec::width), per_thread);
+  const index_t chunks = (N + kChunk - 1) / kChunk;
+  run_team(nt, [&](int t, int team) {
+    for (index_t ch = chunks * t / team; ch < chunks * (t + 1) / team; ++ch) {
+      const index_t n0 = ch * kChunk, w = min_i(kChunk, N - n0);
+      const float* b = p.b + n0;
+      float* c = p.c + n0;
+      switch (p.M) {
+        case 4: stream_rows<4>(p.K, p.a, p.a_rs, p.a_cs, b, p.b_rs, c, p.ldc, w, p.accumulate); break;
+        case 3: stream_rows<3>(p.K, p.a, p.a_rs, p.a_cs, b, p.b_rs, c, p.ldc, w, p.accumulate); break;
+        case 2: stream_rows<2>(p.K, p.a, p.a_rs, p.a_cs, b, p.b_rs, c, p.ldc, w, p.accumulate); break;
+        default: stream_rows<1>(p.K, p.a, p.a_rs, p.a_cs, b, p.b_rs, c, p.ldc, w, p.accumulate); break;
+      }
+      if (p.bias || p.act != Activation::none)
+        epilogue_rows(c, p.ldc, p.M, w, true, p.bias ? p.bias + n0 : nullptr, p.act);
     }
   });
 }
@@ -446,6 +582,20 @@ void gemm_small_m_transposed_b(const GemmArgs& p, int nt) {
 
 }  // namespace
 
+float fma_probe(index_t iters) {
+  // 12 independent chains: enough to cover the FMA latency on two pipes.
+  Vec acc[12];
+  for (int j = 0; j < 12; ++j) acc[j] = Vec(1.0f + 0.01f * static_cast<float>(j));
+  const Vec x(0.9999999f), y(1e-7f);
+  for (index_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int j = 0; j < 12; ++j) acc[j] = fma(acc[j], x, y);
+  }
+  Vec s = acc[0];
+  for (int j = 1; j < 12; ++j) s = s + acc[j];
+  return s.sum();
+}
+
 void gemm_2d(const GemmArgs& p) {
   if (p.M <= 0 || p.N <= 0) return;
   if (p.K <= 0) {
@@ -453,7 +603,9 @@ void gemm_2d(const GemmArgs& p) {
     return;
   }
   const int nt = useful_threads(p);
-  if (p.M <= kSmallM && p.b_cs == 1) {
+  if (p.M <= kTinyM && p.b_cs == 1) {
+    gemm_tiny_m_rowmajor_b(p, nt);
+  } else if (p.M <= kSmallM && p.b_cs == 1) {
     gemm_small_m_rowmajor_b(p, nt);
   } else if (p.M <= kSmallM && p.b_rs == 1) {
     gemm_small_m_transposed_b(p, nt);

@@ -15,17 +15,25 @@ inline constexpr index_t kNR = 16;
 inline constexpr index_t kKC = 256;
 inline constexpr index_t kMC = 144;
 inline constexpr index_t kNC = 4080;
-// Products with at most this many rows skip packing B (see gemm_small_m in gemm_isa.cc).
+// Products with at most this many rows skip packing all of B (the small-M paths in gemm_isa.cc);
+// up to kTinyM rows a GEMV-like sweep reads a row-major B once, in address order.
 inline constexpr index_t kSmallM = 32;
+inline constexpr index_t kTinyM = 4;
+
+// Seconds the selected ISA takes for fma_probe(iters) (single thread): the bench's peak probe.
+double fma_probe_seconds(index_t iters);
 
 namespace generic {
 // One 2-D product (args.batch is ignored; the caller loops over batch items). K >= 0, M, N > 0.
 void gemm_2d(const GemmArgs& args);
+// Peak-rate probe for the benchmark: iters x 12 independent 8-lane FMAs (192 flops each round).
+float fma_probe(index_t iters);
 }  // namespace generic
 
 #if defined(PT_HAVE_AVX2) || defined(PT_ISA_AVX2)
 namespace avx2 {
 void gemm_2d(const GemmArgs& args);
+float fma_probe(index_t iters);
 }  // namespace avx2
 #endif
 

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "gemm/gemm.h"
+#include "gemm/gemm_kernels.h"
 #include "python/common.h"
 #include "python/registry.h"
 
@@ -160,6 +161,15 @@ void register_gemm(py::module_& m) {
       py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
       py::arg("bias") = py::none(), py::arg("activation") = py::none(), py::arg("out") = py::none(),
       py::arg("accumulate") = false, "Test oracle: the naive triple loop behind the same checks.");
+  m.def(
+      "_fma_probe",
+      [](std::int64_t iters) {
+        if (iters < 1) throw py::value_error("iters: must be >= 1");
+        py::gil_scoped_release release;
+        return fma_probe_seconds(iters);
+      },
+      py::arg("iters"),
+      "Benchmark helper: seconds one thread takes for iters x 192 flops of independent FMAs.");
 }
 
 }  // namespace pt

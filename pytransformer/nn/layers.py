@@ -191,7 +191,8 @@ class Embedding:
         """ids (B, L) -> (B, L, C); positions start at `start` (incremental decoding)."""
         x = ops.embedding(self.weight.data, ids, scale=self.scale)
         x += self.positions[start : start + ids.shape[1]]
-        self.ids = ids if self.ctx.cache else None
+        if self.ctx.cache:
+            self.ids = ids
         return self.dropout.forward(x)
 
     def backward(self, dx: np.ndarray) -> None:
