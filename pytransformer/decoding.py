@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import ops
+
 __all__ = ["TranslationResult", "translate", "generate", "length_penalty"]
 
 
@@ -175,17 +177,11 @@ class _Hyp:
 
 
 def _log_softmax_(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of float32 logits, in place when the kernel is available."""
-    from . import ops
-
-    fn = getattr(ops, "log_softmax", None)
-    if fn is not None:
-        return fn(x, out=x)
-    m = x.max(axis=1, keepdims=True)
-    x -= m
-    lse = np.log(np.exp(x).sum(axis=1, keepdims=True))
-    x -= lse
-    return x
+    """Row-wise log-softmax of logits (n, V), in place when they are a float32 C-contiguous
+    writable buffer (the model's fresh output): no copy of the vocabulary-wide matrix."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
+        x = np.array(x, dtype=np.float32, order="C")
+    return ops.log_softmax(x, out=x)
 
 
 def _seq_buffer(prob: _Problem, rows: int, width: int) -> np.ndarray:
