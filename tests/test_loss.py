@@ -205,3 +205,16 @@ def test_bad_inputs(rng):
         ops.log_softmax(logits, out=np.empty((4, 10)))
     with pytest.raises(ValueError, match="x:"):
         ops.log_softmax(np.zeros((3, 0), np.float32))
+
+
+def test_matches_naive_sibling(isa, rng):
+    from pytransformer import _C
+
+    logits, targets = make_case(rng, 23, 1037)
+    loss, grad = ops.softmax_cross_entropy(logits, targets, label_smoothing=0.1)
+    want_loss, want = _C._naive.softmax_cross_entropy(logits, targets, 0.1)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        ops.log_softmax(logits), _C._naive.log_softmax(logits), rtol=1e-6, atol=2e-6
+    )

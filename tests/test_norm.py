@@ -232,3 +232,16 @@ def test_bad_inputs(rng):
         ops.layer_norm_backward(x, x, g, mean, rstd[None])
     with pytest.raises(TypeError, match="gamma:"):
         ops.layer_norm_backward(x, x, g.astype(np.float16), mean, rstd)
+
+
+def test_matches_naive_sibling(isa, rng):
+    from pytransformer import _C
+
+    x, dy = make(rng, (37, 203), 2.0, 1.0), make(rng, (37, 203))
+    g, b = params(rng, 203)
+    y, mean, rstd = ops.layer_norm(x, g, b, 1e-6, return_stats=True)
+    for a, w in zip((y, mean, rstd), _C._naive.layer_norm(x, g, b, 1e-6), strict=True):
+        np.testing.assert_allclose(a, w, rtol=1e-5, atol=2e-5)
+    got = ops.layer_norm_backward(dy, x, g, mean, rstd)
+    for a, w in zip(got, _C._naive.layer_norm_backward(dy, x, g, mean, rstd), strict=True):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)

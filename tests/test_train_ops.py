@@ -411,3 +411,40 @@ def test_dropout_bad_inputs(rng):
         ops.dropout(x, 0.1, seed=1.5)
     with pytest.raises(TypeError, match="dy:"):
         ops.dropout_backward(x.astype(np.float64), 0.1, seed=1)
+
+
+# ---------------------------------------------------------------- naive siblings
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.97, 1.0])
+def test_dropout_equals_naive_sibling(isa, rng, p):
+    x = f32(rng, (3, 1001))
+    for seed, offset in ((0, 0), (12345, 77), (2**64 - 1, 2**32 - 500)):  # offset crosses 2**32
+        want = _C._naive.dropout(x, p, seed, offset)
+        np.testing.assert_array_equal(ops.dropout(x, p, seed=seed, offset=offset), want)
+
+
+def test_embedding_gelu_adam_equal_naive_siblings(isa, rng):
+    w, ids = f32(rng, (30, 77)), rng.integers(0, 30, 500)
+    np.testing.assert_array_equal(
+        ops.embedding(w, ids, scale=3.0), _C._naive.embedding(w, ids, 3.0)
+    )
+    dout = f32(rng, (500, 77))
+    got, want = np.zeros_like(w), np.zeros_like(w)
+    ops.embedding_backward(dout, ids, got)  # scale 1: plain adds in token order, exact
+    _C._naive.embedding_backward(dout, ids, want)
+    np.testing.assert_array_equal(got, want)
+    x = f32(rng, 999, 3.0)
+    np.testing.assert_allclose(ops.gelu(x), _C._naive.gelu(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ops.gelu_backward(dout[0], x[:77]),
+        _C._naive.gelu_backward(dout[0], x[:77]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    state = [f32(rng, 1001), f32(rng, 1001), f32(rng, 1001, 0.1), np.abs(f32(rng, 1001, 0.01))]
+    a, b = [s.copy() for s in state], [s.copy() for s in state]
+    ops.adam_step(*a, lr=1e-2, weight_decay=0.1, step=5, decoupled=True)
+    _C._naive.adam_step(*b, 1e-2, 0.9, 0.98, 1e-9, 0.1, 5, True)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)

@@ -10,14 +10,20 @@ namespace pt {
 // Query tile and key tile sizes; scratch sizes (floats) each body needs per thread.
 constexpr index_t kAttnBQ = 64;
 constexpr index_t kAttnBK = 64;
+// Leading dimension of the per-thread score tiles and packed Q^T: padded past a power of two so
+// that the column a micro-kernel walks does not map every row to the same few L1 sets.
+constexpr index_t kAttnLD = kAttnBQ + 8;
+// Row stride for packed rows of D floats, padded likewise when 4*D is a multiple of 256 bytes.
+inline index_t attn_row_stride(index_t D) { return D % 64 == 0 ? D + 8 : D; }
 
 inline index_t attn_forward_scratch(index_t D) {
-  return D * kAttnBQ + kAttnBK * kAttnBQ + kAttnBQ * D + 4 * kAttnBQ;
+  return D * kAttnLD + kAttnBK * kAttnLD + kAttnBQ * D + 4 * kAttnBQ;
 }
 inline index_t attn_decode_scratch(index_t D, index_t Lk) { return D + Lk + 8; }
 inline index_t attn_backward_scratch(index_t D, index_t Lq) {
   const index_t lqp = (Lq + kAttnBQ - 1) / kAttnBQ * kAttnBQ;
-  return 2 * lqp * D + Lq * D + 3 * lqp + 2 * kAttnBK * kAttnBQ + 2 * kAttnBK * D;
+  return 2 * lqp / kAttnBQ * D * kAttnLD + Lq * D + 2 * Lq * attn_row_stride(D) + 3 * lqp +
+         2 * kAttnBK * kAttnLD + 2 * kAttnBK * D;
 }
 
 #define PT_ATTENTION_ISA_DECLS                                                                  \

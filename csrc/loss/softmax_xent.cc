@@ -21,8 +21,10 @@ double softmax_cross_entropy_forward_backward(float* dlogits, const float* logit
   const float inv_count = count > 0 ? 1.0f / static_cast<float>(count) : 0.0f;
   std::vector<double> row_loss(static_cast<size_t>(N), 0.0);
   auto kernel = PT_DISPATCH(xent_rows);
-  parallel_for(N, [&](index_t r) {
-    kernel(row_loss.data(), dlogits, logits, targets, r, r + 1, V, label_smoothing, ignore_index, inv_count);
+  parallel_chunks(N, [&](index_t, index_t r0, index_t r1) {
+    std::vector<float> scratch(static_cast<size_t>(xent_scratch_floats(V)));  // per thread
+    kernel(row_loss.data(), dlogits, scratch.data(), logits, targets, r0, r1, V, label_smoothing, ignore_index,
+           inv_count);
   });
   double total = 0.0;
   for (index_t r = 0; r < N; ++r) total += row_loss[static_cast<size_t>(r)];

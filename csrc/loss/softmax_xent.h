@@ -29,13 +29,17 @@ double softmax_cross_entropy_naive(float* dlogits, const float* logits, const st
                                    index_t N, index_t V, float label_smoothing, std::int64_t ignore_index);
 void log_softmax_naive(float* out, const float* inp, index_t N, index_t V);
 
+// Floats of scratch one xent_rows call needs: 8 per block of 32 values plus 8 per vector of the
+// remainder.
+inline index_t xent_scratch_floats(index_t V) { return (V / 32 + 4) * 8; }
+
 // Per-ISA row kernels (softmax_xent_isa.cc) over rows [r0, r1).
 //   xent_rows: row_loss[r] = loss_r (0 for ignored rows); dlogits rows written when non-null,
-//   scaled by inv_count.
+//   scaled by inv_count. scratch holds xent_scratch_floats(V) floats (per-block maxima).
 #define PT_XENT_ISA_DECLS                                                                          \
-  void xent_rows(double* row_loss, float* dlogits, const float* logits, const std::int64_t* targets, \
-                 index_t r0, index_t r1, index_t V, float label_smoothing, std::int64_t ignore_index,  \
-                 float inv_count);                                                                 \
+  void xent_rows(double* row_loss, float* dlogits, float* scratch, const float* logits,             \
+                 const std::int64_t* targets, index_t r0, index_t r1, index_t V, float label_smoothing, \
+                 std::int64_t ignore_index, float inv_count);                                      \
   void log_softmax_rows(float* out, const float* inp, index_t r0, index_t r1, index_t V);
 namespace generic {
 PT_XENT_ISA_DECLS

@@ -163,6 +163,7 @@ void register_ops(py::module_& m) {
         py::arg("label_smoothing") = 0.0, py::arg("ignore_index") = -100, py::arg("inplace") = false);
   m.def("log_softmax", &log_softmax_py, py::arg("x"), py::kw_only(), py::arg("out") = py::none());
   register_train_ops(m);
+  register_naive_ops(m);
 }
 
 }  // namespace pt

@@ -61,4 +61,5 @@ inline std::vector<std::int64_t> leading(const std::vector<std::int64_t>& shape)
 
 namespace pt {
 void register_train_ops(pybind11::module_& m);
+void register_naive_ops(pybind11::module_& m);  // pytransformer._C._naive (test oracles)
 }  // namespace pt
