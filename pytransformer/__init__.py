@@ -6,6 +6,7 @@ import os
 
 from ._native import _C
 from . import ops
+from .model import Transformer, TransformerConfig, TransformerEncoderModel, TransformerLM
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,7 @@ def get_num_threads() -> int:
     return _C.get_num_threads()
 
 
-__all__ = ["cpu_info", "set_num_threads", "get_num_threads", "ops", "__version__"]
+__all__ = [
+    "cpu_info", "set_num_threads", "get_num_threads", "ops", "__version__",
+    "TransformerConfig", "Transformer", "TransformerLM", "TransformerEncoderModel",
+]

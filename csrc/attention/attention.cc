@@ -1,0 +1,170 @@
+// Attention op logic: layout normalisation, work split and per-thread scratch; the per-ISA tile
+// bodies live in attention_isa.cc.
+#include "attention/attention.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "attention/attention_isa.h"
+#include "core/isa.h"
+#include "core/threading.h"
+
+namespace pt {
+
+namespace {
+
+// The tile bodies want unit stride along D and D a multiple of 8 (whole Vec rows).
+bool kernel_ready(index_t D, std::initializer_list<const AttnView*> views) {
+  if (D % 8 != 0) return false;
+  for (const AttnView* x : views)
+    if (x->sd != 1) return false;
+  return true;
+}
+
+// Copies a (B, L, H, D) view into a C-contiguous (B, L, H, Dp) buffer, zero past D.
+AttnView pad_copy(std::vector<float>& buf, const AttnView& x, index_t B, index_t L, index_t H,
+                  index_t D, index_t Dp) {
+  buf.assign(static_cast<size_t>(B * L * H * Dp), 0.0f);
+  for (index_t b = 0; b < B; ++b)
+    for (index_t l = 0; l < L; ++l)
+      for (index_t h = 0; h < H; ++h) {
+        const float* src = x.data + b * x.sb + l * x.sl + h * x.sh;
+        float* dst = buf.data() + ((b * L + l) * H + h) * Dp;
+        for (index_t d = 0; d < D; ++d) dst[d] = src[d * x.sd];
+      }
+  return AttnView{buf.data(), L * H * Dp, H * Dp, Dp, 1};
+}
+
+// Drops the padding: dst (rows, D) from src (rows, Dp), both C-contiguous.
+void unpad(float* dst, const float* src, index_t rows, index_t D, index_t Dp) {
+  for (index_t r = 0; r < rows; ++r) std::memcpy(dst + r * D, src + r * Dp, sizeof(float) * D);
+}
+
+index_t padded_dim(index_t D) { return (D + 7) / 8 * 8; }
+
+// Uninitialised float buffer (std::vector would zero-fill megabytes on every call).
+std::unique_ptr<float[]> uninit_floats(index_t n) {
+  return std::unique_ptr<float[]>(new float[static_cast<size_t>(n > 0 ? n : 1)]);
+}
+
+// Runs task(i, scratch) for i in [0, n) over up to num_threads() workers. Worker w takes one
+// contiguous run of tasks whose summed cost(i) is about 1/workers of the total (causal tiles cost
+// more the later they sit, and consecutive tasks share a head's keys in cache), and its own
+// slice of one scratch allocation made here, never inside the parallel region. A task's result
+// depends only on its index, so any thread count gives the same bits.
+template <class Cost, class Task>
+void run_tasks(index_t n, index_t scratch_per_task, Cost&& cost, Task&& task) {
+  const index_t workers = std::max<index_t>(1, std::min<index_t>(num_threads(), n));
+  auto scratch = uninit_floats(workers * scratch_per_task);
+  float* base = scratch.get();
+  if (workers == 1) {
+    for (index_t i = 0; i < n; ++i) task(i, base);
+    return;
+  }
+  std::vector<double> prefix(static_cast<size_t>(n) + 1, 0.0);
+  for (index_t i = 0; i < n; ++i) prefix[static_cast<size_t>(i) + 1] = prefix[static_cast<size_t>(i)] + cost(i);
+  std::vector<index_t> start(static_cast<size_t>(workers) + 1, n);
+  for (index_t w = 0; w < workers; ++w) {
+    const double target = prefix.back() * static_cast<double>(w) / static_cast<double>(workers);
+    start[static_cast<size_t>(w)] =
+        std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+  }
+  start[0] = 0;
+  parallel_for(workers, [&](index_t w) {
+    const index_t lo = start[static_cast<size_t>(w)], hi = std::max(lo, start[static_cast<size_t>(w) + 1]);
+    for (index_t i = lo; i < hi; ++i) task(i, base + w * scratch_per_task);
+  });
+}
+
+// Copies the (B, L, H, D) view x (unit stride along D) into dst laid out (B, H, L, D), one
+// parallel task per (b, h), and returns the view of the copy.
+AttnView pack_heads(float* dst, const AttnView& x, index_t B, index_t L, index_t H, index_t D) {
+  parallel_for(B * H, [&](index_t t) {
+    const index_t b = t / H, h = t % H;
+    const float* src = x.data + b * x.sb + h * x.sh;
+    for (index_t l = 0; l < L; ++l)
+      std::memcpy(dst + (t * L + l) * D, src + l * x.sl, sizeof(float) * static_cast<size_t>(D));
+  });
+  return AttnView{dst, H * L * D, D, L * D, 1};
+}
+
+}  // namespace
+
+void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView v,
+                       const AttnConfig& c) {
+  if (!kernel_ready(c.D, {&q, &k, &v})) {
+    const index_t Dp = padded_dim(c.D);
+    std::vector<float> qb, kb, vb, ob(static_cast<size_t>(c.B * c.Lq * c.H * Dp));
+    AttnConfig cp = c;
+    cp.D = Dp;
+    attention_forward(ob.data(), lse, pad_copy(qb, q, c.B, c.Lq, c.H, c.D, Dp),
+                      pad_copy(kb, k, c.B, c.Lk, c.H, c.D, Dp), pad_copy(vb, v, c.B, c.Lk, c.H, c.D, Dp), cp);
+    unpad(out, ob.data(), c.B * c.Lq * c.H, c.D, Dp);
+    return;
+  }
+  const index_t heads = c.B * c.H;
+  if (c.Lq == 1) {
+    auto body = PT_DISPATCH(attention_decode_head);
+    run_tasks(
+        heads, attn_decode_scratch(c.D, c.Lk),
+        [&](index_t t) { return 8.0 + static_cast<double>(attn_visible(c, t / c.H, 0)); },
+        [&](index_t t, float* scratch) { body(out, lse, q, k, v, c, t / c.H, t % c.H, scratch); });
+    return;
+  }
+  // Every query tile of a head streams all of the head's keys and values: rows H*D (or 3*H*D)
+  // apart defeat the prefetchers and alias to few cache sets, so such layouts are first copied
+  // to contiguous (B, H, Lk, D) (memory O(B*H*Lk*D), paid back many times over).
+  const index_t nqt = (c.Lq + kAttnBQ - 1) / kAttnBQ;
+  std::unique_ptr<float[]> packed;
+  if (nqt > 2 && (k.sl != c.D || v.sl != c.D)) {
+    const index_t n = c.B * c.Lk * c.H * c.D;
+    packed = uninit_floats(2 * n);
+    k = pack_heads(packed.get(), k, c.B, c.Lk, c.H, c.D);
+    v = pack_heads(packed.get() + n, v, c.B, c.Lk, c.H, c.D);
+  }
+  auto body = PT_DISPATCH(attention_forward_tile);
+  // Cost of a tile: the keys its last (most-seeing) query sees, plus its fixed work.
+  auto tile_cost = [&](index_t t) {
+    const index_t b = t / nqt / c.H, i0 = (t % nqt) * kAttnBQ;
+    return 16.0 + static_cast<double>(attn_visible(c, b, std::min(c.Lq, i0 + kAttnBQ) - 1));
+  };
+  run_tasks(heads * nqt, attn_forward_scratch(c.D), tile_cost, [&](index_t t, float* scratch) {
+    const index_t bh = t / nqt, i0 = (t % nqt) * kAttnBQ;
+    body(out, lse, q, k, v, c, bh / c.H, bh % c.H, i0, std::min(kAttnBQ, c.Lq - i0), scratch);
+  });
+}
+
+void attention_backward(float* dq, float* dk, float* dv, AttnView dout, AttnView q, AttnView k,
+                        AttnView v, AttnView out, const float* lse, const AttnConfig& c) {
+  if (!kernel_ready(c.D, {&dout, &q, &k, &v, &out})) {
+    const index_t Dp = padded_dim(c.D);
+    std::vector<float> dob, qb, kb, vb, obuf;
+    std::vector<float> dqb(static_cast<size_t>(c.B * c.Lq * c.H * Dp));
+    std::vector<float> dkb(static_cast<size_t>(c.B * c.Lk * c.H * Dp)), dvb(dkb.size());
+    AttnConfig cp = c;
+    cp.D = Dp;
+    attention_backward(dqb.data(), dkb.data(), dvb.data(), pad_copy(dob, dout, c.B, c.Lq, c.H, c.D, Dp),
+                       pad_copy(qb, q, c.B, c.Lq, c.H, c.D, Dp), pad_copy(kb, k, c.B, c.Lk, c.H, c.D, Dp),
+                       pad_copy(vb, v, c.B, c.Lk, c.H, c.D, Dp),
+                       pad_copy(obuf, out, c.B, c.Lq, c.H, c.D, Dp), lse, cp);
+    unpad(dq, dqb.data(), c.B * c.Lq * c.H, c.D, Dp);
+    unpad(dk, dkb.data(), c.B * c.Lk * c.H, c.D, Dp);
+    unpad(dv, dvb.data(), c.B * c.Lk * c.H, c.D, Dp);
+    return;
+  }
+  auto body = PT_DISPATCH(attention_backward_head);
+  // Cost of a head: the visible keys summed over its query tiles.
+  auto head_cost = [&](index_t t) {
+    double keys = 0.0;
+    for (index_t i0 = 0; i0 < c.Lq; i0 += kAttnBQ)
+      keys += 16.0 + static_cast<double>(attn_visible(c, t / c.H, std::min(c.Lq, i0 + kAttnBQ) - 1));
+    return keys;
+  };
+  run_tasks(c.B * c.H, attn_backward_scratch(c.D, c.Lq), head_cost, [&](index_t t, float* scratch) {
+    body(dq, dk, dv, dout, q, k, v, out, lse, c, t / c.H, t % c.H, scratch);
+  });
+}
+
+}  // namespace pt

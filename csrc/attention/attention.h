@@ -1,0 +1,63 @@
+// Scaled dot-product attention, forward and backward (flash-style: query tiles x key tiles with
+// an online softmax; no Lq x Lk matrix is ever stored beyond one per-thread tile).
+//
+// Legend (csrc/common.h): B batch, H heads, D head dim; Lq query length, Lk key length.
+// Masks: a query i of batch b sees the keys j < visible(b, i), where
+//   visible(b, i) = min(key_lengths[b] (or Lk), i + query_offset + 1 when causal).
+// A query that sees no key gets a zero output row and a log-sum-exp of -inf.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace pt {
+
+// A read-only (B, L, H, D) float32 view: element (b, l, h, d) is
+// data[b*sb + l*sl + h*sh + d*sd] (strides in elements, any sign; views into a fused
+// (B, L, 3, H, D) projection are typical).
+struct AttnView {
+  const float* data;
+  index_t sb, sl, sh, sd;
+};
+
+// Sizes, masks and scale shared by forward and backward.
+struct AttnConfig {
+  index_t B, Lq, Lk, H, D;
+  const std::int64_t* key_lengths;  // (B,) with values in [0, Lk], or nullptr: all Lk keys
+  bool causal;
+  index_t query_offset;  // >= 0; query i sits at position i + query_offset of the key sequence
+  float scale;           // scores are scale * q.k (the caller supplies 1/sqrt(D) by default)
+};
+
+// Number of keys query i of batch b may see (a prefix [0, n) of the keys).
+inline index_t attn_visible(const AttnConfig& c, index_t b, index_t i) {
+  index_t n = c.key_lengths ? static_cast<index_t>(c.key_lengths[b]) : c.Lk;
+  if (c.causal && i + c.query_offset + 1 < n) n = i + c.query_offset + 1;
+  return n;
+}
+
+// out (B, Lq, H, D) C-contiguous, overwritten: softmax(scale q k^T + mask) v per (b, h).
+// lse (B, H, Lq) C-contiguous, overwritten with the row log-sum-exp of the masked scaled
+// scores, or nullptr. q is (B, Lq, H, D); k, v are (B, Lk, H, D); any strides.
+// Parallel over (b, h, query tile); bit-identical for any thread count. Lq == 1 takes a decode
+// path (one query per (b, h) against a cache of Lk keys).
+void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView v,
+                       const AttnConfig& c);
+
+// dq (B, Lq, H, D), dk and dv (B, Lk, H, D), all C-contiguous, overwritten with the gradients of
+// sum(dout * out) where out = attention_forward(q, k, v). out is the forward output and lse
+// (B, H, Lq) C-contiguous its log-sum-exp; probabilities are recomputed tile by tile.
+// Parallel over (b, h); bit-identical for any thread count.
+void attention_backward(float* dq, float* dk, float* dv, AttnView dout, AttnView q, AttnView k,
+                        AttnView v, AttnView out, const float* lse, const AttnConfig& c);
+
+// Naive siblings (fallback and test oracle): the same contracts, one query row at a time with
+// double accumulation and a full row of scores.
+void attention_forward_naive(float* out, float* lse, AttnView q, AttnView k, AttnView v,
+                             const AttnConfig& c);
+void attention_backward_naive(float* dq, float* dk, float* dv, AttnView dout, AttnView q,
+                              AttnView k, AttnView v, AttnView out, const float* lse,
+                              const AttnConfig& c);
+
+}  // namespace pt

@@ -1,0 +1,66 @@
+// GEMM op logic: batch handling and ISA dispatch. The blocked kernels live in gemm_isa.cc.
+#include "gemm/gemm.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "core/isa.h"
+#include "gemm/gemm_kernels.h"
+
+namespace pt {
+
+void gemm_forward(const GemmArgs& args) {
+  if (args.batch <= 0 || args.M <= 0 || args.N <= 0) return;
+  GemmArgs one = args;
+  one.batch = 1;
+  // A batch of row blocks that share B and lie evenly spaced in A and C is one taller product
+  // (the (batch, M, K) @ (K, N) of a Linear layer): fewer, larger blocks and one thread team.
+  if (args.batch > 1 && args.b_bs == 0 && args.a_bs == args.M * args.a_rs && args.c_bs == args.M * args.ldc) {
+    one.M = args.M * args.batch;
+    PT_DISPATCH(gemm_2d)(one);
+    return;
+  }
+  const auto kernel = PT_DISPATCH(gemm_2d);
+  for (index_t t = 0; t < args.batch; ++t) {
+    one.a = args.a + t * args.a_bs;
+    one.b = args.b + t * args.b_bs;
+    one.c = args.c + t * args.c_bs;
+    kernel(one);
+  }
+}
+
+double fma_probe_seconds(index_t iters) {
+  const auto t0 = std::chrono::steady_clock::now();
+  volatile float sink = PT_DISPATCH(fma_probe)(iters);
+  (void)sink;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+static float activate_scalar(float x, Activation act) {
+  switch (act) {
+    case Activation::relu:
+      return x > 0.0f || std::isnan(x) ? x : 0.0f;
+    case Activation::gelu:
+      return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
+    default:
+      return x;
+  }
+}
+
+void gemm_forward_naive(const GemmArgs& p) {
+  for (index_t t = 0; t < p.batch; ++t) {
+    const float* a = p.a + t * p.a_bs;
+    const float* b = p.b + t * p.b_bs;
+    float* c = p.c + t * p.c_bs;
+    for (index_t m = 0; m < p.M; ++m) {
+      for (index_t n = 0; n < p.N; ++n) {
+        float s = p.accumulate ? c[m * p.ldc + n] : 0.0f;
+        for (index_t k = 0; k < p.K; ++k) s += a[m * p.a_rs + k * p.a_cs] * b[k * p.b_rs + n * p.b_cs];
+        if (p.bias) s += p.bias[n];
+        c[m * p.ldc + n] = activate_scalar(s, p.act);
+      }
+    }
+  }
+}
+
+}  // namespace pt

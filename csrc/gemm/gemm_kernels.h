@@ -1,0 +1,40 @@
+// Per-ISA GEMM bodies (gemm_isa.cc compiled once per ISA); gemm.cc picks one with PT_DISPATCH.
+#pragma once
+
+#include "gemm/gemm.h"
+
+namespace pt {
+
+// Blocking constants (BLIS names). MR x NR is the register tile of the micro-kernel (6 x 16 =
+// 12 eight-lane accumulators, leaving 4 of AVX2's 16 ymm registers for B loads and A broadcasts).
+// KC x NR floats of B (16 KiB) stay in L1 while a micro-kernel runs, MC x KC of A (144 KiB) in L2,
+// KC x NC of B (up to 4 MiB) in L3. KC alone fixes the rounding (partial sums are added to C in
+// K-block order), so MC and NC may change with the shape or the thread count without changing bits.
+inline constexpr index_t kMR = 6;
+inline constexpr index_t kNR = 16;
+inline constexpr index_t kKC = 256;
+inline constexpr index_t kMC = 144;
+inline constexpr index_t kNC = 4080;
+// Products with at most this many rows skip packing all of B (the small-M paths in gemm_isa.cc);
+// up to kTinyM rows a GEMV-like sweep reads a row-major B once, in address order.
+inline constexpr index_t kSmallM = 32;
+inline constexpr index_t kTinyM = 4;
+
+// Seconds the selected ISA takes for fma_probe(iters) (single thread): the bench's peak probe.
+double fma_probe_seconds(index_t iters);
+
+namespace generic {
+// One 2-D product (args.batch is ignored; the caller loops over batch items). K >= 0, M, N > 0.
+void gemm_2d(const GemmArgs& args);
+// Peak-rate probe for the benchmark: iters x 12 independent 8-lane FMAs (192 flops each round).
+float fma_probe(index_t iters);
+}  // namespace generic
+
+#if defined(PT_HAVE_AVX2) || defined(PT_ISA_AVX2)
+namespace avx2 {
+void gemm_2d(const GemmArgs& args);
+float fma_probe(index_t iters);
+}  // namespace avx2
+#endif
+
+}  // namespace pt

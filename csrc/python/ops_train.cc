@@ -1,0 +1,220 @@
+// Bindings for the training kernels: activations' backward, embedding, dropout, Adam, gradient
+// norm. Bindings check and convert; the kernels compute with the GIL released.
+#include <set>
+#include <sstream>
+
+#include "python/ops_util.h"
+#include "train/adam.h"
+#include "train/elementwise.h"
+#include "train/embedding.h"
+
+namespace py = pybind11;
+
+namespace pt {
+
+using namespace py_helpers;
+
+namespace {
+
+// The array to write into: a new one shaped like `shape`, or the caller's `out` (checked).
+py::array_t<float> output_like(const py::object& out, const std::vector<std::int64_t>& shape, float** data) {
+  if (out.is_none()) {
+    auto r = new_f32(shape);
+    *data = r.mutable_data();
+    return r;
+  }
+  const F32View o = f32_inout(out, "out");
+  require_same_shape(o.shape, "out", shape);
+  *data = o.data;
+  return py::reinterpret_borrow<py::array_t<float>>(out);
+}
+
+py::array gelu_py(const py::object& x, const py::object& out) {
+  const F32In X = f32_in(x, "x");
+  float* y;
+  auto r = output_like(out, X.shape, &y);
+  {
+    py::gil_scoped_release nogil;
+    gelu_forward(y, X.data, X.size);
+  }
+  return std::move(r);
+}
+
+// dout and a second same-shaped input (named second) → dx.
+template <class Kernel>
+py::array backward_py(const py::object& dout, const py::object& other, const char* other_name, Kernel k) {
+  const F32In D = f32_in(dout, "dout");
+  const F32In O = f32_in(other, other_name);
+  require_same_shape(O.shape, other_name, D.shape);
+  auto dx = new_f32(D.shape);
+  {
+    py::gil_scoped_release nogil;
+    k(dx.mutable_data(), D.data, O.data, D.size);
+  }
+  return std::move(dx);
+}
+
+// IndexError naming the first id outside [0, V).
+void check_ids(const std::int64_t* ids, std::int64_t n, std::int64_t V) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (ids[i] >= 0 && ids[i] < V) continue;
+    std::ostringstream s;
+    s << "ids: id " << ids[i] << " at flat position " << i << " is out of range [0, " << V << ")";
+    throw py::index_error(s.str());
+  }
+}
+
+std::vector<std::int64_t> ids_shape(const py::array& ids) {
+  return std::vector<std::int64_t>(ids.shape(), ids.shape() + ids.ndim());
+}
+
+py::array embedding_py(const py::object& weight, const py::object& ids, double scale) {
+  const F32In W = f32_in(weight, "weight", {2});
+  const auto I = int_array(ids, "ids");
+  const std::int64_t V = W.shape[0], C = W.shape[1];
+  check_ids(I.data(), I.size(), V);
+  auto shape = ids_shape(I);
+  shape.push_back(C);
+  auto out = new_f32(shape);
+  {
+    py::gil_scoped_release nogil;
+    embedding_forward(out.mutable_data(), W.data, I.data(), I.size(), C, static_cast<float>(scale));
+  }
+  return std::move(out);
+}
+
+void embedding_backward_py(const py::object& dout, const py::object& ids, const py::object& dweight, double scale) {
+  const F32View DW = f32_inout(dweight, "dweight", {2});
+  const auto I = int_array(ids, "ids");
+  const std::int64_t V = DW.dim(0), C = DW.dim(1);
+  const F32In D = f32_in(dout, "dout");
+  auto shape = ids_shape(I);
+  shape.push_back(C);
+  require_same_shape(D.shape, "dout", shape);
+  check_ids(I.data(), I.size(), V);
+  py::gil_scoped_release nogil;
+  embedding_backward(DW.data, D.data, I.data(), I.size(), C, static_cast<float>(scale));
+}
+
+py::array dropout_py(const py::object& x, double p, std::uint64_t seed, std::uint64_t offset, const char* name) {
+  const F32In X = f32_in(x, name);
+  require_range(p, "p", 0.0, 1.0);
+  auto y = new_f32(X.shape);
+  {
+    py::gil_scoped_release nogil;
+    dropout_forward(y.mutable_data(), X.data, X.size, static_cast<float>(p), seed, offset);
+  }
+  return std::move(y);
+}
+
+void adam_step_py(const py::object& param, const py::object& grad, const py::object& m, const py::object& v,
+                  double lr, double beta1, double beta2, double eps, double weight_decay, std::int64_t step,
+                  bool decoupled) {
+  const F32View P = f32_inout(param, "param"), M = f32_inout(m, "m"), Vv = f32_inout(v, "v");
+  require_same_shape(M.shape, "m", P.shape);
+  require_same_shape(Vv.shape, "v", P.shape);
+  const F32In G = f32_in(grad, "grad");
+  require_same_shape(G.shape, "grad", P.shape);
+  if (P.size() > 0 && (P.data == M.data || P.data == Vv.data || M.data == Vv.data))
+    throw py::value_error("m, v: param, m and v must be distinct arrays");
+  if (step < 1) throw py::value_error("step: expected an integer >= 1, got " + std::to_string(step));
+  require_range(lr, "lr", 0.0, 1e30);
+  require_range(beta1, "beta1", 0.0, 1.0);
+  require_range(beta2, "beta2", 0.0, 1.0);
+  if (beta1 >= 1.0) throw py::value_error("beta1: expected a value below 1");
+  if (beta2 >= 1.0) throw py::value_error("beta2: expected a value below 1");
+  require_range(eps, "eps", 0.0, 1e30);
+  require_range(weight_decay, "weight_decay", 0.0, 1e30);
+  const AdamParams hp{static_cast<float>(lr),  static_cast<float>(beta1),        static_cast<float>(beta2),
+                      static_cast<float>(eps), static_cast<float>(weight_decay), step,
+                      decoupled};
+  py::gil_scoped_release nogil;
+  adam_step(P.data, G.data, M.data, Vv.data, P.size(), hp);
+}
+
+// A list or tuple of arrays; a bare ndarray (itself a sequence) is refused as ambiguous.
+void require_array_sequence(const py::object& arrays) {
+  if (!py::isinstance<py::sequence>(arrays) || py::isinstance<py::str>(arrays) || py::isinstance<py::array>(arrays))
+    throw py::type_error("arrays: expected a sequence (list or tuple) of numpy arrays");
+}
+
+std::string item_name(size_t i) { return "arrays[" + std::to_string(i) + "]"; }
+
+double global_norm_py(const py::object& arrays) {
+  require_array_sequence(arrays);
+  const auto seq = py::reinterpret_borrow<py::sequence>(arrays);
+  std::vector<F32In> in;
+  std::vector<const float*> ptrs;
+  std::vector<index_t> sizes;
+  for (size_t i = 0; i < seq.size(); ++i) {
+    const std::string name = item_name(i);
+    in.push_back(f32_in(seq[i], name.c_str()));
+    ptrs.push_back(in.back().data);
+    sizes.push_back(in.back().size);
+  }
+  py::gil_scoped_release nogil;
+  return global_norm(ptrs.data(), sizes.data(), ptrs.size());
+}
+
+double clip_grad_norm_py(const py::object& arrays, double max_norm) {
+  require_array_sequence(arrays);
+  if (!(std::isfinite(max_norm) && max_norm > 0.0))
+    throw py::value_error("max_norm: expected a finite value > 0, got " + std::to_string(max_norm));
+  const auto seq = py::reinterpret_borrow<py::sequence>(arrays);
+  std::vector<float*> ptrs;
+  std::vector<index_t> sizes;
+  std::set<float*> seen;
+  for (size_t i = 0; i < seq.size(); ++i) {
+    const std::string name = item_name(i);
+    const F32View a = f32_inout(seq[i], name.c_str());
+    if (a.size() > 0 && !seen.insert(a.data).second)
+      throw py::value_error(name + ": the same array appears twice (it would be scaled twice)");
+    ptrs.push_back(a.data);
+    sizes.push_back(a.size());
+  }
+  py::gil_scoped_release nogil;
+  std::vector<const float*> cptrs(ptrs.begin(), ptrs.end());
+  const double norm = global_norm(cptrs.data(), sizes.data(), cptrs.size());
+  if (norm > max_norm) {
+    // As torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6).
+    const float s = static_cast<float>(max_norm / (norm + 1e-6));
+    for (size_t i = 0; i < ptrs.size(); ++i) scale_inplace(ptrs[i], sizes[i], s);
+  }
+  return norm;
+}
+
+}  // namespace
+
+void register_train_ops(py::module_& m) {
+  m.def("gelu", &gelu_py, py::arg("x"), py::kw_only(), py::arg("out") = py::none());
+  m.def(
+      "gelu_backward",
+      [](const py::object& dout, const py::object& x) { return backward_py(dout, x, "x", &gelu_backward); },
+      py::arg("dout"), py::arg("x"));
+  m.def(
+      "relu_backward",
+      [](const py::object& dout, const py::object& out) { return backward_py(dout, out, "out", &relu_backward); },
+      py::arg("dout"), py::arg("out"));
+  m.def("embedding", &embedding_py, py::arg("weight"), py::arg("ids"), py::kw_only(), py::arg("scale") = 1.0);
+  m.def("embedding_backward", &embedding_backward_py, py::arg("dout"), py::arg("ids"), py::arg("dweight"),
+        py::kw_only(), py::arg("scale") = 1.0);
+  m.def(
+      "dropout",
+      [](const py::object& x, double p, std::uint64_t seed, std::uint64_t offset) {
+        return dropout_py(x, p, seed, offset, "x");
+      },
+      py::arg("x"), py::arg("p"), py::kw_only(), py::arg("seed"), py::arg("offset") = 0);
+  m.def(
+      "dropout_backward",
+      [](const py::object& dy, double p, std::uint64_t seed, std::uint64_t offset) {
+        return dropout_py(dy, p, seed, offset, "dy");
+      },
+      py::arg("dy"), py::arg("p"), py::kw_only(), py::arg("seed"), py::arg("offset") = 0);
+  m.def("adam_step", &adam_step_py, py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::kw_only(),
+        py::arg("lr"), py::arg("beta1") = 0.9, py::arg("beta2") = 0.98, py::arg("eps") = 1e-9,
+        py::arg("weight_decay") = 0.0, py::arg("step"), py::arg("decoupled") = false);
+  m.def("global_norm", &global_norm_py, py::arg("arrays"));
+  m.def("clip_grad_norm", &clip_grad_norm_py, py::arg("arrays"), py::arg("max_norm"));
+}
+
+}  // namespace pt

@@ -1,0 +1,361 @@
+"""Batches of token ids: padding, the paper's token-budget batching, and a few synthetic tasks.
+
+Dimension legend: B batch size, S source length, T target length (both padded).
+Targets follow the usual teacher-forcing layout: for a target sentence y,
+``tgt_in = [BOS] + y`` and ``tgt_out = y + [EOS]``, both padded with ``pad_id``; the model reads
+``tgt_in`` and is trained to predict ``tgt_out``, so ``tgt_lengths = len(y) + 1``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Batch",
+    "make_batch",
+    "make_lm_batch",
+    "TokenBatcher",
+    "synthetic_pairs",
+]
+
+
+@dataclass
+class Batch:
+    """One padded batch. ``src``/``src_lengths`` are None for decoder-only (LM) batches.
+
+    src (B,S) int64, src_lengths (B,) int64, tgt_in (B,T) int64, tgt_out (B,T) int64,
+    tgt_lengths (B,) int64; ``n_tokens`` = tgt_lengths.sum() (the non-pad target tokens the loss
+    averages over); ``indices`` (B,) int64: the examples' positions in their data set (or None).
+    """
+
+    src: np.ndarray | None
+    src_lengths: np.ndarray | None
+    tgt_in: np.ndarray
+    tgt_out: np.ndarray
+    tgt_lengths: np.ndarray
+    n_tokens: int
+    indices: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of sentences (B)."""
+        return int(self.tgt_in.shape[0])
+
+    @property
+    def n_src_tokens(self) -> int:
+        """Non-pad source tokens (0 for LM batches)."""
+        return 0 if self.src_lengths is None else int(self.src_lengths.sum())
+
+
+def _as_ids(seq: object, what: str) -> np.ndarray:
+    """One sentence as a 1-D int64 array of non-negative ids."""
+    arr = np.asarray(seq)
+    if arr.ndim != 1:
+        raise ValueError(f"{what}: expected a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
+    if arr.min() < 0:
+        raise IndexError(f"{what}: negative token id {int(arr.min())}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _check_special(pad_id: int, bos_id: int, eos_id: int) -> None:
+    for name, val in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
+        if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {val!r}")
+
+
+def _pad(rows: Sequence[np.ndarray], pad_id: int, min_width: int = 1) -> np.ndarray:
+    width = max(min_width, max(len(r) for r in rows))
+    out = np.full((len(rows), width), pad_id, np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def _targets(tgts: Sequence[np.ndarray], pad_id: int, bos_id: int, eos_id: int):
+    tgt_in = _pad([np.concatenate(([bos_id], y)) for y in tgts], pad_id)
+    tgt_out = _pad([np.concatenate((y, [eos_id])) for y in tgts], pad_id)
+    lengths = np.array([len(y) + 1 for y in tgts], np.int64)
+    return tgt_in, tgt_out, lengths
+
+
+def make_batch(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    *,
+    indices: np.ndarray | None = None,
+) -> Batch:
+    """Pads (source, target) id sequences into a Batch (see the module docstring for layout).
+
+    An empty source sentence gets src_lengths 0 (its row is all padding; S is at least 1).
+    Raises ValueError for an empty list, TypeError for non-integer ids, IndexError for negative ids.
+    """
+    _check_special(pad_id, bos_id, eos_id)
+    if len(pairs) == 0:
+        raise ValueError("pairs: empty batch")
+    srcs, tgts = [], []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"pairs[{i}]: expected a (source, target) pair")
+        srcs.append(_as_ids(pair[0], f"pairs[{i}][0]"))
+        tgts.append(_as_ids(pair[1], f"pairs[{i}][1]"))
+    tgt_in, tgt_out, tgt_lengths = _targets(tgts, pad_id, bos_id, eos_id)
+    return Batch(
+        src=_pad(srcs, pad_id),
+        src_lengths=np.array([len(s) for s in srcs], np.int64),
+        tgt_in=tgt_in,
+        tgt_out=tgt_out,
+        tgt_lengths=tgt_lengths,
+        n_tokens=int(tgt_lengths.sum()),
+        indices=indices,
+    )
+
+
+def make_lm_batch(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    bos_id: int,
+    eos_id: int,
+    *,
+    indices: np.ndarray | None = None,
+) -> Batch:
+    """Pads token sequences into a decoder-only Batch (src fields None): tgt_in = BOS + y,
+    tgt_out = y + EOS. Same validation as make_batch."""
+    _check_special(pad_id, bos_id, eos_id)
+    if len(sequences) == 0:
+        raise ValueError("sequences: empty batch")
+    tgts = [_as_ids(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
+    tgt_in, tgt_out, tgt_lengths = _targets(tgts, pad_id, bos_id, eos_id)
+    return Batch(None, None, tgt_in, tgt_out, tgt_lengths, int(tgt_lengths.sum()), indices)
+
+
+class _Packed:
+    """Sentences stored back to back in one int64 array with offsets (cheap to hold and slice)."""
+
+    def __init__(self, seqs: Sequence[np.ndarray]):
+        self.lengths = np.array([len(s) for s in seqs], np.int64)
+        self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
+        self.ids = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int64)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+
+class TokenBatcher:
+    """Length-bucketed batches of about ``max_tokens`` padded tokens, as the paper trains.
+
+    ``data``: a sequence of (source, target) id-sequence pairs, or of target sequences alone with
+    ``lm=True`` (decoder-only batches). A sentence's cost is max(len(source), len(target) + 1)
+    (the +1 is BOS/EOS), a batch's cost is B x (the largest cost in it), and every batch costs at
+    most ``max_tokens`` and holds at most ``max_sentences`` sentences (when given).
+
+    One epoch: shuffle (when ``shuffle``), stable-sort by cost, cut greedily into batches, shuffle
+    the batch order. All randomness comes from one numpy Generator seeded by ``seed``; its state at
+    the start of the current epoch plus the position within the epoch are the whole iteration
+    state (``state_dict`` / ``load_state_dict``), so a resumed run sees exactly the same batches.
+    Every sentence appears exactly once per epoch. Sentences that alone exceed ``max_tokens`` raise
+    ValueError unless ``skip_long=True``, which leaves them out (counted in ``n_skipped``).
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Any],
+        max_tokens: int,
+        *,
+        pad_id: int,
+        bos_id: int,
+        eos_id: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        max_sentences: int | None = None,
+        lm: bool = False,
+        skip_long: bool = False,
+    ):
+        _check_special(pad_id, bos_id, eos_id)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
+        if max_sentences is not None and (not isinstance(max_sentences, int) or max_sentences <= 0):
+            raise ValueError(
+                f"max_sentences: expected a positive int or None, got {max_sentences!r}"
+            )
+        if len(data) == 0:
+            raise ValueError("data: empty data set")
+        self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)
+        self.max_tokens, self.max_sentences = max_tokens, max_sentences
+        self.shuffle, self.lm, self.seed = shuffle, lm, seed
+        if lm:
+            self._src = None
+            self._tgt = _Packed([_as_ids(s, f"data[{i}]") for i, s in enumerate(data)])
+            cost = self._tgt.lengths + 1
+        else:
+            srcs, tgts = [], []
+            for i, pair in enumerate(data):
+                if len(pair) != 2:
+                    raise ValueError(f"data[{i}]: expected a (source, target) pair (lm=False)")
+                srcs.append(_as_ids(pair[0], f"data[{i}][0]"))
+                tgts.append(_as_ids(pair[1], f"data[{i}][1]"))
+            self._src, self._tgt = _Packed(srcs), _Packed(tgts)
+            cost = np.maximum(self._src.lengths, self._tgt.lengths + 1)
+        self._cost = cost
+        too_long = np.flatnonzero(cost > max_tokens)
+        if too_long.size and not skip_long:
+            i = int(too_long[0])
+            raise ValueError(
+                f"data[{i}]: costs {int(cost[i])} tokens, more than max_tokens={max_tokens} "
+                f"({too_long.size} such sentences; pass skip_long=True to leave them out)"
+            )
+        self.n_skipped = int(too_long.size)
+        self._usable = np.flatnonzero(cost <= max_tokens)
+        if self._usable.size == 0:
+            raise ValueError("data: every sentence is longer than max_tokens")
+        self._rng = np.random.default_rng(seed)
+        self.epoch = 0
+        self._start_epoch()
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def _start_epoch(self) -> None:
+        """Plans the current epoch's batches from the generator's present state."""
+        self._epoch_rng_state = copy.deepcopy(self._rng.bit_generator.state)
+        order = self._usable
+        if self.shuffle:
+            order = order[self._rng.permutation(order.size)]
+        order = order[np.argsort(self._cost[order], kind="stable")]
+        batches = self._cut(order)
+        if self.shuffle:
+            batches = [batches[i] for i in self._rng.permutation(len(batches))]
+        self._batches, self._pos = batches, 0
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        """Greedy packing of cost-sorted sentences: extend while B x max cost fits the budget."""
+        cap = self.max_sentences or order.size
+        batches, start, widest = [], 0, 0
+        for k, idx in enumerate(order):
+            c = int(self._cost[idx])
+            n = k - start
+            if n and ((n + 1) * max(widest, c) > self.max_tokens or n == cap):
+                batches.append(order[start:k])
+                start, widest = k, 0
+            widest = max(widest, c)
+        batches.append(order[start:])
+        return batches
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per epoch (fixed: it depends only on the sentences' costs)."""
+        return len(self._batches)
+
+    @property
+    def position(self) -> int:
+        """Batches already taken from the current epoch."""
+        return self._pos
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """The Batch of the given data-set positions."""
+        indices = np.asarray(indices, np.int64)
+        tgts = [self._tgt[i] for i in indices]
+        if self.lm:
+            return make_lm_batch(tgts, self.pad_id, self.bos_id, self.eos_id, indices=indices)
+        pairs = [(self._src[i], t) for i, t in zip(indices, tgts, strict=True)]
+        return make_batch(pairs, self.pad_id, self.bos_id, self.eos_id, indices=indices)
+
+    def next_batch(self) -> Batch:
+        """The next batch, starting a new (reshuffled) epoch after the last batch of one."""
+        if self._pos == len(self._batches):
+            self.epoch += 1
+            self._start_epoch()
+        out = self.batch(self._batches[self._pos])
+        self._pos += 1
+        return out
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch (a whole epoch when none has been taken from it yet);
+        iterating again after the end starts the next epoch."""
+        if self._pos == len(self._batches):
+            self.epoch += 1
+            self._start_epoch()
+        while self._pos < len(self._batches):
+            yield self.next_batch()
+
+    # -- checkpointing --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable iteration state: epoch, position and the epoch's generator state."""
+        return {
+            "epoch": self.epoch,
+            "position": self._pos,
+            "rng_state": copy.deepcopy(self._epoch_rng_state),
+            "n_sentences": int(self._usable.size),
+            "max_tokens": self.max_tokens,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()`` output; the data set and settings must be the same."""
+        try:
+            epoch, pos, rng_state = int(state["epoch"]), int(state["position"]), state["rng_state"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"state: not a TokenBatcher state ({exc!r})") from None
+        if (
+            state.get("n_sentences") != int(self._usable.size)
+            or state.get("max_tokens") != self.max_tokens
+        ):
+            raise ValueError(
+                "state: saved for a different data set or max_tokens "
+                f"(saved {state.get('n_sentences')} sentences, max_tokens "
+                f"{state.get('max_tokens')}; have {self._usable.size}, {self.max_tokens})"
+            )
+        self._rng.bit_generator.state = rng_state
+        self.epoch = epoch
+        self._start_epoch()
+        if not 0 <= pos <= len(self._batches):
+            raise ValueError(
+                f"state: position {pos} outside the epoch's {len(self._batches)} batches"
+            )
+        self._pos = pos
+
+
+def synthetic_pairs(
+    task: str,
+    n: int,
+    vocab_size: int,
+    min_len: int,
+    max_len: int,
+    *,
+    seed: int = 0,
+    first_id: int = 3,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random sentence pairs for tests and benchmarks: ``task`` "copy" (target = source),
+    "reverse" (target = reversed source) or "random" (independent source and target).
+
+    Lengths are uniform in [min_len, max_len]; ids uniform in [first_id, vocab_size) (ids below
+    first_id are left for pad/bos/eos).
+    """
+    if task not in ("copy", "reverse", "random"):
+        raise ValueError(f"task: expected 'copy', 'reverse' or 'random', got {task!r}")
+    if not 0 < min_len <= max_len:
+        raise ValueError(f"min_len/max_len: need 0 < min_len <= max_len, got {min_len}, {max_len}")
+    if vocab_size <= first_id:
+        raise ValueError(f"vocab_size: must exceed first_id={first_id}, got {vocab_size}")
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        src = rng.integers(first_id, vocab_size, rng.integers(min_len, max_len + 1))
+        if task == "copy":
+            tgt = src.copy()
+        elif task == "reverse":
+            tgt = src[::-1].copy()
+        else:
+            tgt = rng.integers(first_id, vocab_size, rng.integers(min_len, max_len + 1))
+        pairs.append((src, tgt))
+    return pairs

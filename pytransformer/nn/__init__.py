@@ -1,0 +1,33 @@
+"""Modules with explicit forward/backward: parameters, layers, attention, blocks, stacks."""
+
+from .attention import CrossAttention, SelfAttention
+from .blocks import Decoder, DecoderLayer, Encoder, EncoderLayer, Residual
+from .layers import (
+    Context,
+    Dropout,
+    Embedding,
+    FeedForward,
+    LayerNorm,
+    Linear,
+    sinusoidal_positions,
+)
+from .params import Param, ParamStore
+
+__all__ = [
+    "Param",
+    "ParamStore",
+    "Context",
+    "Dropout",
+    "Linear",
+    "Embedding",
+    "LayerNorm",
+    "FeedForward",
+    "sinusoidal_positions",
+    "SelfAttention",
+    "CrossAttention",
+    "Residual",
+    "EncoderLayer",
+    "DecoderLayer",
+    "Encoder",
+    "Decoder",
+]

@@ -1,0 +1,264 @@
+"""Multi-head attention: self-attention with a fused QKV projection, cross-attention with a fused KV
+projection. q, k and v reach `ops.attention` as strided views into the projection's output
+(B, L, 3, H, D) — no transposes, no copies.
+
+Dimension legend: B batch, Lq queries, Lk keys, H heads, D head dim, C = H*D.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops
+from .layers import Context, Dropout, Linear
+from .layout import Layout
+from .params import ParamStore
+
+
+class _Attention:
+    """The scaled-dot-product core shared by both kinds: the flash kernel, or — only when attention
+    dropout is active — an explicit path that materialises the probabilities (B*H, Lq, Lk)."""
+
+    def __init__(
+        self, num_heads: int, head_dim: int, attention_dropout: float, ctx: Context
+    ) -> None:
+        self.H = num_heads
+        self.D = head_dim
+        self.scale = head_dim**-0.5
+        self.dropout = Dropout(attention_dropout, ctx)
+        self.ctx = ctx
+        self.saved: tuple | None = None
+
+    def forward(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        key_lengths: np.ndarray | None,
+        causal: bool,
+        query_offset: int = 0,
+    ) -> np.ndarray:
+        """q (B,Lq,H,D), k/v (B,Lk,H,D) any strides -> out (B,Lq,H,D) C-contiguous."""
+        if self.dropout.active():
+            return self._explicit_forward(q, k, v, key_lengths, causal)
+        if not self.ctx.cache:
+            return ops.attention(
+                q, k, v, key_lengths=key_lengths, causal=causal, query_offset=query_offset
+            )
+        out, lse = ops.attention(q, k, v, key_lengths=key_lengths, causal=causal, return_lse=True)
+        self.saved = ("flash", q, k, v, out, lse, key_lengths, causal)
+        return out
+
+    def backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """dout (B,Lq,H,D) -> (dq, dk, dv), C-contiguous, shaped like q, k, v."""
+        saved, self.saved = self.saved, None
+        if saved[0] == "explicit":
+            return self._explicit_backward(dout, *saved[1:])
+        _, q, k, v, out, lse, key_lengths, causal = saved
+        return ops.attention_backward(
+            dout, q, k, v, out, lse, key_lengths=key_lengths, causal=causal
+        )
+
+    # -- explicit path (attention dropout) -------------------------------------------------------
+    def _scores_mask(
+        self, B: int, Lq: int, Lk: int, key_lengths: np.ndarray | None, causal: bool
+    ) -> np.ndarray | None:
+        """(B, 1, Lq, Lk) True where a key may not be attended, or None when nothing is masked."""
+        if key_lengths is None and not causal:
+            return None
+        mask = np.zeros((B, 1, Lq, Lk), bool)
+        if key_lengths is not None:
+            mask |= (np.arange(Lk)[None, :] >= key_lengths[:, None])[:, None, None, :]
+        if causal:
+            mask |= np.arange(Lk)[None, :] > np.arange(Lq)[:, None]
+        return mask
+
+    def _explicit_forward(self, q, k, v, key_lengths, causal):
+        B, Lq, H, D = q.shape
+        Lk = k.shape[1]
+
+        def heads(t: np.ndarray) -> np.ndarray:  # (B,L,H,D) -> (B*H, L, D)
+            return np.ascontiguousarray(t.transpose(0, 2, 1, 3)).reshape(B * H, -1, D)
+
+        qh, kh, vh = heads(q), heads(k), heads(v)
+        s = ops.matmul(qh, kh, trans_b=True).reshape(B, H, Lq, Lk)
+        s *= self.scale
+        mask = self._scores_mask(B, Lq, Lk, key_lengths, causal)
+        if mask is not None:
+            np.putmask(s, np.broadcast_to(mask, s.shape), -np.inf)
+        p = _softmax_rows(s).reshape(B * H, Lq, Lk)
+        out = ops.matmul(self.dropout.forward(p), vh)
+        if self.ctx.cache:
+            self.saved = ("explicit", qh, kh, vh, p, (B, Lq, H, D))
+        return np.ascontiguousarray(out.reshape(B, H, Lq, D).transpose(0, 2, 1, 3))
+
+    def _explicit_backward(self, dout, qh, kh, vh, p, shape):
+        B, Lq, H, D = shape
+        doh = np.ascontiguousarray(dout.transpose(0, 2, 1, 3)).reshape(B * H, Lq, D)
+        pd = ops.dropout(p, self.dropout.p, seed=self.dropout.seed)
+        dvh = ops.matmul(pd, doh, trans_a=True)
+        del pd
+        dp = self.dropout.backward(ops.matmul(doh, vh, trans_b=True))
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+        ds *= self.scale
+        dqh = ops.matmul(ds, kh)
+        dkh = ops.matmul(ds, qh, trans_a=True)
+
+        def unheads(t: np.ndarray) -> np.ndarray:  # (B*H, L, D) -> (B,L,H,D)
+            return np.ascontiguousarray(t.reshape(B, H, -1, D).transpose(0, 2, 1, 3))
+
+        return unheads(dqh), unheads(dkh), unheads(dvh)
+
+
+def _softmax_rows(s: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in place; rows with every entry -inf become zeros."""
+    m = s.max(axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0.0
+    s -= m
+    np.exp(s, out=s)
+    z = s.sum(axis=-1, keepdims=True)
+    z[z == 0] = 1.0
+    s /= z
+    return s
+
+
+def attention_probs(q: np.ndarray, k: np.ndarray, key_lengths: np.ndarray | None) -> np.ndarray:
+    """Softmax attention weights averaged over heads: q (B,Lq,H,D), k (B,Lk,H,D) -> (B, Lq, Lk)."""
+    s = np.einsum("bqhd,bkhd->bhqk", q, k, dtype=np.float32) * np.float32(q.shape[-1] ** -0.5)
+    if key_lengths is not None:
+        s[
+            np.broadcast_to(
+                (np.arange(k.shape[1])[None, :] >= key_lengths[:, None])[:, None, None, :], s.shape
+            )
+        ] = -np.inf
+    return _softmax_rows(s).mean(axis=1)
+
+
+class SelfAttention:
+    """Self-attention over packed rows x (N, C) of a batch `layout` -> (N, C). Parameters qkv
+    (3C, C) rows [q; k; v] and out (C, C)."""
+
+    def __init__(
+        self,
+        store: ParamStore,
+        name: str,
+        d_model: int,
+        num_heads: int,
+        attention_dropout: float,
+        ctx: Context,
+    ) -> None:
+        self.qkv = Linear(store, f"{name}.qkv", d_model, 3 * d_model)
+        self.out = Linear(store, f"{name}.out", d_model, d_model)
+        self.core = _Attention(num_heads, d_model // num_heads, attention_dropout, ctx)
+        self.ctx = ctx
+        self.saved: tuple | None = None
+
+    def forward(
+        self,
+        x: np.ndarray,
+        layout: Layout,
+        causal: bool = False,
+        kv_cache: np.ndarray | None = None,
+        pos: int = 0,
+    ) -> np.ndarray:
+        """Keys are masked by the layout's lengths (and causally when `causal`). kv_cache
+        (B, max_steps, 2, H, D): incremental decoding of a dense layout — this call's keys/values
+        are written at positions [pos, pos+L) and the queries attend to positions [0, pos+L)."""
+        B, L, C = layout.B, layout.L, x.shape[-1]
+        H, D = self.core.H, self.core.D
+        qkv = layout.pad(self.qkv.forward(x)).reshape(B, L, 3, H, D)
+        q = qkv[:, :, 0]
+        if kv_cache is not None:
+            kv_cache[:, pos : pos + L] = qkv[:, :, 1:]
+            k, v = kv_cache[:, : pos + L, 0], kv_cache[:, : pos + L, 1]
+            ctx = ops.attention(q, k, v, causal=causal and L > 1, query_offset=pos)
+        else:
+            keys = None if causal else layout.lengths  # causal: padding only follows real keys
+            ctx = self.core.forward(q, qkv[:, :, 1], qkv[:, :, 2], keys, causal)
+        ctx = layout.pack(ctx.reshape(B, L, C))
+        if self.ctx.cache:
+            self.saved = (x, ctx, layout)
+        return self.out.forward(ctx)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        x, ctx, layout = self.saved
+        self.saved = None
+        C = x.shape[-1]
+        H, D = self.core.H, self.core.D
+        dctx = self.out.backward(dy, ctx)
+        del ctx
+        dq, dk, dv = self.core.backward(layout.pad(dctx).reshape(layout.B, layout.L, H, D))
+        del dctx
+        dqkv = np.empty((layout.n, 3, H, D), np.float32)
+        layout.pack_into(dqkv[:, 0], dq)
+        layout.pack_into(dqkv[:, 1], dk)
+        layout.pack_into(dqkv[:, 2], dv)
+        del dq, dk, dv
+        return self.qkv.backward(dqkv.reshape(layout.n, 3 * C), x)
+
+
+class CrossAttention:
+    """Cross-attention: packed queries x (N_t, C) of `layout` attend to the packed encoder memory
+    (N_s, C) of `memory_layout`. Parameters q (C, C), kv (2C, C) rows [k; v], out (C, C)."""
+
+    def __init__(
+        self,
+        store: ParamStore,
+        name: str,
+        d_model: int,
+        num_heads: int,
+        attention_dropout: float,
+        ctx: Context,
+    ) -> None:
+        self.q = Linear(store, f"{name}.q", d_model, d_model)
+        self.kv = Linear(store, f"{name}.kv", d_model, 2 * d_model)
+        self.out = Linear(store, f"{name}.out", d_model, d_model)
+        self.core = _Attention(num_heads, d_model // num_heads, attention_dropout, ctx)
+        self.ctx = ctx
+        self.saved: tuple | None = None
+
+    def project_memory(self, memory: np.ndarray, memory_layout: Layout) -> np.ndarray:
+        """Packed memory (N_s, C) -> keys/values (B, S, 2, H, D), zeros at padding."""
+        kv = memory_layout.pad(self.kv.forward(memory))
+        return kv.reshape(memory_layout.B, memory_layout.L, 2, self.core.H, self.core.D)
+
+    def forward(
+        self,
+        x: np.ndarray,
+        layout: Layout,
+        memory: np.ndarray | None,
+        memory_layout: Layout,
+        kv: np.ndarray | None = None,
+        probs_out: list | None = None,
+    ) -> np.ndarray:
+        """kv: the precomputed `project_memory` (decoding); else computed from memory.
+        probs_out: when a list, the head-averaged attention weights (B, L, S) are appended."""
+        B, L, C = layout.B, layout.L, x.shape[-1]
+        q = layout.pad(self.q.forward(x)).reshape(B, L, self.core.H, self.core.D)
+        if kv is None:
+            kv = self.project_memory(memory, memory_layout)
+        keys = memory_layout.lengths
+        ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], keys, False)
+        if probs_out is not None:
+            probs_out.append(attention_probs(q, kv[:, :, 0], keys))
+        ctx = layout.pack(ctx.reshape(B, L, C))
+        if self.ctx.cache:
+            self.saved = (x, layout, memory, memory_layout, ctx)
+        return self.out.forward(ctx)
+
+    def backward(self, dy: np.ndarray, dmemory: np.ndarray) -> np.ndarray:
+        """Returns dx; adds this layer's contribution into dmemory (N_s, C) in place."""
+        x, layout, memory, memory_layout, ctx = self.saved
+        self.saved = None
+        C = x.shape[-1]
+        H, D = self.core.H, self.core.D
+        dctx = self.out.backward(dy, ctx)
+        del ctx
+        dq, dk, dv = self.core.backward(layout.pad(dctx).reshape(layout.B, layout.L, H, D))
+        del dctx
+        dkv = np.empty((memory_layout.n, 2, H, D), np.float32)
+        memory_layout.pack_into(dkv[:, 0], dk)
+        memory_layout.pack_into(dkv[:, 1], dv)
+        del dk, dv
+        self.kv.backward(dkv.reshape(memory_layout.n, 2 * C), memory, dx_out=dmemory)
+        return self.q.backward(layout.pack(dq).reshape(layout.n, C), x)

@@ -1,0 +1,281 @@
+"""Basic modules: Linear, token embedding with sinusoidal positions, LayerNorm, FeedForward,
+dropout.
+
+Dimension legend: B batch, L sequence length (S source, T target), C d_model, F d_ff, V vocabulary.
+Each module has an explicit `forward` and a `backward` that mirrors it (llm.c style). Modules that
+must remember activations for their backward keep them on themselves during a forward run with
+`ctx.cache` set, and drop them in backward; parameter gradients accumulate (+=) into `Param.grad`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from .. import ops
+from .params import Param, ParamStore, embedding_init, ones_init, xavier_uniform_init, zeros_init
+
+_MASK63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+class Context:
+    """State shared by every module of one model.
+
+    `training` (dropout active) and `cache` (forwards keep what their backward needs) come from the
+    model's mode, except inside `inference()`, which turns both off for the calling thread only:
+    the decoding methods run there, so several Python threads can decode with one model at once
+    while no module state is written.
+    Dropout masks come from `ops.dropout`'s counter-based generator; each dropout call of a forward
+    pass gets its own seed, derived from `dropout_seed` and the call's index within the pass, so a
+    pass is reproduced exactly by its seed whatever happened before.
+    """
+
+    def __init__(self) -> None:
+        self.train_mode = True
+        self.grad_mode = False
+        self.dropout_seed = 0
+        self.dropout_calls = 0
+        self._local = threading.local()
+
+    def _inferring(self) -> bool:
+        return getattr(self._local, "inferring", False)
+
+    @property
+    def training(self) -> bool:
+        return self.train_mode and not self._inferring()
+
+    @property
+    def cache(self) -> bool:
+        return self.grad_mode and not self._inferring()
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        before = self._inferring()
+        self._local.inferring = True
+        try:
+            yield
+        finally:
+            self._local.inferring = before
+
+    def begin_pass(self, dropout_seed: int) -> None:
+        self.dropout_seed = int(dropout_seed)
+        self.dropout_calls = 0
+
+    def next_dropout_seed(self) -> int:
+        """splitmix64 of (dropout_seed, call index): well-spread seeds for consecutive calls."""
+        self.dropout_calls += 1
+        z = (
+            self.dropout_seed * 0x9E3779B97F4A7C15 + self.dropout_calls * 0xD1B54A32D192ED03
+        ) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return (z ^ (z >> 31)) & _MASK63
+
+
+class Dropout:
+    """Inverted dropout; keeps only its mask's seed (the kernel regenerates the mask)."""
+
+    def __init__(self, p: float, ctx: Context) -> None:
+        self.p = float(p)
+        self.ctx = ctx
+        self.seed: int | None = None
+
+    def active(self) -> bool:
+        return self.ctx.training and self.p > 0.0
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not self.active():
+            if self.ctx.cache:
+                self.seed = None
+            return x
+        self.seed = self.ctx.next_dropout_seed()
+        return ops.dropout(x, self.p, seed=self.seed)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        if self.seed is None:
+            return dy
+        return ops.dropout_backward(dy, self.p, seed=self.seed)
+
+
+class Linear:
+    """y = x @ W^T + b with W (out, in). Stateless: callers pass the input back to `backward`."""
+
+    def __init__(
+        self,
+        store: ParamStore,
+        name: str,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight: Param | None = None,
+    ) -> None:
+        self.weight = (
+            weight
+            if weight is not None
+            else store.add(f"{name}.weight", (out_features, in_features), xavier_uniform_init)
+        )
+        self.bias = store.add(f"{name}.bias", (out_features,), zeros_init) if bias else None
+
+    def forward(self, x: np.ndarray, activation: str | None = None) -> np.ndarray:
+        """x (..., in) -> (..., out); activation "relu"/"gelu" is fused into the GEMM epilogue."""
+        b = self.bias.data if self.bias is not None else None
+        return ops.matmul(x, self.weight.data, trans_b=True, bias=b, activation=activation)
+
+    def backward(
+        self,
+        dy: np.ndarray,
+        x: np.ndarray,
+        *,
+        dx_out: np.ndarray | None = None,
+        need_dx: bool = True,
+    ) -> np.ndarray | None:
+        """dy (..., out), x (..., in) the forward input. Accumulates dW, db; returns dx (..., in)
+        (or adds it into dx_out when given)."""
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        ops.matmul(dy2, x2, trans_a=True, out=self.weight.grad, accumulate=True)
+        if self.bias is not None:
+            self.bias.grad += dy2.sum(axis=0)
+        if not need_dx:
+            return None
+        if dx_out is not None:
+            ops.matmul(
+                dy2, self.weight.data, out=dx_out.reshape(-1, dx_out.shape[-1]), accumulate=True
+            )
+            return dx_out
+        return ops.matmul(dy, self.weight.data)
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
+    """(max_len, C): PE[pos, 2i] = sin(pos / 10000^(2i/C)), PE[pos, 2i+1] = cos(same angle)."""
+    pos = np.arange(max_len, dtype=np.float64)[:, None]
+    two_i = np.arange(0, d_model, 2, dtype=np.float64)
+    angle = pos / np.power(10000.0, two_i / d_model)
+    pe = np.empty((max_len, d_model), np.float64)
+    pe[:, 0::2] = np.sin(angle)
+    pe[:, 1::2] = np.cos(angle[:, : d_model // 2])
+    return pe.astype(np.float32)
+
+
+class Embedding:
+    """Token embedding x sqrt(C) plus sinusoidal positions, then dropout."""
+
+    def __init__(
+        self,
+        store: ParamStore,
+        name: str,
+        vocab_size: int,
+        d_model: int,
+        positions: np.ndarray,
+        dropout: float,
+        ctx: Context,
+        weight: Param | None = None,
+    ) -> None:
+        self.weight = (
+            weight
+            if weight is not None
+            else store.add(f"{name}.weight", (vocab_size, d_model), embedding_init)
+        )
+        self.positions = positions
+        self.scale = math.sqrt(d_model)
+        self.dropout = Dropout(dropout, ctx)
+        self.ctx = ctx
+        self.ids: np.ndarray | None = None
+
+    def forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """ids (...) -> x (N, C) with N = ids.size; positions: the position-table rows for ids,
+        broadcastable to ids.shape + (C,) (see Layout.positional)."""
+        x = ops.embedding(self.weight.data, ids, scale=self.scale)
+        x += positions
+        if self.ctx.cache:
+            self.ids = ids
+        return self.dropout.forward(x.reshape(-1, x.shape[-1]))
+
+    def backward(self, dx: np.ndarray) -> None:
+        dx = self.dropout.backward(dx)
+        ids, self.ids = self.ids, None
+        ops.embedding_backward(
+            dx.reshape(ids.shape + dx.shape[-1:]), ids, self.weight.grad, scale=self.scale
+        )
+
+
+class LayerNorm:
+    """y = (x - mean) * rstd * gamma + beta over the last axis."""
+
+    def __init__(
+        self, store: ParamStore, name: str, d_model: int, eps: float, ctx: Context
+    ) -> None:
+        self.weight = store.add(f"{name}.weight", (d_model,), ones_init)
+        self.bias = store.add(f"{name}.bias", (d_model,), zeros_init)
+        self.eps = eps
+        self.ctx = ctx
+        self.saved: tuple | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if not self.ctx.cache:
+            return ops.layer_norm(x, self.weight.data, self.bias.data, self.eps)
+        y, mean, rstd = ops.layer_norm(
+            x, self.weight.data, self.bias.data, self.eps, return_stats=True
+        )
+        self.saved = (x, mean, rstd)
+        return y
+
+    def add_forward(self, x: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        """y = LN(x + residual) in one pass (post-norm residual blocks)."""
+        if not self.ctx.cache:
+            return ops.add_layer_norm(x, residual, self.weight.data, self.bias.data, self.eps)
+        y, s, mean, rstd = ops.add_layer_norm(
+            x, residual, self.weight.data, self.bias.data, self.eps, return_stats=True
+        )
+        self.saved = (s, mean, rstd)
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """dy -> dx (d of the normalised input, i.e. of x + residual after add_forward)."""
+        x, mean, rstd = self.saved
+        self.saved = None
+        dx, dgamma, dbeta = ops.layer_norm_backward(dy, x, self.weight.data, mean, rstd)
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        return dx
+
+
+class FeedForward:
+    """FFN(x) = act(x W1^T + b1) W2^T + b2, activation fused into the first GEMM's epilogue."""
+
+    def __init__(
+        self, store: ParamStore, name: str, d_model: int, d_ff: int, activation: str, ctx: Context
+    ) -> None:
+        self.fc1 = Linear(store, f"{name}.fc1", d_model, d_ff)
+        self.fc2 = Linear(store, f"{name}.fc2", d_ff, d_model)
+        self.activation = activation
+        self.ctx = ctx
+        self.saved: tuple | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if self.activation == "gelu" and self.ctx.cache:
+            # GELU's derivative needs the pre-activation, so keep it beside the activation.
+            a = self.fc1.forward(x)
+            h = ops.gelu(a)
+        else:
+            a = None
+            h = self.fc1.forward(x, activation=self.activation)
+        if self.ctx.cache:
+            self.saved = (x, a, h)
+        return self.fc2.forward(h)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        x, a, h = self.saved
+        self.saved = None
+        dh = self.fc2.backward(dy, h)
+        if self.activation == "relu":
+            dh = ops.relu_backward(dh, h)
+        else:
+            dh = ops.gelu_backward(dh, a)
+        del a, h
+        return self.fc1.backward(dh, x)

@@ -1,0 +1,73 @@
+"""Tiny configurations and random padded batches shared by the model tests."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+import pytransformer as pt
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_config(**overrides) -> pt.TransformerConfig:
+    """A model small enough for finite differences: C=16, H=2 (D=8), F=24, 2+2 layers."""
+    base = dict(
+        src_vocab_size=19,
+        tgt_vocab_size=23,
+        d_model=16,
+        num_heads=2,
+        d_ff=24,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dropout=0.0,
+        max_len=32,
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=EOS,
+    )
+    base.update(overrides)
+    if base.get("tie_embeddings") == "all":
+        base["tgt_vocab_size"] = base["src_vocab_size"]
+    return pt.TransformerConfig(**base)
+
+
+def padded(rng: np.random.Generator, lengths: np.ndarray, width: int, vocab: int) -> np.ndarray:
+    """(B, width) ids in [3, vocab) for positions < length, PAD after."""
+    ids = rng.integers(3, vocab, size=(len(lengths), width))
+    ids[np.arange(width)[None, :] >= lengths[:, None]] = PAD
+    return ids
+
+
+def random_batch(
+    cfg: pt.TransformerConfig, rng: np.random.Generator, B: int = 3, S: int = 7, T: int = 6
+) -> SimpleNamespace:
+    """A Batch-like object with ragged source and target lengths (the longest fills the width)."""
+    src_lengths = rng.integers(1, S + 1, size=B)
+    src_lengths[0] = S
+    tgt_lengths = rng.integers(1, T + 1, size=B)
+    tgt_lengths[-1] = T
+    src = padded(rng, src_lengths, S, cfg.src_vocab_size)
+    y = padded(rng, tgt_lengths - 1, T, cfg.tgt_vocab_size)
+    tgt_in = np.full((B, T), PAD, np.int64)
+    tgt_in[:, 0] = BOS
+    tgt_in[:, 1:] = y[:, : T - 1]
+    tgt_out = y.copy()
+    tgt_out[np.arange(B), tgt_lengths - 1] = EOS
+    return SimpleNamespace(
+        src=src,
+        src_lengths=src_lengths,
+        tgt_in=tgt_in,
+        tgt_out=tgt_out,
+        tgt_lengths=tgt_lengths,
+        labels=None,
+        n_tokens=int(tgt_lengths.sum()),
+    )
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b| (b the reference)."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))

@@ -1,0 +1,562 @@
+"""Model tests that need no PyTorch: configuration, finite-difference gradients, checkpoints,
+incremental decoding, argument checking."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from model_cases import BOS, PAD, padded, random_batch, rel_err, tiny_config
+
+import pytransformer as pt
+from pytransformer.io import CheckpointError
+from pytransformer.nn.layers import sinusoidal_positions
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+def test_config_json_round_trip():
+    cfg = tiny_config(
+        norm_first=True, activation="gelu", tie_embeddings="none", layer_norm_eps=1e-6
+    )
+    back = pt.TransformerConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert pt.TransformerConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize(
+    "field, value, exc",
+    [
+        ("d_model", 15, ValueError),  # not divisible by 2 heads
+        ("d_model", 0, ValueError),
+        ("num_heads", -1, ValueError),
+        ("d_ff", 0, ValueError),
+        ("src_vocab_size", 0, ValueError),
+        ("max_len", 0, ValueError),
+        ("dropout", 1.0, ValueError),
+        ("dropout", "0.1", TypeError),
+        ("activation", "tanh", ValueError),
+        ("tie_embeddings", "encoder", ValueError),
+        ("layer_norm_eps", 0.0, ValueError),
+        ("d_model", 16.0, TypeError),
+        ("norm_first", 1, TypeError),
+    ],
+)
+def test_config_rejects_invalid(field, value, exc):
+    with pytest.raises(exc, match=field if field != "d_model" or value != 15 else "divisible"):
+        tiny_config(**{field: value})
+
+
+def test_config_from_json_rejects_unknown_and_garbage():
+    with pytest.raises(ValueError, match="unknown"):
+        pt.TransformerConfig.from_dict({**tiny_config().to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="JSON"):
+        pt.TransformerConfig.from_json("{not json")
+
+
+def test_tie_all_needs_shared_vocabulary():
+    cfg = pt.TransformerConfig(
+        src_vocab_size=10, tgt_vocab_size=12, d_model=8, num_heads=2, tie_embeddings="all"
+    )
+    with pytest.raises(ValueError, match="src_vocab_size == tgt_vocab_size"):
+        pt.Transformer(cfg)
+
+
+def test_sinusoidal_positions_are_the_papers():
+    C = 10
+    pe = sinusoidal_positions(50, C)
+    for pos in (0, 1, 7, 49):
+        for i in range(C // 2):
+            angle = pos / 10000 ** (2 * i / C)
+            assert pe[pos, 2 * i] == pytest.approx(np.sin(angle), abs=1e-6)
+            assert pe[pos, 2 * i + 1] == pytest.approx(np.cos(angle), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie, shared", [("decoder", 2), ("all", 1), ("none", 3)])
+def test_tied_parameters_appear_once(tie, shared):
+    m = pt.Transformer(tiny_config(tie_embeddings=tie))
+    names = list(m.parameters())
+    embeds = [n for n in names if "embed" in n or n == "output.weight"]
+    assert len(embeds) == shared
+    assert ("output.bias" in names) and len(set(names)) == len(names)
+
+
+def test_flat_buffers_and_views():
+    m = pt.Transformer(tiny_config())
+    params, grads = m.parameters(), m.gradients()
+    assert params.keys() == grads.keys()
+    for name, p in params.items():
+        assert p.dtype == np.float32 and p.flags.c_contiguous and p.shape == grads[name].shape
+        assert np.shares_memory(p, m.param_buffer) and np.shares_memory(grads[name], m.grad_buffer)
+        assert p.ctypes.data % 64 == 0
+    assert m.num_parameters() == sum(p.size for p in params.values()) <= m.param_buffer.size
+    m.grad_buffer[:] = 1.0
+    m.zero_grad()
+    assert all(not g.any() for g in m.gradients().values())
+
+
+def test_same_seed_same_weights_different_seed_different():
+    a, b, c = (pt.Transformer(tiny_config(), seed=s) for s in (3, 3, 4))
+    assert np.array_equal(a.param_buffer, b.param_buffer)
+    assert not np.array_equal(a.param_buffer, c.param_buffer)
+
+
+# ----------------------------------------------------------------------------------------------
+# finite-difference gradient check
+# ----------------------------------------------------------------------------------------------
+def _loss(model, batch, seed):
+    model.zero_grad()
+    loss_sum, n = model.loss_and_grad(batch, label_smoothing=0.1, dropout_seed=seed)
+    return loss_sum / n
+
+
+def _check_gradients(model, batch, seed=5):
+    """Compares each parameter tensor's gradient with a central difference of the loss along a
+    direction u (unit norm) mixing the gradient's own direction and a random one.
+
+    Our kernels are float32 only, so the loss (~3) carries rounding noise of ~1e-6; a step of
+    h = 1e-2 keeps the difference's noise near 1e-4 while the truncation error h^2/6 * f''' stays
+    smaller still. The directional derivative of every tensor is >= |g|/sqrt(2)-ish, so a 2%
+    relative tolerance plus 3e-4 absolute separates rounding from a wrong gradient (a wrong sign,
+    a missing term or a transposed weight gives errors of order |g|)."""
+    rng = np.random.default_rng(0)
+    _loss(model, batch, seed)
+    grads = {k: g.astype(np.float64) for k, g in model.gradients().items()}
+    h = 1e-2
+    checked = 0
+    for name, p in model.parameters().items():
+        g = grads[name]
+        r = rng.standard_normal(p.shape)
+        u = r / np.linalg.norm(r)
+        if np.linalg.norm(g) > 0:
+            u = u + g / np.linalg.norm(g)
+            u /= np.linalg.norm(u)
+        saved = p.copy()
+        p += (h * u).astype(np.float32)
+        f_plus = _loss(model, batch, seed)
+        p[...] = saved - (h * u).astype(np.float32)
+        f_minus = _loss(model, batch, seed)
+        p[...] = saved
+        fd = (f_plus - f_minus) / (2 * h)
+        predicted = float((g * u).sum())
+        assert abs(fd - predicted) <= 3e-4 + 2e-2 * abs(predicted), (name, fd, predicted)
+        checked += 1
+    assert checked == len(model.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(norm_first=False, activation="relu", tie_embeddings="decoder"),
+        dict(norm_first=True, activation="gelu", tie_embeddings="none", layer_norm_eps=1e-6),
+        dict(
+            norm_first=False,
+            activation="gelu",
+            tie_embeddings="all",
+            dropout=0.2,
+            attention_dropout=0.1,
+        ),
+    ],
+    ids=["post-relu", "pre-gelu", "post-dropout"],
+)
+def test_gradients_match_finite_differences(overrides):
+    cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1, **overrides)
+    model = pt.Transformer(cfg, seed=1)
+    batch = random_batch(cfg, np.random.default_rng(2), B=2, S=5, T=4)
+    _check_gradients(model, batch)
+
+
+def test_gradients_of_sampled_entries():
+    """Single entries (the largest |g| of each tensor) against one-coordinate differences."""
+    cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
+    model = pt.Transformer(cfg, seed=3)
+    batch = random_batch(cfg, np.random.default_rng(4), B=2, S=5, T=4)
+    _loss(model, batch, 0)
+    grads = {k: g.copy() for k, g in model.gradients().items()}
+    h = 1e-2
+    for name, p in model.parameters().items():
+        idx = np.unravel_index(np.argmax(np.abs(grads[name])), p.shape)
+        g = float(grads[name][idx])
+        if g == 0.0:
+            continue
+        x0 = float(p[idx])
+        p[idx] = x0 + h
+        f_plus = _loss(model, batch, 0)
+        p[idx] = x0 - h
+        f_minus = _loss(model, batch, 0)
+        p[idx] = x0
+        fd = (f_plus - f_minus) / (2 * h)
+        assert abs(fd - g) <= 3e-4 + 3e-2 * abs(g), (name, idx, fd, g)
+
+
+def test_lm_and_encoder_gradients_match_finite_differences():
+    cfg = tiny_config(
+        num_encoder_layers=1, num_decoder_layers=2, norm_first=True, tie_embeddings="none"
+    )
+    rng = np.random.default_rng(6)
+    lm = pt.TransformerLM(cfg, seed=2)
+    batch = random_batch(cfg, rng, B=2, S=5, T=5)
+    _check_gradients(lm, SimpleNamespace(tgt_in=batch.tgt_in, tgt_out=batch.tgt_out))
+    enc = pt.TransformerEncoderModel(cfg, seed=2)
+    labels = padded(rng, batch.src_lengths, 5, cfg.tgt_vocab_size)
+    _check_gradients(
+        enc, SimpleNamespace(src=batch.src, src_lengths=batch.src_lengths, labels=labels)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# loss semantics
+# ----------------------------------------------------------------------------------------------
+def test_loss_and_grad_accumulates_and_counts_tokens():
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=0)
+    batch = random_batch(cfg, np.random.default_rng(0))
+    loss1, n = m.loss_and_grad(batch)
+    assert n == int((batch.tgt_out != PAD).sum()) == batch.n_tokens
+    g1 = m.grad_buffer.copy()
+    loss2, _ = m.loss_and_grad(batch)
+    assert loss1 == loss2
+    np.testing.assert_allclose(m.grad_buffer, 2 * g1, rtol=1e-5, atol=1e-6 * np.abs(g1).max())
+
+
+def test_evaluate_loss_is_plain_cross_entropy_of_forward_logits():
+    cfg = tiny_config(dropout=0.3)
+    m = pt.Transformer(cfg, seed=0)
+    batch = random_batch(cfg, np.random.default_rng(1))
+    loss_sum, n = m.evaluate_loss(batch)
+    m.eval()
+    logits = m.forward(batch.src, batch.src_lengths, batch.tgt_in).astype(np.float64)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
+    mask = batch.tgt_out != PAD
+    ref = -np.take_along_axis(logp, batch.tgt_out[..., None], -1)[..., 0][mask].sum()
+    assert n == mask.sum()
+    assert loss_sum == pytest.approx(ref, rel=1e-5)
+    assert not m.grad_buffer.any()
+
+
+def test_dropout_is_reproducible_by_seed_only():
+    cfg = tiny_config(dropout=0.3)
+    m = pt.Transformer(cfg, seed=0)
+    batch = random_batch(cfg, np.random.default_rng(1))
+    runs = {}
+    for seed in (7, 8, 7):
+        m.zero_grad()
+        loss, _ = m.loss_and_grad(batch, dropout_seed=seed)
+        runs.setdefault(seed, []).append((loss, m.grad_buffer.copy()))
+    (l7a, g7a), (l7b, g7b) = runs[7]
+    assert l7a == l7b and np.array_equal(g7a, g7b)
+    assert runs[8][0][0] != l7a
+    m.eval()  # eval mode: no dropout, so the seed does not matter
+    m.zero_grad()
+    a = m.loss_and_grad(batch, dropout_seed=1)
+    m.zero_grad()
+    b = m.loss_and_grad(batch, dropout_seed=2)
+    assert a == b
+
+
+def test_gradients_bit_identical_across_thread_counts(threads):
+    cfg = tiny_config(dropout=0.1)
+    m = pt.Transformer(cfg, seed=0)
+    batch = random_batch(cfg, np.random.default_rng(3), B=4, S=9, T=8)
+    out = []
+    for n in (1, 2):
+        threads(n)
+        m.zero_grad()
+        loss, _ = m.loss_and_grad(batch, dropout_seed=3)
+        out.append((loss, m.grad_buffer.copy()))
+    assert out[0][0] == out[1][0] and np.array_equal(out[0][1], out[1][1])
+
+
+def test_padding_does_not_change_results():
+    """Extra padding columns change neither the loss nor the gradients."""
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=0)
+    b = random_batch(cfg, np.random.default_rng(5))
+    wide = SimpleNamespace(
+        src=np.pad(b.src, ((0, 0), (0, 3))),
+        src_lengths=b.src_lengths,
+        tgt_in=np.pad(b.tgt_in, ((0, 0), (0, 2))),
+        tgt_out=np.pad(b.tgt_out, ((0, 0), (0, 2))),
+    )
+    m.zero_grad()
+    l1, n1 = m.loss_and_grad(b)
+    g1 = m.grad_buffer.copy()
+    m.zero_grad()
+    l2, n2 = m.loss_and_grad(wide)
+    assert n1 == n2 and l1 == pytest.approx(l2, rel=1e-5)
+    np.testing.assert_allclose(m.grad_buffer, g1, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# state dict and checkpoints
+# ----------------------------------------------------------------------------------------------
+def test_state_dict_round_trip_and_errors():
+    cfg = tiny_config()
+    a, b = pt.Transformer(cfg, seed=0), pt.Transformer(cfg, seed=1)
+    sd = a.state_dict()
+    b.load_state_dict(sd)
+    assert np.array_equal(a.param_buffer, b.param_buffer)
+    sd["src_embed.weight"][0, 0] += 1  # a copy: the model is unaffected
+    assert not np.array_equal(sd["src_embed.weight"], a.parameters()["src_embed.weight"])
+    missing = dict(sd)
+    del missing["output.bias"]
+    with pytest.raises(ValueError, match=r"missing keys \['output.bias'\]"):
+        b.load_state_dict(missing)
+    with pytest.raises(ValueError, match="unexpected keys.*bogus"):
+        b.load_state_dict({**sd, "bogus": np.zeros(1, np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        b.load_state_dict({**sd, "output.bias": np.zeros(5, np.float32)})
+    with pytest.raises(TypeError, match="output.bias"):
+        b.load_state_dict({**sd, "output.bias": np.zeros(cfg.tgt_vocab_size, np.int32)})
+    before = b.param_buffer.copy()
+    with pytest.raises(ValueError):
+        b.load_state_dict({**sd, "output.bias": np.zeros(5, np.float32)})
+    assert np.array_equal(before, b.param_buffer)  # nothing written on failure
+
+
+@pytest.mark.parametrize("cls", [pt.Transformer, pt.TransformerLM, pt.TransformerEncoderModel])
+def test_save_load_round_trip(tmp_path, cls):
+    cfg = tiny_config(norm_first=True, tie_embeddings="none")
+    m = cls(cfg, seed=4)
+    m.save(tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]
+    back = cls.load(tmp_path / "ckpt")
+    assert back.config == cfg
+    assert back.parameters().keys() == m.parameters().keys()
+    for k, v in m.parameters().items():
+        assert np.array_equal(back.parameters()[k], v)
+
+
+def test_load_rejects_broken_checkpoints(tmp_path):
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=0)
+    d = tmp_path / "c"
+    m.save(d)
+    weights = d / "model.safetensors"
+    good = weights.read_bytes()
+    # corrupted data byte
+    bad = bytearray(good)
+    bad[-5] ^= 0x40
+    weights.write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError):
+        pt.Transformer.load(d)
+    # truncated
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError):
+        pt.Transformer.load(d)
+    weights.write_bytes(good)
+    # config.json from another model
+    (d / "config.json").write_text(tiny_config(d_ff=32).to_json())
+    with pytest.raises(CheckpointError, match="does not match"):
+        pt.Transformer.load(d)
+    (d / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="invalid config"):
+        pt.Transformer.load(d)
+    (d / "config.json").write_text(cfg.to_json())
+    # the wrong class
+    with pytest.raises(CheckpointError, match="Transformer"):
+        pt.TransformerLM.load(d)
+    os.remove(weights)
+    with pytest.raises(CheckpointError, match="missing"):
+        pt.Transformer.load(d)
+    assert isinstance(CheckpointError("x"), ValueError)
+
+
+def test_load_rejects_weights_that_do_not_fit(tmp_path):
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=0)
+    d = tmp_path / "c"
+    m.save(d)
+    from pytransformer import io
+
+    params = m.state_dict()
+    params["output.bias"] = np.zeros(3, np.float32)
+    io.save_safetensors(d / "model.safetensors", params)  # no config metadata: shapes decide
+    with pytest.raises(CheckpointError, match="output.bias"):
+        pt.Transformer.load(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# incremental decoding
+# ----------------------------------------------------------------------------------------------
+def _greedy_tokens(rng, B, T, vocab):
+    tokens = rng.integers(3, vocab, size=(B, T))
+    tokens[:, 0] = BOS
+    return tokens
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decode_step_matches_full_forward(norm_first):
+    cfg = tiny_config(norm_first=norm_first, dropout=0.1)
+    m = pt.Transformer(cfg, seed=2)  # train mode on purpose: decoding must not apply dropout
+    rng = np.random.default_rng(1)
+    batch = random_batch(cfg, rng, B=3, S=6, T=1)
+    T = 7
+    tokens = _greedy_tokens(rng, 3, T, cfg.tgt_vocab_size)
+    m.eval()
+    full = m.forward(batch.src, batch.src_lengths, tokens)
+    m.train()
+    memory = m.encode(batch.src, batch.src_lengths)
+    state = m.init_decoder_state(memory, batch.src_lengths, max_steps=T)
+    for t in range(T):
+        logits, attn = m.decode_step(state, tokens[:, t], need_attention=True)
+        assert rel_err(logits, full[:, t]) <= 1e-4
+        assert attn.shape == (3, 6)
+        np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)
+        assert not attn[np.arange(6)[None, :] >= batch.src_lengths[:, None]].any()
+        assert state.step == t + 1
+    with pytest.raises(ValueError, match="max_steps"):
+        m.decode_step(state, tokens[:, 0])
+
+
+def test_reorder_matches_decoding_the_reordered_batch():
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=5).eval()
+    rng = np.random.default_rng(2)
+    batch = random_batch(cfg, rng, B=3, S=6, T=1)
+    T = 6
+    tokens = _greedy_tokens(rng, 3, T, cfg.tgt_vocab_size)
+    state = m.init_decoder_state(m.encode(batch.src, batch.src_lengths), batch.src_lengths, T)
+    for t in range(3):
+        m.decode_step(state, tokens[:, t])
+    rows = np.array([2, 0, 0, 2, 1])  # drop nothing, duplicate two, grow to B'=5
+    for step_rows in (rows, np.array([1, 0, 2, 3, 4]), np.array([4, 0, 3])):
+        state.reorder(step_rows)
+        tokens = tokens[step_rows]
+        batch = SimpleNamespace(src=batch.src[step_rows], src_lengths=batch.src_lengths[step_rows])
+    # rows now: [2, 0, 2] of the original, with their token histories
+    assert state.batch_size == 3 and state.step == 3
+    full = m.forward(batch.src, batch.src_lengths, tokens)
+    for t in range(3, T):
+        logits, _ = m.decode_step(state, tokens[:, t])
+        assert rel_err(logits, full[:, t]) <= 1e-4
+
+
+def test_reorder_within_a_source_keeps_cross_attention_buffers():
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=5).eval()
+    rng = np.random.default_rng(3)
+    batch = random_batch(cfg, rng, B=2, S=5, T=1)
+    state = m.init_decoder_state(m.encode(batch.src, batch.src_lengths), batch.src_lengths, 4)
+    state.reorder(np.array([0, 0, 1, 1]))
+    cross = state.cross_kvs[0]
+    state.reorder(np.array([1, 0, 3, 2]))  # beams swap within their source
+    assert state.cross_kvs[0] is cross
+    state.reorder(np.array([0, 2]))
+    assert state.cross_kvs[0] is not cross and state.batch_size == 2
+
+
+def test_reorder_checks_indices():
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=5)
+    b = random_batch(cfg, np.random.default_rng(0), B=2, S=4, T=1)
+    state = m.init_decoder_state(m.encode(b.src, b.src_lengths), b.src_lengths, 4)
+    with pytest.raises(IndexError, match="indices"):
+        state.reorder(np.array([0, 2]))
+    with pytest.raises(IndexError, match="indices"):
+        state.reorder(np.array([-1]))
+    with pytest.raises(TypeError, match="indices"):
+        state.reorder(np.array([0.0]))
+    with pytest.raises(ValueError, match="indices"):
+        state.reorder(np.zeros(0, np.int64))
+
+
+def test_lm_decode_step_matches_full_forward():
+    cfg = tiny_config(norm_first=True, tie_embeddings="none")
+    lm = pt.TransformerLM(cfg, seed=1).eval()
+    rng = np.random.default_rng(4)
+    tokens = _greedy_tokens(rng, 2, 8, cfg.tgt_vocab_size)
+    full = lm.forward(tokens)
+    state = lm.init_state(2, 8)
+    for t in range(8):
+        if t == 4:
+            state.reorder(np.array([1, 0]))
+            tokens, full = tokens[[1, 0]], full[[1, 0]]
+        logits, attn = lm.decode_step(state, tokens[:, t])
+        assert attn is None and rel_err(logits, full[:, t]) <= 1e-4
+
+
+def test_concurrent_decoding_threads_match_serial():
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=8).train()
+    rng = np.random.default_rng(9)
+    batches = [random_batch(cfg, rng, B=2, S=6, T=1) for _ in range(4)]
+    tokens = [_greedy_tokens(rng, 2, 6, cfg.tgt_vocab_size) for _ in range(4)]
+
+    def run(i):
+        b = batches[i]
+        state = m.init_decoder_state(m.encode(b.src, b.src_lengths), b.src_lengths, 6)
+        return np.stack([m.decode_step(state, tokens[i][:, t])[0] for t in range(6)])
+
+    serial = [run(i) for i in range(4)]
+    results = [None] * 4
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, run(i))) for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(serial, results, strict=True):
+        assert np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checking
+# ----------------------------------------------------------------------------------------------
+def test_argument_checks():
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=0)
+    b = random_batch(cfg, np.random.default_rng(0))
+    src, sl, tin = b.src, b.src_lengths, b.tgt_in
+    with pytest.raises(IndexError, match="src"):
+        m.forward(np.where(src == PAD, cfg.src_vocab_size, src), sl, tin)
+    with pytest.raises(IndexError, match="tgt_in"):
+        m.forward(src, sl, -tin)
+    with pytest.raises(TypeError, match="src"):
+        m.forward(src.astype(np.float32), sl, tin)
+    with pytest.raises(TypeError, match="src"):
+        m.forward(src.tolist(), sl, tin)
+    with pytest.raises(ValueError, match="src_lengths"):
+        m.forward(src, sl + src.shape[1], tin)
+    with pytest.raises(ValueError, match="src_lengths"):
+        m.forward(src, sl[:-1], tin)
+    with pytest.raises(ValueError, match="empty"):
+        m.forward(src[:0], sl[:0], tin[:0])
+    with pytest.raises(ValueError, match="tgt_in"):
+        m.forward(src, sl, tin[:-1])
+    long = np.ones((1, cfg.max_len + 1), np.int64)
+    with pytest.raises(ValueError, match="max_len"):
+        m.encode(long, np.array([cfg.max_len + 1]))
+    with pytest.raises(ValueError, match="tgt_out"):
+        m.loss_and_grad(SimpleNamespace(src=src, src_lengths=sl, tgt_in=tin, tgt_out=tin[:, :-1]))
+    with pytest.raises(IndexError, match="tgt_out"):
+        m.loss_and_grad(SimpleNamespace(src=src, src_lengths=sl, tgt_in=tin, tgt_out=tin + 100))
+    with pytest.raises(TypeError, match="batch"):
+        m.loss_and_grad(object())
+    with pytest.raises(ValueError, match="label_smoothing"):
+        m.loss_and_grad(b, label_smoothing=1.5)
+    memory = m.encode(src, sl)
+    with pytest.raises(ValueError, match="max_steps"):
+        m.init_decoder_state(memory, sl, cfg.max_len + 1)
+    with pytest.raises(TypeError, match="memory"):
+        m.init_decoder_state(memory.astype(np.float64), sl, 4)
+    state = m.init_decoder_state(memory, sl, 4)
+    with pytest.raises(ValueError, match="tokens"):
+        m.decode_step(state, np.array([BOS]))
+    with pytest.raises(IndexError, match="tokens"):
+        m.decode_step(state, np.full(len(sl), cfg.tgt_vocab_size))
+    with pytest.raises(RuntimeError, match="forward"):
+        pt.Transformer(cfg).backward(np.zeros((1, 1, cfg.tgt_vocab_size), np.float32))
