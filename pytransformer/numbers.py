@@ -28,7 +28,7 @@ def number_words(n: int) -> tuple[str, str]:
     try:
         from num2words import num2words
     except ImportError as exc:
-        raise ImportError("the number demo needs num2words: pip install 'pytransformer[demo]'") from exc
+        raise ImportError("the demo needs num2words: pip install 'pytransformer[demo]'") from exc
     return num2words(n, lang="en"), num2words(n, lang="de")
 
 
@@ -40,7 +40,8 @@ def make_number_splits(
         raise ValueError(f"max_number: must be >= 1, got {max_number}")
     if n_valid < 0 or n_test < 0 or n_valid + n_test >= max_number + 1:
         raise ValueError(
-            f"n_valid, n_test: need 0 <= n_valid + n_test < {max_number + 1}, got {n_valid} + {n_test}"
+            f"n_valid, n_test: need 0 <= n_valid + n_test <= {max_number}, "
+            f"got {n_valid} + {n_test}"
         )
     order = np.random.default_rng(seed).permutation(max_number + 1)
     valid, test, train = np.split(order, [n_valid, n_valid + n_test])
