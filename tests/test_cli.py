@@ -126,7 +126,8 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(trained, capsys):
     blob = bytearray(weights.read_bytes())
     blob[-5] ^= 0xFF
     weights.write_bytes(bytes(blob))
-    assert main(["translate", "--model", str(trained / "run"), "--input", str(trained / "src.txt")]) == 2
+    args = ["translate", "--model", str(trained / "run"), "--input", str(trained / "src.txt")]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "pytransformer: error:" in err
     assert weights.read_bytes() == bytes(blob)
