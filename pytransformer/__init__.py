@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ._native import _C
 from . import ops
+from ._native import _C
 from .model import Transformer, TransformerConfig, TransformerEncoderModel, TransformerLM
 
 __version__ = "0.1.0"
@@ -23,8 +23,14 @@ def cpu_info() -> dict:
         "cpu_has_avx2_fma": _C.cpu_has_avx2_fma(),
         "num_threads": _C.get_num_threads(),
         "openmp": _C.have_openmp(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": _usable_cores(),
     }
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def set_num_threads(n: int) -> None:

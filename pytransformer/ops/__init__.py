@@ -2,10 +2,10 @@
 TypeError / ValueError / IndexError naming the offending argument; all take and return float32
 numpy arrays and release the GIL while they compute."""
 
+from . import _attention, _gemm, _norm, _train
 from ._attention import *  # noqa: F403
 from ._gemm import *  # noqa: F403
 from ._norm import *  # noqa: F403
 from ._train import *  # noqa: F403
-from . import _attention, _gemm, _norm, _train
 
 __all__ = [*_gemm.__all__, *_attention.__all__, *_norm.__all__, *_train.__all__]

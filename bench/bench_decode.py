@@ -1,0 +1,130 @@
+"""Decoding throughput: generated tokens/s of Transformer.translate vs a PyTorch eager KV-cache
+decoder on identical (random) weights.
+
+32 sources of lengths uniform in 16..48, forced output length 64 (min = max decoding length, so
+every system generates 32 x 64 tokens), greedy and beam 4, configs "small" and "base", 1 and 2
+threads; interleaved medians (bench/_common.py). Writes the `decode` section of bench/RESULTS.md.
+
+    PYTHONPATH=$PWD python bench/bench_decode.py [--configs small,base] [--threads 1,2]
+        [--repeats 3] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from _common import interleaved_medians, markdown_table, update_results  # noqa: E402
+
+import pytransformer  # noqa: E402
+from pytransformer import Transformer, TransformerConfig  # noqa: E402
+
+CONFIGS = {
+    "small": dict(d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
+                  num_decoder_layers=3, src_vocab_size=8000, tgt_vocab_size=8000),
+    "base": dict(d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6,
+                 num_decoder_layers=6, src_vocab_size=32000, tgt_vocab_size=32000),
+}
+N_SOURCES, LENGTH = 32, 64
+
+
+def make_sources(vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=int(rng.integers(16, 49))).tolist()
+            for _ in range(N_SOURCES)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="small,base")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--beams", default="1,4")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
+    args = ap.parse_args()
+    try:
+        import torch
+        from torch_reference import build_torch_model
+    except ImportError:
+        torch = None
+    rows = []
+    for name in args.configs.split(","):
+        cfg = TransformerConfig(**CONFIGS[name], dropout=0.0, max_len=256)
+        model = Transformer(cfg, seed=0).eval()
+        tm = build_torch_model(cfg, model.state_dict()).eval() if torch else None
+        sources = make_sources(cfg.src_vocab_size)
+        for threads in map(int, args.threads.split(",")):
+            pytransformer.set_num_threads(threads)
+            if torch:
+                torch.set_num_threads(threads)
+            for beam in map(int, args.beams.split(",")):
+                fns = _systems(model, tm, sources, beam)
+                agree = _agreement(fns) if tm is not None else None
+                t0 = time.perf_counter()
+                med = interleaved_medians(fns, repeats=args.repeats, min_time=0.0)
+                toks = N_SOURCES * LENGTH
+                ours = toks / med["ours"]
+                peer = toks / med["torch"] if "torch" in med else None
+                row = [name, threads, beam, f"{ours:.0f}",
+                       f"{peer:.0f}" if peer else "-",
+                       f"{ours / peer:.2f}x" if peer else "-",
+                       f"{agree:.3f}" if agree is not None else "-"]
+                rows.append(row)
+                print(" | ".join(map(str, row)), f"({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+    header = ["config", "threads", "beam", "ours tok/s", "torch tok/s", "ours/torch",
+              "same tokens"]
+    table = markdown_table(header, rows)
+    print(table)
+    if not args.no_write:
+        cmd = "PYTHONPATH=$PWD python bench/bench_decode.py " + " ".join(sys.argv[1:])
+        update_results("decode", _report(table, cmd.strip()))
+
+
+def _systems(model, tm, sources, beam):
+    """The calls to time: ours, and torch's when it is importable."""
+    fns = {"ours": lambda: model.translate(sources, beam_size=beam, min_decoding_length=LENGTH,
+                                           max_decoding_length=LENGTH)}
+    if tm is not None:
+        import torch_decode
+
+        if beam == 1:
+            fns["torch"] = lambda: torch_decode.greedy(tm, sources, max_len=LENGTH, min_len=LENGTH)
+        else:
+            fns["torch"] = lambda: torch_decode.beam_search(
+                tm, sources, beam_size=beam, max_len=LENGTH, min_len=LENGTH)
+    return fns
+
+
+def _agreement(fns) -> float:
+    """Fraction of output tokens equal between ours and torch (random weights: near-ties in the
+    logits may flip a token and everything after it, so this is a sanity check, not a test)."""
+    ours = [r.hypotheses[0] for r in fns["ours"]()]
+    peer = fns["torch"]()
+    same = sum(int(a == b) for x, y in zip(ours, peer, strict=True)
+               for a, b in zip(x, y, strict=False))
+    return same / sum(len(x) for x in ours)
+
+
+def _report(table: str, cmd: str) -> str:
+    return (
+        f"Generated tokens/s of `Transformer.translate` ({N_SOURCES} sources of lengths 16-48, "
+        f"forced length {LENGTH} via min = max decoding length, so {N_SOURCES * LENGTH} tokens "
+        "per call, encoder included) vs a PyTorch eager KV-cache decoder "
+        "(bench/torch_decode.py over tests/torch_reference.py) on the same random weights; "
+        "medians of interleaved runs. `same tokens`: fraction of output tokens identical "
+        "between the two.\n\n"
+        f"Command: `{cmd}`\n\n{table}\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The ``pytransformer`` command (also ``python -m pytransformer``).
+
+Subcommands: train, translate, evaluate, demo, plot. Errors a user can cause end with one line on
+stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .io import CheckpointError
+from .metrics import score_translations
+
+
+class UserError(Exception):
+    """A problem with the command line or the files it names."""
+
+
+def _read_lines(path: str) -> list[str]:
+    if path == "-":
+        return [line.rstrip("\n") for line in sys.stdin]
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def _write_lines(path: str, lines: Sequence[str]) -> None:
+    text = "".join(f"{line}\n" for line in lines)
+    if path == "-":
+        sys.stdout.write(text)
+    else:
+        pathlib.Path(path).write_text(text, encoding="utf-8")
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    text = "\n".join(_read_lines(path))
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError("YAML configs need PyYAML: pip install pyyaml (or use JSON)") from None
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        from . import set_num_threads
+
+        set_num_threads(n)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .translator import TrainOptions, train_translator
+
+    config = _load_config(args.config)
+    for key in ("tokenizer", "vocab_size", "steps", "max_tokens", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            config[key] = value
+    if args.shared_vocab:
+        config["shared_vocab"] = True
+    options = TrainOptions.from_dict(config)
+    src, tgt = _read_lines(args.src), _read_lines(args.tgt)
+    if len(src) != len(tgt):
+        raise UserError(f"{args.src} has {len(src)} lines but {args.tgt} has {len(tgt)}")
+    valid = {}
+    if args.valid_src or args.valid_tgt:
+        if not (args.valid_src and args.valid_tgt):
+            raise UserError("--valid-src and --valid-tgt go together")
+        valid = dict(valid_src=_read_lines(args.valid_src), valid_tgt=_read_lines(args.valid_tgt))
+    _set_threads(args.threads)
+    try:
+        train_translator(src, tgt, args.out, options=options, resume=args.resume, **valid)
+    except KeyboardInterrupt:
+        print(f"interrupted: checkpoint saved under {args.out}/checkpoints", file=sys.stderr)
+        return 130
+    print(f"model saved in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _load_translator(directory: str):
+    from .translator import Translator
+
+    return Translator.load(directory)
+
+
+def _decode_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        beam_size=args.beam_size, length_penalty=args.length_penalty,
+        max_decoding_length=args.max_decoding_length, max_batch_size=args.batch_size,
+    )
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    translator = _load_translator(args.model)
+    sentences = _read_lines(args.input)
+    out = translator.translate(sentences, n_best=args.n_best, **_decode_options(args))
+    lines = out if args.n_best == 1 else [
+        f"{i}\t{h}" for i, hyps in enumerate(out) for h in hyps
+    ]
+    _write_lines(args.output, lines)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    refs = _read_lines(args.ref)
+    if args.hyp:
+        hyps = _read_lines(args.hyp)
+    elif args.model and args.src:
+        _set_threads(args.threads)
+        translator = _load_translator(args.model)
+        hyps = translator.translate(_read_lines(args.src), **_decode_options(args))
+    else:
+        raise UserError("give --hyp, or --model with --src")
+    try:
+        scores = score_translations(hyps, refs)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _set_threads(args.threads)
+    run_demo(args.out, quick=args.quick, steps=args.steps)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import plot
+
+    if args.what == "curve":
+        log = pathlib.Path(args.path)
+        if log.is_dir():
+            log = log / "checkpoints" / "log.jsonl"
+        out = plot.plot_training_curve(log, args.output or "training_curve.png")
+    else:
+        if not args.sentence:
+            raise UserError("plot attention needs --sentence")
+        translator = _load_translator(args.path)
+        out = plot.plot_attention(translator, args.sentence, args.output or "attention.png")
+    print(out)
+    return 0
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=0.6)
+    p.add_argument("--max-decoding-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pytransformer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a translation model on parallel text files")
+    p.add_argument("--src", required=True, help="source sentences, one per line")
+    p.add_argument("--tgt", required=True, help="target sentences, one per line")
+    p.add_argument("--valid-src")
+    p.add_argument("--valid-tgt")
+    p.add_argument("--out", required=True, help="output directory (model, tokenizers, checkpoints)")
+    p.add_argument("--config", help="JSON/YAML file of TrainOptions (model: {...})")
+    p.add_argument("--tokenizer", choices=["sentencepiece", "char"])
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--shared-vocab", action="store_true")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("translate", help="translate sentences with a trained model")
+    p.add_argument("--model", required=True, help="a directory written by `train`")
+    p.add_argument("--input", default="-", help="file of sentences (default: stdin)")
+    p.add_argument("--output", default="-", help="file for translations (default: stdout)")
+    p.add_argument("--n-best", type=int, default=1)
+    _add_decode_args(p)
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("evaluate", help="BLEU, chrF and exact match against references")
+    p.add_argument("--ref", required=True)
+    p.add_argument("--hyp", help="translations to score")
+    p.add_argument("--model", help="translate --src with this model instead of --hyp")
+    p.add_argument("--src")
+    _add_decode_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train English -> German number words and report")
+    p.add_argument("--out", default="pytransformer-demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="a small, fast variant")
+    p.add_argument("--steps", type=int, help="override the number of training steps")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plot", help="training curve or attention heatmap as PNG")
+    p.add_argument("what", choices=["curve", "attention"])
+    p.add_argument("path", help="training dir or log.jsonl (curve); model dir (attention)")
+    p.add_argument("--sentence", help="source sentence for the attention heatmap")
+    p.add_argument("--output", "-o", help="PNG file to write")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, FileNotFoundError, CheckpointError, ImportError) as exc:
+        if os.environ.get("PYTRANSFORMER_DEBUG"):
+            raise
+        print(f"pytransformer: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, IndexError) as exc:
+        if os.environ.get("PYTRANSFORMER_DEBUG"):
+            raise
+        print(f"pytransformer: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pytransformer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Pictures: the training curve from a training log and a cross-attention heatmap.
+
+Needs matplotlib (the ``demo`` extra); drawn with the Agg backend, so no display is required.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install 'pytransformer[demo]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines training log."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"log: {path} does not exist")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"log: {path} line {n} is not JSON ({exc})") from None
+    return records
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    rows = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def plot_training_curve(log_path: str | os.PathLike, out_png: str | os.PathLike) -> str:
+    """Train and validation loss (left axis) and learning rate (right axis) against step."""
+    records = read_log(log_path)
+    steps, train = _series(records, "train_loss")
+    if not steps:
+        raise ValueError(f"log: {log_path} has no training records")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.plot(steps, train, label="train loss (label-smoothed)", color="tab:blue")
+    vsteps, valid = _series(records, "valid_loss")
+    if vsteps:
+        ax.plot(vsteps, valid, "o-", label="validation loss", color="tab:orange")
+    ax.set_xlabel("update step")
+    ax.set_ylabel("loss per target token (nats)")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lsteps, lr = _series(records, "lr")
+    lr_ax.plot(lsteps, lr, "--", color="tab:gray", label="learning rate")
+    lr_ax.set_ylabel("learning rate")
+    lines = ax.get_legend_handles_labels()
+    lr_lines = lr_ax.get_legend_handles_labels()
+    ax.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], loc="upper right")
+    ax.set_title("pytransformer training curve")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return os.fspath(out_png)
+
+
+def plot_attention(translator: Any, sentence: str, out_png: str | os.PathLike, **options) -> str:
+    """Heatmap of the cross-attention (last decoder layer, averaged over heads) of the best
+    translation of ``sentence``: target tokens down, source tokens across."""
+    src_tokens, tgt_tokens, attn, translation = translator.attention(sentence, **options)
+    plt = _pyplot()
+    width = max(4.0, 0.45 * len(src_tokens) + 2)
+    height = max(3.0, 0.4 * len(tgt_tokens) + 2)
+    fig, ax = plt.subplots(figsize=(width, height), dpi=120)
+    image = ax.imshow(attn[:, : len(src_tokens)], cmap="viridis", aspect="auto", vmin=0.0)
+    ax.set_xticks(range(len(src_tokens)), src_tokens, rotation=60, ha="right")
+    ax.set_yticks(range(len(tgt_tokens)), tgt_tokens)
+    ax.set_xlabel("source tokens")
+    ax.set_ylabel("generated target tokens")
+    ax.set_title(f"cross-attention: {sentence!r}\n→ {translation!r}")
+    fig.colorbar(image, ax=ax, label="attention weight")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return os.fspath(out_png)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds the extension with AddressSanitizer + UndefinedBehaviorSanitizer into build/sanitize and
+# runs the given tests (default: the kernel and model tests) against it. Any sanitizer report
+# aborts the process, so the run fails.
+# Usage: tools/sanitize.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+BUILD=build/sanitize
+FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_CXX_FLAGS="$FLAGS" -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
+  -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" \
+  -DPython_EXECUTABLE="$("$PY" -c 'import sys; print(sys.executable)')" \
+  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >/dev/null
+cmake --build "$BUILD"
+
+# A private copy of the package with the sanitized extension, first on the path.
+PKG=$(mktemp -d)
+trap 'rm -rf "$PKG"' EXIT
+cp -r pytransformer "$PKG/"
+rm -f "$PKG"/pytransformer/_C*.so
+cp "$BUILD"/_C*.so "$PKG/pytransformer/"
+
+ASAN_LIB=$("${CXX:-c++}" -print-file-name=libasan.so)
+UBSAN_LIB=$("${CXX:-c++}" -print-file-name=libubsan.so)
+# The interpreter itself is not instrumented: leak checking would report CPython's own arenas.
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+if [ $# -eq 0 ]; then
+  set -- tests -q -x -p no:cacheprovider -m "not slow"
+fi
+LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" PYTHONPATH="$PKG" PYTRANSFORMER_SANITIZED=1 "$PY" -m pytest "$@"
