@@ -34,7 +34,7 @@ def demo_settings(quick: bool = False, steps: int | None = None) -> DemoSettings
     options = TrainOptions(
         model=model, tokenizer="sentencepiece", vocab_size=200 if quick else 400,
         steps=steps or (300 if quick else 3000), max_tokens=2048 if quick else 4096,
-        warmup=100 if quick else 400, lr_factor=2.0, checkpoint_every=0 if quick else 1000,
+        warmup=100 if quick else 400, lr=2e-3 if quick else 1e-3, checkpoint_every=0 if quick else 1000,
         valid_every=100 if quick else 500,
     )
     return DemoSettings(

@@ -107,7 +107,7 @@ class TrainOptions:
     shared_vocab: bool = False
     steps: int = 2000
     max_tokens: int = 4096
-    lr_factor: float = 1.0
+    lr: float = 1e-3  # peak learning rate, reached after `warmup` steps (the paper's schedule)
     warmup: int = 400
     label_smoothing: float = 0.1
     max_grad_norm: float | None = 1.0
@@ -142,6 +142,13 @@ def _check_parallel(src: Sequence[str], tgt: Sequence[str], what: str) -> None:
         raise ValueError(f"{what}: {len(src)} source lines but {len(tgt)} target lines")
     if len(src) == 0:
         raise ValueError(f"{what}: no sentence pairs")
+
+
+def _paper_schedule(d_model: int, warmup: int, peak_lr: float) -> Noam:
+    """The paper's warm-up then inverse-sqrt decay, scaled so its peak is ``peak_lr``."""
+    if not peak_lr > 0:
+        raise ValueError(f"lr: expected a positive peak learning rate, got {peak_lr}")
+    return Noam(d_model, warmup, factor=peak_lr * (d_model * warmup) ** 0.5)
 
 
 def _encode_pairs(src_tok, tgt_tok, src: Sequence[str], tgt: Sequence[str]) -> list:
@@ -198,7 +205,7 @@ def train_translator(
         vpairs = _encode_pairs(src_tok, tgt_tok, valid_src, valid_tgt)
         valid = [make_batch(vpairs[i : i + 64], **ids) for i in range(0, len(vpairs), 64)]
     optimizer = Adam(
-        model.parameters(), lr=Noam(config.d_model, opts.warmup, opts.lr_factor),
+        model.parameters(), lr=_paper_schedule(config.d_model, opts.warmup, opts.lr),
         max_grad_norm=opts.max_grad_norm,
     )
     trainer = Trainer(

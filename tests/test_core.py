@@ -47,3 +47,18 @@ def test_set_num_threads_rejects_non_int():
 
 def test_force_isa_switches_and_restores(isa):
     assert _C.selected_isa() == isa
+
+
+def _env_after_import(tmp_path, **env):
+    code = "import os, pytransformer; print(os.environ.get('OMP_WAIT_POLICY'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_idle_threads_sleep_by_default_but_user_setting_wins(tmp_path):
+    assert _env_after_import(tmp_path) == "PASSIVE"
+    assert _env_after_import(tmp_path, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert _env_after_import(tmp_path, GOMP_SPINCOUNT="1000") == "None"
