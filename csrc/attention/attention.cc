@@ -3,6 +3,7 @@
 #include "attention/attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -49,13 +50,13 @@ std::unique_ptr<float[]> uninit_floats(index_t n) {
   return std::unique_ptr<float[]>(new float[static_cast<size_t>(n > 0 ? n : 1)]);
 }
 
-// Runs task(i, scratch) for i in [0, n) over up to num_threads() workers. Worker w takes one
-// contiguous run of tasks whose summed cost(i) is about 1/workers of the total (causal tiles cost
-// more the later they sit, and consecutive tasks share a head's keys in cache), and its own
-// slice of one scratch allocation made here, never inside the parallel region. A task's result
-// depends only on its index, so any thread count gives the same bits.
-template <class Cost, class Task>
-void run_tasks(index_t n, index_t scratch_per_task, Cost&& cost, Task&& task) {
+// Runs task(i, scratch) for i in [0, n) over up to num_threads() workers, each with its own
+// slice of one scratch allocation made here (never inside the parallel region). Workers take the
+// next task in index order from a shared counter: on a shared machine a descheduled thread does
+// not hold the others up, and causal tiles of unequal cost balance by themselves. A task's
+// result depends only on its index, so any thread count and any schedule give the same bits.
+template <class Task>
+void run_tasks(index_t n, index_t scratch_per_task, Task&& task) {
   const index_t workers = std::max<index_t>(1, std::min<index_t>(num_threads(), n));
   auto scratch = uninit_floats(workers * scratch_per_task);
   float* base = scratch.get();
@@ -63,18 +64,10 @@ void run_tasks(index_t n, index_t scratch_per_task, Cost&& cost, Task&& task) {
     for (index_t i = 0; i < n; ++i) task(i, base);
     return;
   }
-  std::vector<double> prefix(static_cast<size_t>(n) + 1, 0.0);
-  for (index_t i = 0; i < n; ++i) prefix[static_cast<size_t>(i) + 1] = prefix[static_cast<size_t>(i)] + cost(i);
-  std::vector<index_t> start(static_cast<size_t>(workers) + 1, n);
-  for (index_t w = 0; w < workers; ++w) {
-    const double target = prefix.back() * static_cast<double>(w) / static_cast<double>(workers);
-    start[static_cast<size_t>(w)] =
-        std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
-  }
-  start[0] = 0;
+  std::atomic<index_t> next{0};
   parallel_for(workers, [&](index_t w) {
-    const index_t lo = start[static_cast<size_t>(w)], hi = std::max(lo, start[static_cast<size_t>(w) + 1]);
-    for (index_t i = lo; i < hi; ++i) task(i, base + w * scratch_per_task);
+    for (index_t i = next.fetch_add(1); i < n; i = next.fetch_add(1))
+      task(i, base + w * scratch_per_task);
   });
 }
 
@@ -111,10 +104,9 @@ void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView 
   const index_t heads = c.B * c.H;
   if (c.Lq == 1) {
     auto body = PT_DISPATCH(attention_decode_head);
-    run_tasks(
-        heads, attn_decode_scratch(c.D, c.Lk),
-        [&](index_t t) { return 8.0 + static_cast<double>(attn_visible(c, t / c.H, 0)); },
-        [&](index_t t, float* scratch) { body(out, lse, q, k, v, c, t / c.H, t % c.H, scratch); });
+    run_tasks(heads, attn_decode_scratch(c.D, c.Lk), [&](index_t t, float* scratch) {
+      body(out, lse, q, k, v, c, t / c.H, t % c.H, scratch);
+    });
     return;
   }
   // Every query tile of a head streams all of the head's keys and values: rows H*D (or 3*H*D)
@@ -129,12 +121,7 @@ void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView 
     v = pack_heads(packed.get() + n, v, c.B, c.Lk, c.H, c.D);
   }
   auto body = PT_DISPATCH(attention_forward_tile);
-  // Cost of a tile: the keys its last (most-seeing) query sees, plus its fixed work.
-  auto tile_cost = [&](index_t t) {
-    const index_t b = t / nqt / c.H, i0 = (t % nqt) * kAttnBQ;
-    return 16.0 + static_cast<double>(attn_visible(c, b, std::min(c.Lq, i0 + kAttnBQ) - 1));
-  };
-  run_tasks(heads * nqt, attn_forward_scratch(c.D), tile_cost, [&](index_t t, float* scratch) {
+  run_tasks(heads * nqt, attn_forward_scratch(c.D), [&](index_t t, float* scratch) {
     const index_t bh = t / nqt, i0 = (t % nqt) * kAttnBQ;
     body(out, lse, q, k, v, c, bh / c.H, bh % c.H, i0, std::min(kAttnBQ, c.Lq - i0), scratch);
   });
@@ -159,14 +146,7 @@ void attention_backward(float* dq, float* dk, float* dv, AttnView dout, AttnView
     return;
   }
   auto body = PT_DISPATCH(attention_backward_head);
-  // Cost of a head: the visible keys summed over its query tiles.
-  auto head_cost = [&](index_t t) {
-    double keys = 0.0;
-    for (index_t i0 = 0; i0 < c.Lq; i0 += kAttnBQ)
-      keys += 16.0 + static_cast<double>(attn_visible(c, t / c.H, std::min(c.Lq, i0 + kAttnBQ) - 1));
-    return keys;
-  };
-  run_tasks(c.B * c.H, attn_backward_scratch(c.D, c.Lq), head_cost, [&](index_t t, float* scratch) {
+  run_tasks(c.B * c.H, attn_backward_scratch(c.D, c.Lq), [&](index_t t, float* scratch) {
     body(dq, dk, dv, dout, q, k, v, out, lse, c, t / c.H, t % c.H, scratch);
   });
 }

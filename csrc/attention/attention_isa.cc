@@ -329,12 +329,13 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   float* nvis = lse_h + lqp;      // lqp: visible keys per query
   float* pt = nvis + lqp;         // BK x LD: P^T
   float* dst = pt + BK * LD;      // BK x LD: dP^T, then dS^T
-  float* dka = dst + BK * LD;     // BK x D accumulator of dS^T Q
-  float* dva = dka + BK * D;      // BK x D accumulator of P^T dOut
-  float* qr = dva + BK * D;       // Lq rows of q, RS apart
+  const index_t KB = kAttnKeyBlock * BK;
+  float* dka = dst + BK * LD;     // KB x D accumulator of dS^T Q
+  float* dva = dka + KB * D;      // KB x D accumulator of P^T dOut
+  float* qr = dva + KB * D;       // Lq rows of q, RS apart
   float* dor = qr + Lq * RS;      // Lq rows of dOut, RS apart
-  float* kp = dor + Lq * RS;      // BK rows of k, RS apart
-  float* vp = kp + BK * RS;       // BK rows of v, RS apart
+  float* kp = dor + Lq * RS;      // KB rows of k, RS apart
+  float* vp = kp + KB * RS;       // KB rows of v, RS apart
 
   const float* dob = dout.data + b * dout.sb + h * dout.sh;
   const float* ob = out.data + b * out.sb + h * out.sh;
@@ -364,44 +365,54 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   }
   for (index_t i = 0; i < Lq * D; ++i) dqa[i] = 0.0f;
 
+  // Key tiles go in blocks of kAttnKeyBlock: each query tile's packed data (about 90 KB) is
+  // fetched once per block rather than once per key tile, while the block's packed k, v and
+  // dK, dV accumulators stay in L2.
   const float* kb = k.data + b * k.sb + h * k.sh;
   const float* vb = v.data + b * v.sb + h * v.sh;
-  for (index_t j0 = 0; j0 < Lk; j0 += BK) {
-    const index_t kn = Lk - j0 < BK ? Lk - j0 : BK;
-    for (index_t i = 0; i < kn * D; ++i) dka[i] = dva[i] = 0.0f;
-    pack_rows(kp, RS, kb + j0 * k.sl, k.sl, kn, D);  // this key tile serves every query tile
-    pack_rows(vp, RS, vb + j0 * v.sl, v.sl, kn, D);
+  for (index_t jb = 0; jb < Lk; jb += kAttnKeyBlock * BK) {
+    const index_t nkeys = imin(Lk - jb, kAttnKeyBlock * BK);
+    for (index_t i = 0; i < nkeys * D; ++i) dka[i] = dva[i] = 0.0f;
+    pack_rows(kp, RS, kb + jb * k.sl, k.sl, nkeys, D);  // these keys serve every query tile
+    pack_rows(vp, RS, vb + jb * v.sl, v.sl, nkeys, D);
     for (index_t t = 0; t < nqt; ++t) {
       const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
       const index_t kend = attn_visible(c, b, i0 + mq - 1), kfull = attn_visible(c, b, i0);
-      if (kend <= j0) continue;  // no query of this tile sees these keys
       const index_t ncols = (mq + 7) / 8 * 8;
-      // P^T = 2^(S^T - lse log2 e), masked to 0 after the power (lse may be -inf there).
-      small_gemm<false>(pt, LD, kp, RS, 1, qt + t * D * LD, LD, kn, ncols, D);
-      for (index_t i = 0; i < ncols; i += 8) {
-        const Vec lv = Vec::load(lse_h + i0 + i);
-        for (index_t j = 0; j < kn; ++j)
-          exp2_softmax(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
-      }
-      if (j0 + kn > kfull) mask_tile(pt, LD, kn, ncols, j0, nvis + i0, 0.0f);
-      // dV += P^T dOut
-      small_gemm<true>(dva, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
-      // dS^T = P^T * (V dOut^T - delta)
-      small_gemm<false>(dst, LD, vp, RS, 1, dot + t * D * LD, LD, kn, ncols, D);
-      for (index_t i = 0; i < ncols; i += 8) {
-        const Vec dl = Vec::load(delta + i0 + i);
-        for (index_t j = 0; j < kn; ++j) {
-          const index_t at = j * LD + i;
-          (Vec::load(pt + at) * (Vec::load(dst + at) - dl)).store(dst + at);
+      for (index_t jt = 0; jt < nkeys; jt += BK) {
+        const index_t j0 = jb + jt, kn = imin(nkeys - jt, BK);
+        if (kend <= j0) break;  // no query of this tile sees these keys (nor later ones)
+        const float* kt = kp + jt * RS;
+        const float* vt = vp + jt * RS;
+        float* dkt = dka + jt * D;
+        float* dvt = dva + jt * D;
+        // P^T = 2^(S^T - lse log2 e), masked to 0 after the power (lse may be -inf there).
+        small_gemm<false>(pt, LD, kt, RS, 1, qt + t * D * LD, LD, kn, ncols, D);
+        for (index_t i = 0; i < ncols; i += 8) {
+          const Vec lv = Vec::load(lse_h + i0 + i);
+          for (index_t j = 0; j < kn; ++j)
+            exp2_softmax(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
         }
+        if (j0 + kn > kfull) mask_tile(pt, LD, kn, ncols, j0, nvis + i0, 0.0f);
+        // dV += P^T dOut
+        small_gemm<true>(dvt, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
+        // dS^T = P^T * (V dOut^T - delta)
+        small_gemm<false>(dst, LD, vt, RS, 1, dot + t * D * LD, LD, kn, ncols, D);
+        for (index_t i = 0; i < ncols; i += 8) {
+          const Vec dl = Vec::load(delta + i0 + i);
+          for (index_t j = 0; j < kn; ++j) {
+            const index_t at = j * LD + i;
+            (Vec::load(pt + at) * (Vec::load(dst + at) - dl)).store(dst + at);
+          }
+        }
+        // dK += dS^T Q ; dQ += dS K (both scaled at the end)
+        small_gemm<true>(dkt, D, dst, LD, 1, qr + i0 * RS, RS, kn, D, mq);
+        small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kt, RS, mq, D, kn);
       }
-      // dK += dS^T Q ; dQ += dS K (both scaled at the end)
-      small_gemm<true>(dka, D, dst, LD, 1, qr + i0 * RS, RS, kn, D, mq);
-      small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kp, RS, mq, D, kn);
     }
-    for (index_t j = 0; j < kn; ++j) {
-      float* dkrow = dk + ((b * Lk + j0 + j) * c.H + h) * D;
-      float* dvrow = dv + ((b * Lk + j0 + j) * c.H + h) * D;
+    for (index_t j = 0; j < nkeys; ++j) {
+      float* dkrow = dk + ((b * Lk + jb + j) * c.H + h) * D;
+      float* dvrow = dv + ((b * Lk + jb + j) * c.H + h) * D;
       for (index_t d = 0; d < D; d += 8) {
         (Vec::load(dka + j * D + d) * Vec(c.scale)).store(dkrow + d);
         Vec::load(dva + j * D + d).store(dvrow + d);
