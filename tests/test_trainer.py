@@ -126,6 +126,7 @@ def test_resume_is_bit_identical(tmp_path):
     of update 3 in fresh objects built with other seeds (all state must come from the file)."""
     ref = make_trainer(tmp_path / "ref", accumulate=2, checkpoint_every=3, log_every=1)
     ref.fit(8)
+    assert ref.train_data.epoch >= 1  # the resumed part crosses an epoch boundary
     crashed = make_trainer(tmp_path / "run", accumulate=2, checkpoint_every=3, log_every=1)
     for _ in range(5):  # no checkpoint after update 3: the process dies here
         crashed._account(crashed.train_step(), None)
@@ -304,6 +305,8 @@ def test_trainer_validation(tmp_path):
         tr.save_checkpoint()
     with pytest.raises(ValueError, match="valid_data"):
         tr.evaluate()
+    with pytest.raises(ValueError, match="valid_data"):
+        Trainer(tr.model, tr.optimizer, tr.train_data, valid_data=[])
 
 
 # ---------------------------------------------------------------------------------------------
