@@ -82,7 +82,7 @@ def ours_stepper(size: str, threads: int, weights: str):
     base = current_rss_mb()
     model = pt.Transformer(cfg, seed=0)
     model.load_state_dict(load_safetensors(weights)[0])
-    opt = Adam(model.parameters(), lr=LR, betas=(0.9, 0.98), eps=1e-9)
+    opt = Adam(model.parameters(), lr=LR, betas=(0.9, 0.98), eps=1e-9, track_grad_norm=False)
     batches = []
     for k in range(N_BATCHES):
         a = make_arrays(cfg.tgt_vocab_size, k)
