@@ -153,6 +153,13 @@ class Trainer:
                 f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}"
             )
         _check_optimizer_holds(model, optimizer)
+        config = getattr(model, "config", None)
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if config is not None and getattr(config, name) != getattr(train_data, name):
+                raise ValueError(
+                    f"train_data: {name}={getattr(train_data, name)} but the model's config has "
+                    f"{name}={getattr(config, name)}"
+                )
         self.model, self.optimizer, self.train_data = model, optimizer, train_data
         self.label_smoothing = float(label_smoothing)
         self.seed = _positive_int("seed", seed, allow_zero=True)

@@ -295,6 +295,9 @@ def test_trainer_validation(tmp_path):
         Trainer(tr.model, object(), tr.train_data)
     with pytest.raises(ValueError, match="copies"):
         Trainer(tr.model, Adam(tr.model.state_dict()), tr.train_data)
+    other_pad = TokenBatcher(train_pairs(), 96, pad_id=3, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="pad_id"):
+        Trainer(tr.model, tr.optimizer, other_pad)
     with pytest.raises(TypeError, match="train_data"):
         Trainer(tr.model, tr.optimizer, [1, 2])
     with pytest.raises(ValueError, match="accumulate"):
