@@ -2,12 +2,23 @@
 
 Dimension legend: B batch, S source length, T target length, C d_model, H heads, D = C/H, V vocab.
 
-Every model keeps all parameters in one flat float32 buffer and all gradients in another of the
-same layout (`param_buffer` / `grad_buffer`; `parameters()` / `gradients()` give named views), so
-an optimizer is one loop and `zero_grad()` one fill. Training runs `loss_and_grad(batch)`: forward,
-fused label-smoothed cross-entropy over the non-padding targets only, explicit backward; gradients
-accumulate. Decoding runs `encode` / `init_decoder_state` / `decode_step` (see `DecoderState`),
-which never write module state, so several threads may decode with one model at once.
+Parameters: every model keeps all parameters in one flat float32 buffer and all gradients in
+another of the same layout (`param_buffer` / `grad_buffer`; `parameters()` / `gradients()` give
+named C-contiguous views, tied matrices once), so an optimizer can be one loop and `zero_grad()`
+is one fill.
+
+Training: `loss, n = model.loss_and_grad(batch, label_smoothing=0.1, dropout_seed=k)` runs the
+forward pass, the fused label-smoothed cross-entropy over the non-pad targets and the explicit
+backward; gradients (of the mean loss) accumulate into `gradients()`; `loss` is that mean times
+n. Dropout applies in train mode (`model.train()`, the default) with masks derived only from
+dropout_seed. `evaluate_loss(batch)` is the no-dropout, no-smoothing, no-gradient counterpart.
+Padding costs nothing: position-wise layers run on the packed real tokens only (see
+`nn.layout.Layout`); attention reads them back in (B, L) layout.
+
+Decoding: `memory = model.encode(src, src_lengths)`, `state = model.init_decoder_state(memory,
+src_lengths, max_steps)`, then `logits, attn = model.decode_step(state, tokens)` per position and
+`state.reorder(rows)` to follow beams or drop finished rows (`TransformerLM`: `init_state(B,
+max_steps)`). These never write module state, so several threads may decode with one model.
 """
 
 from __future__ import annotations
@@ -286,7 +297,16 @@ class _Model:
         self._saved: tuple | None = None
 
     def _finish(self, seed: int) -> None:
-        self.store.allocate(np.random.default_rng(int(seed)))
+        skip = getattr(self, "_skip_init", False)
+        self.store.allocate(None if skip else np.random.default_rng(int(seed)))
+
+    @classmethod
+    def _uninitialised(cls, config: TransformerConfig) -> Any:
+        """A model with zero parameters, for load(): random initialisation would be wasted."""
+        model = cls.__new__(cls)
+        model._skip_init = True
+        model.__init__(config)
+        return model
 
     # -- parameters -----------------------------------------------------------------------------
     def parameters(self) -> dict[str, np.ndarray]:
@@ -398,7 +418,7 @@ class _Model:
                 f"{directory}: config.json does not match the config stored with the "
                 "weights (a save was interrupted or files were mixed)"
             )
-        model = cls(config)
+        model = cls._uninitialised(config)
         try:
             model.load_state_dict(tensors)
         except (TypeError, ValueError) as exc:
