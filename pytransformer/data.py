@@ -9,6 +9,7 @@ Targets follow the usual teacher-forcing layout: for a target sentence y,
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -194,11 +195,15 @@ class TokenBatcher:
         skip_long: bool = False,
     ):
         _check_special(pad_id, bos_id, eos_id)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        if (
+            isinstance(max_tokens, bool)
+            or not isinstance(max_tokens, numbers.Integral)
+            or max_tokens <= 0
+        ):
             raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
         if max_sentences is not None and (
             isinstance(max_sentences, bool)
-            or not isinstance(max_sentences, int)
+            or not isinstance(max_sentences, numbers.Integral)
             or max_sentences <= 0
         ):
             raise ValueError(
@@ -207,7 +212,8 @@ class TokenBatcher:
         if len(data) == 0:
             raise ValueError("data: empty data set")
         self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)
-        self.max_tokens, self.max_sentences = max_tokens, max_sentences
+        self.max_tokens = int(max_tokens)
+        self.max_sentences = None if max_sentences is None else int(max_sentences)
         self.shuffle, self.lm, self.seed = shuffle, lm, seed
         if lm:
             self._src = None

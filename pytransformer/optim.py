@@ -58,6 +58,8 @@ class Adam:
     matrices; biases and layer-norm parameters are not decayed).
     max_grad_norm: when given, gradients are scaled in place so their global L2 norm is at most
     this before the update.
+    track_grad_norm: compute the global gradient norm every update even without clipping (it is
+    returned, logged, and a non-finite one stops training); False saves one read of the gradients.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Adam:
         decoupled: bool = False,
         max_grad_norm: float | None = None,
         decay_filter: Callable[[str, np.ndarray], bool] = decay_matrices_only,
+        track_grad_norm: bool = True,
     ):
         if not isinstance(params, Mapping) or len(params) == 0:
             raise ValueError("params: expected a non-empty mapping of name to float32 array")
@@ -90,6 +93,7 @@ class Adam:
             if max_grad_norm == 0:
                 raise ValueError("max_grad_norm: must be > 0 (or None for no clipping)")
         self.max_grad_norm = max_grad_norm
+        self.track_grad_norm = bool(track_grad_norm)
         self.decays = {name: bool(decay_filter(name, p)) for name, p in self.params.items()}
         self.m = {name: np.zeros_like(p) for name, p in self.params.items()}
         self.v = {name: np.zeros_like(p) for name, p in self.params.items()}
@@ -121,18 +125,18 @@ class Adam:
     def step(self, grads: Mapping[str, np.ndarray]) -> dict[str, float]:
         """One update. Clips ``grads`` in place when ``max_grad_norm`` is set.
 
-        Returns {"lr": the rate used, "grad_norm": global gradient norm before clipping}. Raises
-        FloatingPointError (leaving parameters and state untouched) when that norm is not finite.
+        Returns {"lr": the rate used, "grad_norm": global gradient norm before clipping, or None
+        without clipping and with ``track_grad_norm=False``}. Raises FloatingPointError (leaving
+        parameters and moments untouched) when that norm is not finite.
         """
         self._check_grads(grads)
         garrays = list(grads.values())
-        if self.max_grad_norm is not None:
+        norm = None
+        if self.max_grad_norm is not None:  # one pass: the norm, then scaling only when needed
+            norm = ops.clip_grad_norm(garrays, self.max_grad_norm)
+        elif self.track_grad_norm:
             norm = ops.global_norm(garrays)
-            if math.isfinite(norm):
-                ops.clip_grad_norm(garrays, self.max_grad_norm)
-        else:
-            norm = ops.global_norm(garrays)
-        if not math.isfinite(norm):
+        if norm is not None and not math.isfinite(norm):
             raise FloatingPointError(
                 f"non-finite gradient norm ({norm}) at update {self.step_count + 1}; "
                 "parameters left unchanged"
@@ -154,7 +158,7 @@ class Adam:
                 decoupled=self.decoupled,
             )
         self.step_count = t
-        return {"lr": lr, "grad_norm": float(norm)}
+        return {"lr": lr, "grad_norm": None if norm is None else float(norm)}
 
     # -- checkpointing ---------------------------------------------------------------------------
 

@@ -153,6 +153,13 @@ class Trainer:
                 f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}"
             )
         _check_optimizer_holds(model, optimizer)
+        config = getattr(model, "config", None)
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if config is not None and getattr(config, name) != getattr(train_data, name):
+                raise ValueError(
+                    f"train_data: {name}={getattr(train_data, name)} but the model's config has "
+                    f"{name}={getattr(config, name)}"
+                )
         self.model, self.optimizer, self.train_data = model, optimizer, train_data
         self.label_smoothing = float(label_smoothing)
         self.seed = _positive_int("seed", seed, allow_zero=True)
@@ -169,6 +176,8 @@ class Trainer:
         self._valid = None if valid_data is None else list(valid_data)
         if self._valid is not None and not all(isinstance(b, Batch) for b in self._valid):
             raise TypeError("valid_data: expected a TokenBatcher or an iterable of Batch")
+        if self._valid is not None and sum(b.n_tokens for b in self._valid) == 0:
+            raise ValueError("valid_data: holds no target tokens")
         self.step = 0  # updates done
         self.tokens_seen = 0  # non-pad target tokens trained on
         self.last_valid: dict[str, float] | None = None
@@ -232,7 +241,7 @@ class Trainer:
             s, n = self.model.evaluate_loss(batch)
             loss_sum += s
             tokens += n
-        loss = loss_sum / max(tokens, 1)
+        loss = loss_sum / tokens
         result = {
             "valid_loss": loss,
             "valid_ppl": math.exp(min(loss, 700.0)),

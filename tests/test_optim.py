@@ -172,18 +172,27 @@ def test_state_dict_resume_is_bit_identical():
         assert np.array_equal(resumed[k], straight[k]), k
 
 
-def test_non_finite_gradients_leave_everything_untouched():
+@pytest.mark.parametrize("max_norm, bad", [(None, np.nan), (1.0, np.nan), (1.0, np.inf)])
+def test_non_finite_gradients_leave_everything_untouched(max_norm, bad):
     params = make_params()
-    opt = Adam(params, lr=1e-2)
+    opt = Adam(params, lr=1e-2, max_grad_norm=max_norm)
     opt.step(grad_stream(1)[0])
     before_p, before_m = copy.deepcopy(params), copy.deepcopy(opt.m)
-    bad = grad_stream(1, seed=9)[0]
-    bad["w"][2, 3] = np.nan
+    grads = grad_stream(1, seed=9)[0]
+    grads["w"][2, 3] = bad
     with pytest.raises(FloatingPointError, match="update 2"):
-        opt.step(bad)
+        opt.step(grads)
     assert opt.step_count == 1
     for k in params:
         assert np.array_equal(params[k], before_p[k]) and np.array_equal(opt.m[k], before_m[k])
+
+
+def test_untracked_norm_is_not_computed():
+    params, grads = make_params(), grad_stream(2)
+    _, _, infos = run_ours(Adam, params, grads, lr=1e-3, track_grad_norm=False)
+    assert [i["grad_norm"] for i in infos] == [None, None]
+    _, _, infos = run_ours(Adam, params, grads, lr=1e-3, track_grad_norm=False, max_grad_norm=5.0)
+    assert all(i["grad_norm"] > 0 for i in infos)  # clipping needs (and reports) it anyway
 
 
 def test_validation():

@@ -19,6 +19,13 @@ from pytransformer.trainer import Trainer, latest_checkpoint
 PAD, BOS, EOS = 0, 1, 2
 
 
+@pytest.fixture(autouse=True)
+def one_thread(threads):
+    """The models here are tiny: a second thread only adds synchronisation (and on a loaded
+    machine, long waits). Tests about thread counts set their own."""
+    threads(1)
+
+
 def tiny_config(vocab=12, d=16, layers=1, dropout=0.1, **kw):
     return TransformerConfig(
         src_vocab_size=vocab,
@@ -119,6 +126,7 @@ def test_resume_is_bit_identical(tmp_path):
     of update 3 in fresh objects built with other seeds (all state must come from the file)."""
     ref = make_trainer(tmp_path / "ref", accumulate=2, checkpoint_every=3, log_every=1)
     ref.fit(8)
+    assert ref.train_data.epoch >= 1  # the resumed part crosses an epoch boundary
     crashed = make_trainer(tmp_path / "run", accumulate=2, checkpoint_every=3, log_every=1)
     for _ in range(5):  # no checkpoint after update 3: the process dies here
         crashed._account(crashed.train_step(), None)
@@ -287,6 +295,9 @@ def test_trainer_validation(tmp_path):
         Trainer(tr.model, object(), tr.train_data)
     with pytest.raises(ValueError, match="copies"):
         Trainer(tr.model, Adam(tr.model.state_dict()), tr.train_data)
+    other_pad = TokenBatcher(train_pairs(), 96, pad_id=3, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="pad_id"):
+        Trainer(tr.model, tr.optimizer, other_pad)
     with pytest.raises(TypeError, match="train_data"):
         Trainer(tr.model, tr.optimizer, [1, 2])
     with pytest.raises(ValueError, match="accumulate"):
@@ -297,6 +308,8 @@ def test_trainer_validation(tmp_path):
         tr.save_checkpoint()
     with pytest.raises(ValueError, match="valid_data"):
         tr.evaluate()
+    with pytest.raises(ValueError, match="valid_data"):
+        Trainer(tr.model, tr.optimizer, tr.train_data, valid_data=[])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +317,8 @@ def test_trainer_validation(tmp_path):
 
 
 @pytest.mark.parametrize("task, steps", [("copy", 300), ("reverse", 600)])
-def test_learns_copy_and_reverse(threads, task, steps):
-    """Teacher-forced argmax accuracy >= 99% on held-out pairs after a few seconds of training
-    (one thread: the model is so small that a second one only adds synchronisation)."""
-    threads(1)
+def test_learns_copy_and_reverse(task, steps):
+    """Teacher-forced argmax accuracy >= 99% on held-out pairs after a few seconds of training."""
     cfg = TransformerConfig(
         src_vocab_size=14, tgt_vocab_size=14, d_model=32, num_heads=2, d_ff=64,
         num_encoder_layers=1, num_decoder_layers=1, dropout=0.0, max_len=32, tie_embeddings="all",
@@ -322,8 +333,7 @@ def test_learns_copy_and_reverse(threads, task, steps):
     assert token_accuracy(model, held_out) >= 0.99
 
 
-def test_language_model_overfits_a_small_text(threads):
-    threads(1)
+def test_language_model_overfits_a_small_text():
     text = (
         "It is a truth universally acknowledged, that a single man in possession of a good "
         "fortune, must be in want of a wife."
