@@ -6,7 +6,11 @@ import os
 
 from . import ops
 from ._native import _C
+from .data import Batch, TokenBatcher, make_batch, make_lm_batch
+from .io import CheckpointError
 from .model import Transformer, TransformerConfig, TransformerEncoderModel, TransformerLM
+from .optim import Adam, AdamW
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 
@@ -48,4 +52,6 @@ def get_num_threads() -> int:
 __all__ = [
     "cpu_info", "set_num_threads", "get_num_threads", "ops", "__version__",
     "TransformerConfig", "Transformer", "TransformerLM", "TransformerEncoderModel",
+    "Batch", "TokenBatcher", "make_batch", "make_lm_batch", "CheckpointError",
+    "Adam", "AdamW", "Trainer",
 ]
