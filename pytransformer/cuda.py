@@ -38,6 +38,10 @@ __all__ = [
     "matmul",
     "layer_norm",
     "layer_norm_backward",
+    "attention",
+    "attention_backward",
+    "softmax_cross_entropy",
+    "adam_step",
 ]
 
 ATTN_MAX_D = 128  # head dimension limit of the attention kernels (kAttnMaxD in csrc/cuda/kernels.h)
@@ -327,3 +331,238 @@ def layer_norm_backward(
         Dy.ptr, X.ptr, G.ptr, Mean.ptr, Rstd.ptr, N, C, stream,
     )  # fmt: skip
     return dx, dgamma, dbeta
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+@dataclass
+class _AttnArgs:
+    q: _Array
+    k: _Array
+    v: _Array
+    B: int
+    Lq: int
+    Lk: int
+    H: int
+    D: int
+    lengths: list[int]
+    causal: bool
+    query_offset: int
+    scale: float
+
+
+def _check_attention(
+    q: Any, k: Any, v: Any, key_lengths: Any, causal: bool, query_offset: int, scale: float | None
+) -> _AttnArgs:
+    """Checks q, k, v (any strides), key_lengths (host ints in [0, Lk]) and the flags."""
+    Q = _f32(q, "q", (4,), contiguous=False)
+    K = _f32(k, "k", (4,), contiguous=False)
+    V = _f32(v, "v", (4,), contiguous=False)
+    for arr, name in ((Q, "q"), (K, "k"), (V, "v")):
+        _require_nonempty(arr, name)
+    B, Lq, H, D = Q.shape
+    Lk = K.shape[1]
+    _require_shape(K, "k", (B, Lk, H, D))
+    _require_shape(V, "v", (B, Lk, H, D))
+    if D > ATTN_MAX_D:
+        raise ValueError(f"q: head dimension {D} exceeds the CUDA kernels' limit of {ATTN_MAX_D}")
+    if B > 65535 or H > 65535:
+        raise ValueError(f"q: batch {B} and heads {H} must each be at most 65535")
+    _require_int32_range("q: Lq", Lq)
+    _require_int32_range("k: Lk", Lk)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if isinstance(query_offset, bool) or not isinstance(query_offset, (int, np.integer)):
+        raise TypeError(f"query_offset: expected an int, got {type(query_offset).__name__}")
+    if query_offset < 0:
+        raise ValueError(f"query_offset: must be >= 0, got {query_offset}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    lengths: list[int] = []
+    if key_lengths is not None:
+        if hasattr(key_lengths, "__cuda_array_interface__"):
+            raise TypeError("key_lengths: pass a host array (numpy or list), not a device array")
+        kl = np.asarray(key_lengths)
+        if kl.dtype.kind not in "iu":
+            raise TypeError(f"key_lengths: expected integers, got {kl.dtype}")
+        if kl.shape != (B,):
+            raise ValueError(f"key_lengths: expected shape {(B,)}, got {kl.shape}")
+        bad = np.flatnonzero((kl < 0) | (kl > Lk))
+        if bad.size:
+            raise ValueError(
+                f"key_lengths: value {int(kl[bad[0]])} at index {int(bad[0])} is outside [0, {Lk}]"
+            )
+        lengths = [int(n) for n in kl]
+    return _AttnArgs(
+        Q, K, V, B, Lq, Lk, H, D, lengths, bool(causal), int(query_offset), float(scale)
+    )
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    key_lengths: Any = None,
+    causal: bool = False,
+    query_offset: int = 0,
+    scale: float | None = None,
+    return_lse: bool = False,
+    stream: int = 0,
+) -> Any:
+    """Masked scaled-dot-product attention on the GPU (see ops.attention).
+
+    q (B, Lq, H, D), k and v (B, Lk, H, D) with any strides (views into a fused projection are
+    fine), D <= 128. key_lengths is a host integer array (B,) with values in [0, Lk]. Returns out
+    (B, Lq, H, D) C-contiguous, or ``(out, lse)`` with lse (B, H, Lq); rows with no visible key
+    give zeros (and lse = -inf).
+    """
+    c = _check_attention(q, k, v, key_lengths, causal, query_offset, scale)
+    stream = _stream(stream)
+    ext = _module()
+    out = _empty(q, (c.B, c.Lq, c.H, c.D), "out")
+    lse = _empty(q, (c.B, c.H, c.Lq), "lse") if return_lse else None
+    ext.attention(
+        _interface(out, "out").ptr, 0 if lse is None else _interface(lse, "lse").ptr,
+        c.q.ptr, list(c.q.strides), c.k.ptr, list(c.k.strides), c.v.ptr, list(c.v.strides),
+        c.B, c.Lq, c.Lk, c.H, c.D, c.lengths, c.causal, c.query_offset, c.scale, stream,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    key_lengths: Any = None,
+    causal: bool = False,
+    query_offset: int = 0,
+    scale: float | None = None,
+    stream: int = 0,
+) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`attention`: ``(dq, dk, dv)``, C-contiguous, shaped as q, k, v.
+
+    dout and out are (B, Lq, H, D) C-contiguous (out and lse from the forward with
+    ``return_lse=True``); the masking arguments must be those of the forward.
+    """
+    c = _check_attention(q, k, v, key_lengths, causal, query_offset, scale)
+    Dout = _f32(dout, "dout", (4,))
+    _require_shape(Dout, "dout", c.q.shape)
+    Out = _f32(out, "out", (4,))
+    _require_shape(Out, "out", c.q.shape)
+    Lse = _f32(lse, "lse", (3,))
+    _require_shape(Lse, "lse", (c.B, c.H, c.Lq))
+    stream = _stream(stream)
+    ext = _module()
+    dq = _empty(q, c.q.shape, "dq")
+    dk = _empty(q, c.k.shape, "dk")
+    dv = _empty(q, c.v.shape, "dv")
+    ext.attention_backward(
+        _interface(dq, "dq").ptr, _interface(dk, "dk").ptr, _interface(dv, "dv").ptr,
+        Dout.ptr, Out.ptr, Lse.ptr,
+        c.q.ptr, list(c.q.strides), c.k.ptr, list(c.k.strides), c.v.ptr, list(c.v.strides),
+        c.B, c.Lq, c.Lk, c.H, c.D, c.lengths, c.causal, c.query_offset, c.scale, stream,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- loss and optimizer
+
+
+def softmax_cross_entropy(
+    logits: Any,
+    targets: Any,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    inplace: bool = False,
+    stream: int = 0,
+) -> tuple[float, Any]:
+    """Label-smoothed cross-entropy and its gradient (see ops.softmax_cross_entropy).
+
+    logits (N, V) float32 C-contiguous, targets (N,) int32 or int64 on the device. Returns
+    ``(loss, dlogits)``; waits for the device (the loss is a Python float). ``inplace=True``
+    writes dlogits over logits and returns that array.
+
+    Raises:
+        IndexError: a target outside [0, V) other than ignore_index (naming the first row).
+    """
+    X = _f32(logits, "logits", (2,), writable=bool(inplace))
+    _require_nonempty(X, "logits")
+    N, V = X.shape
+    _require_int32_range("logits: V", V)
+    T = _interface(targets, "targets")
+    if T.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise TypeError(f"targets: expected int32 or int64, got {T.dtype}")
+    if len(T.shape) != 1 or T.shape[0] != N:
+        raise ValueError(f"targets: expected shape {(N,)}, got {T.shape}")
+    if not T.c_contiguous():
+        raise ValueError("targets: must be contiguous")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    stream = _stream(stream)
+    ext = _module()
+    dlogits = logits if inplace else _empty(logits, (N, V), "dlogits")
+    loss, bad_row = ext.softmax_cross_entropy(
+        _interface(dlogits, "dlogits").ptr, X.ptr, T.ptr, T.dtype == np.int64, N, V,
+        float(label_smoothing), int(ignore_index), stream,
+    )  # fmt: skip
+    if bad_row >= 0:
+        raise IndexError(
+            f"targets: row {bad_row} holds a class outside [0, {V}) that is not ignore_index "
+            f"({ignore_index})"
+        )
+    return float(loss), dlogits
+
+
+def adam_step(
+    param: Any,
+    grad: Any,
+    m: Any,
+    v: Any,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.98,
+    eps: float = 1e-9,
+    weight_decay: float = 0.0,
+    step: int,
+    decoupled: bool = False,
+    stream: int = 0,
+) -> None:
+    """One Adam (AdamW with ``decoupled=True``) update in place on param, m, v (see ops.adam_step).
+
+    All four arrays float32, C-contiguous, of one shape; step >= 1 (bias correction).
+    """
+    P = _f32(param, "param", tuple(range(1, 9)), writable=True)
+    G = _f32(grad, "grad", (len(P.shape),))
+    Mo = _f32(m, "m", (len(P.shape),), writable=True)
+    Vo = _f32(v, "v", (len(P.shape),), writable=True)
+    for arr, name in ((G, "grad"), (Mo, "m"), (Vo, "v")):
+        _require_shape(arr, name, P.shape)
+    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"beta1, beta2: expected values in [0, 1), got {beta1}, {beta2}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step: expected an int >= 1, got {step!r}")
+    stream = _stream(stream)
+    ext = _module()
+    if P.size == 0:
+        return
+    ext.adam_step(
+        P.ptr, G.ptr, Mo.ptr, Vo.ptr, P.size, float(lr), float(beta1), float(beta2), float(eps),
+        float(weight_decay), int(step), bool(decoupled), stream,
+    )  # fmt: skip

@@ -64,13 +64,13 @@ cudaError_t attention_backward(float* dq, float* dk, float* dv, float* scratch, 
                                const float* out, const float* lse, AttnView q, AttnView k, AttnView v,
                                AttnShape s, cudaStream_t stream);
 
-// logits, dlogits (N,V) (may alias: in place); targets (N,) int32 or int64 (is64). row_loss (N,) and
-// stats (2 ints) are scratch. Checks targets first and synchronises: a target outside [0, V) other
+// logits, dlogits (N,V) (may alias: in place); targets (N,) int32 or int64 (is64). row_loss (N,) floats
+// and stats (2 int64) are device scratch. Checks targets first and synchronises: a target outside [0, V) other
 // than ignore_index stores its row in *bad_row and returns cudaSuccess without computing. Otherwise
 // *bad_row = -1, *loss = mean over kept rows of (1-eps) nll + eps mean_v(-log p_v) (0 if none kept)
 // and dlogits = d loss / d logits (ignored rows zero).
 cudaError_t softmax_xent_forward_backward(float* loss, std::int64_t* bad_row, float* dlogits, float* row_loss,
-                                          int* stats, const float* logits, const void* targets, bool is64,
+                                          std::int64_t* stats, const float* logits, const void* targets, bool is64,
                                           std::int64_t N, int V, float label_smoothing,
                                           std::int64_t ignore_index, cudaStream_t stream);
 

@@ -145,6 +145,97 @@ void layer_norm_backward(std::uintptr_t dx, std::uintptr_t dgamma, std::uintptr_
   check(err, "layer_norm_backward kernel launch");
 }
 
+pt::cuda::AttnView view(std::uintptr_t ptr, const std::vector<int64_t>& strides, const char* name) {
+  if (strides.size() != 4) throw py::value_error(std::string(name) + ": expected 4 strides");
+  return {device_ptr<const float>(ptr, name), strides[0], strides[1], strides[2], strides[3]};
+}
+
+// key_lengths arrive as a host list (checked in [0, Lk] by the Python layer), copied to the device.
+pt::cuda::AttnShape attn_shape(int B, int Lq, int Lk, int H, int D, bool causal, int64_t query_offset, float scale,
+                               const DeviceInts& lengths) {
+  return {B, Lq, Lk, H, D, causal, query_offset, scale, lengths.p};
+}
+
+void attention(std::uintptr_t out, std::uintptr_t lse, std::uintptr_t q, std::vector<int64_t> sq, std::uintptr_t k,
+               std::vector<int64_t> sk, std::uintptr_t v, std::vector<int64_t> sv, int B, int Lq, int Lk, int H, int D,
+               std::vector<int> key_lengths, bool causal, int64_t query_offset, float scale, std::uintptr_t stream) {
+  float* pout = device_ptr<float>(out, "out");
+  float* plse = optional_ptr<float>(lse, "lse");
+  const auto vq = view(q, sq, "q"), vk = view(k, sk, "k"), vv = view(v, sv, "v");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    DeviceInts lengths(key_lengths);
+    err = pt::cuda::attention_forward(pout, plse, vq, vk, vv,
+                                      attn_shape(B, Lq, Lk, H, D, causal, query_offset, scale, lengths),
+                                      as_stream(stream));
+  }
+  check(err, "attention kernel launch");
+}
+
+void attention_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t dout,
+                        std::uintptr_t out, std::uintptr_t lse, std::uintptr_t q, std::vector<int64_t> sq,
+                        std::uintptr_t k, std::vector<int64_t> sk, std::uintptr_t v, std::vector<int64_t> sv, int B,
+                        int Lq, int Lk, int H, int D, std::vector<int> key_lengths, bool causal,
+                        int64_t query_offset, float scale, std::uintptr_t stream) {
+  float* pdq = device_ptr<float>(dq, "dq");
+  float* pdk = device_ptr<float>(dk, "dk");
+  float* pdv = device_ptr<float>(dv, "dv");
+  const float* pdout = device_ptr<const float>(dout, "dout");
+  const float* pout = device_ptr<const float>(out, "out");
+  const float* plse = device_ptr<const float>(lse, "lse");
+  const auto vq = view(q, sq, "q"), vk = view(k, sk, "k"), vv = view(v, sv, "v");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    DeviceInts lengths(key_lengths);
+    DeviceBuffer delta(static_cast<size_t>(B) * H * Lq * sizeof(float));
+    err = pt::cuda::attention_backward(pdq, pdk, pdv, static_cast<float*>(delta.p), pdout, pout, plse, vq, vk, vv,
+                                       attn_shape(B, Lq, Lk, H, D, causal, query_offset, scale, lengths),
+                                       as_stream(stream));
+  }
+  check(err, "attention_backward kernel launch");
+}
+
+// Returns (loss, bad_row): bad_row >= 0 names the first row whose target is out of range (the
+// Python layer raises IndexError), in which case nothing was computed.
+py::tuple softmax_cross_entropy(std::uintptr_t dlogits, std::uintptr_t logits, std::uintptr_t targets, bool is64,
+                                int64_t N, int V, float label_smoothing, int64_t ignore_index,
+                                std::uintptr_t stream) {
+  float* pd = device_ptr<float>(dlogits, "dlogits");
+  const float* pl = device_ptr<const float>(logits, "logits");
+  const void* pt_ = device_ptr<const void>(targets, "targets");
+  float loss = 0.0f;
+  int64_t bad_row = -1;
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    DeviceBuffer row_loss(static_cast<size_t>(N) * sizeof(float));
+    DeviceBuffer stats(2 * sizeof(int64_t));
+    err = pt::cuda::softmax_xent_forward_backward(&loss, &bad_row, pd, static_cast<float*>(row_loss.p),
+                                                  static_cast<int64_t*>(stats.p), pl, pt_, is64, N, V,
+                                                  label_smoothing, ignore_index, as_stream(stream));
+  }
+  check(err, "softmax_cross_entropy");
+  return py::make_tuple(loss, bad_row);
+}
+
+void adam_step(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t m, std::uintptr_t v, int64_t n, float lr,
+               float beta1, float beta2, float eps, float weight_decay, int64_t step, bool decoupled,
+               std::uintptr_t stream) {
+  float* pp = device_ptr<float>(param, "param");
+  const float* pg = device_ptr<const float>(grad, "grad");
+  float* pm = device_ptr<float>(m, "m");
+  float* pv = device_ptr<float>(v, "v");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = pt::cuda::adam_step(pp, pg, pm, pv, n, lr, beta1, beta2, eps, weight_decay, step, decoupled,
+                              as_stream(stream));
+  }
+  check(err, "adam_step kernel launch");
+}
+
 void synchronize() {
   cudaError_t err;
   {
@@ -163,5 +254,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("matmul", &matmul);
   m.def("layer_norm", &layer_norm);
   m.def("layer_norm_backward", &layer_norm_backward);
+  m.def("attention", &attention);
+  m.def("attention_backward", &attention_backward);
+  m.def("softmax_cross_entropy", &softmax_cross_entropy);
+  m.def("adam_step", &adam_step);
   m.attr("ATTN_MAX_D") = pt::cuda::kAttnMaxD;
 }
