@@ -312,22 +312,40 @@ def test_loss_and_optimizer_argument_errors(call, exc, match):
 # ------------------------------------------------------------------------- GPU against the CPU ops
 
 
-def _gpu_ready() -> bool:
-    return cuda.is_available() and torch is not None and torch.cuda.is_available()
+def _array_lib() -> str | None:
+    """The library that moves test arrays to the device: torch with CUDA, else CuPy, else None."""
+    if torch is not None and torch.cuda.is_available():
+        return "torch"
+    try:
+        import cupy
+
+        return "cupy" if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:  # not installed, or no driver
+        return None
 
 
+GPU_LIB = _array_lib() if cuda.is_available() else None
 gpu = pytest.mark.skipif(
-    not _gpu_ready(), reason="needs pytransformer._cuda, a CUDA device and torch with CUDA"
+    GPU_LIB is None, reason="needs pytransformer._cuda, a CUDA device and torch with CUDA or CuPy"
 )
 
 
 def to_gpu(x: np.ndarray):
-    return torch.from_numpy(np.ascontiguousarray(x)).cuda()
+    x = np.ascontiguousarray(x)
+    if GPU_LIB == "torch":
+        return torch.from_numpy(x).cuda()
+    import cupy
+
+    return cupy.asarray(x)
 
 
 def to_np(t) -> np.ndarray:
-    torch.cuda.synchronize()
-    return t.cpu().numpy()
+    cuda.synchronize()
+    return t.cpu().numpy() if GPU_LIB == "torch" else t.get()
+
+
+def c_contiguous(t) -> bool:
+    return cuda._interface(t, "t").c_contiguous()
 
 
 def randn(rng, *shape) -> np.ndarray:
@@ -444,7 +462,7 @@ def test_attention_matches_cpu(rng, B, Lq, Lk, H, D, masked, causal, query_offse
     want = ops.attention_backward(dout, q, k, v, out, lse, **kw)
     got = cuda.attention_backward(to_gpu(dout), gq, gk, gv, gout, glse, **kw)
     for g, w in zip(got, want, strict=True):
-        assert g.is_contiguous()
+        assert c_contiguous(g)
         np.testing.assert_allclose(to_np(g), w, rtol=1e-3, atol=1e-4)
 
 
