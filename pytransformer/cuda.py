@@ -251,7 +251,8 @@ def matmul(
     if out is not None:
         Out = _f32(out, "out", (len(out_shape),), writable=True)
         _require_shape(Out, "out", out_shape)
-        for other, label in ((A, "a"), (B, "b")):
+        others = [(A, "a"), (B, "b")] + ([(Bias, "bias")] if bias is not None else [])
+        for other, label in others:
             if _overlaps(Out, other):
                 raise ValueError(f"out: shares memory with {label}")
     stream = _stream(stream)

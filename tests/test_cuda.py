@@ -100,6 +100,12 @@ def test_valid_call_without_device_raises_runtime_error():
             "shares memory with b",
         ),
         ((F(2, 3), F(3, 4)), {"stream": -1}, TypeError, "stream"),
+        (
+            (F(2, 3), F(3, 4)),
+            {"bias": F(4, ptr=0x30000), "out": F(2, 4, ptr=0x30008)},
+            ValueError,
+            "shares memory with bias",
+        ),
     ],
 )
 def test_matmul_argument_errors(args, kwargs, exc, match):
