@@ -1,0 +1,262 @@
+// pybind11 bindings of pytransformer._cuda. The Python layer (pytransformer/cuda.py) reads
+// __cuda_array_interface__, validates dtype, shape, contiguity and sizes, and passes raw device
+// pointers as integers; here each pointer is checked to be device memory on the current device,
+// the GIL is released, the kernel is queued and a launch error becomes a RuntimeError.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using pt::cuda::Activation;
+using std::int64_t;
+
+namespace {
+
+[[noreturn]] void raise_cuda(cudaError_t err, const char* what) {
+  throw std::runtime_error(std::string("pytransformer._cuda: ") + what + " failed: " + cudaGetErrorName(err) +
+                           ": " + cudaGetErrorString(err));
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) raise_cuda(err, what);
+}
+
+// Number of CUDA devices, 0 when there is no driver or no device (never raises).
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+    return 0;
+  }
+  return n;
+}
+
+// Checks that `ptr` (an integer from __cuda_array_interface__) is device or managed memory
+// visible to the current device; raises ValueError naming the argument otherwise.
+template <typename T>
+T* device_ptr(std::uintptr_t ptr, const char* name) {
+  if (ptr == 0) throw py::value_error(std::string(name) + ": null device pointer");
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw py::value_error(std::string(name) + ": not a CUDA device pointer (" + cudaGetErrorString(err) + ")");
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw py::value_error(std::string(name) + ": memory is not on a CUDA device");
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (attr.type == cudaMemoryTypeDevice && attr.device != dev)
+    throw py::value_error(std::string(name) + ": array is on device " + std::to_string(attr.device) +
+                          " but the current device is " + std::to_string(dev));
+  return reinterpret_cast<T*>(ptr);
+}
+
+template <typename T>
+T* optional_ptr(std::uintptr_t ptr, const char* name) {
+  return ptr == 0 ? nullptr : device_ptr<T>(ptr, name);
+}
+
+cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// Device copy of the host key lengths for the duration of one call.
+struct DeviceInts {
+  int* p = nullptr;
+  explicit DeviceInts(const std::vector<int>& host) {
+    if (host.empty()) return;
+    check(cudaMalloc(reinterpret_cast<void**>(&p), host.size() * sizeof(int)), "cudaMalloc");
+    const cudaError_t err = cudaMemcpy(p, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice);
+    if (err != cudaSuccess) {
+      cudaFree(p);
+      raise_cuda(err, "cudaMemcpy");
+    }
+  }
+  ~DeviceInts() {
+    if (p) cudaFree(p);  // cudaFree waits for the kernels that read it
+  }
+  DeviceInts(const DeviceInts&) = delete;
+  DeviceInts& operator=(const DeviceInts&) = delete;
+};
+
+// Scratch device buffer freed at scope exit.
+struct DeviceBuffer {
+  void* p = nullptr;
+  explicit DeviceBuffer(size_t bytes) { check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc"); }
+  ~DeviceBuffer() { cudaFree(p); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+};
+
+void matmul(std::uintptr_t c, std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, int batch, int M, int N,
+            int K, int64_t stride_a, int64_t stride_b, bool trans_a, bool trans_b, bool accumulate, int act,
+            bool naive, std::uintptr_t stream) {
+  float* pc = device_ptr<float>(c, "out");
+  const float* pa = device_ptr<const float>(a, "a");
+  const float* pb = device_ptr<const float>(b, "b");
+  const float* pbias = optional_ptr<const float>(bias, "bias");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    auto f = naive ? pt::cuda::sgemm_forward_naive : pt::cuda::sgemm_forward;
+    err = f(pc, pa, pb, pbias, batch, M, N, K, stride_a, stride_b, trans_a, trans_b, accumulate,
+            static_cast<Activation>(act), as_stream(stream));
+  }
+  check(err, "matmul kernel launch");
+}
+
+void layer_norm(std::uintptr_t y, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t x, std::uintptr_t gamma,
+                std::uintptr_t beta, int64_t N, int C, float eps, std::uintptr_t stream) {
+  float* py_ = device_ptr<float>(y, "y");
+  float* pm = device_ptr<float>(mean, "mean");
+  float* pr = device_ptr<float>(rstd, "rstd");
+  const float* px = device_ptr<const float>(x, "x");
+  const float* pg = device_ptr<const float>(gamma, "gamma");
+  const float* pb = device_ptr<const float>(beta, "beta");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = pt::cuda::layer_norm_forward(py_, pm, pr, px, pg, pb, N, C, eps, as_stream(stream));
+  }
+  check(err, "layer_norm kernel launch");
+}
+
+void layer_norm_backward(std::uintptr_t dx, std::uintptr_t dgamma, std::uintptr_t dbeta, std::uintptr_t dy,
+                         std::uintptr_t x, std::uintptr_t gamma, std::uintptr_t mean, std::uintptr_t rstd, int64_t N,
+                         int C, std::uintptr_t stream) {
+  float* pdx = device_ptr<float>(dx, "dx");
+  float* pdg = device_ptr<float>(dgamma, "dgamma");
+  float* pdb = device_ptr<float>(dbeta, "dbeta");
+  const float* pdy = device_ptr<const float>(dy, "dy");
+  const float* px = device_ptr<const float>(x, "x");
+  const float* pg = device_ptr<const float>(gamma, "gamma");
+  const float* pm = device_ptr<const float>(mean, "mean");
+  const float* pr = device_ptr<const float>(rstd, "rstd");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = pt::cuda::layer_norm_backward(pdx, pdg, pdb, pdy, px, pg, pm, pr, N, C, as_stream(stream));
+  }
+  check(err, "layer_norm_backward kernel launch");
+}
+
+pt::cuda::AttnView view(std::uintptr_t ptr, const std::vector<int64_t>& strides, const char* name) {
+  if (strides.size() != 4) throw py::value_error(std::string(name) + ": expected 4 strides");
+  return {device_ptr<const float>(ptr, name), strides[0], strides[1], strides[2], strides[3]};
+}
+
+// key_lengths arrive as a host list (checked in [0, Lk] by the Python layer), copied to the device.
+pt::cuda::AttnShape attn_shape(int B, int Lq, int Lk, int H, int D, bool causal, int64_t query_offset, float scale,
+                               const DeviceInts& lengths) {
+  return {B, Lq, Lk, H, D, causal, query_offset, scale, lengths.p};
+}
+
+void attention(std::uintptr_t out, std::uintptr_t lse, std::uintptr_t q, std::vector<int64_t> sq, std::uintptr_t k,
+               std::vector<int64_t> sk, std::uintptr_t v, std::vector<int64_t> sv, int B, int Lq, int Lk, int H, int D,
+               std::vector<int> key_lengths, bool causal, int64_t query_offset, float scale, std::uintptr_t stream) {
+  float* pout = device_ptr<float>(out, "out");
+  float* plse = optional_ptr<float>(lse, "lse");
+  const auto vq = view(q, sq, "q"), vk = view(k, sk, "k"), vv = view(v, sv, "v");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    DeviceInts lengths(key_lengths);
+    err = pt::cuda::attention_forward(pout, plse, vq, vk, vv,
+                                      attn_shape(B, Lq, Lk, H, D, causal, query_offset, scale, lengths),
+                                      as_stream(stream));
+  }
+  check(err, "attention kernel launch");
+}
+
+void attention_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t dout,
+                        std::uintptr_t out, std::uintptr_t lse, std::uintptr_t q, std::vector<int64_t> sq,
+                        std::uintptr_t k, std::vector<int64_t> sk, std::uintptr_t v, std::vector<int64_t> sv, int B,
+                        int Lq, int Lk, int H, int D, std::vector<int> key_lengths, bool causal,
+                        int64_t query_offset, float scale, std::uintptr_t stream) {
+  float* pdq = device_ptr<float>(dq, "dq");
+  float* pdk = device_ptr<float>(dk, "dk");
+  float* pdv = device_ptr<float>(dv, "dv");
+  const float* pdout = device_ptr<const float>(dout, "dout");
+  const float* pout = device_ptr<const float>(out, "out");
+  const float* plse = device_ptr<const float>(lse, "lse");
+  const auto vq = view(q, sq, "q"), vk = view(k, sk, "k"), vv = view(v, sv, "v");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    DeviceInts lengths(key_lengths);
+    DeviceBuffer delta(static_cast<size_t>(B) * H * Lq * sizeof(float));
+    err = pt::cuda::attention_backward(pdq, pdk, pdv, static_cast<float*>(delta.p), pdout, pout, plse, vq, vk, vv,
+                                       attn_shape(B, Lq, Lk, H, D, causal, query_offset, scale, lengths),
+                                       as_stream(stream));
+  }
+  check(err, "attention_backward kernel launch");
+}
+
+// Returns (loss, bad_row): bad_row >= 0 names the first row whose target is out of range (the
+// Python layer raises IndexError), in which case nothing was computed.
+py::tuple softmax_cross_entropy(std::uintptr_t dlogits, std::uintptr_t logits, std::uintptr_t targets, bool is64,
+                                int64_t N, int V, float label_smoothing, int64_t ignore_index,
+                                std::uintptr_t stream) {
+  float* pd = device_ptr<float>(dlogits, "dlogits");
+  const float* pl = device_ptr<const float>(logits, "logits");
+  const void* pt_ = device_ptr<const void>(targets, "targets");
+  float loss = 0.0f;
+  int64_t bad_row = -1;
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    DeviceBuffer row_loss(static_cast<size_t>(N) * sizeof(float));
+    DeviceBuffer stats(2 * sizeof(int64_t));
+    err = pt::cuda::softmax_xent_forward_backward(&loss, &bad_row, pd, static_cast<float*>(row_loss.p),
+                                                  static_cast<int64_t*>(stats.p), pl, pt_, is64, N, V,
+                                                  label_smoothing, ignore_index, as_stream(stream));
+  }
+  check(err, "softmax_cross_entropy");
+  return py::make_tuple(loss, bad_row);
+}
+
+void adam_step(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t m, std::uintptr_t v, int64_t n, float lr,
+               float beta1, float beta2, float eps, float weight_decay, int64_t step, bool decoupled,
+               std::uintptr_t stream) {
+  float* pp = device_ptr<float>(param, "param");
+  const float* pg = device_ptr<const float>(grad, "grad");
+  float* pm = device_ptr<float>(m, "m");
+  float* pv = device_ptr<float>(v, "v");
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = pt::cuda::adam_step(pp, pg, pm, pv, n, lr, beta1, beta2, eps, weight_decay, step, decoupled,
+                              as_stream(stream));
+  }
+  check(err, "adam_step kernel launch");
+}
+
+void synchronize() {
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = cudaDeviceSynchronize();
+  }
+  check(err, "cudaDeviceSynchronize");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "pytransformer CUDA kernels (raw device pointers; use pytransformer.cuda instead)";
+  m.def("device_count", &device_count);
+  m.def("synchronize", &synchronize);
+  m.def("matmul", &matmul);
+  m.def("layer_norm", &layer_norm);
+  m.def("layer_norm_backward", &layer_norm_backward);
+  m.def("attention", &attention);
+  m.def("attention_backward", &attention_backward);
+  m.def("softmax_cross_entropy", &softmax_cross_entropy);
+  m.def("adam_step", &adam_step);
+  m.attr("ATTN_MAX_D") = pt::cuda::kAttnMaxD;
+}
