@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,23 +46,7 @@ def flops(B, H, L, D, causal):
 def interleaved_cpu_medians(fns: dict[str, Callable[[], object]], repeats: int,
                             min_time: float = 0.05) -> dict[str, float]:
     """interleaved_medians with the calling thread's CPU time as the clock."""
-    for fn in fns.values():
-        fn()
-    inner = {}
-    for name, fn in fns.items():
-        t0, n = time.thread_time(), 0
-        while time.thread_time() - t0 < min_time:
-            fn()
-            n += 1
-        inner[name] = max(1, n)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.thread_time()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.thread_time() - t0) / inner[name])
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return interleaved_medians(fns, repeats, min_time, clock=time.thread_time)
 
 
 def ours_fns(q, k, v, dout, causal):

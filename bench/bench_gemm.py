@@ -24,12 +24,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import markdown_table, update_results  # noqa: E402
+from _common import interleaved_samples, markdown_table, update_results  # noqa: E402
 
 SHAPES = [
     (1, 512, 512),
@@ -54,22 +53,7 @@ def fma_peak_per_thread() -> float:
 
 def timed(fns: dict, repeats: int, min_time: float) -> dict[str, tuple[float, float]]:
     """(median, best) seconds per call of each fn, with the fns' batches interleaved."""
-    for fn in fns.values():
-        fn()
-    inner = {}
-    for name, fn in fns.items():
-        t0, n = time.perf_counter(), 0
-        while time.perf_counter() - t0 < min_time:
-            fn()
-            n += 1
-        inner[name] = n
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / inner[name])
+    samples = interleaved_samples(fns, repeats, min_time)
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
