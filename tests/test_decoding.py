@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytransformer import decoding
@@ -214,6 +214,23 @@ def test_full_width_beam_equals_exhaustive(alpha, min_len):
         for ref, r in zip(refs, res, strict=True):
             assert r.hypotheses == [h for _, h in ref[:n_best]]
             np.testing.assert_allclose(r.scores, [s for s, _ in ref[:n_best]], atol=1e-5)
+
+
+@settings(max_examples=25)
+@given(v=st.integers(3, 5), n=st.integers(1, 4), min_len=st.integers(0, 4),
+       alpha=st.floats(-0.5, 2.0), seed=st.integers(0, 10_000), n_best=st.integers(1, 3))
+def test_full_width_beam_equals_exhaustive_property(v, n, min_len, alpha, seed, n_best):
+    min_len = min(min_len, n)
+    model = ToySeq2Seq(ToyConfig(tgt_vocab_size=v), seed=seed, eos_bias=seed % 3 - 1.0)
+    srcs = SOURCES[: 1 + seed % 3]
+    res = translate(model, srcs, beam_size=v**n, length_penalty=alpha, max_decoding_length=n,
+                    min_decoding_length=min_len, num_hypotheses=n_best, return_scores=True)
+    for src, r in zip(srcs, res, strict=True):
+        ref = exhaustive(model, src, [1], min_len, n, alpha)[:n_best]
+        np.testing.assert_allclose(r.scores, [s for s, _ in ref], atol=1e-5)
+        # tokens must match except where two hypotheses tie in score
+        if len({round(s, 4) for s, _ in ref}) == len(ref):
+            assert r.hypotheses == [h for _, h in ref]
 
 
 def test_lm_full_width_beam_equals_exhaustive():
