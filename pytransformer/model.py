@@ -23,6 +23,7 @@ import numpy as np
 from . import ops
 from .nn.blocks import Decoder, Encoder
 from .nn.layers import Context, Embedding, Linear, sinusoidal_positions
+from .nn.layout import Layout
 from .nn.params import ParamStore, embedding_init
 
 _ACTIVATIONS = ("relu", "gelu")
@@ -197,21 +198,21 @@ class DecoderState:
 
     kv_caches: per decoder layer (B, max_steps, 2, H, D) — self-attention keys [:, :, 0] and values
     [:, :, 1]; positions < `step` are filled. cross_kvs: per layer (B, S, 2, H, D), the encoder
-    memory's projected keys/values (None for a decoder-only LM). `src_rows` records which original
-    source each row decodes, so `reorder` copies the cross K/V only when that mapping changes (beam
-    reordering within a sentence's beams leaves it unchanged).
+    memory's projected keys/values (None for a decoder-only LM), with `src_lengths` (B,).
+    `src_rows` records which original source each row decodes, so `reorder` copies the cross K/V
+    only when that mapping changes (reordering beams within a sentence leaves it unchanged).
     """
 
     def __init__(
         self,
         kv_caches: list[np.ndarray],
         cross_kvs: list[np.ndarray] | None,
-        src_lengths: np.ndarray | None,
+        memory_layout: Layout | None,
         max_steps: int,
     ) -> None:
         self.kv_caches = kv_caches
         self.cross_kvs = cross_kvs
-        self.src_lengths = src_lengths
+        self.memory_layout = memory_layout
         self.max_steps = max_steps
         self.step = 0
         self.src_rows = np.arange(kv_caches[0].shape[0], dtype=np.int64)
@@ -221,10 +222,18 @@ class DecoderState:
     def batch_size(self) -> int:
         return self.kv_caches[0].shape[0]
 
+    @property
+    def src_lengths(self) -> np.ndarray | None:
+        """(B,) source lengths of the rows (None for a decoder-only LM)."""
+        if self.memory_layout is None:
+            return None
+        ml = self.memory_layout
+        return ml.lengths if ml.lengths is not None else np.full(ml.B, ml.L, np.int64)
+
     def reorder(self, indices: np.ndarray) -> None:
         """Row i of the new state is row indices[i] of the current one (rows may be dropped or
         duplicated; B' = len(indices) may differ from B). Copies only the `step` filled
-        positions."""
+        positions of the self-attention caches."""
         B = self.batch_size
         if not isinstance(indices, np.ndarray):
             raise TypeError(
@@ -247,15 +256,15 @@ class DecoderState:
         if self._spares is None or self._spares[0].shape[0] != B2:
             self._spares = [np.empty((B2,) + c.shape[1:], np.float32) for c in self.kv_caches]
         for new, old in zip(self._spares, self.kv_caches, strict=True):
-            new[:, :t] = old[indices, :t]
+            np.take(old[:, :t], indices, axis=0, out=new[:, :t], mode="clip")
         old_caches = self.kv_caches
         self.kv_caches = self._spares
-        # Keep the previous buffers as the next call's destination when the batch size stays.
+        # The previous buffers become the next call's destination while the batch size stays.
         self._spares = old_caches if B2 == B else None
         new_rows = self.src_rows[indices]
         if self.cross_kvs is not None and not np.array_equal(new_rows, self.src_rows):
             self.cross_kvs = [kv[indices] for kv in self.cross_kvs]
-            self.src_lengths = self.src_lengths[indices]
+            self.memory_layout = self.memory_layout.take(indices)
         self.src_rows = new_rows
 
 
@@ -277,7 +286,16 @@ class _Model:
         self._saved: tuple | None = None
 
     def _finish(self, seed: int) -> None:
-        self.store.allocate(np.random.default_rng(int(seed)))
+        skip = getattr(self, "_skip_init", False)
+        self.store.allocate(None if skip else np.random.default_rng(int(seed)))
+
+    @classmethod
+    def _uninitialised(cls, config: TransformerConfig) -> Any:
+        """A model with zero parameters, for load(): random initialisation would be wasted."""
+        model = cls.__new__(cls)
+        model._skip_init = True
+        model.__init__(config)
+        return model
 
     # -- parameters -----------------------------------------------------------------------------
     def parameters(self) -> dict[str, np.ndarray]:
@@ -389,7 +407,7 @@ class _Model:
                 f"{directory}: config.json does not match the config stored with the "
                 "weights (a save was interrupted or files were mixed)"
             )
-        model = cls(config)
+        model = cls._uninitialised(config)
         try:
             model.load_state_dict(tensors)
         except (TypeError, ValueError) as exc:
@@ -444,6 +462,23 @@ class _Model:
         dh[rows] = dhs
         return loss, n, dh.reshape(h.shape)
 
+    def _make_embedding(self, name: str, vocab_size: int, weight: Any) -> Embedding:
+        cfg = self.config
+        return Embedding(
+            self.store,
+            name,
+            vocab_size,
+            cfg.d_model,
+            self.positions,
+            cfg.dropout,
+            self.ctx,
+            weight=weight,
+        )
+
+    def _embed(self, embedding: Embedding, ids: np.ndarray, layout: Layout) -> np.ndarray:
+        """Embeds the real positions of ids (B, L): packed (N, C)."""
+        return embedding.forward(layout.pack_ids(ids), layout.positional(self.positions))
+
     def _make_output(self, vocab_size: int, weight: Any) -> Linear:
         return Linear(
             self.store,
@@ -480,6 +515,26 @@ def _check_max_steps(max_steps: Any, max_len: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # encoder-decoder
 # ----------------------------------------------------------------------------------------------
+def _target_layout(tgt_out: np.ndarray, pad_id: int) -> Layout:
+    """Rows' real target positions: the non-pad prefix of each row of tgt_out. Should a row have
+    padding inside (not what make_batch builds), every position is kept and the loss alone
+    skips pad targets."""
+    B, T = tgt_out.shape
+    valid = tgt_out != pad_id
+    lengths = valid.sum(axis=1)
+    if np.array_equal(valid, np.arange(T)[None, :] < lengths[:, None]):
+        return Layout(B, T, lengths)
+    return Layout(B, T)
+
+
+def _check_dlogits(dlogits: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(dlogits, np.ndarray) or dlogits.dtype != np.float32:
+        raise TypeError("dlogits: expected a float32 numpy array")
+    if dlogits.shape != shape:
+        raise ValueError(f"dlogits: expected shape {shape}, got {dlogits.shape}")
+    return np.ascontiguousarray(dlogits)
+
+
 class Transformer(_Model):
     """The encoder-decoder Transformer.
 
@@ -512,26 +567,8 @@ class Transformer(_Model):
             src_w = self.store.add("src_embed.weight", (cfg.src_vocab_size, C), embedding_init)
             tgt_w = self.store.add("tgt_embed.weight", (cfg.tgt_vocab_size, C), embedding_init)
             out_w = tgt_w if cfg.tie_embeddings == "decoder" else None
-        self.src_embed = Embedding(
-            self.store,
-            "src_embed",
-            cfg.src_vocab_size,
-            C,
-            self.positions,
-            cfg.dropout,
-            self.ctx,
-            weight=src_w,
-        )
-        self.tgt_embed = Embedding(
-            self.store,
-            "tgt_embed",
-            cfg.tgt_vocab_size,
-            C,
-            self.positions,
-            cfg.dropout,
-            self.ctx,
-            weight=tgt_w,
-        )
+        self.src_embed = self._make_embedding("src_embed", cfg.src_vocab_size, src_w)
+        self.tgt_embed = self._make_embedding("tgt_embed", cfg.tgt_vocab_size, tgt_w)
         self.encoder = Encoder(self.store, "encoder", cfg, self.ctx)
         self.decoder = Decoder(self.store, "decoder", cfg, self.ctx)
         self.output = self._make_output(cfg.tgt_vocab_size, out_w)
@@ -563,70 +600,66 @@ class Transformer(_Model):
         return src, src_lengths, tgt_in, tgt_out
 
     # -- training ---------------------------------------------------------------------------------
-    def _hidden(self, src: np.ndarray, src_lengths: np.ndarray, tgt_in: np.ndarray) -> np.ndarray:
-        memory = self.encoder.forward(self.src_embed.forward(src), src_lengths)
-        return self.decoder.forward(self.tgt_embed.forward(tgt_in), memory, src_lengths)
+    def _hidden(
+        self, src: np.ndarray, src_lengths: np.ndarray, tgt_in: np.ndarray, tgt_layout: Layout
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Packed decoder output (N_t, C) and packed memory (N_s, C)."""
+        src_layout = Layout(src.shape[0], src.shape[1], src_lengths)
+        memory = self.encoder.forward(self._embed(self.src_embed, src, src_layout), src_layout)
+        x = self._embed(self.tgt_embed, tgt_in, tgt_layout)
+        return self.decoder.forward(x, tgt_layout, memory, src_layout), memory
 
-    def _hidden_backward(self, dh: np.ndarray, memory_shape: tuple[int, ...]) -> None:
-        dmemory = np.zeros(memory_shape, np.float32)
+    def _hidden_backward(self, dh: np.ndarray, memory: np.ndarray) -> None:
+        dmemory = np.zeros_like(memory)
         self.tgt_embed.backward(self.decoder.backward(dh, dmemory))
         self.src_embed.backward(self.encoder.backward(dmemory))
 
     def forward(
         self, src: np.ndarray, src_lengths: np.ndarray, tgt_in: np.ndarray, *, dropout_seed: int = 0
     ) -> np.ndarray:
-        """Logits (B, T, V) for teacher-forced targets. src (B, S) ids padded with anything in
-        range, src_lengths (B,), tgt_in (B, T). In train mode keeps what `backward` needs (and
-        applies dropout, masks from dropout_seed)."""
+        """Logits (B, T, V) for teacher-forced targets. src (B, S) ids (padding: any id in range),
+        src_lengths (B,), tgt_in (B, T). In train mode keeps what `backward` needs (and applies
+        dropout, its masks from dropout_seed)."""
         src, src_lengths = self._check_src(src, src_lengths)
         tgt_in = self._check_tgt("tgt_in", tgt_in, src.shape[0])
         self.ctx.begin_pass(_check_seed("dropout_seed", dropout_seed))
         self.ctx.grad_mode = self.ctx.train_mode
         try:
-            h = self._hidden(src, src_lengths, tgt_in)
+            h, memory = self._hidden(src, src_lengths, tgt_in, Layout(*tgt_in.shape))
             logits = self.output.forward(h)
         finally:
             self.ctx.grad_mode = False
-        self._saved = (
-            (h, (src.shape[0], src.shape[1], self.config.d_model)) if self.training else None
-        )
-        return logits
+        self._saved = (h, memory, tgt_in.shape) if self.training else None
+        return logits.reshape(tgt_in.shape + (self.config.tgt_vocab_size,))
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Accumulates the gradients of sum(dlogits * logits) for the last train-mode `forward`."""
         if self._saved is None:
             raise RuntimeError("backward() needs a preceding forward() in train mode")
-        h, memory_shape = self._saved
-        if not isinstance(dlogits, np.ndarray) or dlogits.dtype != np.float32:
-            raise TypeError("dlogits: expected a float32 numpy array")
-        if dlogits.shape != h.shape[:2] + (self.config.tgt_vocab_size,):
-            raise ValueError(
-                f"dlogits: expected shape {h.shape[:2] + (self.config.tgt_vocab_size,)}, "
-                f"got {dlogits.shape}"
-            )
+        h, memory, shape = self._saved
+        dlogits = _check_dlogits(dlogits, shape + (self.config.tgt_vocab_size,))
         self._saved = None
-        dh = self.output.backward(np.ascontiguousarray(dlogits), h)
-        self._hidden_backward(dh, memory_shape)
+        dh = self.output.backward(dlogits.reshape(h.shape[0], -1), h)
+        self._hidden_backward(dh, memory)
 
     def loss_and_grad(
         self, batch: Any, *, label_smoothing: float = 0.1, dropout_seed: int = 0
     ) -> tuple[float, int]:
         """Forward, label-smoothed cross-entropy over the non-pad targets of batch.tgt_out,
-        backward.
-        Gradients (of the mean loss over those tokens) accumulate into `gradients()`. Dropout is
-        applied in train mode, its masks derived only from dropout_seed.
+        backward. Gradients (of the mean loss over those tokens) accumulate into `gradients()`.
+        Dropout is applied in train mode, its masks derived only from dropout_seed.
         Returns (mean loss x n_tokens, n_tokens)."""
         src, src_lengths, tgt_in, tgt_out = self._check_batch(batch)
         label_smoothing = _check_label_smoothing(label_smoothing)
         self.ctx.begin_pass(_check_seed("dropout_seed", dropout_seed))
         self.ctx.grad_mode = True
         try:
-            h = self._hidden(src, src_lengths, tgt_in)
-            loss, n, dh = self._output_loss(
-                self.output, h, tgt_out, label_smoothing, need_grad=True
-            )
+            tgt_layout = _target_layout(tgt_out, self.config.pad_id)
+            h, memory = self._hidden(src, src_lengths, tgt_in, tgt_layout)
+            targets = tgt_layout.pack_ids(tgt_out)
+            loss, n, dh = self._output_loss(self.output, h, targets, label_smoothing, True)
             del h
-            self._hidden_backward(dh, (src.shape[0], src.shape[1], self.config.d_model))
+            self._hidden_backward(dh, memory)
         finally:
             self.ctx.grad_mode = False
         return loss * n, n
@@ -636,16 +669,20 @@ class Transformer(_Model):
         smoothing, no gradients."""
         src, src_lengths, tgt_in, tgt_out = self._check_batch(batch)
         with self.ctx.inference():
-            h = self._hidden(src, src_lengths, tgt_in)
-            loss, n, _ = self._output_loss(self.output, h, tgt_out, 0.0, need_grad=False)
+            tgt_layout = _target_layout(tgt_out, self.config.pad_id)
+            h, _ = self._hidden(src, src_lengths, tgt_in, tgt_layout)
+            targets = tgt_layout.pack_ids(tgt_out)
+            loss, n, _ = self._output_loss(self.output, h, targets, 0.0, False)
         return loss * n, n
 
     # -- incremental decoding ---------------------------------------------------------------------
     def encode(self, src_ids: np.ndarray, src_lengths: np.ndarray) -> np.ndarray:
-        """Encoder memory (B, S, C) float32 (no dropout); rows past a length are padding."""
+        """Encoder memory (B, S, C) float32 (no dropout); rows past a length are zeros."""
         src, src_lengths = self._check_src(src_ids, src_lengths)
+        layout = Layout(src.shape[0], src.shape[1], src_lengths)
         with self.ctx.inference():
-            return self.encoder.forward(self.src_embed.forward(src), src_lengths)
+            memory = self.encoder.forward(self._embed(self.src_embed, src, layout), layout)
+        return layout.pad(memory)
 
     def init_decoder_state(
         self, memory: np.ndarray, src_lengths: np.ndarray, max_steps: int
@@ -655,31 +692,31 @@ class Transformer(_Model):
         cfg = self.config
         if not isinstance(memory, np.ndarray) or memory.dtype != np.float32:
             raise TypeError("memory: expected a float32 numpy array (from encode())")
-        if (
-            memory.ndim != 3
-            or memory.shape[2] != cfg.d_model
-            or memory.shape[0] == 0
-            or memory.shape[1] == 0
-        ):
+        if memory.ndim != 3 or memory.shape[2] != cfg.d_model or 0 in memory.shape:
             raise ValueError(
                 f"memory: expected shape (B>0, S>0, {cfg.d_model}), got {memory.shape}"
             )
-        src_lengths = _check_lengths("src_lengths", src_lengths, memory.shape[0], memory.shape[1])
+        B, S, _ = memory.shape
+        src_lengths = _check_lengths("src_lengths", src_lengths, B, S)
         max_steps = _check_max_steps(max_steps, cfg.max_len)
-        B, H = memory.shape[0], cfg.num_heads
+        layout = Layout(B, S, src_lengths.copy())
+        packed = layout.pack(np.ascontiguousarray(memory))
         with self.ctx.inference():
-            cross = [layer.cross_attn.project_memory(memory) for layer in self.decoder.layers]
+            cross = [
+                layer.cross_attn.project_memory(packed, layout) for layer in self.decoder.layers
+            ]
+        H = cfg.num_heads
         caches = [
             np.empty((B, max_steps, 2, H, cfg.d_model // H), np.float32)
             for _ in self.decoder.layers
         ]
-        return DecoderState(caches, cross, src_lengths.copy(), max_steps)
+        return DecoderState(caches, cross, layout, max_steps)
 
     def decode_step(
         self, state: DecoderState, tokens: np.ndarray, *, need_attention: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Feeds tokens (B,) at position state.step; returns (logits (B, V), attention (B, S) of the
-        last layer's cross-attention averaged over heads, or None)."""
+        """Feeds tokens (B,) at position state.step; returns (logits (B, V), attention (B, S) of
+        the last layer's cross-attention averaged over heads, or None)."""
         probs: list | None = [] if need_attention else None
         logits = _decode_step(self, state, tokens, probs)
         return logits, (probs[0][:, 0] if need_attention else None)
@@ -702,9 +739,9 @@ def _decode_step(model: Any, state: DecoderState, tokens: Any, probs: list | Non
         raise ValueError(f"state: all {state.max_steps} steps are used (max_steps)")
     pos = state.step
     with model.ctx.inference():
-        x = model.tgt_embed.forward(tokens[:, None], start=pos)
-        h = model.decoder.step(x, pos, state.kv_caches, state.cross_kvs, state.src_lengths, probs)
-        logits = model.output.forward(h[:, 0])
+        x = model.tgt_embed.forward(tokens[:, None], model.positions[pos : pos + 1])
+        h = model.decoder.step(x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, probs)
+        logits = model.output.forward(h)
     state.step += 1
     return logits
 
@@ -723,15 +760,7 @@ class TransformerLM(_Model):
         cfg = config
         if cfg.num_decoder_layers < 1:
             raise ValueError("TransformerLM needs num_decoder_layers >= 1")
-        self.tgt_embed = Embedding(
-            self.store,
-            "tgt_embed",
-            cfg.tgt_vocab_size,
-            cfg.d_model,
-            self.positions,
-            cfg.dropout,
-            self.ctx,
-        )
+        self.tgt_embed = self._make_embedding("tgt_embed", cfg.tgt_vocab_size, None)
         self.decoder = Decoder(self.store, "decoder", cfg, self.ctx, cross=False)
         tied = self.tgt_embed.weight if cfg.tie_embeddings != "none" else None
         self.output = self._make_output(cfg.tgt_vocab_size, tied)
@@ -742,33 +771,30 @@ class TransformerLM(_Model):
         _check_max_len(name, ids.shape[1], self.config.max_len)
         return ids
 
+    def _hidden(self, ids: np.ndarray, layout: Layout) -> np.ndarray:
+        return self.decoder.forward(self._embed(self.tgt_embed, ids, layout), layout)
+
     def forward(self, ids: np.ndarray, *, dropout_seed: int = 0) -> np.ndarray:
         """Next-token logits (B, T, V) for ids (B, T) (padding, if any, at the end of rows)."""
         ids = self._check_tokens("ids", ids)
         self.ctx.begin_pass(_check_seed("dropout_seed", dropout_seed))
         self.ctx.grad_mode = self.ctx.train_mode
         try:
-            h = self.decoder.forward(self.tgt_embed.forward(ids))
+            h = self._hidden(ids, Layout(*ids.shape))
             logits = self.output.forward(h)
         finally:
             self.ctx.grad_mode = False
-        self._saved = (h,) if self.training else None
-        return logits
+        self._saved = (h, ids.shape) if self.training else None
+        return logits.reshape(ids.shape + (self.config.tgt_vocab_size,))
 
     def backward(self, dlogits: np.ndarray) -> None:
         """Accumulates the gradients of sum(dlogits * logits) for the last train-mode `forward`."""
         if self._saved is None:
             raise RuntimeError("backward() needs a preceding forward() in train mode")
-        (h,) = self._saved
-        if not isinstance(dlogits, np.ndarray) or dlogits.dtype != np.float32:
-            raise TypeError("dlogits: expected a float32 numpy array")
-        if dlogits.shape != h.shape[:2] + (self.config.tgt_vocab_size,):
-            raise ValueError(
-                f"dlogits: expected shape {h.shape[:2] + (self.config.tgt_vocab_size,)}, "
-                f"got {dlogits.shape}"
-            )
+        h, shape = self._saved
+        dlogits = _check_dlogits(dlogits, shape + (self.config.tgt_vocab_size,))
         self._saved = None
-        dh = self.output.backward(np.ascontiguousarray(dlogits), h)
+        dh = self.output.backward(dlogits.reshape(h.shape[0], -1), h)
         self.tgt_embed.backward(self.decoder.backward(dh))
 
     def _check_batch(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -789,10 +815,10 @@ class TransformerLM(_Model):
         self.ctx.begin_pass(_check_seed("dropout_seed", dropout_seed))
         self.ctx.grad_mode = True
         try:
-            h = self.decoder.forward(self.tgt_embed.forward(tgt_in))
-            loss, n, dh = self._output_loss(
-                self.output, h, tgt_out, label_smoothing, need_grad=True
-            )
+            layout = _target_layout(tgt_out, self.config.pad_id)
+            h = self._hidden(tgt_in, layout)
+            targets = layout.pack_ids(tgt_out)
+            loss, n, dh = self._output_loss(self.output, h, targets, label_smoothing, True)
             del h
             self.tgt_embed.backward(self.decoder.backward(dh))
         finally:
@@ -804,8 +830,9 @@ class TransformerLM(_Model):
         smoothing."""
         tgt_in, tgt_out = self._check_batch(batch)
         with self.ctx.inference():
-            h = self.decoder.forward(self.tgt_embed.forward(tgt_in))
-            loss, n, _ = self._output_loss(self.output, h, tgt_out, 0.0, need_grad=False)
+            layout = _target_layout(tgt_out, self.config.pad_id)
+            h = self._hidden(tgt_in, layout)
+            loss, n, _ = self._output_loss(self.output, h, layout.pack_ids(tgt_out), 0.0, False)
         return loss * n, n
 
     def init_state(self, batch_size: int, max_steps: int) -> DecoderState:
@@ -850,15 +877,7 @@ class TransformerEncoderModel(_Model):
         cfg = config
         if cfg.num_encoder_layers < 1:
             raise ValueError("TransformerEncoderModel needs num_encoder_layers >= 1")
-        self.src_embed = Embedding(
-            self.store,
-            "src_embed",
-            cfg.src_vocab_size,
-            cfg.d_model,
-            self.positions,
-            cfg.dropout,
-            self.ctx,
-        )
+        self.src_embed = self._make_embedding("src_embed", cfg.src_vocab_size, None)
         self.encoder = Encoder(self.store, "encoder", cfg, self.ctx)
         tied = None
         if cfg.tie_embeddings == "all":
@@ -876,41 +895,42 @@ class TransformerEncoderModel(_Model):
         _check_max_len("src", src.shape[1], self.config.max_len)
         return src, _check_lengths("src_lengths", src_lengths, src.shape[0], src.shape[1])
 
+    def _hidden(self, src: np.ndarray, layout: Layout) -> np.ndarray:
+        return self.encoder.forward(self._embed(self.src_embed, src, layout), layout)
+
     def encode(self, src: np.ndarray, src_lengths: np.ndarray) -> np.ndarray:
-        """Final hidden states (B, S, C), no dropout, no gradients."""
+        """Final hidden states (B, S, C), zeros past each length; no dropout, no gradients."""
         src, src_lengths = self._check_src(src, src_lengths)
+        layout = Layout(src.shape[0], src.shape[1], src_lengths)
         with self.ctx.inference():
-            return self.encoder.forward(self.src_embed.forward(src), src_lengths)
+            return layout.pad(self._hidden(src, layout))
 
     def forward(
         self, src: np.ndarray, src_lengths: np.ndarray, *, dropout_seed: int = 0
     ) -> np.ndarray:
-        """Per-token logits (B, S, tgt_vocab_size); in train mode keeps what `backward` needs."""
+        """Per-token logits (B, S, tgt_vocab_size), zeros past each length; in train mode keeps
+        what `backward` needs."""
         src, src_lengths = self._check_src(src, src_lengths)
+        layout = Layout(src.shape[0], src.shape[1], src_lengths)
         self.ctx.begin_pass(_check_seed("dropout_seed", dropout_seed))
         self.ctx.grad_mode = self.ctx.train_mode
         try:
-            h = self.encoder.forward(self.src_embed.forward(src), src_lengths)
+            h = self._hidden(src, layout)
             logits = self.output.forward(h)
         finally:
             self.ctx.grad_mode = False
-        self._saved = (h,) if self.training else None
-        return logits
+        self._saved = (h, layout) if self.training else None
+        return layout.pad(logits)
 
     def backward(self, dlogits: np.ndarray) -> None:
-        """Accumulates the gradients of sum(dlogits * logits) for the last train-mode `forward`."""
+        """Accumulates the gradients of sum(dlogits * logits) for the last train-mode `forward`
+        (entries past each length are ignored)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a preceding forward() in train mode")
-        (h,) = self._saved
-        if not isinstance(dlogits, np.ndarray) or dlogits.dtype != np.float32:
-            raise TypeError("dlogits: expected a float32 numpy array")
-        if dlogits.shape != h.shape[:2] + (self.config.tgt_vocab_size,):
-            raise ValueError(
-                f"dlogits: expected shape {h.shape[:2] + (self.config.tgt_vocab_size,)}, "
-                f"got {dlogits.shape}"
-            )
+        h, layout = self._saved
+        dlogits = _check_dlogits(dlogits, (layout.B, layout.L, self.config.tgt_vocab_size))
         self._saved = None
-        dh = self.output.backward(np.ascontiguousarray(dlogits), h)
+        dh = self.output.backward(layout.pack(dlogits), h)
         self.src_embed.backward(self.encoder.backward(dh))
 
     def _check_batch(self, batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -924,31 +944,38 @@ class TransformerEncoderModel(_Model):
             raise ValueError(f"labels: shape {labels.shape} does not match src's {src.shape}")
         return src, src_lengths, labels
 
+    def _labels_loss(
+        self, batch: Any, label_smoothing: float, need_grad: bool
+    ) -> tuple[float, int]:
+        src, src_lengths, labels = self._check_batch(batch)
+        layout = Layout(src.shape[0], src.shape[1], src_lengths)
+        h = self._hidden(src, layout)
+        loss, n, dh = self._output_loss(
+            self.output, h, layout.pack_ids(labels), label_smoothing, need_grad
+        )
+        del h
+        if need_grad:
+            self.src_embed.backward(self.encoder.backward(dh))
+        return loss * n, n
+
     def loss_and_grad(
         self, batch: Any, *, label_smoothing: float = 0.0, dropout_seed: int = 0
     ) -> tuple[float, int]:
         """Per-token classification: batch.src, batch.src_lengths, batch.labels (B, S) with pad_id
-        where no label applies. Returns (mean loss x n_labels, n_labels); gradients accumulate."""
-        src, src_lengths, labels = self._check_batch(batch)
+        where no label applies. Returns (mean loss x n_labels, n_labels); gradients
+        accumulate."""
         label_smoothing = _check_label_smoothing(label_smoothing)
         self.ctx.begin_pass(_check_seed("dropout_seed", dropout_seed))
         self.ctx.grad_mode = True
         try:
-            h = self.encoder.forward(self.src_embed.forward(src), src_lengths)
-            loss, n, dh = self._output_loss(self.output, h, labels, label_smoothing, need_grad=True)
-            del h
-            self.src_embed.backward(self.encoder.backward(dh))
+            return self._labels_loss(batch, label_smoothing, True)
         finally:
             self.ctx.grad_mode = False
-        return loss * n, n
 
     def evaluate_loss(self, batch: Any) -> tuple[float, int]:
         """(sum of token cross-entropies, n_labels); no dropout, smoothing or gradients."""
-        src, src_lengths, labels = self._check_batch(batch)
         with self.ctx.inference():
-            h = self.encoder.forward(self.src_embed.forward(src), src_lengths)
-            loss, n, _ = self._output_loss(self.output, h, labels, 0.0, need_grad=False)
-        return loss * n, n
+            return self._labels_loss(batch, 0.0, False)
 
 
 __all__ = [

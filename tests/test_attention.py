@@ -213,6 +213,22 @@ def test_fully_masked_rows_are_zero(isa, rng):
     assert np.all(out1[0] == 0) and np.all(np.isfinite(out1))
 
 
+def test_nan_inputs_propagate(isa, rng):
+    """A NaN in q poisons its own output row only; a NaN in a visible key poisons every row."""
+    q, k, v = make_qkv(rng, 1, 70, 70, 2, 32)
+    q = q.copy()
+    q[0, 5, 1, 3] = np.nan
+    out = ops.attention(q, k, v)
+    assert np.all(np.isnan(out[0, 5, 1]))
+    mask = np.ones(out.shape, bool)
+    mask[0, 5, 1] = False
+    assert np.all(np.isfinite(out[mask]))
+    k = k.copy()
+    k[0, 0, 0, 0] = np.nan
+    assert np.all(np.isnan(ops.attention(q, k, v)[:, :, 0]))
+    assert np.all(np.isnan(ops.attention(q[:, :1], k, v)[:, :, 0]))  # decode path
+
+
 def test_masked_keys_get_no_gradient(isa, rng):
     q, k, v = make_qkv(rng, 1, 30, 40, 1, 32)
     out, lse = ops.attention(q, k, v, key_lengths=np.array([25]), return_lse=True)

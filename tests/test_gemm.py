@@ -218,13 +218,14 @@ def test_empty_dimensions():
     assert matmul(np.zeros((0, 2, 3), np.float32), np.zeros((3, 4), np.float32)).shape == (0, 2, 4)
 
 
-# Shapes that take each path with more than one thread: small M with B row-major and with B
-# transposed, and the packed path split over rows and over columns, with several K blocks.
+# Shapes that take each path with more than one thread, with several K blocks.
 THREAD_CASES = [
-    (8, 900, 600, False),
-    (8, 900, 600, True),
-    (300, 200, 600, False),
-    (40, 3000, 300, True),
+    (1, 3000, 300, False),  # tiny M: streaming sweep over B
+    (8, 900, 600, False),  # small M, B packed a block at a time
+    (24, 900, 600, True),  # the same with B stored transposed
+    (8, 900, 600, True),  # small M, dot products against B^T
+    (300, 200, 600, False),  # packed path, rows split between threads
+    (40, 3000, 300, True),  # packed path, columns split between threads
 ]
 
 

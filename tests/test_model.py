@@ -15,6 +15,7 @@ from model_cases import BOS, PAD, padded, random_batch, rel_err, tiny_config
 import pytransformer as pt
 from pytransformer.io import CheckpointError
 from pytransformer.nn.layers import sinusoidal_positions
+from pytransformer.nn.layout import Layout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,15 +168,17 @@ def _check_gradients(model, batch, seed=5):
     ],
     ids=["post-relu", "pre-gelu", "post-dropout"],
 )
-def test_gradients_match_finite_differences(overrides):
+def test_gradients_match_finite_differences(overrides, threads):
+    threads(1)  # hundreds of tiny passes: math under test, not threading (covered below)
     cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1, **overrides)
     model = pt.Transformer(cfg, seed=1)
     batch = random_batch(cfg, np.random.default_rng(2), B=2, S=5, T=4)
     _check_gradients(model, batch)
 
 
-def test_gradients_of_sampled_entries():
+def test_gradients_of_sampled_entries(threads):
     """Single entries (the largest |g| of each tensor) against one-coordinate differences."""
+    threads(1)
     cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1)
     model = pt.Transformer(cfg, seed=3)
     batch = random_batch(cfg, np.random.default_rng(4), B=2, S=5, T=4)
@@ -197,7 +200,8 @@ def test_gradients_of_sampled_entries():
         assert abs(fd - g) <= 3e-4 + 3e-2 * abs(g), (name, idx, fd, g)
 
 
-def test_lm_and_encoder_gradients_match_finite_differences():
+def test_lm_and_encoder_gradients_match_finite_differences(threads):
+    threads(1)
     cfg = tiny_config(
         num_encoder_layers=1, num_decoder_layers=2, norm_first=True, tie_embeddings="none"
     )
@@ -244,6 +248,40 @@ def test_evaluate_loss_is_plain_cross_entropy_of_forward_logits():
     assert n == mask.sum()
     assert loss_sum == pytest.approx(ref, rel=1e-5)
     assert not m.grad_buffer.any()
+
+
+def test_evaluate_loss_in_chunks_matches_one_pass(monkeypatch):
+    import pytransformer.model as model_module
+
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=0)
+    batch = random_batch(cfg, np.random.default_rng(2), B=4, S=6, T=7)
+    whole = m.evaluate_loss(batch)
+    monkeypatch.setattr(model_module, "_EVAL_ROWS", 5)
+    chunked = m.evaluate_loss(batch)
+    assert chunked[1] == whole[1] and chunked[0] == pytest.approx(whole[0], rel=1e-6)
+
+
+def test_layout_packs_and_pads():
+    lengths = np.array([3, 0, 2])
+    lay = Layout(3, 4, lengths)
+    assert lay.n == 5 and not lay.dense
+    x = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)
+    packed = lay.pack(x)
+    np.testing.assert_array_equal(packed, np.concatenate([x[0, :3], x[2, :2]]))
+    padded_back = lay.pad(packed)
+    np.testing.assert_array_equal(padded_back[0, :3], x[0, :3])
+    assert (
+        not padded_back[0, 3:].any() and not padded_back[1].any() and not padded_back[2, 2:].any()
+    )
+    out = np.zeros((5, 3, 2), np.float32)
+    lay.pack_into(out[:, 1], x)
+    np.testing.assert_array_equal(out[:, 1], packed)
+    np.testing.assert_array_equal(lay.positional(np.arange(10)[:, None]), [[0], [1], [2], [0], [1]])
+    full = Layout(3, 4, np.array([4, 4, 4]))
+    assert full.dense and full.lengths is None and np.shares_memory(full.pack(x), x)
+    sub = lay.take(np.array([2, 2, 0]))
+    np.testing.assert_array_equal(sub.lengths, [2, 2, 3])
 
 
 def test_dropout_is_reproducible_by_seed_only():

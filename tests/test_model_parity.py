@@ -99,6 +99,23 @@ def test_transformer_parity_random_shapes(B, S, T, norm_first, seed):
 
 
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+def test_transformer_forward_backward_parity(norm_first):
+    """forward() in train mode + backward(dlogits) with an arbitrary upstream gradient."""
+    cfg = tiny_config(norm_first=norm_first, tie_embeddings="decoder")
+    batch = random_batch(cfg, np.random.default_rng(12), B=3, S=8, T=6)
+    model = pt.Transformer(cfg, seed=2)
+    tmodel = build_torch_model(cfg, model.state_dict())
+    rng = np.random.default_rng(13)
+    dlogits = rng.standard_normal(batch.tgt_in.shape + (cfg.tgt_vocab_size,)).astype(np.float32)
+    logits = model.forward(batch.src, batch.src_lengths, batch.tgt_in)
+    model.backward(dlogits)
+    tlogits = tmodel(batch.src, batch.src_lengths, batch.tgt_in)
+    (tlogits * torch.from_numpy(dlogits)).sum().backward()
+    assert rel_err(logits, tlogits.detach().numpy()) <= LOGITS_TOL
+    _assert_grads(model, tmodel)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 @pytest.mark.parametrize("tie", ["decoder", "none"])
 def test_lm_parity(norm_first, tie):
     cfg = tiny_config(norm_first=norm_first, tie_embeddings=tie, num_decoder_layers=3)
@@ -110,6 +127,13 @@ def test_lm_parity(norm_first, tie):
     tloss.backward()
     assert loss_sum / n == pytest.approx(tloss.item(), rel=1e-5)
     _assert_grads(lm, tlm)
+    eval_sum, eval_n = lm.evaluate_loss(SimpleNamespace(tgt_in=batch.tgt_in, tgt_out=batch.tgt_out))
+    with torch.no_grad():
+        tlm.eval()
+        assert eval_sum / eval_n == pytest.approx(
+            tlm.loss(batch.tgt_in, batch.tgt_out).item(), rel=1e-5
+        )
+        tlm.train()
     # forward/backward with an arbitrary upstream gradient
     lm.zero_grad()
     tlm.zero_grad()
@@ -141,6 +165,13 @@ def test_encoder_model_parity(norm_first, tie):
     assert n == int(batch.src_lengths.sum())
     assert loss_sum / n == pytest.approx(tloss.item(), rel=1e-5)
     _assert_grads(enc, tenc)
+    eval_batch = SimpleNamespace(src=batch.src, src_lengths=batch.src_lengths, labels=labels)
+    eval_sum, eval_n = enc.evaluate_loss(eval_batch)
+    with torch.no_grad():
+        tenc.eval()
+        tref = tenc.loss(batch.src, batch.src_lengths, labels).item()
+        tenc.train()
+    assert eval_n == n and eval_sum / eval_n == pytest.approx(tref, rel=1e-5)
     enc.zero_grad()
     tenc.zero_grad()
     valid = np.arange(8)[None, :] < batch.src_lengths[:, None]

@@ -78,14 +78,18 @@ void run_tasks(index_t n, index_t scratch_per_task, Cost&& cost, Task&& task) {
   });
 }
 
-// Copies the (B, L, H, D) view x (unit stride along D) into dst laid out (B, H, L, D), one
-// parallel task per (b, h), and returns the view of the copy.
+// Copies the (B, L, H, D) view x (unit stride along D) into dst laid out (B, H, L, D) and
+// returns the view of the copy. Walks the source in memory order (all heads of a position are
+// adjacent), which the prefetchers follow; parallel over blocks of positions.
 AttnView pack_heads(float* dst, const AttnView& x, index_t B, index_t L, index_t H, index_t D) {
-  parallel_for(B * H, [&](index_t t) {
-    const index_t b = t / H, h = t % H;
-    const float* src = x.data + b * x.sb + h * x.sh;
-    for (index_t l = 0; l < L; ++l)
-      std::memcpy(dst + (t * L + l) * D, src + l * x.sl, sizeof(float) * static_cast<size_t>(D));
+  constexpr index_t kRows = 64;
+  const index_t blocks = (L + kRows - 1) / kRows;
+  parallel_for(B * blocks, [&](index_t t) {
+    const index_t b = t / blocks, l0 = (t % blocks) * kRows, l1 = std::min(L, l0 + kRows);
+    for (index_t l = l0; l < l1; ++l)
+      for (index_t h = 0; h < H; ++h)
+        std::memcpy(dst + ((b * H + h) * L + l) * D, x.data + b * x.sb + l * x.sl + h * x.sh,
+                    sizeof(float) * static_cast<size_t>(D));
   });
   return AttnView{dst, H * L * D, D, L * D, 1};
 }

@@ -25,7 +25,7 @@ constexpr float kLn2 = 0.693147180559945309f;
 
 // 2^x for the x <= 0 of a softmax (x = -inf gives exactly 0, NaN stays NaN): 2^n * p(r) with
 // n = round(x), r = x - n in [-1/2, 1/2] and p the degree-6 Taylor polynomial of e^(r ln 2)
-// (relative error ~1.5e-7). Larger x are clamped to 127 and only ever masked out afterwards.
+// (relative error below 2.5e-7). Larger x are clamped to 127 and only ever masked out afterwards.
 inline Vec exp2_softmax(Vec x) {
   const Vec lo(-126.0f);
   const Vec xc = min(Vec(127.0f), max(lo, x));  // operand order keeps NaN
@@ -110,15 +110,12 @@ void pack_rows(float* dst, index_t ld, const float* x, index_t sl, index_t n, in
     for (index_t d = 0; d < D; d += 8) Vec::load(x + r * sl + d).store(dst + r * ld + d);
 }
 
-// Packs rows [i0, i0 + mq) of head (b, h) of x transposed and scaled: xt[d*ld + i] =
-// scale * x(b, i0 + i, h, d); columns mq .. ncols are zero.
-void pack_transposed(float* xt, index_t ld, index_t ncols, const AttnView& x, index_t D, index_t b,
-                     index_t h, index_t i0, index_t mq, float scale) {
-  const float* base = x.data + b * x.sb + h * x.sh;
-  for (index_t i = 0; i < mq; ++i) {
-    const float* row = base + (i0 + i) * x.sl;
-    for (index_t d = 0; d < D; ++d) xt[d * ld + i] = scale * row[d];
-  }
+// Packs mq rows of D floats (row i at x + i*sl) transposed and scaled: xt[d*ld + i] =
+// scale * x[i*sl + d]; columns mq .. ncols are zero.
+void pack_transposed(float* xt, index_t ld, index_t ncols, const float* x, index_t sl, index_t D,
+                     index_t mq, float scale) {
+  for (index_t i = 0; i < mq; ++i)
+    for (index_t d = 0; d < D; ++d) xt[d * ld + i] = scale * x[i * sl + d];
   for (index_t d = 0; d < D; ++d)
     for (index_t i = mq; i < ncols; ++i) xt[d * ld + i] = 0.0f;
 }
@@ -188,8 +185,11 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
   float* l = m + BQ;
   float* alpha = l + BQ;
   float* nvis = alpha + BQ;
+  float* qrows = nvis + BQ;     // mq x D rows of q
 
-  pack_transposed(qt, LD, ncols, q, D, b, h, i0, mq, c.scale * kLog2e);
+  // Whole-Vec row copies keep many cache misses in flight; the transpose then reads L1.
+  pack_rows(qrows, D, q.data + b * q.sb + h * q.sh + i0 * q.sl, q.sl, mq, D);
+  pack_transposed(qt, LD, ncols, qrows, D, D, mq, c.scale * kLog2e);
   for (index_t i = 0; i < ncols; ++i) {
     m[i] = -kInf;
     l[i] = 0.0f;
@@ -302,18 +302,21 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   float* dva = dka + BK * D;      // BK x D accumulator of P^T dOut
   float* qr = dva + BK * D;       // Lq rows of q, RS apart
   float* dor = qr + Lq * RS;      // Lq rows of dOut, RS apart
+  float* kp = dor + Lq * RS;      // BK rows of k, RS apart
+  float* vp = kp + BK * RS;       // BK rows of v, RS apart
 
-  for (index_t t = 0; t < nqt; ++t) {
-    const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
-    pack_transposed(qt + t * D * LD, LD, BQ, q, D, b, h, i0, mq, c.scale * kLog2e);
-    pack_transposed(dot + t * D * LD, LD, BQ, dout, D, b, h, i0, mq, 1.0f);
-  }
   const float* dob = dout.data + b * dout.sb + h * dout.sh;
   const float* ob = out.data + b * out.sb + h * out.sh;
   const float* qb = q.data + b * q.sb + h * q.sh;
-  // Rows of q and dOut are re-read for every key tile: pack them once (strided rows alias in L1).
+  // Rows of q and dOut are re-read for every key tile: pack them once (strided rows alias in L1),
+  // with whole-Vec loads, then transpose from the packed copy.
   pack_rows(qr, RS, qb, q.sl, Lq, D);
   pack_rows(dor, RS, dob, dout.sl, Lq, D);
+  for (index_t t = 0; t < nqt; ++t) {
+    const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
+    pack_transposed(qt + t * D * LD, LD, BQ, qr + i0 * RS, RS, D, mq, c.scale * kLog2e);
+    pack_transposed(dot + t * D * LD, LD, BQ, dor + i0 * RS, RS, D, mq, 1.0f);
+  }
   for (index_t i = 0; i < lqp; ++i) {
     if (i < Lq) {
       Vec acc = Vec::zero();
@@ -335,13 +338,15 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   for (index_t j0 = 0; j0 < Lk; j0 += BK) {
     const index_t kn = Lk - j0 < BK ? Lk - j0 : BK;
     for (index_t i = 0; i < kn * D; ++i) dka[i] = dva[i] = 0.0f;
+    pack_rows(kp, RS, kb + j0 * k.sl, k.sl, kn, D);  // this key tile serves every query tile
+    pack_rows(vp, RS, vb + j0 * v.sl, v.sl, kn, D);
     for (index_t t = 0; t < nqt; ++t) {
       const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
       const index_t kend = attn_visible(c, b, i0 + mq - 1), kfull = attn_visible(c, b, i0);
       if (kend <= j0) continue;  // no query of this tile sees these keys
       const index_t ncols = (mq + 7) / 8 * 8;
       // P^T = 2^(S^T - lse log2 e), masked to 0 after the power (lse may be -inf there).
-      small_gemm<false>(pt, LD, kb + j0 * k.sl, k.sl, 1, qt + t * D * LD, LD, kn, ncols, D);
+      small_gemm<false>(pt, LD, kp, RS, 1, qt + t * D * LD, LD, kn, ncols, D);
       for (index_t i = 0; i < ncols; i += 8) {
         const Vec lv = Vec::load(lse_h + i0 + i);
         for (index_t j = 0; j < kn; ++j)
@@ -351,7 +356,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
       // dV += P^T dOut
       small_gemm<true>(dva, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
       // dS^T = P^T * (V dOut^T - delta)
-      small_gemm<false>(dst, LD, vb + j0 * v.sl, v.sl, 1, dot + t * D * LD, LD, kn, ncols, D);
+      small_gemm<false>(dst, LD, vp, RS, 1, dot + t * D * LD, LD, kn, ncols, D);
       for (index_t i = 0; i < ncols; i += 8) {
         const Vec dl = Vec::load(delta + i0 + i);
         for (index_t j = 0; j < kn; ++j) {
@@ -361,7 +366,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
       }
       // dK += dS^T Q ; dQ += dS K (both scaled at the end)
       small_gemm<true>(dka, D, dst, LD, 1, qr + i0 * RS, RS, kn, D, mq);
-      small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kb + j0 * k.sl, k.sl, mq, D, kn);
+      small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kp, RS, mq, D, kn);
     }
     for (index_t j = 0; j < kn; ++j) {
       float* dkrow = dk + ((b * Lk + j0 + j) * c.H + h) * D;

@@ -128,6 +128,48 @@ void run_tile(int rows, index_t kc, const float* a, const float* b, index_t rs_b
 }
 static_assert(MR == 6, "run_tile dispatches 1..6 rows");
 
+#if defined(PT_ISA_AVX2)
+// In-register 8 x 8 transpose: r[i] lane j becomes r[j] lane i.
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// d[k * NR + j] = s[j * ld + k] for j, k < 8.
+inline void transpose8x8(float* d, const float* s, index_t ld) {
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ld);
+  transpose8(r);
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(d + i * NR, r[i]);
+}
+
+// Eight k-steps of a full MR = 6 panel from row-major A: d[k * 6 + i] = s[i * ld + k], k < 8.
+// Each 8-wide store spills two lanes into the next k-step, which the next store overwrites; the
+// last one is masked so nothing past d[47] is written.
+inline void pack_a_6x8(float* d, const float* s, index_t ld) {
+  __m256 r[8];
+  for (int i = 0; i < 6; ++i) r[i] = _mm256_loadu_ps(s + i * ld);
+  r[6] = r[7] = _mm256_setzero_ps();
+  transpose8(r);
+  for (int k = 0; k < 7; ++k) _mm256_storeu_ps(d + k * 6, r[k]);
+  _mm256_maskstore_ps(d + 42, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0), r[7]);
+}
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Packing. pack_a: mc x kc of op(A) (element (i, k) at a[i * rs + k * cs]) into ceil(mc / MR)
 // panels of MR x kc, panel p at dst + p * MR * kc, element (i, k) at [k * MR + i]; rows past mc
@@ -139,7 +181,11 @@ void pack_a(float* dst, const float* a, index_t rs, index_t cs, index_t mc, inde
     if (rows == MR && cs == 1) {  // row-major A: six row streams, transposed on the fly
       const float *r0 = src, *r1 = src + rs, *r2 = src + 2 * rs, *r3 = src + 3 * rs,
                   *r4 = src + 4 * rs, *r5 = src + 5 * rs;
-      for (index_t k = 0; k < kc; ++k) {
+      index_t k = 0;
+#if defined(PT_ISA_AVX2)
+      for (; k + 8 <= kc; k += 8) pack_a_6x8(dst + k * MR, src + k, rs);
+#endif
+      for (; k < kc; ++k) {
         float* d = dst + k * MR;
         d[0] = r0[k], d[1] = r1[k], d[2] = r2[k], d[3] = r3[k], d[4] = r4[k], d[5] = r5[k];
       }
@@ -152,32 +198,6 @@ void pack_a(float* dst, const float* a, index_t rs, index_t cs, index_t mc, inde
     }
   }
 }
-
-#if defined(PT_ISA_AVX2)
-// 8 x 8 transpose: d[k * NR + j] = s[j * ld + k] for j, k < 8.
-inline void transpose8x8(float* d, const float* s, index_t ld) {
-  __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + ld), r2 = _mm256_loadu_ps(s + 2 * ld),
-         r3 = _mm256_loadu_ps(s + 3 * ld), r4 = _mm256_loadu_ps(s + 4 * ld),
-         r5 = _mm256_loadu_ps(s + 5 * ld), r6 = _mm256_loadu_ps(s + 6 * ld),
-         r7 = _mm256_loadu_ps(s + 7 * ld);
-  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(d + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(d + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(d + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(d + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(d + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(d + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(d + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(d + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
-}
-#endif
 
 // One full NR-wide panel of B stored transposed (element (k, j) at src[j * ld + k]).
 void pack_b_panel_transposed(float* dst, const float* src, index_t ld, index_t kc) {
@@ -289,6 +309,19 @@ int useful_threads(const GemmArgs& p) {
   return cap < 1.0 ? 1 : (cap < nt ? static_cast<int>(cap) : nt);
 }
 
+// Asks for the lines of rows x cols floats (row stride ld) to be brought into L2.
+inline void prefetch_block(const float* b, index_t ld, index_t rows, index_t cols) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t j = 0; j < cols; j += 16) __builtin_prefetch(b + r * ld + j, 0, 3);
+}
+
+// Prefetches rows x cols of a strided matrix (element (i, j) at x[i * rs + j * cs]) when one of
+// the strides is 1; other layouts are left to the hardware.
+inline void prefetch_strided(const float* x, index_t rs, index_t cs, index_t rows, index_t cols) {
+  if (cs == 1) prefetch_block(x, rs, rows, cols);
+  else if (rs == 1) prefetch_block(x, cs, cols, rows);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The general path: pack both operands.
 void gemm_packed(const GemmArgs& p, int nt) {
@@ -320,7 +353,20 @@ void gemm_packed(const GemmArgs& p, int nt) {
         for (index_t ic = m0; ic < m1; ic += kMC) {
           const index_t mc = min_i(kMC, m1 - ic);
           pack_a(abuf, p.a + ic * p.a_rs + pc * p.a_cs, p.a_rs, p.a_cs, mc, kc);
+          // The A block this thread packs next (same K slice, else the next one) is prefetched a
+          // slice per B panel over the last quarter of the panels: packing A from memory would
+          // otherwise stall on every row, and an earlier prefetch is evicted from L2 by the B
+          // panels streaming through.
+          index_t next_ic = ic + kMC, next_pc = pc;
+          if (next_ic >= m1) next_ic = m0, next_pc = pc + kc < K ? pc + kc : (jc + kNC < N ? 0 : K);
+          const index_t next_mc = min_i(kMC, m1 - next_ic), next_kc = min_i(kKC, K - next_pc);
+          const float* next_a = p.a + next_ic * p.a_rs + next_pc * p.a_cs;
+          const index_t q_pf = q1 - (q1 - q0 + 3) / 4;
           for (index_t q = q0; q < q1; ++q) {
+            if (next_pc < K && q >= q_pf) {
+              const index_t r0 = next_mc * (q - q_pf) / (q1 - q_pf), r1 = next_mc * (q + 1 - q_pf) / (q1 - q_pf);
+              prefetch_strided(next_a + r0 * p.a_rs, p.a_rs, p.a_cs, r1 - r0, next_kc);
+            }
             const int cols = static_cast<int>(min_i(NR, nc - q * NR));
             Epilogue ep;
             ep.load_c = p.accumulate || pc > 0;
@@ -357,18 +403,12 @@ int small_m_panels(index_t M, index_t* start, int* height) {
   return n;
 }
 
-// Asks for the lines of rows x cols floats (row stride ld) to be brought into L2.
-inline void prefetch_block(const float* b, index_t ld, index_t rows, index_t cols) {
-  for (index_t r = 0; r < rows; ++r)
-    for (index_t j = 0; j < cols; j += 16) __builtin_prefetch(b + r * ld + j, 0, 2);
-}
-
-// Small M (5..32), B with unit column stride (the NN layout). A is packed once (it is tiny). B is
-// copied KC x 64 at a time into a thread-local buffer (reading B in place thrashes L1 sets when its
-// row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1. Reading B
-// from L3 or memory is the cost that matters here, so while one block is computed the next one's
-// lines are prefetched, a quarter per panel.
-void gemm_small_m_rowmajor_b(const GemmArgs& p, int nt) {
+// Small M (5..32; 17..32 when B is stored transposed). A is packed once (it is tiny). B is packed
+// KC x 64 at a time into a thread-local buffer (reading a row-major B in place thrashes L1 sets
+// when its row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1.
+// Reading B from L3 or memory is the cost that matters here, so while one block is computed the
+// next one's lines are prefetched, a quarter per panel.
+void gemm_small_m_blocked(const GemmArgs& p, int nt) {
   constexpr index_t kNB = 4 * NR;
   const index_t M = p.M, N = p.N, K = p.K;
   index_t start[(kSmallM + MR - 1) / MR];
@@ -386,7 +426,7 @@ void gemm_small_m_rowmajor_b(const GemmArgs& p, int nt) {
       for (index_t pc = 0; pc < K; pc += kKC) {
         const index_t kc = min_i(kKC, K - pc);
         const bool last = pc + kc == K;
-        pack_b(bbuf, p.b + pc * p.b_rs + n0, p.b_rs, 1, kc, nb);
+        pack_b(bbuf, p.b + pc * p.b_rs + n0 * p.b_cs, p.b_rs, p.b_cs, kc, nb);
         // The next block this thread packs: the next K slice, or the next columns from k = 0.
         const index_t next_pc = last ? 0 : pc + kc, next_n0 = last ? n0 + kNB : n0;
         const bool has_next = !last || blk + 1 < blk1;
@@ -395,7 +435,7 @@ void gemm_small_m_rowmajor_b(const GemmArgs& p, int nt) {
         for (index_t q = 0; q < q_count; ++q) {
           if (has_next) {
             const index_t r0 = next_kc * q / q_count, r1 = next_kc * (q + 1) / q_count;
-            prefetch_block(p.b + (next_pc + r0) * p.b_rs + next_n0, p.b_rs, r1 - r0, next_nb);
+            prefetch_strided(p.b + (next_pc + r0) * p.b_rs + next_n0 * p.b_cs, p.b_rs, p.b_cs, r1 - r0, next_nb);
           }
           const int cols = static_cast<int>(min_i(NR, nb - q * NR));
           Epilogue ep;
@@ -605,8 +645,8 @@ void gemm_2d(const GemmArgs& p) {
   const int nt = useful_threads(p);
   if (p.M <= kTinyM && p.b_cs == 1) {
     gemm_tiny_m_rowmajor_b(p, nt);
-  } else if (p.M <= kSmallM && p.b_cs == 1) {
-    gemm_small_m_rowmajor_b(p, nt);
+  } else if (p.M <= kSmallM && (p.b_cs == 1 || (p.M > kDotM && p.b_rs == 1))) {
+    gemm_small_m_blocked(p, nt);
   } else if (p.M <= kSmallM && p.b_rs == 1) {
     gemm_small_m_transposed_b(p, nt);
   } else {

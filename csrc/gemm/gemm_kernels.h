@@ -15,10 +15,13 @@ inline constexpr index_t kNR = 16;
 inline constexpr index_t kKC = 256;
 inline constexpr index_t kMC = 144;
 inline constexpr index_t kNC = 4080;
-// Products with at most this many rows skip packing all of B (the small-M paths in gemm_isa.cc);
-// up to kTinyM rows a GEMV-like sweep reads a row-major B once, in address order.
+// Products with at most kSmallM rows (decoding: batch x beam) take the small-M paths in
+// gemm_isa.cc, which pack A once and B a block at a time: up to kTinyM rows a GEMV-like sweep reads
+// a row-major B once, in address order; up to kDotM rows a B stored transposed (N, K) is read in
+// place as rows of dot products.
 inline constexpr index_t kSmallM = 32;
 inline constexpr index_t kTinyM = 4;
+inline constexpr index_t kDotM = 16;
 
 // Seconds the selected ISA takes for fma_probe(iters) (single thread): the bench's peak probe.
 double fma_probe_seconds(index_t iters);

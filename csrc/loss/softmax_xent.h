@@ -1,7 +1,9 @@
 // Softmax cross-entropy with label smoothing and an ignore index, and log-softmax.
 //
 // Each row is read once to get its statistics (running max and sum of exponentials, updated
-// online block by block), then once more to write the gradient or the log-probabilities.
+// online block by block); the cross-entropy sweep also leaves exp(x - running max) in dlogits,
+// so the second sweep (over a row still in L2) only rescales it into the gradient;
+// log-softmax's second sweep writes x - logsumexp.
 // Rows are independent and the loss is added in row order, so results are the same for any
 // thread count.
 #pragma once

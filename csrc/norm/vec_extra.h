@@ -9,11 +9,15 @@
 namespace pt {
 namespace PT_ISA_NS {
 
+// Lanes below n selected (for Vec::select), the others not.
+inline Vec first_lanes(int n) {
+  alignas(32) static const float iota[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  return Vec::less(Vec::load(iota), Vec(static_cast<float>(n)));
+}
+
 // Loads the first n (< 8) lanes; the other lanes take `fill` (e.g. -FLT_MAX for a max).
 inline Vec load_tail(const float* p, int n, float fill) {
-  alignas(32) static const float iota[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-  const Vec in_range = Vec::less(Vec::load(iota), Vec(static_cast<float>(n)));
-  return Vec::select(in_range, Vec::load(p, n), Vec(fill));
+  return Vec::select(first_lanes(n), Vec::load(p, n), Vec(fill));
 }
 
 // Lane-wise square root (vec.h has none).

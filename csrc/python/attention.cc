@@ -35,6 +35,9 @@ AttnConfig check_qkv(const F32View& q, const F32View& k, const F32View& v, const
     py_helpers::shape_error("k", {B, k.dim(1), H, D}, k.shape);
   require_nonempty(k, "k");
   const std::int64_t Lk = k.dim(1);
+  // Masks compare positions as float32 lanes, exact up to 2^24.
+  if (Lk > (std::int64_t{1} << 24))
+    throw py::value_error("k: at most 2^24 keys are supported, got " + std::to_string(Lk));
   py_helpers::require_shape(v, "v", k.shape);
   // Any offset >= Lk shows every key; clamping keeps i + offset + 1 from overflowing.
   AttnConfig c{B, Lq, Lk, H, D, nullptr, causal, query_offset < Lk ? query_offset : Lk, 0.0f};

@@ -118,13 +118,13 @@ void adam_step_py(const py::object& param, const py::object& grad, const py::obj
   if (P.size() > 0 && (P.data == M.data || P.data == Vv.data || M.data == Vv.data))
     throw py::value_error("m, v: param, m and v must be distinct arrays");
   if (step < 1) throw py::value_error("step: expected an integer >= 1, got " + std::to_string(step));
-  require_range(lr, "lr", 0.0, 1e30);
+  require_nonnegative(lr, "lr");
   require_range(beta1, "beta1", 0.0, 1.0);
   require_range(beta2, "beta2", 0.0, 1.0);
   if (beta1 >= 1.0) throw py::value_error("beta1: expected a value below 1");
   if (beta2 >= 1.0) throw py::value_error("beta2: expected a value below 1");
-  require_range(eps, "eps", 0.0, 1e30);
-  require_range(weight_decay, "weight_decay", 0.0, 1e30);
+  require_nonnegative(eps, "eps");
+  require_nonnegative(weight_decay, "weight_decay");
   const AdamParams hp{static_cast<float>(lr),  static_cast<float>(beta1),        static_cast<float>(beta2),
                       static_cast<float>(eps), static_cast<float>(weight_decay), step,
                       decoupled};

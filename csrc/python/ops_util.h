@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -41,9 +42,18 @@ inline void require_same_shape(const std::vector<std::int64_t>& got, const char*
 
 // ValueError unless lo <= x <= hi (and x is not NaN).
 inline void require_range(double x, const char* name, double lo, double hi) {
-  if (!(x >= lo && x <= hi))
-    throw py::value_error(std::string(name) + ": expected a value in [" + std::to_string(lo) + ", " +
-                          std::to_string(hi) + "], got " + std::to_string(x));
+  if (x >= lo && x <= hi) return;
+  std::ostringstream s;
+  s << name << ": expected a value in [" << lo << ", " << hi << "], got " << x;
+  throw py::value_error(s.str());
+}
+
+// ValueError unless x is finite and >= 0.
+inline void require_nonnegative(double x, const char* name) {
+  if (std::isfinite(x) && x >= 0.0) return;
+  std::ostringstream s;
+  s << name << ": expected a finite value >= 0, got " << x;
+  throw py::value_error(s.str());
 }
 
 // (..., C) → C, with the rank and non-empty last axis checked.

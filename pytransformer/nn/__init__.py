@@ -11,10 +11,12 @@ from .layers import (
     Linear,
     sinusoidal_positions,
 )
+from .layout import Layout
 from .params import Param, ParamStore
 
 __all__ = [
     "Param",
+    "Layout",
     "ParamStore",
     "Context",
     "Dropout",

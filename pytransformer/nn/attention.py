@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import ops
 from .layers import Context, Dropout, Linear
+from .layout import Layout
 from .params import ParamStore
 
 
@@ -134,7 +135,8 @@ def attention_probs(q: np.ndarray, k: np.ndarray, key_lengths: np.ndarray | None
 
 
 class SelfAttention:
-    """Self-attention: x (B,L,C) -> (B,L,C). Parameters qkv (3C, C) rows [q; k; v], out (C, C)."""
+    """Self-attention over packed rows x (N, C) of a batch `layout` -> (N, C). Parameters qkv
+    (3C, C) rows [q; k; v] and out (C, C)."""
 
     def __init__(
         self,
@@ -154,48 +156,50 @@ class SelfAttention:
     def forward(
         self,
         x: np.ndarray,
-        key_lengths: np.ndarray | None = None,
+        layout: Layout,
         causal: bool = False,
         kv_cache: np.ndarray | None = None,
         pos: int = 0,
     ) -> np.ndarray:
-        """kv_cache (B, max_steps, 2, H, D): incremental decoding — this call's keys/values are
-        written at positions [pos, pos+L) and the queries attend to positions [0, pos+L)."""
-        B, L, C = x.shape
+        """Keys are masked by the layout's lengths (and causally when `causal`). kv_cache
+        (B, max_steps, 2, H, D): incremental decoding of a dense layout — this call's keys/values
+        are written at positions [pos, pos+L) and the queries attend to positions [0, pos+L)."""
+        B, L, C = layout.B, layout.L, x.shape[-1]
         H, D = self.core.H, self.core.D
-        qkv = self.qkv.forward(x).reshape(B, L, 3, H, D)
+        qkv = layout.pad(self.qkv.forward(x)).reshape(B, L, 3, H, D)
         q = qkv[:, :, 0]
         if kv_cache is not None:
             kv_cache[:, pos : pos + L] = qkv[:, :, 1:]
             k, v = kv_cache[:, : pos + L, 0], kv_cache[:, : pos + L, 1]
             ctx = ops.attention(q, k, v, causal=causal and L > 1, query_offset=pos)
         else:
-            ctx = self.core.forward(q, qkv[:, :, 1], qkv[:, :, 2], key_lengths, causal)
-        ctx = ctx.reshape(B, L, C)
+            keys = None if causal else layout.lengths  # causal: padding only follows real keys
+            ctx = self.core.forward(q, qkv[:, :, 1], qkv[:, :, 2], keys, causal)
+        ctx = layout.pack(ctx.reshape(B, L, C))
         if self.ctx.cache:
-            self.saved = (x, ctx)
+            self.saved = (x, ctx, layout)
         return self.out.forward(ctx)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        x, ctx = self.saved
+        x, ctx, layout = self.saved
         self.saved = None
-        B, L, C = x.shape
+        C = x.shape[-1]
         H, D = self.core.H, self.core.D
         dctx = self.out.backward(dy, ctx)
         del ctx
-        dq, dk, dv = self.core.backward(dctx.reshape(B, L, H, D))
+        dq, dk, dv = self.core.backward(layout.pad(dctx).reshape(layout.B, layout.L, H, D))
         del dctx
-        dqkv = np.empty((B, L, 3, H, D), np.float32)
-        dqkv[:, :, 0] = dq
-        dqkv[:, :, 1] = dk
-        dqkv[:, :, 2] = dv
+        dqkv = np.empty((layout.n, 3, H, D), np.float32)
+        layout.pack_into(dqkv[:, 0], dq)
+        layout.pack_into(dqkv[:, 1], dk)
+        layout.pack_into(dqkv[:, 2], dv)
         del dq, dk, dv
-        return self.qkv.backward(dqkv.reshape(B, L, 3 * C), x)
+        return self.qkv.backward(dqkv.reshape(layout.n, 3 * C), x)
 
 
 class CrossAttention:
-    """Cross-attention: x (B,T,C) attends to memory (B,S,C). Parameters q (C, C), kv (2C, C) rows
-    [k; v], out (C, C)."""
+    """Cross-attention: packed queries x (N_t, C) of `layout` attend to the packed encoder memory
+    (N_s, C) of `memory_layout`. Parameters q (C, C), kv (2C, C) rows [k; v], out (C, C)."""
 
     def __init__(
         self,
@@ -213,47 +217,48 @@ class CrossAttention:
         self.ctx = ctx
         self.saved: tuple | None = None
 
-    def project_memory(self, memory: np.ndarray) -> np.ndarray:
-        """memory (B,S,C) -> kv (B,S,2,H,D), computed once per source when decoding."""
-        B, S, _ = memory.shape
-        return self.kv.forward(memory).reshape(B, S, 2, self.core.H, self.core.D)
+    def project_memory(self, memory: np.ndarray, memory_layout: Layout) -> np.ndarray:
+        """Packed memory (N_s, C) -> keys/values (B, S, 2, H, D), zeros at padding."""
+        kv = memory_layout.pad(self.kv.forward(memory))
+        return kv.reshape(memory_layout.B, memory_layout.L, 2, self.core.H, self.core.D)
 
     def forward(
         self,
         x: np.ndarray,
+        layout: Layout,
         memory: np.ndarray | None,
-        memory_lengths: np.ndarray,
+        memory_layout: Layout,
         kv: np.ndarray | None = None,
         probs_out: list | None = None,
     ) -> np.ndarray:
-        """kv: the precomputed `project_memory(memory)` (decoding); else computed from memory.
-        probs_out: when a list, the head-averaged attention weights (B, T, S) are appended to it."""
-        B, T, C = x.shape
-        q = self.q.forward(x).reshape(B, T, self.core.H, self.core.D)
+        """kv: the precomputed `project_memory` (decoding); else computed from memory.
+        probs_out: when a list, the head-averaged attention weights (B, L, S) are appended."""
+        B, L, C = layout.B, layout.L, x.shape[-1]
+        q = layout.pad(self.q.forward(x)).reshape(B, L, self.core.H, self.core.D)
         if kv is None:
-            kv = self.project_memory(memory)
-        ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], memory_lengths, False)
+            kv = self.project_memory(memory, memory_layout)
+        keys = memory_layout.lengths
+        ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], keys, False)
         if probs_out is not None:
-            probs_out.append(attention_probs(q, kv[:, :, 0], memory_lengths))
-        ctx = ctx.reshape(B, T, C)
+            probs_out.append(attention_probs(q, kv[:, :, 0], keys))
+        ctx = layout.pack(ctx.reshape(B, L, C))
         if self.ctx.cache:
-            self.saved = (x, memory, ctx)
+            self.saved = (x, layout, memory, memory_layout, ctx)
         return self.out.forward(ctx)
 
     def backward(self, dy: np.ndarray, dmemory: np.ndarray) -> np.ndarray:
-        """Returns dx; adds this layer's contribution into dmemory (B,S,C) in place."""
-        x, memory, ctx = self.saved
+        """Returns dx; adds this layer's contribution into dmemory (N_s, C) in place."""
+        x, layout, memory, memory_layout, ctx = self.saved
         self.saved = None
-        B, T, C = x.shape
-        S = memory.shape[1]
+        C = x.shape[-1]
         H, D = self.core.H, self.core.D
         dctx = self.out.backward(dy, ctx)
         del ctx
-        dq, dk, dv = self.core.backward(dctx.reshape(B, T, H, D))
+        dq, dk, dv = self.core.backward(layout.pad(dctx).reshape(layout.B, layout.L, H, D))
         del dctx
-        dkv = np.empty((B, S, 2, H, D), np.float32)
-        dkv[:, :, 0] = dk
-        dkv[:, :, 1] = dv
+        dkv = np.empty((memory_layout.n, 2, H, D), np.float32)
+        memory_layout.pack_into(dkv[:, 0], dk)
+        memory_layout.pack_into(dkv[:, 1], dv)
         del dk, dv
-        self.kv.backward(dkv.reshape(B, S, 2 * C), memory, dx_out=dmemory)
-        return self.q.backward(dq.reshape(B, T, C), x)
+        self.kv.backward(dkv.reshape(memory_layout.n, 2 * C), memory, dx_out=dmemory)
+        return self.q.backward(layout.pack(dq).reshape(layout.n, C), x)

@@ -14,6 +14,7 @@ import numpy as np
 
 from .attention import CrossAttention, SelfAttention
 from .layers import Context, Dropout, FeedForward, LayerNorm
+from .layout import Layout
 from .params import ParamStore
 
 
@@ -72,8 +73,9 @@ class EncoderLayer:
             ctx,
         )
 
-    def forward(self, x: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
-        return self.ffn_block.forward(self.attn_block.forward(x, key_lengths=lengths))
+    def forward(self, x: np.ndarray, layout: Layout) -> np.ndarray:
+        """x (N, C) packed rows of `layout`."""
+        return self.ffn_block.forward(self.attn_block.forward(x, layout))
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         return self.attn_block.backward(self.ffn_block.backward(dy))
@@ -117,17 +119,19 @@ class DecoderLayer:
     def forward(
         self,
         x: np.ndarray,
+        layout: Layout,
         memory: np.ndarray | None,
-        memory_lengths: np.ndarray | None,
+        memory_layout: Layout | None,
         kv_cache: np.ndarray | None = None,
         pos: int = 0,
         cross_kv: np.ndarray | None = None,
         probs_out: list | None = None,
     ) -> np.ndarray:
-        x = self.attn_block.forward(x, causal=True, kv_cache=kv_cache, pos=pos)
+        """x (N, C) packed rows of `layout`; memory (N_s, C) packed rows of `memory_layout`."""
+        x = self.attn_block.forward(x, layout, causal=True, kv_cache=kv_cache, pos=pos)
         if self.cross_block is not None:
             x = self.cross_block.forward(
-                x, memory, memory_lengths, kv=cross_kv, probs_out=probs_out
+                x, layout, memory, memory_layout, kv=cross_kv, probs_out=probs_out
             )
         return self.ffn_block.forward(x)
 
@@ -152,9 +156,10 @@ class Encoder:
             else None
         )
 
-    def forward(self, x: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
+    def forward(self, x: np.ndarray, layout: Layout) -> np.ndarray:
+        """x (N, C) packed rows of `layout` -> the memory (N, C)."""
         for layer in self.layers:
-            x = layer.forward(x, lengths)
+            x = layer.forward(x, layout)
         return self.norm.forward(x) if self.norm is not None else x
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -184,11 +189,13 @@ class Decoder:
     def forward(
         self,
         x: np.ndarray,
+        layout: Layout,
         memory: np.ndarray | None = None,
-        memory_lengths: np.ndarray | None = None,
+        memory_layout: Layout | None = None,
     ) -> np.ndarray:
+        """x (N_t, C) packed rows of `layout`; memory (N_s, C) packed rows of `memory_layout`."""
         for layer in self.layers:
-            x = layer.forward(x, memory, memory_lengths)
+            x = layer.forward(x, layout, memory, memory_layout)
         return self.norm.forward(x) if self.norm is not None else x
 
     def step(
@@ -197,18 +204,20 @@ class Decoder:
         pos: int,
         kv_caches: list[np.ndarray],
         cross_kvs: list[np.ndarray] | None,
-        memory_lengths: np.ndarray | None,
+        memory_layout: Layout | None,
         probs_out: list | None = None,
     ) -> np.ndarray:
-        """Incremental decoding: x (B, L, C) at positions [pos, pos+L), against the caches.
-        probs_out: when a list, the last layer's head-averaged cross-attention (B, L, S) is
-        appended."""
+        """Incremental decoding: x (B*L, C), rows of a dense (B, L) layout at positions
+        [pos, pos+L), against the caches. probs_out: when a list, the last layer's head-averaged
+        cross-attention (B, L, S) is appended."""
         last = len(self.layers) - 1
+        layout = Layout(kv_caches[0].shape[0], x.shape[0] // kv_caches[0].shape[0])
         for i, layer in enumerate(self.layers):
             x = layer.forward(
                 x,
+                layout,
                 None,
-                memory_lengths,
+                memory_layout,
                 kv_cache=kv_caches[i],
                 pos=pos,
                 cross_kv=cross_kvs[i] if cross_kvs is not None else None,

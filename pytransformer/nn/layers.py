@@ -187,18 +187,21 @@ class Embedding:
         self.ctx = ctx
         self.ids: np.ndarray | None = None
 
-    def forward(self, ids: np.ndarray, start: int = 0) -> np.ndarray:
-        """ids (B, L) -> (B, L, C); positions start at `start` (incremental decoding)."""
+    def forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """ids (...) -> x (N, C) with N = ids.size; positions: the position-table rows for ids,
+        broadcastable to ids.shape + (C,) (see Layout.positional)."""
         x = ops.embedding(self.weight.data, ids, scale=self.scale)
-        x += self.positions[start : start + ids.shape[1]]
+        x += positions
         if self.ctx.cache:
             self.ids = ids
-        return self.dropout.forward(x)
+        return self.dropout.forward(x.reshape(-1, x.shape[-1]))
 
     def backward(self, dx: np.ndarray) -> None:
         dx = self.dropout.backward(dx)
-        ops.embedding_backward(dx, self.ids, self.weight.grad, scale=self.scale)
-        self.ids = None
+        ids, self.ids = self.ids, None
+        ops.embedding_backward(
+            dx.reshape(ids.shape + dx.shape[-1:]), ids, self.weight.grad, scale=self.scale
+        )
 
 
 class LayerNorm:

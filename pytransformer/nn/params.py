@@ -31,13 +31,18 @@ def ones_init(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 def xavier_uniform_init(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Glorot uniform on a (fan_out, fan_in) matrix, as torch's nn.Transformer initialises."""
     fan_out, fan_in = shape
-    bound = np.sqrt(6.0 / (fan_in + fan_out))
-    return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    bound = np.float32(np.sqrt(6.0 / (fan_in + fan_out)))
+    w = rng.random(shape, dtype=np.float32)
+    w *= 2 * bound
+    w -= bound
+    return w
 
 
 def embedding_init(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """N(0, C^-1/2): after the x sqrt(C) scaling the embeddings have unit variance."""
-    return (rng.standard_normal(shape) * shape[1] ** -0.5).astype(np.float32)
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= np.float32(shape[1] ** -0.5)
+    return w
 
 
 def _aligned_empty(n: int) -> np.ndarray:
@@ -82,8 +87,9 @@ class ParamStore:
         self.params[name] = p
         return p
 
-    def allocate(self, rng: np.random.Generator) -> None:
-        """Lays out and initialises every parameter (in declaration order, so a seed reproduces)."""
+    def allocate(self, rng: np.random.Generator | None) -> None:
+        """Lays out and initialises every parameter (in declaration order, so a seed reproduces);
+        rng None leaves them zero (a model about to receive a checkpoint)."""
         total = 0
         for p in self.params.values():
             p.offset = total
@@ -93,7 +99,8 @@ class ParamStore:
         for p in self.params.values():
             p.data = self.flat_data[p.offset : p.offset + p.size].reshape(p.shape)
             p.grad = self.flat_grad[p.offset : p.offset + p.size].reshape(p.shape)
-            p.data[...] = p.init(rng, p.shape)
+            if rng is not None:
+                p.data[...] = p.init(rng, p.shape)
 
     def zero_grad(self) -> None:
         self.flat_grad.fill(0.0)

@@ -1,0 +1,168 @@
+"""GEMM throughput: pytransformer.ops.matmul vs numpy (OpenBLAS), interleaved, 1 and 2 threads.
+
+Usage: PYTHONPATH=$PWD python bench/bench_gemm.py [--quick]
+
+Each thread count runs in its own subprocess with OPENBLAS_NUM_THREADS set, so numpy and our
+kernels get the same number of threads. In a worker, ours and numpy's calls alternate (one batch of
+calls each, repeated) and every figure is the median over the repeats; the "best" ratio (fastest
+repeat of each) is shown too because the machine is shared and slowdowns from other processes only
+ever add time. The FMA peak comes from a probe: one thread timing a loop of 12 independent 8-lane
+FMA chains (_C._fma_probe), best of a few runs, times the thread count.
+Writes the table into section `gemm` of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _common import markdown_table, update_results  # noqa: E402
+
+SHAPES = [
+    (1, 512, 512),
+    (8, 512, 512),
+    (32, 2048, 512),
+    (32, 8000, 256),
+    (512, 512, 512),
+    (2048, 512, 512),
+    (2048, 2048, 512),
+    (2048, 512, 2048),
+]
+
+
+def fma_peak_per_thread() -> float:
+    """GFLOP/s of one thread running independent FMAs (the selected ISA), best of 5."""
+    from pytransformer import _C
+
+    iters = 5_000_000
+    best = min(_C._fma_probe(iters) for _ in range(5))
+    return iters * 192 / best / 1e9
+
+
+def timed(fns: dict, repeats: int, min_time: float) -> dict[str, tuple[float, float]]:
+    """(median, best) seconds per call of each fn, with the fns' batches interleaved."""
+    for fn in fns.values():
+        fn()
+    inner = {}
+    for name, fn in fns.items():
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < min_time:
+            fn()
+            n += 1
+        inner[name] = n
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+
+
+def worker(threads: int, repeats: int, min_time: float) -> list[dict]:
+    import pytransformer as pt
+
+    pt.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    for M, N, K in SHAPES:
+        a = rng.standard_normal((M, K)).astype(np.float32)
+        for layout in ("NN", "NT"):
+            nt = layout == "NT"
+            b = rng.standard_normal((N, K) if nt else (K, N)).astype(np.float32)
+            b_np = b.T if nt else b
+            out = np.empty((M, N), np.float32)
+            t = timed(
+                {
+                    "ours": lambda a=a, b=b, nt=nt, out=out: pt.ops.matmul(
+                        a, b, trans_b=nt, out=out
+                    ),
+                    "numpy": lambda a=a, b_np=b_np, out=out: np.matmul(a, b_np, out=out),
+                },
+                repeats,
+                min_time,
+            )
+            rows.append(dict(M=M, N=N, K=K, layout=layout, ours=t["ours"], numpy=t["numpy"]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
+    args = parser.parse_args()
+    repeats, min_time = (3, 0.02) if args.quick else (9, 0.05)
+    if args.worker:
+        peak = fma_peak_per_thread()
+        print(json.dumps({"peak": peak, "rows": worker(args.worker, repeats, min_time)}))
+        return
+
+    import pytransformer as pt
+
+    table, notes = [], []
+    for threads in (1, 2):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, __file__, "--worker", str(threads)]
+        cmd += ["--quick"] if args.quick else []
+        res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True).stdout)
+        peak = res["peak"] * threads
+        notes.append(f"{threads} thread(s): probe peak {peak:.1f} GFLOP/s")
+        for r in res["rows"]:
+            flop = 2.0 * r["M"] * r["N"] * r["K"]
+            ours_med, ours_best = r["ours"]
+            np_med, np_best = r["numpy"]
+            row = [
+                threads,
+                f"{r['M']}x{r['N']}x{r['K']}",
+                r["layout"],
+                f"{flop / ours_med / 1e9:.1f}",
+                f"{flop / np_med / 1e9:.1f}",
+                f"{np_med / ours_med:.2f}",
+                f"{np_best / ours_best:.2f}",
+                f"{100 * flop / ours_med / 1e9 / peak:.0f}%",
+            ]
+            table.append(row)
+            print(" | ".join(str(c) for c in row), flush=True)
+    header = [
+        "threads",
+        "M x N x K",
+        "layout",
+        "ours GFLOP/s",
+        "numpy GFLOP/s",
+        "ours/numpy (median)",
+        "ours/numpy (best)",
+        "ours % of FMA peak",
+    ]
+    info = pt.cpu_info()
+    body = "\n".join(
+        [
+            "Command: `PYTHONPATH=$PWD python bench/bench_gemm.py`"
+            + (" --quick" if args.quick else ""),
+            "",
+            f"Machine: {platform.processor() or platform.machine()}, ISA {info['isa']}, "
+            f"{info['cores']} cores; numpy {np.__version__}. " + "; ".join(notes) + ".",
+            "NN: b stored (K, N); NT: b stored (N, K) with trans_b=True (numpy: `a @ b.T`). "
+            "GFLOP/s = 2MNK / median time; ratios > 1 mean ours is faster.",
+            "",
+            markdown_table(header, table),
+        ]
+    )
+    if not args.no_write:
+        update_results("gemm", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Where the real (non-padding) positions of a padded (B, L) batch are.
+
+Row b of a batch holds lengths[b] real positions followed by padding. Position-wise work
+(projections, FFN, LayerNorm, dropout, the output layer) runs on the packed (N, ...) array of the
+N = sum(lengths) real positions only; attention pads its inputs back to (B, L, ...) — zeros in
+the padding — so heads are read through strides and keys are masked by length. Results at real
+positions are exactly those of running on the padded batch (padding never reaches them: keys are
+masked by length, and in causal attention padding only follows), while padding costs nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Layout:
+    """A (B, L) batch with `lengths` (None: every row full). `dense` when nothing is padding, in
+    which case packing and padding are free reshapes."""
+
+    def __init__(self, B: int, L: int, lengths: np.ndarray | None = None) -> None:
+        self.B = B
+        self.L = L
+        if lengths is not None and bool((lengths == L).all()):
+            lengths = None
+        self.lengths = lengths  # key_lengths for attention (None = all keys)
+        self.dense = lengths is None
+        if self.dense:
+            self.n = B * L
+            self.rows = None
+            self.pos = None
+        else:
+            mask = np.arange(L)[None, :] < lengths[:, None]
+            self.rows = np.flatnonzero(mask)
+            self.pos = self.rows % L
+            self.n = int(self.rows.size)
+
+    def pack_ids(self, ids: np.ndarray) -> np.ndarray:
+        """ids (B, L) -> (B, L) when dense, else the (N,) real ones."""
+        return ids if self.dense else ids.reshape(-1)[self.rows]
+
+    def positional(self, table: np.ndarray, start: int = 0) -> np.ndarray:
+        """Rows of a (max_len, C) position table matching pack_ids' layout."""
+        return table[start : start + self.L] if self.dense else table[self.pos + start]
+
+    def pad(self, x: np.ndarray) -> np.ndarray:
+        """x (N, ...) -> (B, L, ...), zeros at padding."""
+        if self.dense:
+            return x.reshape((self.B, self.L) + x.shape[1:])
+        out = np.zeros((self.B * self.L,) + x.shape[1:], x.dtype)
+        out[self.rows] = x
+        return out.reshape((self.B, self.L) + x.shape[1:])
+
+    def pack(self, y: np.ndarray) -> np.ndarray:
+        """y (B, L, ...) -> (N, ...) (a view when dense and y is contiguous)."""
+        flat = y.reshape((self.B * self.L,) + y.shape[2:])
+        return flat if self.dense else flat[self.rows]
+
+    def pack_into(self, out: np.ndarray, y: np.ndarray) -> None:
+        """out[...] = pack(y) without the intermediate copy; out may be a strided view."""
+        flat = y.reshape((self.B * self.L,) + y.shape[2:])
+        if self.dense:
+            out[...] = flat
+        else:
+            np.take(flat, self.rows, axis=0, out=out, mode="clip")
+
+    def take(self, indices: np.ndarray) -> Layout:
+        """The layout of rows `indices` (beam reordering)."""
+        lengths = np.full(self.B, self.L, np.int64) if self.lengths is None else self.lengths
+        return Layout(int(indices.size), self.L, lengths[indices])
