@@ -63,6 +63,8 @@ def _as_ids(seq: object, what: str) -> np.ndarray:
         raise TypeError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
     if arr.min() < 0:
         raise IndexError(f"{what}: negative token id {int(arr.min())}")
+    if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"{what}: token id {int(arr.max())} does not fit int64")
     return arr.astype(np.int64, copy=False)
 
 
@@ -150,6 +152,16 @@ class _Packed:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
+    def scatter(self, indices: np.ndarray, out: np.ndarray, shift: int) -> np.ndarray:
+        """Writes sentence indices[b] into out[b, shift : shift + len] for every b (vectorised
+        padding); returns the lengths."""
+        lengths = self.lengths[indices]
+        rows = np.repeat(np.arange(indices.size), lengths)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        cols = np.arange(rows.size) - starts
+        out[rows, cols + shift] = self.ids[np.repeat(self.offsets[indices], lengths) + cols]
+        return lengths
+
 
 class TokenBatcher:
     """Length-bucketed batches of about ``max_tokens`` padded tokens, as the paper trains.
@@ -184,7 +196,11 @@ class TokenBatcher:
         _check_special(pad_id, bos_id, eos_id)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-        if max_sentences is not None and (not isinstance(max_sentences, int) or max_sentences <= 0):
+        if max_sentences is not None and (
+            isinstance(max_sentences, bool)
+            or not isinstance(max_sentences, int)
+            or max_sentences <= 0
+        ):
             raise ValueError(
                 f"max_sentences: expected a positive int or None, got {max_sentences!r}"
             )
@@ -264,11 +280,27 @@ class TokenBatcher:
     def batch(self, indices: np.ndarray) -> Batch:
         """The Batch of the given data-set positions."""
         indices = np.asarray(indices, np.int64)
-        tgts = [self._tgt[i] for i in indices]
-        if self.lm:
-            return make_lm_batch(tgts, self.pad_id, self.bos_id, self.eos_id, indices=indices)
-        pairs = [(self._src[i], t) for i, t in zip(indices, tgts, strict=True)]
-        return make_batch(pairs, self.pad_id, self.bos_id, self.eos_id, indices=indices)
+        if indices.ndim != 1 or indices.size == 0:
+            raise ValueError("indices: expected a non-empty 1-D array of data-set positions")
+        if indices.min() < 0 or indices.max() >= self._tgt.lengths.size:
+            raise IndexError(f"indices: out of range [0, {self._tgt.lengths.size})")
+        B = indices.size
+        width = int(self._tgt.lengths[indices].max()) + 1
+        tgt_in = np.full((B, width), self.pad_id, np.int64)
+        tgt_out = np.full((B, width), self.pad_id, np.int64)
+        tgt_in[:, 0] = self.bos_id
+        self._tgt.scatter(indices, tgt_in, 1)
+        lengths = self._tgt.scatter(indices, tgt_out, 0)
+        tgt_out[np.arange(B), lengths] = self.eos_id
+        src = src_lengths = None
+        if not self.lm:
+            src_lengths = self._src.lengths[indices]
+            src = np.full((B, max(1, int(src_lengths.max()))), self.pad_id, np.int64)
+            self._src.scatter(indices, src, 0)
+        tgt_lengths = lengths + 1
+        return Batch(
+            src, src_lengths, tgt_in, tgt_out, tgt_lengths, int(tgt_lengths.sum()), indices
+        )
 
     def next_batch(self) -> Batch:
         """The next batch, starting a new (reshuffled) epoch after the last batch of one."""
@@ -298,7 +330,6 @@ class TokenBatcher:
             "rng_state": copy.deepcopy(self._epoch_rng_state),
             "n_sentences": int(self._usable.size),
             "max_tokens": self.max_tokens,
-            "seed": self.seed,
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -85,8 +85,16 @@ def cost(batcher_lm: bool, batch: Batch, j: int) -> int:
 def test_batcher_epoch_properties(n, max_len, max_tokens, max_sentences, lm, seed):
     pairs = synthetic_pairs("random", n, 30, 1, max_len, seed=seed)
     data = [t for _, t in pairs] if lm else pairs
-    b = TokenBatcher(data, max_tokens, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=seed,
-                     max_sentences=max_sentences, lm=lm)  # fmt: skip
+    b = TokenBatcher(
+        data,
+        max_tokens,
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=EOS,
+        seed=seed,
+        max_sentences=max_sentences,
+        lm=lm,
+    )
     for _ in range(2):  # two epochs
         batches = epoch_batches(b)
         assert len(batches) == len(b)

@@ -41,14 +41,16 @@ inline index_t attn_visible(const AttnConfig& c, index_t b, index_t i) {
 // lse (B, H, Lq) C-contiguous, overwritten with the row log-sum-exp of the masked scaled
 // scores, or nullptr. q is (B, Lq, H, D); k, v are (B, Lk, H, D); any strides.
 // Parallel over (b, h, query tile); bit-identical for any thread count. Lq == 1 takes a decode
-// path (one query per (b, h) against a cache of Lk keys).
+// path (one query per (b, h) against a cache of Lk keys). Extra memory: per-thread tiles, plus a
+// contiguous (B, H, Lk, D) copy of k and v when their rows are strided (fused projections).
 void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView v,
                        const AttnConfig& c);
 
 // dq (B, Lq, H, D), dk and dv (B, Lk, H, D), all C-contiguous, overwritten with the gradients of
 // sum(dout * out) where out = attention_forward(q, k, v). out is the forward output and lse
 // (B, H, Lq) C-contiguous its log-sum-exp; probabilities are recomputed tile by tile.
-// Parallel over (b, h); bit-identical for any thread count.
+// Parallel over (b, h); bit-identical for any thread count. Extra memory: per-thread scratch of
+// about 5 * Lq * D floats (packed q, dout, their transposes, the dq accumulator).
 void attention_backward(float* dq, float* dk, float* dv, AttnView dout, AttnView q, AttnView k,
                         AttnView v, AttnView out, const float* lse, const AttnConfig& c);
 

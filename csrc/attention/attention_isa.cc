@@ -18,6 +18,9 @@ namespace PT_ISA_NS {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Local min (std::min would instantiate a template the linker may share with baseline code).
+inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
 // Scores are kept in base 2 (q is packed with scale * log2 e), so softmax needs 2^x, which is
 // cheaper than e^x (no ln 2 range reduction); lse is converted back to natural log at the end.
 constexpr float kLog2e = 1.44269504088896341f;
@@ -132,6 +135,12 @@ void mask_tile(float* s, index_t ld, index_t kn, index_t ncols, index_t j0, cons
   }
 }
 
+// How many of the kn keys of the tile starting at key j0 query i sees.
+inline index_t visible_in_tile(const float* nvis, index_t i, index_t j0, index_t kn) {
+  const index_t n = static_cast<index_t>(nvis[i]) - j0;
+  return n < 0 ? 0 : (n > kn ? kn : n);
+}
+
 // Online softmax step over a score tile s (kn keys x ncols queries, leading dimension ld):
 // updates the running max m and sum l of each query, turns s into p = 2^(s - m_new) and writes
 // the factor alpha = 2^(m_old - m_new) that rescales the query's output accumulator (base 2).
@@ -203,11 +212,33 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
   const float* vb = v.data + b * v.sb + h * v.sh;
   for (index_t j0 = 0; j0 < kend; j0 += kAttnBK) {
     const index_t kn = kend - j0 < kAttnBK ? kend - j0 : kAttnBK;
-    small_gemm<false>(s, LD, kb + j0 * k.sl, k.sl, 1, qt, LD, kn, ncols, D);
-    if (j0 + kn > kfull) mask_tile(s, LD, kn, ncols, j0, nvis, -kInf);
+    const float* kt = kb + j0 * k.sl;
+    const float* vt = vb + j0 * v.sl;
+    if (j0 + kn <= kfull) {  // every query sees every key of the tile
+      small_gemm<false>(s, LD, kt, k.sl, 1, qt, LD, kn, ncols, D);
+      softmax_update(s, LD, kn, ncols, m, l, alpha);
+      // O = alpha * O + P V (the rescale rides on the accumulator load)
+      small_gemm<true>(o, D, s, 1, LD, vt, v.sl, mq, D, kn, alpha);
+      continue;
+    }
+    // A partly hidden (causal diagonal) tile: each 16-query panel of S^T computes only the keys
+    // its last query sees, and each 6-query group of O sums only over those; everything beyond
+    // is masked to p = 0 anyway. This halves the work of diagonal tiles.
+    for (index_t jc = 0; jc < ncols; jc += 16) {
+      const index_t rows = visible_in_tile(nvis, imin(jc + 16, mq) - 1, j0, kn);
+      if (rows == 0) continue;
+      if (ncols - jc >= 16)
+        gemm_panel<2, false>(s + jc, LD, kt, k.sl, 1, qt + jc, LD, rows, D, nullptr);
+      else
+        gemm_panel<1, false>(s + jc, LD, kt, k.sl, 1, qt + jc, LD, rows, D, nullptr);
+    }
+    mask_tile(s, LD, kn, ncols, j0, nvis, -kInf);
     softmax_update(s, LD, kn, ncols, m, l, alpha);
-    // O = alpha * O + P V (the rescale rides on the accumulator load)
-    small_gemm<true>(o, D, s, 1, LD, vb + j0 * v.sl, v.sl, mq, D, kn, alpha);
+    for (index_t r = 0; r < mq; r += 6) {
+      const index_t mr = imin(6, mq - r);
+      const index_t keys = visible_in_tile(nvis, r + mr - 1, j0, kn);
+      small_gemm<true>(o + r * D, D, s + r, 1, LD, vt, v.sl, mr, D, keys, alpha + r);
+    }
   }
 
   for (index_t i = 0; i < mq; ++i) {
@@ -298,12 +329,13 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   float* nvis = lse_h + lqp;      // lqp: visible keys per query
   float* pt = nvis + lqp;         // BK x LD: P^T
   float* dst = pt + BK * LD;      // BK x LD: dP^T, then dS^T
-  float* dka = dst + BK * LD;     // BK x D accumulator of dS^T Q
-  float* dva = dka + BK * D;      // BK x D accumulator of P^T dOut
-  float* qr = dva + BK * D;       // Lq rows of q, RS apart
+  const index_t KB = kAttnKeyBlock * BK;
+  float* dka = dst + BK * LD;     // KB x D accumulator of dS^T Q
+  float* dva = dka + KB * D;      // KB x D accumulator of P^T dOut
+  float* qr = dva + KB * D;       // Lq rows of q, RS apart
   float* dor = qr + Lq * RS;      // Lq rows of dOut, RS apart
-  float* kp = dor + Lq * RS;      // BK rows of k, RS apart
-  float* vp = kp + BK * RS;       // BK rows of v, RS apart
+  float* kp = dor + Lq * RS;      // KB rows of k, RS apart
+  float* vp = kp + KB * RS;       // KB rows of v, RS apart
 
   const float* dob = dout.data + b * dout.sb + h * dout.sh;
   const float* ob = out.data + b * out.sb + h * out.sh;
@@ -333,44 +365,54 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   }
   for (index_t i = 0; i < Lq * D; ++i) dqa[i] = 0.0f;
 
+  // Key tiles go in blocks of kAttnKeyBlock: each query tile's packed data (about 90 KB) is
+  // fetched once per block rather than once per key tile, while the block's packed k, v and
+  // dK, dV accumulators stay in L2.
   const float* kb = k.data + b * k.sb + h * k.sh;
   const float* vb = v.data + b * v.sb + h * v.sh;
-  for (index_t j0 = 0; j0 < Lk; j0 += BK) {
-    const index_t kn = Lk - j0 < BK ? Lk - j0 : BK;
-    for (index_t i = 0; i < kn * D; ++i) dka[i] = dva[i] = 0.0f;
-    pack_rows(kp, RS, kb + j0 * k.sl, k.sl, kn, D);  // this key tile serves every query tile
-    pack_rows(vp, RS, vb + j0 * v.sl, v.sl, kn, D);
+  for (index_t jb = 0; jb < Lk; jb += kAttnKeyBlock * BK) {
+    const index_t nkeys = imin(Lk - jb, kAttnKeyBlock * BK);
+    for (index_t i = 0; i < nkeys * D; ++i) dka[i] = dva[i] = 0.0f;
+    pack_rows(kp, RS, kb + jb * k.sl, k.sl, nkeys, D);  // these keys serve every query tile
+    pack_rows(vp, RS, vb + jb * v.sl, v.sl, nkeys, D);
     for (index_t t = 0; t < nqt; ++t) {
       const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
       const index_t kend = attn_visible(c, b, i0 + mq - 1), kfull = attn_visible(c, b, i0);
-      if (kend <= j0) continue;  // no query of this tile sees these keys
       const index_t ncols = (mq + 7) / 8 * 8;
-      // P^T = 2^(S^T - lse log2 e), masked to 0 after the power (lse may be -inf there).
-      small_gemm<false>(pt, LD, kp, RS, 1, qt + t * D * LD, LD, kn, ncols, D);
-      for (index_t i = 0; i < ncols; i += 8) {
-        const Vec lv = Vec::load(lse_h + i0 + i);
-        for (index_t j = 0; j < kn; ++j)
-          exp2_softmax(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
-      }
-      if (j0 + kn > kfull) mask_tile(pt, LD, kn, ncols, j0, nvis + i0, 0.0f);
-      // dV += P^T dOut
-      small_gemm<true>(dva, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
-      // dS^T = P^T * (V dOut^T - delta)
-      small_gemm<false>(dst, LD, vp, RS, 1, dot + t * D * LD, LD, kn, ncols, D);
-      for (index_t i = 0; i < ncols; i += 8) {
-        const Vec dl = Vec::load(delta + i0 + i);
-        for (index_t j = 0; j < kn; ++j) {
-          const index_t at = j * LD + i;
-          (Vec::load(pt + at) * (Vec::load(dst + at) - dl)).store(dst + at);
+      for (index_t jt = 0; jt < nkeys; jt += BK) {
+        const index_t j0 = jb + jt, kn = imin(nkeys - jt, BK);
+        if (kend <= j0) break;  // no query of this tile sees these keys (nor later ones)
+        const float* kt = kp + jt * RS;
+        const float* vt = vp + jt * RS;
+        float* dkt = dka + jt * D;
+        float* dvt = dva + jt * D;
+        // P^T = 2^(S^T - lse log2 e), masked to 0 after the power (lse may be -inf there).
+        small_gemm<false>(pt, LD, kt, RS, 1, qt + t * D * LD, LD, kn, ncols, D);
+        for (index_t i = 0; i < ncols; i += 8) {
+          const Vec lv = Vec::load(lse_h + i0 + i);
+          for (index_t j = 0; j < kn; ++j)
+            exp2_softmax(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
         }
+        if (j0 + kn > kfull) mask_tile(pt, LD, kn, ncols, j0, nvis + i0, 0.0f);
+        // dV += P^T dOut
+        small_gemm<true>(dvt, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
+        // dS^T = P^T * (V dOut^T - delta)
+        small_gemm<false>(dst, LD, vt, RS, 1, dot + t * D * LD, LD, kn, ncols, D);
+        for (index_t i = 0; i < ncols; i += 8) {
+          const Vec dl = Vec::load(delta + i0 + i);
+          for (index_t j = 0; j < kn; ++j) {
+            const index_t at = j * LD + i;
+            (Vec::load(pt + at) * (Vec::load(dst + at) - dl)).store(dst + at);
+          }
+        }
+        // dK += dS^T Q ; dQ += dS K (both scaled at the end)
+        small_gemm<true>(dkt, D, dst, LD, 1, qr + i0 * RS, RS, kn, D, mq);
+        small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kt, RS, mq, D, kn);
       }
-      // dK += dS^T Q ; dQ += dS K (both scaled at the end)
-      small_gemm<true>(dka, D, dst, LD, 1, qr + i0 * RS, RS, kn, D, mq);
-      small_gemm<true>(dqa + i0 * D, D, dst, 1, LD, kp, RS, mq, D, kn);
     }
-    for (index_t j = 0; j < kn; ++j) {
-      float* dkrow = dk + ((b * Lk + j0 + j) * c.H + h) * D;
-      float* dvrow = dv + ((b * Lk + j0 + j) * c.H + h) * D;
+    for (index_t j = 0; j < nkeys; ++j) {
+      float* dkrow = dk + ((b * Lk + jb + j) * c.H + h) * D;
+      float* dvrow = dv + ((b * Lk + jb + j) * c.H + h) * D;
       for (index_t d = 0; d < D; d += 8) {
         (Vec::load(dka + j * D + d) * Vec(c.scale)).store(dkrow + d);
         Vec::load(dva + j * D + d).store(dvrow + d);

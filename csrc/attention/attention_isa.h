@@ -10,6 +10,8 @@ namespace pt {
 // Query tile and key tile sizes; scratch sizes (floats) each body needs per thread.
 constexpr index_t kAttnBQ = 64;
 constexpr index_t kAttnBK = 64;
+// Backward walks key tiles in blocks of this many tiles (see attention_backward_head).
+constexpr index_t kAttnKeyBlock = 4;
 // Leading dimension of the per-thread score tiles and packed Q^T: padded past a power of two so
 // that the column a micro-kernel walks does not map every row to the same few L1 sets.
 constexpr index_t kAttnLD = kAttnBQ + 8;
@@ -23,7 +25,7 @@ inline index_t attn_decode_scratch(index_t D, index_t Lk) { return D + Lk + 8; }
 inline index_t attn_backward_scratch(index_t D, index_t Lq) {
   const index_t lqp = (Lq + kAttnBQ - 1) / kAttnBQ * kAttnBQ;
   return 2 * lqp / kAttnBQ * D * kAttnLD + Lq * D + 2 * Lq * attn_row_stride(D) + 3 * lqp +
-         2 * kAttnBK * kAttnLD + 2 * kAttnBK * D + 2 * kAttnBK * attn_row_stride(D);
+         2 * kAttnBK * kAttnLD + 2 * kAttnKeyBlock * kAttnBK * (D + attn_row_stride(D));
 }
 
 #define PT_ATTENTION_ISA_DECLS                                                                  \

@@ -6,7 +6,9 @@
 //     pack_a   MC x KC of op(A) into MR-tall panels (thread-local),
 //     macro_kernel: for each B panel (jr), for each A panel (ir): MR x NR micro-kernel.
 // Partial sums go to C in K-block order and each C tile belongs to one thread, so the bits of C
-// do not depend on the thread count. Two paths skip packing B when M is small (decoding).
+// do not depend on the thread count. For M <= kSmallM (decoding) A is packed once and B is packed
+// a 64-column block at a time (gemm_small_m_blocked), streamed unpacked (tiny M, row-major B) or
+// read in place as dot products (B stored transposed).
 #include <cstdlib>
 #include <new>
 
@@ -301,7 +303,8 @@ inline void team_barrier(int team) {
 #endif
 }
 
-// Threads worth using: about 256k multiply-adds each, so tiny products stay on one thread.
+// Threads worth using: one per 256k multiply-adds (about where OpenBLAS goes parallel), so small
+// products stay on one thread and never wait for a team to wake up.
 int useful_threads(const GemmArgs& p) {
   const double work = static_cast<double>(p.M) * static_cast<double>(p.N) * static_cast<double>(p.K);
   const int nt = num_threads();
@@ -309,7 +312,7 @@ int useful_threads(const GemmArgs& p) {
   return cap < 1.0 ? 1 : (cap < nt ? static_cast<int>(cap) : nt);
 }
 
-// Asks for the lines of rows x cols floats (row stride ld) to be brought into L2.
+// Asks for the cache lines of rows x cols floats (row stride ld) to be fetched.
 inline void prefetch_block(const float* b, index_t ld, index_t rows, index_t cols) {
   for (index_t r = 0; r < rows; ++r)
     for (index_t j = 0; j < cols; j += 16) __builtin_prefetch(b + r * ld + j, 0, 3);
@@ -406,8 +409,8 @@ int small_m_panels(index_t M, index_t* start, int* height) {
 // Small M (5..32; 17..32 when B is stored transposed). A is packed once (it is tiny). B is packed
 // KC x 64 at a time into a thread-local buffer (reading a row-major B in place thrashes L1 sets
 // when its row stride is a multiple of 4 KiB) and each panel is swept once per A panel from L1.
-// Reading B from L3 or memory is the cost that matters here, so while one block is computed the
-// next one's lines are prefetched, a quarter per panel.
+// Reading B from L3 or memory is a large part of the cost here, so while one block is computed
+// the next one's lines are prefetched, a thin slice before each micro-kernel call.
 void gemm_small_m_blocked(const GemmArgs& p, int nt) {
   constexpr index_t kNB = 4 * NR;
   const index_t M = p.M, N = p.N, K = p.K;
@@ -432,19 +435,22 @@ void gemm_small_m_blocked(const GemmArgs& p, int nt) {
         const bool has_next = !last || blk + 1 < blk1;
         const index_t next_kc = min_i(kKC, K - next_pc), next_nb = min_i(kNB, N - next_n0);
         const index_t q_count = (nb + NR - 1) / NR;
+        const index_t calls = q_count * np;
+        const float* next_b = p.b + next_pc * p.b_rs + next_n0 * p.b_cs;
         for (index_t q = 0; q < q_count; ++q) {
-          if (has_next) {
-            const index_t r0 = next_kc * q / q_count, r1 = next_kc * (q + 1) / q_count;
-            prefetch_strided(p.b + (next_pc + r0) * p.b_rs + next_n0 * p.b_cs, p.b_rs, p.b_cs, r1 - r0, next_nb);
-          }
           const int cols = static_cast<int>(min_i(NR, nb - q * NR));
           Epilogue ep;
           ep.load_c = p.accumulate || pc > 0;
           ep.bias = last && p.bias ? p.bias + n0 + q * NR : nullptr;
           ep.act = last ? p.act : Activation::none;
-          for (int i = 0; i < np; ++i)
+          for (int i = 0; i < np; ++i) {
+            if (has_next) {  // a thin slice of the next block before each micro-kernel call
+              const index_t c = q * np + i, r0 = next_kc * c / calls, r1 = next_kc * (c + 1) / calls;
+              prefetch_strided(next_b + r0 * p.b_rs, p.b_rs, p.b_cs, r1 - r0, next_nb);
+            }
             run_tile(height[i], kc, buf + i * MR * K + pc * MR, bbuf + q * kc * NR, NR,
                      p.c + start[i] * p.ldc + n0 + q * NR, p.ldc, cols, ep);
+          }
         }
       }
     }
@@ -539,19 +545,19 @@ template <int R, int S>
 void dot_tile(index_t K, const float* a, index_t lda, const float* bt, index_t ldb, float* c,
               index_t ldc, bool load_c) {
   Vec acc[R][S];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < S; ++j) acc[i][j] = Vec::zero();
   index_t k = 0;
   for (; k + Vec::width <= K; k += Vec::width) {
     Vec bv[S];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < S; ++j) bv[j] = Vec::load(bt + j * ldb + k);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const Vec av = Vec::load(a + i * lda + k);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int j = 0; j < S; ++j) acc[i][j] = fma(av, bv[j], acc[i][j]);
     }
   }
@@ -602,7 +608,11 @@ void gemm_small_m_transposed_b(const GemmArgs& p, int nt) {
   run_team(nt, [&](int t, int team) {
     for (index_t ch = chunks * t / team; ch < chunks * (t + 1) / team; ++ch) {
       const index_t n0 = ch * kChunk, n1 = min_i(N, n0 + kChunk);
-      for (index_t j = n0; j < n1; j += 3) {
+      index_t j = n0;
+      if (M == 1)  // one row: eight B rows at a time keep more loads in flight
+        for (; j + 8 <= n1; j += 8)
+          dot_tile<1, 8>(K, a, lda, p.b + j * p.b_cs, p.b_cs, p.c + j, p.ldc, p.accumulate);
+      for (; j < n1; j += 3) {
         const int s = static_cast<int>(min_i(3, n1 - j));
         const float* bt = p.b + j * p.b_cs;
         for (index_t i = 0; i < M; i += 4) {

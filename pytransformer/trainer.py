@@ -1,0 +1,492 @@
+"""The training loop: updates, validation, progress, a JSON-lines log and resumable checkpoints.
+
+A run is a pure function of (initial weights, data, seed, settings): the batch order comes from
+the TokenBatcher's seeded generator, dropout masks from a seed derived from (seed, step,
+micro-batch), and the kernels give the same bits at any thread count. A checkpoint stores all of
+that state, so ``load_checkpoint`` + ``fit`` continues bit-identically to an uninterrupted run.
+
+Checkpoint layout (one directory per saved step under ``checkpoint_dir``)::
+
+    step-00001000/
+        config.json, model.safetensors   the model (model.save)
+        optimizer.safetensors            Adam moments m/<name>, v/<name>; step in the metadata
+        trainer.json                     step, data order state, counters, settings
+    log.jsonl                            the training log (default location)
+
+Each step directory is written under a temporary name and renamed into place when complete, so
+a crash never leaves a half-written checkpoint that looks finished.
+
+Log records (one JSON object per line): every ``log_every`` updates
+``{"step", "epoch", "train_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "elapsed_s"}``
+(train_loss: mean label-smoothed loss per target token over the interval; tokens/s: non-pad
+target tokens per second of training time); after each validation
+``{"step", "valid_loss", "valid_ppl", "valid_tokens"}`` (loss without smoothing, per token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from . import io
+from .data import Batch, TokenBatcher
+from .optim import Adam
+
+__all__ = ["Trainer", "latest_checkpoint"]
+
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_MASK64 = (1 << 64) - 1
+_FORMAT = "pytransformer-trainer"
+_OPT_FILE, _STATE_FILE, _LOG_FILE = "optimizer.safetensors", "trainer.json", "log.jsonl"
+
+
+def _step_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> str | None:
+    """The newest complete checkpoint directory under ``root`` (None when there is none)."""
+    dirs = _step_dirs(os.fspath(root))
+    return dirs[-1][1] if dirs else None
+
+
+def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return int(value)
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijective scramble of a 64-bit integer."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _dropout_seed(seed: int, step: int, micro: int) -> int:
+    """A 63-bit seed for one forward pass, distinct for every (run seed, step, micro-batch)."""
+    h = _mix64(seed * 0x9E3779B97F4A7C15 + 1)
+    h = _mix64(h ^ (step * 0xD1B54A32D192ED03))
+    return _mix64(h ^ (micro + 0x632BE59BD9B4E019)) >> 1
+
+
+def _check_optimizer_holds(model: Any, optimizer: Adam) -> None:
+    """The optimizer must update the model's own arrays (not copies such as a state_dict)."""
+    params = model.parameters()
+    if params.keys() != optimizer.params.keys():
+        raise ValueError("optimizer: its parameter names differ from model.parameters()")
+    for name, p in params.items():
+        q = optimizer.params[name]
+        if q.ctypes.data != p.ctypes.data or q.shape != p.shape:
+            raise ValueError(
+                f"optimizer: params[{name!r}] is not the model's array (build the optimizer "
+                "from model.parameters(), not from copies)"
+            )
+
+
+class Trainer:
+    """Trains ``model`` with ``optimizer`` on batches from ``train_data``.
+
+    model: a Transformer / TransformerLM / TransformerEncoderModel (anything with
+    ``loss_and_grad``, ``evaluate_loss``, ``zero_grad``, ``gradients``, ``state_dict``,
+    ``load_state_dict``, ``save``, ``train``, ``config``).
+    optimizer: an ``optim.Adam``/``AdamW`` over ``model.parameters()``.
+    train_data: a TokenBatcher (its state is checkpointed). valid_data: a TokenBatcher or an
+    iterable of Batch, evaluated every ``valid_every`` updates (0: only when asked) and at the end.
+    accumulate: batches per update; the gradient is that of the mean loss over all their tokens.
+    checkpoint_dir: where checkpoints go (None: no checkpoints); ``checkpoint_every`` updates
+    (0: only at the end of ``fit``); the newest ``keep_checkpoints`` are kept.
+    log_path: the JSON-lines log (default ``checkpoint_dir/log.jsonl``; None without a
+    checkpoint_dir means no log file). progress: show a tqdm bar when tqdm is importable, plain
+    lines on stderr every ``log_every`` updates otherwise; False for silence.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: Adam,
+        train_data: TokenBatcher,
+        *,
+        valid_data: TokenBatcher | Iterable[Batch] | None = None,
+        label_smoothing: float = 0.1,
+        seed: int = 0,
+        accumulate: int = 1,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        keep_checkpoints: int = 3,
+        valid_every: int = 0,
+        log_path: str | os.PathLike | None = None,
+        log_every: int = 50,
+        progress: bool = True,
+    ):
+        for attr in ("loss_and_grad", "evaluate_loss", "zero_grad", "gradients", "save", "train"):
+            if not callable(getattr(model, attr, None)):
+                raise TypeError(f"model: expected a pytransformer model (no {attr}())")
+        if not isinstance(optimizer, Adam):
+            raise TypeError(
+                f"optimizer: expected an optim.Adam/AdamW, got {type(optimizer).__name__}"
+            )
+        if not isinstance(train_data, TokenBatcher):
+            raise TypeError(f"train_data: expected a TokenBatcher, got {type(train_data).__name__}")
+        if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(
+                f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}"
+            )
+        _check_optimizer_holds(model, optimizer)
+        self.model, self.optimizer, self.train_data = model, optimizer, train_data
+        self.label_smoothing = float(label_smoothing)
+        self.seed = _positive_int("seed", seed, allow_zero=True)
+        self.accumulate = _positive_int("accumulate", accumulate)
+        self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, allow_zero=True)
+        self.keep_checkpoints = _positive_int("keep_checkpoints", keep_checkpoints)
+        self.valid_every = _positive_int("valid_every", valid_every, allow_zero=True)
+        self.log_every = _positive_int("log_every", log_every)
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        if log_path is None and self.checkpoint_dir is not None:
+            log_path = os.path.join(self.checkpoint_dir, _LOG_FILE)
+        self.log_path = None if log_path is None else os.fspath(log_path)
+        self.progress = bool(progress)
+        self._valid = None if valid_data is None else list(valid_data)
+        if self._valid is not None and not all(isinstance(b, Batch) for b in self._valid):
+            raise TypeError("valid_data: expected a TokenBatcher or an iterable of Batch")
+        self.step = 0  # updates done
+        self.tokens_seen = 0  # non-pad target tokens trained on
+        self.last_valid: dict[str, float] | None = None
+        self._interval = {"loss": 0.0, "tokens": 0, "time": 0.0}
+        self._started = time.perf_counter()
+
+    # -- one update -------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer update on ``accumulate`` batches. Returns {"loss" (mean label-smoothed
+        loss per target token), "tokens", "lr", "grad_norm", "seconds"}."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.model.zero_grad()
+        batches = [self.train_data.next_batch() for _ in range(self.accumulate)]
+        counts = [b.n_tokens for b in batches]
+        total = sum(counts)
+        if total == 0:
+            raise ValueError(f"update {self.step + 1}: the batches hold no target tokens")
+        loss_sum = 0.0
+        for micro, batch in enumerate(batches):
+            if micro:  # keep the sum weighted so the result is sum_j n_j g_j / N (see _rescale)
+                self._rescale(counts[micro - 1] / counts[micro] if counts[micro] else 1.0)
+            s, _ = self.model.loss_and_grad(
+                batch,
+                label_smoothing=self.label_smoothing,
+                dropout_seed=_dropout_seed(self.seed, self.step + 1, micro),
+            )
+            loss_sum += s
+        if len(batches) > 1:
+            self._rescale(counts[-1] / total)
+        loss = loss_sum / total
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"update {self.step + 1}: the loss is {loss}")
+        info = self.optimizer.step(self.model.gradients())
+        self.step += 1
+        self.tokens_seen += total
+        seconds = time.perf_counter() - t0
+        return {"loss": loss, "tokens": total, "seconds": seconds, **info}
+
+    def _rescale(self, factor: float) -> None:
+        """Multiplies every gradient by factor (one pass over the flat buffer when there is one).
+
+        Accumulating mean-loss gradients g_j of batches with n_j tokens: scaling the running sum
+        by n_{j-1}/n_j before adding g_j and by n_last/N at the end leaves sum_j n_j g_j / N."""
+        if factor == 1.0:
+            return
+        flat = getattr(self.model, "grad_buffer", None)
+        arrays = [flat] if isinstance(flat, np.ndarray) else self.model.gradients().values()
+        for g in arrays:
+            g *= np.float32(factor)
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss per target token (no smoothing, no dropout) and perplexity on the validation set."""
+        if self._valid is None:
+            raise ValueError("evaluate: no valid_data was given")
+        loss_sum, tokens = 0.0, 0
+        for batch in self._valid:
+            s, n = self.model.evaluate_loss(batch)
+            loss_sum += s
+            tokens += n
+        loss = loss_sum / max(tokens, 1)
+        result = {
+            "valid_loss": loss,
+            "valid_ppl": math.exp(min(loss, 700.0)),
+            "valid_tokens": tokens,
+        }
+        self.last_valid = result
+        self._log({"step": self.step, **result})
+        return result
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self, max_steps: int) -> dict[str, Any]:
+        """Trains until ``self.step == max_steps`` (an absolute count, so a resumed run is given
+        the same number). Validates every ``valid_every`` updates and at the end (when there is
+        validation data), checkpoints every ``checkpoint_every`` updates and at the end.
+        Returns {"step", "train_loss" (of the last update), "tokens_seen", **last validation}."""
+        max_steps = _positive_int("max_steps", max_steps, allow_zero=True)
+        bar = self._progress_bar(max_steps)
+        last: dict[str, float] = {}
+        try:
+            while self.step < max_steps:
+                last = self.train_step()
+                self._account(last, bar)
+                if (
+                    self.valid_every
+                    and self._valid is not None
+                    and self.step % self.valid_every == 0
+                ):
+                    self.evaluate()
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self._interval["tokens"]:
+            self._flush_interval(None)
+        if self._valid is not None and (not self.valid_every or self.step % self.valid_every):
+            self.evaluate()
+        if self.checkpoint_dir is not None and (
+            not self.checkpoint_every or self.step % self.checkpoint_every
+        ):
+            self.save_checkpoint()
+        return {
+            "step": self.step,
+            "train_loss": last.get("loss", math.nan),
+            "tokens_seen": self.tokens_seen,
+            **(self.last_valid or {}),
+        }
+
+    def _progress_bar(self, max_steps: int):
+        if not self.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(
+            total=max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
+        )
+
+    def _account(self, info: dict[str, float], bar) -> None:
+        """Adds one update to the logging interval; logs/prints at interval ends."""
+        iv = self._interval
+        iv["loss"] += info["loss"] * info["tokens"]
+        iv["tokens"] += info["tokens"]
+        iv["time"] += info["seconds"]
+        iv["lr"], iv["grad_norm"] = info["lr"], info["grad_norm"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{info['loss']:.3f}",
+                lr=f"{info['lr']:.2e}",
+                tok_s=f"{info['tokens'] / max(info['seconds'], 1e-9):.0f}",
+                refresh=False,
+            )
+        if self.step % self.log_every == 0:
+            self._flush_interval(bar)
+
+    def _flush_interval(self, bar) -> None:
+        iv = self._interval
+        record = {
+            "step": self.step,
+            "epoch": self.train_data.epoch,
+            "train_loss": iv["loss"] / max(iv["tokens"], 1),
+            "lr": iv["lr"],
+            "grad_norm": iv["grad_norm"],
+            "tokens_per_s": iv["tokens"] / max(iv["time"], 1e-9),
+            "tokens": self.tokens_seen,
+            "elapsed_s": time.perf_counter() - self._started,
+        }
+        self._log(record)
+        if self.progress and bar is None:
+            print(
+                f"step {record['step']}  loss {record['train_loss']:.4f}  lr {record['lr']:.3e}  "
+                f"tok/s {record['tokens_per_s']:.0f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._interval = {"loss": 0.0, "tokens": 0, "time": 0.0}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log_path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict[str, Any]:
+        lr = self.optimizer.lr
+        return {
+            "format": _FORMAT,
+            "version": 1,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "seed": self.seed,
+            "accumulate": self.accumulate,
+            "label_smoothing": self.label_smoothing,
+            "model_class": type(self.model).__name__,
+            "data": self.train_data.state_dict(),
+            "schedule": lr.to_dict()
+            if hasattr(lr, "to_dict")
+            else lr
+            if not callable(lr)
+            else None,
+            "last_valid": self.last_valid,
+        }
+
+    def save_checkpoint(self) -> str:
+        """Writes the current state to ``checkpoint_dir/step-XXXXXXXX`` atomically; prunes old
+        ones. Returns the directory."""
+        if self.checkpoint_dir is None:
+            raise ValueError("save_checkpoint: no checkpoint_dir was given")
+        root = self.checkpoint_dir
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"step-{self.step:08d}")
+        tmp = os.path.join(root, f".step-{self.step:08d}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.model.save(tmp)
+            opt = self.optimizer.state_dict()
+            tensors = {f"m/{k}": a for k, a in opt["m"].items()}
+            tensors.update({f"v/{k}": a for k, a in opt["v"].items()})
+            meta = {"step": str(opt["step"]), "hyper": json.dumps(opt["hyper"])}
+            io.save_safetensors(os.path.join(tmp, _OPT_FILE), tensors, meta)
+            text = json.dumps(self._trainer_state(), indent=1)
+            io.atomic_write_text(os.path.join(tmp, _STATE_FILE), text)
+            io.fsync_dir(tmp)
+            self._put_in_place(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
+        return final
+
+    @staticmethod
+    def _put_in_place(tmp: str, final: str) -> None:
+        """Renames the finished tmp directory to final (replacing an older one of the same step)."""
+        old = None
+        if os.path.exists(final):
+            old = final + f".old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        io.fsync_dir(os.path.dirname(final))
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self) -> None:
+        for _, path in _step_dirs(self.checkpoint_dir)[: -self.keep_checkpoints]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> str:
+        """Restores model weights, optimizer moments and step, data order and counters from a
+        checkpoint directory (``step-XXXXXXXX``) or from the newest one under a checkpoint root.
+        Raises CheckpointError when it is missing, corrupt or was made for another model/data/
+        settings. Returns the directory used."""
+        path = os.fspath(path)
+        if not os.path.exists(os.path.join(path, _STATE_FILE)):
+            newest = latest_checkpoint(path)
+            if newest is None:
+                raise io.CheckpointError(f"{path}: no checkpoint (no trainer.json, no step-* dirs)")
+            path = newest
+        state = self._read_state(path)
+        tensors, _ = io.load_safetensors(
+            os.path.join(path, "model.safetensors"), require_checksum=True
+        )
+        opt_tensors, opt_meta = io.load_safetensors(
+            os.path.join(path, _OPT_FILE), require_checksum=True
+        )
+        try:
+            opt_state = {
+                "step": int(opt_meta["step"]),
+                "m": {k[2:]: v for k, v in opt_tensors.items() if k.startswith("m/")},
+                "v": {k[2:]: v for k, v in opt_tensors.items() if k.startswith("v/")},
+            }
+            self.model.load_state_dict(tensors)
+            self.optimizer.load_state_dict(opt_state)
+            self.train_data.load_state_dict(state["data"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise io.CheckpointError(
+                f"{path}: does not fit this model/optimizer/data ({exc})"
+            ) from None
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.last_valid = state.get("last_valid")
+        self._interval = {"loss": 0.0, "tokens": 0, "time": 0.0}
+        self._truncate_log()
+        return path
+
+    def _read_state(self, path: str) -> dict[str, Any]:
+        state_path = os.path.join(path, _STATE_FILE)
+        try:
+            with open(state_path, encoding="utf-8") as f:
+                state = json.load(f)
+        except FileNotFoundError:
+            raise io.CheckpointError(f"{state_path}: missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise io.CheckpointError(f"{state_path}: corrupt ({exc})") from None
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise io.CheckpointError(f"{state_path}: not a pytransformer trainer state")
+        if state.get("model_class") != type(self.model).__name__:
+            raise io.CheckpointError(
+                f"{path}: holds a {state.get('model_class')}, not a {type(self.model).__name__}"
+            )
+        config_path = os.path.join(path, "config.json")
+        config = getattr(self.model, "config", None)
+        if config is not None and os.path.exists(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                try:
+                    saved = json.load(f)
+                except json.JSONDecodeError as exc:
+                    raise io.CheckpointError(f"{config_path}: corrupt ({exc})") from None
+            if saved != config.to_dict():
+                diff = sorted(k for k in set(saved) | set(config.to_dict())
+                              if saved.get(k) != config.to_dict().get(k))  # fmt: skip
+                raise io.CheckpointError(f"{path}: the model config differs in {diff}")
+        for key in ("seed", "accumulate", "label_smoothing"):
+            if state.get(key) != getattr(self, key):
+                raise io.CheckpointError(
+                    f"{path}: saved with {key}={state.get(key)!r}, this trainer has "
+                    f"{getattr(self, key)!r} (the resumed run would not match the original)"
+                )
+        return state
+
+    def _truncate_log(self) -> None:
+        """Drops log records of updates after the restored step (left by the interrupted run)."""
+        if self.log_path is None or not os.path.exists(self.log_path):
+            return
+        kept = []
+        with open(self.log_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn last line from a crash
+        io.atomic_write_text(self.log_path, "".join(kept))
