@@ -1,13 +1,16 @@
 """GEMM throughput: pytransformer.ops.matmul vs numpy (OpenBLAS), interleaved, 1 and 2 threads.
 
-Usage: PYTHONPATH=$PWD python bench/bench_gemm.py [--quick]
+Usage: [OMP_WAIT_POLICY=PASSIVE] PYTHONPATH=$PWD python bench/bench_gemm.py [--quick]
 
 Each thread count runs in its own subprocess with OPENBLAS_NUM_THREADS set, so numpy and our
 kernels get the same number of threads. In a worker, ours and numpy's calls alternate (one batch of
 calls each, repeated) and every figure is the median over the repeats; the "best" ratio (fastest
 repeat of each) is shown too because the machine is shared and slowdowns from other processes only
-ever add time. The FMA peak comes from a probe: one thread timing a loop of 12 independent 8-lane
-FMA chains (_C._fma_probe), best of a few runs, times the thread count.
+ever add time. On a machine shared with other busy processes, OpenMP's default spin-waiting
+makes multi-threaded calls stall whenever a team thread is descheduled; OMP_WAIT_POLICY=PASSIVE
+(recorded in the table's command) then measures the kernels rather than the scheduler.
+The FMA peak comes from a probe: one thread timing a loop of 12 independent 8-lane FMA chains
+(_C._fma_probe), best of a few runs, times the thread count.
 Writes the table into section `gemm` of bench/RESULTS.md.
 """
 
@@ -146,10 +149,14 @@ def main() -> None:
         "ours % of FMA peak",
     ]
     info = pt.cpu_info()
+    policy = os.environ.get("OMP_WAIT_POLICY")
     body = "\n".join(
         [
-            "Command: `PYTHONPATH=$PWD python bench/bench_gemm.py`"
-            + (" --quick" if args.quick else ""),
+            "Command: `"
+            + (f"OMP_WAIT_POLICY={policy} " if policy else "")
+            + "PYTHONPATH=$PWD python bench/bench_gemm.py"
+            + (" --quick" if args.quick else "")
+            + "`",
             "",
             f"Machine: {platform.processor() or platform.machine()}, ISA {info['isa']}, "
             f"{info['cores']} cores; numpy {np.__version__}. " + "; ".join(notes) + ".",

@@ -2,12 +2,23 @@
 
 Dimension legend: B batch, S source length, T target length, C d_model, H heads, D = C/H, V vocab.
 
-Every model keeps all parameters in one flat float32 buffer and all gradients in another of the
-same layout (`param_buffer` / `grad_buffer`; `parameters()` / `gradients()` give named views), so
-an optimizer is one loop and `zero_grad()` one fill. Training runs `loss_and_grad(batch)`: forward,
-fused label-smoothed cross-entropy over the non-padding targets only, explicit backward; gradients
-accumulate. Decoding runs `encode` / `init_decoder_state` / `decode_step` (see `DecoderState`),
-which never write module state, so several threads may decode with one model at once.
+Parameters: every model keeps all parameters in one flat float32 buffer and all gradients in
+another of the same layout (`param_buffer` / `grad_buffer`; `parameters()` / `gradients()` give
+named C-contiguous views, tied matrices once), so an optimizer can be one loop and `zero_grad()`
+is one fill.
+
+Training: `loss, n = model.loss_and_grad(batch, label_smoothing=0.1, dropout_seed=k)` runs the
+forward pass, the fused label-smoothed cross-entropy over the non-pad targets and the explicit
+backward; gradients (of the mean loss) accumulate into `gradients()`; `loss` is that mean times
+n. Dropout applies in train mode (`model.train()`, the default) with masks derived only from
+dropout_seed. `evaluate_loss(batch)` is the no-dropout, no-smoothing, no-gradient counterpart.
+Padding costs nothing: position-wise layers run on the packed real tokens only (see
+`nn.layout.Layout`); attention reads them back in (B, L) layout.
+
+Decoding: `memory = model.encode(src, src_lengths)`, `state = model.init_decoder_state(memory,
+src_lengths, max_steps)`, then `logits, attn = model.decode_step(state, tokens)` per position and
+`state.reorder(rows)` to follow beams or drop finished rows (`TransformerLM`: `init_state(B,
+max_steps)`). These never write module state, so several threads may decode with one model.
 """
 
 from __future__ import annotations

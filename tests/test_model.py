@@ -606,3 +606,49 @@ def test_argument_checks():
         m.decode_step(state, np.full(len(sl), cfg.tgt_vocab_size))
     with pytest.raises(RuntimeError, match="forward"):
         pt.Transformer(cfg).backward(np.zeros((1, 1, cfg.tgt_vocab_size), np.float32))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_explicit_attention_path_matches_the_kernel(causal):
+    """The path used under attention dropout, run with p ~ 0 (every probability kept), against
+    ops.attention / ops.attention_backward, with masked keys and an empty row."""
+    from pytransformer import ops
+    from pytransformer.nn.attention import _Attention
+    from pytransformer.nn.layers import Context
+
+    rng = np.random.default_rng(0)
+    B, L, H, D = 3, 5, 2, 4
+    qkv = rng.standard_normal((B, L, 3, H, D)).astype(np.float32)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    lengths = None if causal else np.array([5, 2, 0])
+    ctx = Context()
+    ctx.grad_mode = True
+    core = _Attention(H, D, 1e-12, ctx)
+    out = core.forward(q, k, v, lengths, causal)
+    ref, lse = ops.attention(q, k, v, key_lengths=lengths, causal=causal, return_lse=True)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    grads = core.backward(dout)
+    refs = ops.attention_backward(dout, q, k, v, ref, lse, key_lengths=lengths, causal=causal)
+    for g, r in zip(grads, refs, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_source_rows_are_finite_and_consistent():
+    """make_batch gives an empty source length 0: its cross-attention sees no key (zeros)."""
+    cfg = tiny_config()
+    m = pt.Transformer(cfg, seed=1)
+    b = random_batch(cfg, np.random.default_rng(3), B=3, S=5, T=4)
+    b.src_lengths[1] = 0
+    b.src[1] = PAD
+    loss, n = m.loss_and_grad(b)
+    assert np.isfinite(loss) and n == b.n_tokens and np.isfinite(m.grad_buffer).all()
+    m.eval()
+    full = m.forward(b.src, b.src_lengths, b.tgt_in)
+    memory = m.encode(b.src, b.src_lengths)
+    assert not memory[1].any()
+    state = m.init_decoder_state(memory, b.src_lengths, 4)
+    for t in range(4):
+        logits, attn = m.decode_step(state, b.tgt_in[:, t], need_attention=True)
+        assert rel_err(logits, full[:, t]) <= 1e-4
+        assert not attn[1].any()

@@ -36,15 +36,12 @@ class _Attention:
         v: np.ndarray,
         key_lengths: np.ndarray | None,
         causal: bool,
-        query_offset: int = 0,
     ) -> np.ndarray:
         """q (B,Lq,H,D), k/v (B,Lk,H,D) any strides -> out (B,Lq,H,D) C-contiguous."""
         if self.dropout.active():
             return self._explicit_forward(q, k, v, key_lengths, causal)
         if not self.ctx.cache:
-            return ops.attention(
-                q, k, v, key_lengths=key_lengths, causal=causal, query_offset=query_offset
-            )
+            return ops.attention(q, k, v, key_lengths=key_lengths, causal=causal)
         out, lse = ops.attention(q, k, v, key_lengths=key_lengths, causal=causal, return_lse=True)
         self.saved = ("flash", q, k, v, out, lse, key_lengths, causal)
         return out

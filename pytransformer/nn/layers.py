@@ -132,8 +132,7 @@ class Linear:
         x: np.ndarray,
         *,
         dx_out: np.ndarray | None = None,
-        need_dx: bool = True,
-    ) -> np.ndarray | None:
+    ) -> np.ndarray:
         """dy (..., out), x (..., in) the forward input. Accumulates dW, db; returns dx (..., in)
         (or adds it into dx_out when given)."""
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -141,8 +140,6 @@ class Linear:
         ops.matmul(dy2, x2, trans_a=True, out=self.weight.grad, accumulate=True)
         if self.bias is not None:
             self.bias.grad += dy2.sum(axis=0)
-        if not need_dx:
-            return None
         if dx_out is not None:
             ops.matmul(
                 dy2, self.weight.data, out=dx_out.reshape(-1, dx_out.shape[-1]), accumulate=True
