@@ -7,13 +7,17 @@ threads; medians of runs that alternate ours and torch. One call is long (second
 so each system is warmed up on a short decode rather than a full one, and "base" takes one timed
 run per system unless --repeats says otherwise. Writes the `decode` section of bench/RESULTS.md.
 
-    PYTHONPATH=$PWD python bench/bench_decode.py [--configs small,base] [--threads 1,2]
-        [--repeats N] [--no-write]
+    [OMP_WAIT_POLICY=PASSIVE] PYTHONPATH=$PWD python bench/bench_decode.py
+        [--configs small,base] [--threads 1,2] [--repeats N] [--no-write]
+
+On the shared machine, OMP_WAIT_POLICY=PASSIVE (it applies to torch's OpenMP as well) keeps a
+descheduled team thread from stalling every 2-thread call.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -93,7 +97,9 @@ def main() -> None:
     table = markdown_table(header, rows)
     print(table)
     if not args.no_write:
-        cmd = "PYTHONPATH=$PWD python bench/bench_decode.py " + " ".join(sys.argv[1:])
+        policy = os.environ.get("OMP_WAIT_POLICY")
+        cmd = ((f"OMP_WAIT_POLICY={policy} " if policy else "")
+               + "PYTHONPATH=$PWD python bench/bench_decode.py " + " ".join(sys.argv[1:]))
         update_results("decode", _report(table, cmd.strip()))
 
 
