@@ -64,6 +64,7 @@ def main() -> None:
     except ImportError:
         torch = None
     rows = []
+    load_start = os.getloadavg()[0]
     for name in args.configs.split(","):
         cfg = TransformerConfig(**CONFIGS[name], dropout=0.0, max_len=256)
         model = Transformer(cfg, seed=0).eval()
@@ -100,7 +101,8 @@ def main() -> None:
         policy = os.environ.get("OMP_WAIT_POLICY")
         cmd = ((f"OMP_WAIT_POLICY={policy} " if policy else "")
                + "PYTHONPATH=$PWD python bench/bench_decode.py " + " ".join(sys.argv[1:]))
-        update_results("decode", _report(table, cmd.strip()))
+        loads = f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"
+        update_results("decode", _report(table, cmd.strip(), loads))
 
 
 def _systems(model, tm, sources, beam, length=LENGTH):
@@ -150,7 +152,7 @@ def _agreement(outputs) -> float:
     return same / sum(len(x) for x in ours)
 
 
-def _report(table: str, cmd: str) -> str:
+def _report(table: str, cmd: str, loads: str) -> str:
     return (
         f"Generated tokens/s of `Transformer.translate` ({N_SOURCES} sources of lengths 16-48, "
         f"forced length {LENGTH} via min = max decoding length, so {N_SOURCES * LENGTH} tokens "
@@ -159,7 +161,8 @@ def _report(table: str, cmd: str) -> str:
         "medians of runs alternating the two (after a short warm-up decode), "
         f"{REPEATS['small']} per system for small, {REPEATS['base']} for base unless the command "
         "says --repeats. `same tokens`: fraction of output tokens identical between the two.\n\n"
-        f"Command: `{cmd}`\n\n{table}\n"
+        f"Command: `{cmd}` (1-minute load average at start / end: {loads}, on 2 cores)\n\n"
+        f"{table}\n"
     )
 
 
