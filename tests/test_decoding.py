@@ -705,3 +705,27 @@ def test_real_model_validation():
     with pytest.raises(ValueError, match="max_len"):
         model.translate([[3] * 41])
     assert model.translate([]) == []
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_matches_pytorch_decoder(beam_size):
+    """The same weights decoded by PyTorch (bench/torch_decode.py over tests/torch_reference.py,
+    its own KV cache and search loop) give the same best hypotheses."""
+    pytest.importorskip("torch")
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import torch_decode
+    from torch_reference import build_torch_model
+
+    model = tiny_transformer(seed=1)
+    tm = build_torch_model(model.config, model.state_dict()).eval()
+    kw = dict(max_len=14, min_len=2)
+    if beam_size == 1:
+        want = torch_decode.greedy(tm, REAL_SOURCES, **kw)
+    else:
+        want = torch_decode.beam_search(tm, REAL_SOURCES, beam_size=beam_size, **kw)
+    got = translate(model, REAL_SOURCES, beam_size=beam_size, max_decoding_length=14,
+                    min_decoding_length=2)
+    assert [r.hypotheses[0] for r in got] == want
