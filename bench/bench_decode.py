@@ -3,16 +3,23 @@ decoder on identical (random) weights.
 
 32 sources of lengths uniform in 16..48, forced output length 64 (min = max decoding length, so
 every system generates 32 x 64 tokens), greedy and beam 4, configs "small" and "base", 1 and 2
-threads; interleaved medians (bench/_common.py). Writes the `decode` section of bench/RESULTS.md.
+threads; medians of runs that alternate ours and torch. One call is long (seconds to a minute),
+so each system is warmed up on a short decode rather than a full one, and "base" takes one timed
+run per system unless --repeats says otherwise. Writes the `decode` section of bench/RESULTS.md.
 
-    PYTHONPATH=$PWD python bench/bench_decode.py [--configs small,base] [--threads 1,2]
-        [--repeats 3] [--no-write]
+    [OMP_WAIT_POLICY=PASSIVE] PYTHONPATH=$PWD python bench/bench_decode.py
+        [--configs small,base] [--threads 1,2] [--repeats N] [--no-write]
+
+On the shared machine, OMP_WAIT_POLICY=PASSIVE (it applies to torch's OpenMP as well) keeps a
+descheduled team thread from stalling every 2-thread call.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import statistics
 import sys
 import time
 
@@ -22,7 +29,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import interleaved_medians, markdown_table, update_results  # noqa: E402
+from _common import markdown_table, update_results  # noqa: E402
 
 import pytransformer  # noqa: E402
 from pytransformer import Transformer, TransformerConfig  # noqa: E402
@@ -34,6 +41,7 @@ CONFIGS = {
                  num_decoder_layers=6, src_vocab_size=32000, tgt_vocab_size=32000),
 }
 N_SOURCES, LENGTH = 32, 64
+REPEATS = {"small": 3, "base": 1}
 
 
 def make_sources(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -47,7 +55,7 @@ def main() -> None:
     ap.add_argument("--configs", default="small,base")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--beams", default="1,4")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per system")
     ap.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md")
     args = ap.parse_args()
     try:
@@ -56,6 +64,7 @@ def main() -> None:
     except ImportError:
         torch = None
     rows = []
+    load_start = os.getloadavg()[0]
     for name in args.configs.split(","):
         cfg = TransformerConfig(**CONFIGS[name], dropout=0.0, max_len=256)
         model = Transformer(cfg, seed=0).eval()
@@ -67,9 +76,13 @@ def main() -> None:
                 torch.set_num_threads(threads)
             for beam in map(int, args.beams.split(",")):
                 fns = _systems(model, tm, sources, beam)
-                agree = _agreement(fns) if tm is not None else None
+                outputs: dict = {}
                 t0 = time.perf_counter()
-                med = interleaved_medians(fns, repeats=args.repeats, min_time=0.0)
+                for warm in _systems(model, tm, sources[:2], beam, length=4).values():
+                    warm()
+                med = _alternating_medians(_keeping(fns, outputs),
+                                           args.repeats or REPEATS[name])
+                agree = _agreement(outputs) if tm is not None else None
                 toks = N_SOURCES * LENGTH
                 ours = toks / med["ours"]
                 peer = toks / med["torch"] if "torch" in med else None
@@ -85,44 +98,71 @@ def main() -> None:
     table = markdown_table(header, rows)
     print(table)
     if not args.no_write:
-        cmd = "PYTHONPATH=$PWD python bench/bench_decode.py " + " ".join(sys.argv[1:])
-        update_results("decode", _report(table, cmd.strip()))
+        policy = os.environ.get("OMP_WAIT_POLICY")
+        cmd = ((f"OMP_WAIT_POLICY={policy} " if policy else "")
+               + "PYTHONPATH=$PWD python bench/bench_decode.py " + " ".join(sys.argv[1:]))
+        loads = f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"
+        update_results("decode", _report(table, cmd.strip(), loads))
 
 
-def _systems(model, tm, sources, beam):
+def _systems(model, tm, sources, beam, length=LENGTH):
     """The calls to time: ours, and torch's when it is importable."""
-    fns = {"ours": lambda: model.translate(sources, beam_size=beam, min_decoding_length=LENGTH,
-                                           max_decoding_length=LENGTH)}
+    fns = {"ours": lambda: model.translate(sources, beam_size=beam, min_decoding_length=length,
+                                           max_decoding_length=length)}
     if tm is not None:
         import torch_decode
 
         if beam == 1:
-            fns["torch"] = lambda: torch_decode.greedy(tm, sources, max_len=LENGTH, min_len=LENGTH)
+            fns["torch"] = lambda: torch_decode.greedy(tm, sources, max_len=length, min_len=length)
         else:
             fns["torch"] = lambda: torch_decode.beam_search(
-                tm, sources, beam_size=beam, max_len=LENGTH, min_len=LENGTH)
+                tm, sources, beam_size=beam, max_len=length, min_len=length)
     return fns
 
 
-def _agreement(fns) -> float:
+def _alternating_medians(fns, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each fn, the fns taking turns so machine noise hits all alike
+    (bench/_common.interleaved_medians without its full-size warm-up call)."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _keeping(fns, outputs):
+    """The same calls, each remembering its last result (to compare the systems' tokens without
+    extra runs)."""
+    def keep(name, fn):
+        def call():
+            outputs[name] = fn()
+        return call
+    return {name: keep(name, fn) for name, fn in fns.items()}
+
+
+def _agreement(outputs) -> float:
     """Fraction of output tokens equal between ours and torch (random weights: near-ties in the
     logits may flip a token and everything after it, so this is a sanity check, not a test)."""
-    ours = [r.hypotheses[0] for r in fns["ours"]()]
-    peer = fns["torch"]()
+    ours = [r.hypotheses[0] for r in outputs["ours"]]
+    peer = outputs["torch"]
     same = sum(int(a == b) for x, y in zip(ours, peer, strict=True)
                for a, b in zip(x, y, strict=False))
     return same / sum(len(x) for x in ours)
 
 
-def _report(table: str, cmd: str) -> str:
+def _report(table: str, cmd: str, loads: str) -> str:
     return (
         f"Generated tokens/s of `Transformer.translate` ({N_SOURCES} sources of lengths 16-48, "
         f"forced length {LENGTH} via min = max decoding length, so {N_SOURCES * LENGTH} tokens "
         "per call, encoder included) vs a PyTorch eager KV-cache decoder "
         "(bench/torch_decode.py over tests/torch_reference.py) on the same random weights; "
-        "medians of interleaved runs. `same tokens`: fraction of output tokens identical "
-        "between the two.\n\n"
-        f"Command: `{cmd}`\n\n{table}\n"
+        "medians of runs alternating the two (after a short warm-up decode), "
+        f"{REPEATS['small']} per system for small, {REPEATS['base']} for base unless the command "
+        "says --repeats. `same tokens`: fraction of output tokens identical between the two.\n\n"
+        f"Command: `{cmd}` (1-minute load average at start / end: {loads}, on 2 cores)\n\n"
+        f"{table}\n"
     )
 
 

@@ -72,7 +72,7 @@ def beam_search(
     n = len(sources)
     act = torch.arange(n)  # active sentences
     k = 1  # rows per active sentence
-    cum = torch.zeros(n, 1, dtype=torch.float64)
+    cum = torch.zeros(n, 1)  # float32 scores, as fairseq keeps them
     hist = torch.zeros(n, 0, dtype=torch.long)
     tokens = torch.full((n,), cfg.bos_id, dtype=torch.long)
     best: list[tuple[float, list[int]]] = [(-float("inf"), [])] * n
@@ -81,7 +81,7 @@ def beam_search(
         if t < min_len:
             logp[:, eos] = -float("inf")
         V = logp.shape[1]
-        cand = (cum.view(-1, 1) + logp.double()).view(act.numel(), k * V)
+        cand = (cum.view(-1, 1) + logp).view(act.numel(), k * V)
         val, idx = cand.topk(K, dim=1)
         slot, tok = idx // V, idx % V
         lp = ((5.0 + t + 1) / 6.0) ** length_penalty
@@ -98,7 +98,7 @@ def beam_search(
         # is at most cum / lp(max_len) (alpha >= 0).
         bound = torch.where(live, val, -float("inf")).max(dim=1).values
         bound = bound / (((5.0 + max_len) / 6.0) ** length_penalty)
-        best_now = torch.tensor([best[int(b)][0] for b in act], dtype=torch.float64)
+        best_now = torch.tensor([best[int(b)][0] for b in act])
         cont = live.any(dim=1) & (bound > best_now)
         if not bool(cont.any()):
             break

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytransformer import decoding
@@ -214,6 +214,23 @@ def test_full_width_beam_equals_exhaustive(alpha, min_len):
         for ref, r in zip(refs, res, strict=True):
             assert r.hypotheses == [h for _, h in ref[:n_best]]
             np.testing.assert_allclose(r.scores, [s for s, _ in ref[:n_best]], atol=1e-5)
+
+
+@settings(max_examples=25)
+@given(v=st.integers(3, 5), n=st.integers(1, 4), min_len=st.integers(0, 4),
+       alpha=st.floats(-0.5, 2.0), seed=st.integers(0, 10_000), n_best=st.integers(1, 3))
+def test_full_width_beam_equals_exhaustive_property(v, n, min_len, alpha, seed, n_best):
+    min_len = min(min_len, n)
+    model = ToySeq2Seq(ToyConfig(tgt_vocab_size=v), seed=seed, eos_bias=seed % 3 - 1.0)
+    srcs = SOURCES[: 1 + seed % 3]
+    res = translate(model, srcs, beam_size=v**n, length_penalty=alpha, max_decoding_length=n,
+                    min_decoding_length=min_len, num_hypotheses=n_best, return_scores=True)
+    for src, r in zip(srcs, res, strict=True):
+        ref = exhaustive(model, src, [1], min_len, n, alpha)[:n_best]
+        np.testing.assert_allclose(r.scores, [s for s, _ in ref], atol=1e-5)
+        # tokens must match except where two hypotheses tie in score
+        if len({round(s, 4) for s, _ in ref}) == len(ref):
+            assert r.hypotheses == [h for _, h in ref]
 
 
 def test_lm_full_width_beam_equals_exhaustive():
@@ -688,3 +705,27 @@ def test_real_model_validation():
     with pytest.raises(ValueError, match="max_len"):
         model.translate([[3] * 41])
     assert model.translate([]) == []
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_matches_pytorch_decoder(beam_size):
+    """The same weights decoded by PyTorch (bench/torch_decode.py over tests/torch_reference.py,
+    its own KV cache and search loop) give the same best hypotheses."""
+    pytest.importorskip("torch")
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import torch_decode
+    from torch_reference import build_torch_model
+
+    model = tiny_transformer(seed=1)
+    tm = build_torch_model(model.config, model.state_dict()).eval()
+    kw = dict(max_len=14, min_len=2)
+    if beam_size == 1:
+        want = torch_decode.greedy(tm, REAL_SOURCES, **kw)
+    else:
+        want = torch_decode.beam_search(tm, REAL_SOURCES, beam_size=beam_size, **kw)
+    got = translate(model, REAL_SOURCES, beam_size=beam_size, max_decoding_length=14,
+                    min_decoding_length=2)
+    assert [r.hypotheses[0] for r in got] == want
