@@ -11,6 +11,7 @@ std::int64_t F32View::size() const {
 }
 
 bool F32View::c_contiguous() const {
+  if (size() == 0) return true;  // nothing to address: numpy's strides for empty arrays vary
   std::int64_t expect = 1;
   for (size_t i = shape.size(); i-- > 0;) {
     if (shape[i] != 1 && strides[i] != expect) return false;
