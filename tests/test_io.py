@@ -347,7 +347,8 @@ def test_process_killed_mid_write_keeps_the_old_file(saved):
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", child], env=env)
+    # cwd away from the checkout, so the child imports the installed package, not the sources
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env, cwd=saved.parent)
     try:
         deadline = time.monotonic() + 30
         while not marker.exists():
