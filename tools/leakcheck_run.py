@@ -60,8 +60,16 @@ def kernels():
 
 
 def model_run():
-    cfg = TransformerConfig(src_vocab_size=20, tgt_vocab_size=20, d_model=8, num_heads=2,
-                            d_ff=16, num_encoder_layers=1, num_decoder_layers=1, max_len=12)
+    cfg = TransformerConfig(
+        src_vocab_size=20,
+        tgt_vocab_size=20,
+        d_model=8,
+        num_heads=2,
+        d_ff=16,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        max_len=12,
+    )
     model = Transformer(cfg, seed=0)
     pairs = synthetic_pairs("reverse", 8, 20, 1, 5, seed=0)
     batch = make_batch(pairs, 0, 1, 2)
