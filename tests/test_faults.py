@@ -18,10 +18,13 @@ import textwrap
 import numpy as np
 import pytest
 
+import pytransformer
 from pytransformer import Transformer, TransformerConfig
 from pytransformer import io as ptio
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Children import the same pytransformer as this process (the sanitized copy under
+# tools/sanitize.sh), not whatever the current directory holds: hence -P and this path.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytransformer.__file__)))
 SMALL = dict(
     src_vocab_size=17,
     tgt_vocab_size=17,
@@ -102,7 +105,7 @@ _CHILD = textwrap.dedent(
 def _spawn(directory, pause: float, d_model: int = 8, vocab: int = 17) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(directory), str(pause), str(d_model), str(vocab)],
+        [sys.executable, "-P", "-c", _CHILD, str(directory), str(pause), str(d_model), str(vocab)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

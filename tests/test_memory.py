@@ -16,11 +16,15 @@ import textwrap
 
 import pytest
 
+import pytransformer
+
 # ASan's quarantine holds freed memory back on purpose: RSS under the sanitizer build says nothing.
 pytestmark = pytest.mark.skipif(
     os.environ.get("PYTRANSFORMER_SANITIZED") == "1", reason="RSS is meaningless under ASan"
 )
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Children import the same pytransformer as this process (the sanitized copy under
+# tools/sanitize.sh), not whatever the current directory holds: hence -P and this path.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytransformer.__file__)))
 ALLOWED_GROWTH_MB = 4.0  # after warm-up; a lost (B, T, V) logits array per step is ~2.5 KB
 
 _PRELUDE = textwrap.dedent(
@@ -97,7 +101,7 @@ _DECODE = _PRELUDE + textwrap.dedent(
 def _run(script: str, steps: int, warmup: int) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(steps), str(warmup)],
+        [sys.executable, "-P", "-c", script, str(steps), str(warmup)],
         capture_output=True,
         text=True,
         env=env,

@@ -30,4 +30,9 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 if [ $# -eq 0 ]; then
   set -- tests -q -x -p no:cacheprovider -m "not slow"
 fi
-LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" PYTHONPATH="$PKG" PYTRANSFORMER_SANITIZED=1 "$PY" -m pytest "$@"
+export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" PYTHONPATH="$PKG" PYTRANSFORMER_SANITIZED=1
+# -P: do not put the current directory (the repository, with its own in-place _C*.so) first on
+# sys.path, or the tests would silently import the unsanitized build. Check that they do not.
+"$PY" -P -c "import sys, pytransformer._C as C; f = C.__file__
+sys.exit(0 if f.startswith('$PKG/') else f'sanitize.sh: would test {f}, not the sanitized build')"
+"$PY" -P -m pytest "$@"
