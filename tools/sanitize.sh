@@ -26,7 +26,7 @@ ASAN_LIB=$("${CXX:-c++}" -print-file-name=libasan.so)
 UBSAN_LIB=$("${CXX:-c++}" -print-file-name=libubsan.so)
 # The interpreter itself is not instrumented: leak checking would report CPython's own arenas.
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
-export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
 if [ $# -eq 0 ]; then
   set -- tests -q -x -p no:cacheprovider -m "not slow"
 fi
@@ -35,4 +35,6 @@ export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" PYTHONPATH="$PKG" PYTRANSFORMER_SANITIZ
 # sys.path, or the tests would silently import the unsanitized build. Check that they do not.
 "$PY" -P -c "import sys, pytransformer._C as C; f = C.__file__
 sys.exit(0 if f.startswith('$PKG/') else f'sanitize.sh: would test {f}, not the sanitized build')"
-"$PY" -P -m pytest "$@"
+# --capture=sys: pytest must not capture file descriptor 2, or a report printed by the runtime
+# just before it aborts the process would be lost with the capture buffer.
+"$PY" -P -m pytest --capture=sys "$@"
