@@ -43,8 +43,13 @@ _LONG = os.environ.get("PYTRANSFORMER_HYPOTHESIS_PROFILE") == "long"
 # Examples per test (the long profile: ten times more); model cases are slower, so fewer.
 KERNEL_EXAMPLES = 1500 if _LONG else 150
 MODEL_EXAMPLES = 400 if _LONG else 40
+# Kernel tests run once per ISA (the `isa` fixture: generic and, where the CPU has it, AVX2),
+# each with half the examples. The fixture only selects the ISA, so sharing it between the
+# examples of one test is intended.
 kernel_settings = settings(
-    max_examples=KERNEL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=KERNEL_EXAMPLES // 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
 
@@ -262,7 +267,7 @@ def _attention_ref(q, k, v, lengths, causal, offset, scale):
 # ----------------------------------------------------------------------------------------------
 @kernel_settings
 @given(st.data())
-def test_fuzz_matmul(data):
+def test_fuzz_matmul(isa, data):
     draw = data.draw
     batched = draw(st.sampled_from(["none", "a", "b", "both"]))
     bt = draw(st.integers(0, 3))
@@ -361,7 +366,7 @@ def test_fuzz_matmul(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_attention(data):
+def test_fuzz_attention(isa, data):
     draw = data.draw
     B, Lq, Lk, H = _dims(draw, 4, 0, 4)
     D = draw(st.integers(1, 9))
@@ -471,7 +476,7 @@ def test_fuzz_attention(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_attention_backward_broken(data):
+def test_fuzz_attention_backward_broken(isa, data):
     draw = data.draw
     B, Lq, Lk, H, D = _dims(draw, 5, 1, 3)
     q, k, v = (_values(draw, (B, L, H, D), nonfinite=False) for L in (Lq, Lk, Lk))
@@ -484,7 +489,7 @@ def test_fuzz_attention_backward_broken(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_layer_norm(data):
+def test_fuzz_layer_norm(isa, data):
     draw = data.draw
     rank = draw(st.integers(1, 3))
     shape = _dims(draw, rank, 0, 6)
@@ -584,7 +589,7 @@ def test_fuzz_layer_norm(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_softmax_cross_entropy(data):
+def test_fuzz_softmax_cross_entropy(isa, data):
     draw = data.draw
     N, V = draw(st.integers(0, 7)), draw(st.integers(1, 12))
     logits = _array(draw, (N, V), scale=draw(st.sampled_from([1.0, 30.0])))
@@ -657,7 +662,7 @@ def test_fuzz_softmax_cross_entropy(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_elementwise(data):
+def test_fuzz_elementwise(isa, data):
     """log_softmax, gelu, gelu_backward, relu_backward."""
     draw = data.draw
     shape = _dims(draw, draw(st.integers(0, 3)), 0, 7)
@@ -720,7 +725,7 @@ def test_fuzz_elementwise(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_embedding(data):
+def test_fuzz_embedding(isa, data):
     draw = data.draw
     V, C = draw(st.integers(1, 9)), draw(st.integers(0, 6))
     weight = _array(draw, (V, C))
@@ -784,7 +789,7 @@ def test_fuzz_embedding(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_dropout(data):
+def test_fuzz_dropout(isa, data):
     draw = data.draw
     shape = _dims(draw, draw(st.integers(0, 3)), 0, 9)
     x = _array(draw, shape, nonfinite=False)
@@ -823,7 +828,7 @@ def test_fuzz_dropout(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_adam_step(data):
+def test_fuzz_adam_step(isa, data):
     draw = data.draw
     shape = _dims(draw, draw(st.integers(0, 3)), 0, 6)
     assume(math.prod(shape) > 0)  # zero-size param/m/v: see test_zero_size_out_accepted
@@ -885,7 +890,7 @@ def test_fuzz_adam_step(data):
 
 @kernel_settings
 @given(st.data())
-def test_fuzz_norms(data):
+def test_fuzz_norms(isa, data):
     draw = data.draw
     arrays = [
         _array(draw, _dims(draw, draw(st.integers(0, 3)), 0, 6))
