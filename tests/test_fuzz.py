@@ -17,6 +17,7 @@ import collections
 import faulthandler
 import math
 import os
+import sys
 import tempfile
 import types
 
@@ -55,7 +56,7 @@ kernel_settings = settings(
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_and_watchdog(request):
-    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True, file=sys.__stderr__)
     yield
     faulthandler.cancel_dump_traceback_later()
     total = sum(CALLS.values())
