@@ -20,9 +20,10 @@ from torch_reference import build_torch_model, named_grads  # noqa: E402
 LOGITS_TOL = 1e-4
 GRAD_TOL = 1e-3
 # Gradients that are exactly zero in exact arithmetic (e.g. the cross-attention query weights when
-# every source has one token, so softmax == 1) come out of torch as ~1e-9 rounding noise: an
-# absolute floor far below any real gradient keeps the relative test meaningful.
-GRAD_FLOOR = 1e-7
+# every source has one token, so softmax == 1) come out as rounding noise: ~1e-9 from torch, up to
+# ~1e-7 from our float32 sums (1.04e-7 seen under the sanitizer build). An absolute floor still
+# far below any real gradient keeps the relative test meaningful.
+GRAD_FLOOR = 1e-6
 
 
 def _assert_grads(model, tmodel):

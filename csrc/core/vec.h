@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(PT_ISA_AVX2)
 #include <immintrin.h>
@@ -124,7 +125,13 @@ struct Vec {
   static Vec pow2i(Vec n) {
     Vec r;
     for (int i = 0; i < 8; ++i) {
-      const std::int32_t bits = (static_cast<std::int32_t>(n.v[i]) + 127) << 23;
+      // A float->int cast of NaN or an out-of-range value is undefined behaviour: map those to
+      // INT32_MIN as cvtps2dq does, and shift in unsigned arithmetic.
+      const float c = n.v[i];
+      const std::int32_t k = (c > -2147483648.0f && c < 2147483648.0f)
+                                 ? static_cast<std::int32_t>(c)
+                                 : std::numeric_limits<std::int32_t>::min();
+      const std::uint32_t bits = (static_cast<std::uint32_t>(k) + 127u) << 23;
       float f;
       __builtin_memcpy(&f, &bits, 4);
       r.v[i] = f;
