@@ -307,11 +307,9 @@ def test_fuzz_matmul(isa, data):
             out0 = _values(draw, out_shape)
         else:
             if out0 is None or out0.ndim < 2 or out0.shape[-1] < 2:
-                out0 = np.zeros(out_shape[:-1] + (max(out_shape[-1], 1) * 2,), np.float32)
-                if out_shape[-1] == 0:
-                    out0 = out0[..., :1]  # a wrong-shape out instead
-                else:
-                    out0 = out0[..., ::2]
+                wide = np.zeros(out_shape[:-1] + (max(out_shape[-1], 1) * 2,), np.float32)
+                # An empty array is C-contiguous whatever its strides: give a wrong shape instead.
+                out0 = wide if 0 in out_shape else wide[..., ::2]
             else:
                 out0 = np.asfortranarray(out0) if out0.shape[-2] > 1 else out0[..., ::-1]
                 if out0.flags.c_contiguous:

@@ -29,9 +29,11 @@ UBSAN_LIB=$("${CXX:-c++}" -print-file-name=libubsan.so)
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1
 if [ $# -eq 0 ]; then
-  # Everything but the learning-curve tests and the long-sequence memory test, which only repeat
-  # the same kernels for minutes under the sanitizers (~2.5 of the ~4 minutes of a full run).
+  # Everything but the learning-curve tests, the long-sequence memory test and the text pipeline
+  # (demo, README snippets, CLI): they only repeat the same kernels for minutes under the
+  # sanitizers, whose allocator also slows every Python object (the quick demo alone > 1 minute).
   set -- tests -q -x -p no:cacheprovider -m "not slow" \
+    --ignore=tests/test_demo.py --ignore=tests/test_readme.py --ignore=tests/test_cli.py \
     -k "not learns_copy_and_reverse and not overfits_a_small_text and not memory_stays_linear"
 fi
 export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" PYTHONPATH="$PKG" PYTRANSFORMER_SANITIZED=1
