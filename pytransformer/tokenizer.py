@@ -12,9 +12,10 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Protocol
+
+from .io import atomic_write_text
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -75,7 +76,7 @@ class CharTokenizer:
         return list(text)
 
     def save(self, path: str | os.PathLike) -> None:
-        _atomic_write(path, json.dumps({"type": "char", "chars": self.itos[len(SPECIALS):]}))
+        atomic_write_text(path, json.dumps({"type": "char", "chars": self.itos[len(SPECIALS):]}))
 
 
 class SentencePieceTokenizer:
@@ -121,7 +122,7 @@ class SentencePieceTokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         blob = base64.b64encode(self.model_proto).decode()
-        _atomic_write(path, json.dumps({"type": "sentencepiece", "model": blob}))
+        atomic_write_text(path, json.dumps({"type": "sentencepiece", "model": blob}))
 
 
 def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | SentencePieceTokenizer:
@@ -156,17 +157,3 @@ def _import_sentencepiece():
             "SentencePiece is not installed: pip install 'pytransformer[demo]' or use CharTokenizer"
         ) from exc
     return sentencepiece
-
-
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
