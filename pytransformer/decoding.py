@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
+from .model import worth_packing
 
 __all__ = ["TranslationResult", "translate", "generate", "length_penalty"]
 
@@ -576,7 +577,10 @@ def translate(
         for r, i in enumerate(chunk):
             ids[r, : lengths[r]] = srcs[i]
         memory = model.encode(ids, lengths)
-        state = model.init_decoder_state(memory, lengths, max_dec)
+        # Translations run about as long as their sources: the guess that decides packing.
+        steps = min(max_dec, max(min_dec, int(lengths.mean()) + 8))
+        pack = worth_packing(len(chunk) * beam_size, steps)
+        state = model.init_decoder_state(memory, lengths, max_dec, pack_weights=pack)
 
         def step(tokens, state=state):
             return model.decode_step(state, tokens, need_attention=want_attn)
@@ -678,7 +682,8 @@ def generate(
             for i in chunk:
                 results[i] = []
             continue
-        state = lm.init_state(len(chunk), steps)
+        pack = worth_packing(len(chunk) * beam_size, steps)
+        state = lm.init_state(len(chunk), steps, pack_weights=pack)
         prob.state = state
         prob.step = lambda tokens, state=state: lm.decode_step(state, tokens)
         if beam_size > 1:

@@ -77,7 +77,7 @@ class ToySeq2Seq:
             mem[b, n:] = np.nan  # padding: must never influence anything
         return mem
 
-    def init_decoder_state(self, memory, src_lengths, max_steps):
+    def init_decoder_state(self, memory, src_lengths, max_steps, pack_weights=None):
         src = np.nan_to_num(memory[:, :, 0], nan=0).astype(np.int64)
         ctx = np.array(
             [int((src[b, :n] * np.arange(1, n + 1)).sum()) % 11 for b, n in enumerate(src_lengths)]
@@ -111,7 +111,7 @@ class ToySeq2Seq:
 
 
 class ToyLM(ToySeq2Seq):
-    def init_state(self, batch_size, max_steps):
+    def init_state(self, batch_size, max_steps, pack_weights=None):
         src = np.zeros((batch_size, 1), dtype=np.int64)
         return ToyState(src, np.ones(batch_size, dtype=np.int64), np.zeros(batch_size, np.int64),
                         max_steps, self.batch_log)
@@ -601,10 +601,10 @@ class Recompute:
     def encode(self, src, lengths):
         return src, lengths
 
-    def init_decoder_state(self, memory, lengths, max_steps):
+    def init_decoder_state(self, memory, lengths, max_steps, pack_weights=None):
         return RecomputeState(memory[0], lengths, memory[0].shape[0])
 
-    def init_state(self, batch_size, max_steps):
+    def init_state(self, batch_size, max_steps, pack_weights=None):
         return RecomputeState(None, None, batch_size)
 
     def decode_step(self, state, tokens, *, need_attention=False):

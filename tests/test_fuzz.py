@@ -365,6 +365,50 @@ def test_fuzz_matmul(isa, data):
 
 @kernel_settings
 @given(st.data())
+def test_fuzz_packed_matmul(isa, data):
+    """PackedWeight(w) and matmul(a, packed, ...) with a valid or one broken argument."""
+    draw = data.draw
+    M, K, N = _dims(draw, 3, 0, 40)
+    bt = draw(st.sampled_from([None, 0, 2]))
+    a_shape = (M, K) if bt is None else (bt, M, K)
+    args = {
+        "a": _array(draw, a_shape),
+        "w": _array(draw, (N, K)),
+        "bias": _array(draw, (N,)) if draw(st.booleans()) else None,
+    }
+    activation = draw(st.sampled_from([None, "relu", "gelu"]))
+    if draw(st.integers(0, 3)) == 0:
+        names = ["a", "w"] + (["bias"] if args["bias"] is not None else [])
+        args, name = _break_one(draw, args, names, axes={"a": [-1], "w": [1], "bias": [0]})
+        if name == "bias" and args["bias"] is None:
+            return  # "broken" into no bias, which is valid
+        if name == "w":
+            a, w = args["a"], args["w"]
+            expect_raise("packed_matmul", lambda: ops.matmul(a, ops.PackedWeight(w)))
+        else:
+            pw = ops.PackedWeight(args["w"]) if N and K else None
+            if pw is not None:
+                expect_raise("packed_matmul", ops.matmul, args["a"], pw, bias=args["bias"])
+        return
+    if N == 0 or K == 0:
+        expect_raise("packed_matmul", ops.PackedWeight, args["w"])
+        return
+    pw = call_ok("packed_matmul", ops.PackedWeight, args["w"])
+    got = call_ok("packed_matmul", ops.matmul, args["a"], pw, bias=args["bias"],
+                  activation=activation)
+    want = _scale_ref(args["a"]) @ _scale_ref(args["w"]).T
+    if args["bias"] is not None:
+        want = want + _scale_ref(args["bias"])
+    if activation == "relu":
+        want = np.maximum(want, 0.0) + 0.0 * want
+    elif activation == "gelu":
+        want = _gelu_ref(want)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    _close("packed_matmul", got, want, rtol=1e-4, atol=1e-5 * K)
+
+
+@kernel_settings
+@given(st.data())
 def test_fuzz_attention(isa, data):
     draw = data.draw
     B, Lq, Lk, H = _dims(draw, 4, 0, 4)

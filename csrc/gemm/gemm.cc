@@ -29,6 +29,29 @@ void gemm_forward(const GemmArgs& args) {
   }
 }
 
+index_t packed_weight_size(index_t N, index_t K) { return (N + kNR - 1) / kNR * kNR * K; }
+
+void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K) {
+  if (N > 0 && K > 0) PT_DISPATCH(pack_weight)(dst, w, ldw, N, K);
+}
+
+void gemm_forward_prepacked(const GemmArgs& args) {
+  if (args.batch <= 0 || args.M <= 0 || args.N <= 0) return;
+  GemmArgs one = args;
+  one.batch = 1;
+  if (args.batch > 1 && args.a_bs == args.M * args.a_rs && args.c_bs == args.M * args.ldc) {
+    one.M = args.M * args.batch;  // evenly spaced row blocks: one taller product
+    PT_DISPATCH(gemm_2d_prepacked)(one);
+    return;
+  }
+  const auto kernel = PT_DISPATCH(gemm_2d_prepacked);
+  for (index_t t = 0; t < args.batch; ++t) {
+    one.a = args.a + t * args.a_bs;
+    one.c = args.c + t * args.c_bs;
+    kernel(one);
+  }
+}
+
 double fma_probe_seconds(index_t iters) {
   const auto t0 = std::chrono::steady_clock::now();
   volatile float sink = PT_DISPATCH(fma_probe)(iters);

@@ -41,4 +41,15 @@ void gemm_forward(const GemmArgs& args);
 // The oracle for the optimised kernel and its fallback; same contract as gemm_forward.
 void gemm_forward_naive(const GemmArgs& args);
 
+// Weights packed once for many products (inference): W (N, K), row stride ldw, is the Linear
+// layout (op(B) = W^T). The packed form is ceil(N / 16) panels of K x 16 floats: element (k, j)
+// of panel q is W[16 q + j, k], zero past row N. packed_weight_size counts its floats.
+index_t packed_weight_size(index_t N, index_t K);
+void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
+
+// gemm_forward with op(B) = W^T read from pack_weight's buffer: args.b points at it, b_rs, b_cs
+// and b_bs are ignored (every batch item uses the same W). Skips packing B, which is most of a
+// small-M product's memory traffic. Same bits as gemm_forward for M > 32 (and M 17..32).
+void gemm_forward_prepacked(const GemmArgs& args);
+
 }  // namespace pt

@@ -630,6 +630,53 @@ void gemm_small_m_transposed_b(const GemmArgs& p, int nt) {
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// B packed ahead of time (pack_weight): ceil(N / NR) panels of K x NR, so the K slice of panel q
+// that the micro-kernel reads is packed + q * K * NR + pc * NR with row stride NR. Only A is
+// packed here, once per MC-row block; the team splits B's panels, so each thread streams its
+// share of B once per row block while A's block stays in L2. Partial sums go to C in KC order,
+// as in gemm_packed and gemm_small_m_blocked: the same M gives the same bits as those paths.
+void gemm_prepacked_b(const GemmArgs& p, int nt) {
+  const index_t M = p.M, N = p.N, K = p.K;
+  const index_t panels = (N + NR - 1) / NR;
+  index_t start[kMC / MR];
+  int height[kMC / MR];
+  float* abuf = tl_scratch.get(static_cast<size_t>(min_i(round_up(M, MR), kMC) * K));
+  for (index_t ic = 0; ic < M; ic += kMC) {
+    const index_t mc = min_i(kMC, M - ic);
+    const int np = small_m_panels(mc, start, height);
+    for (int i = 0; i < np; ++i)
+      pack_a(abuf + i * MR * K, p.a + (ic + start[i]) * p.a_rs, p.a_rs, p.a_cs, height[i], K);
+    run_team(nt, [&](int t, int team) {
+      const index_t q1 = panels * (t + 1) / team;
+      for (index_t q = panels * t / team; q < q1; ++q) {
+        const int cols = static_cast<int>(min_i(NR, N - q * NR));
+        const float* bq = p.b + q * K * NR;
+        // Weights usually come from memory (a decoder's do not fit in L3): the next panel is
+        // fetched a slice before each micro-kernel call, so it arrives while this one computes.
+        const float* next = q + 1 < q1 ? bq + K * NR : nullptr;
+        const index_t calls = ((K + kKC - 1) / kKC) * np, lines = K * NR / 16;
+        index_t call = 0;
+        for (index_t pc = 0; pc < K; pc += kKC) {
+          const index_t kc = min_i(kKC, K - pc);
+          const bool last = pc + kc == K;
+          Epilogue ep;
+          ep.load_c = p.accumulate || pc > 0;
+          ep.bias = last && p.bias ? p.bias + q * NR : nullptr;
+          ep.act = last ? p.act : Activation::none;
+          for (int i = 0; i < np; ++i, ++call) {
+            if (next)
+              for (index_t l = lines * call / calls; l < lines * (call + 1) / calls; ++l)
+                __builtin_prefetch(next + l * 16, 0, 3);
+            run_tile(height[i], kc, abuf + i * MR * K + pc * MR, bq + pc * NR, NR,
+                     p.c + (ic + start[i]) * p.ldc + q * NR, p.ldc, cols, ep);
+          }
+        }
+      }
+    });
+  }
+}
+
 }  // namespace
 
 float fma_probe(index_t iters) {
@@ -662,6 +709,24 @@ void gemm_2d(const GemmArgs& p) {
   } else {
     gemm_packed(p, nt);
   }
+}
+
+void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K) {
+  const index_t panels = (N + NR - 1) / NR;
+  const int nt = N * K >= (1 << 20) ? num_threads() : 1;
+  run_team(nt, [&](int t, int team) {
+    const index_t q0 = panels * t / team, q1 = panels * (t + 1) / team;
+    if (q1 > q0) pack_b(dst + q0 * K * NR, w + q0 * NR * ldw, 1, ldw, K, min_i(N, q1 * NR) - q0 * NR);
+  });
+}
+
+void gemm_2d_prepacked(const GemmArgs& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  if (p.K <= 0) {
+    epilogue_rows(p.c, p.ldc, p.M, p.N, p.accumulate, p.bias, p.act);
+    return;
+  }
+  gemm_prepacked_b(p, useful_threads(p));
 }
 
 }  // namespace PT_ISA_NS

@@ -31,12 +31,18 @@ namespace generic {
 void gemm_2d(const GemmArgs& args);
 // Peak-rate probe for the benchmark: iters x 12 independent 8-lane FMAs (192 flops each round).
 float fma_probe(index_t iters);
+// gemm_2d with args.b a pack_weight buffer (b strides unused).
+void gemm_2d_prepacked(const GemmArgs& args);
+// See pt::pack_weight.
+void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
 }  // namespace generic
 
 #if defined(PT_HAVE_AVX2) || defined(PT_ISA_AVX2)
 namespace avx2 {
 void gemm_2d(const GemmArgs& args);
 float fma_probe(index_t iters);
+void gemm_2d_prepacked(const GemmArgs& args);
+void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
 }  // namespace avx2
 #endif
 

@@ -69,6 +69,19 @@ std::string op_desc(const char* name, const F32View& v, bool trans) {
   return std::string(name) + ".shape=" + shape_str(v.shape) + (trans ? " (transposed)" : "");
 }
 
+// The (N,) bias, or an empty view for None; a strided bias is copied into `keep` (rare).
+F32View checked_bias(const py::object& bias_obj, std::int64_t N, py::array& keep) {
+  F32View biasv;
+  if (bias_obj.is_none()) return biasv;
+  biasv = py_helpers::f32_view(bias_obj, "bias", {1});
+  if (biasv.dim(0) != N) py_helpers::shape_error("bias", {N}, biasv.shape);
+  if (biasv.stride(0) != 1 && N > 1) {
+    keep = py::array_t<float, py::array::c_style>::ensure(bias_obj);
+    biasv = py_helpers::f32_view(keep, "bias", {1});
+  }
+  return biasv;
+}
+
 py::object matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a, bool trans_b,
                   const py::object& bias_obj, const py::object& activation, const py::object& out_obj,
                   bool accumulate, bool naive) {
@@ -91,16 +104,8 @@ py::object matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a
   const std::vector<std::int64_t> out_shape =
       batched ? std::vector<std::int64_t>{batch, M, N} : std::vector<std::int64_t>{M, N};
 
-  F32View biasv;
   py::array bias_keep;
-  if (!bias_obj.is_none()) {
-    biasv = py_helpers::f32_view(bias_obj, "bias", {1});
-    if (biasv.dim(0) != N) py_helpers::shape_error("bias", {N}, biasv.shape);
-    if (biasv.stride(0) != 1 && N > 1) {  // rare: a strided bias is copied to be contiguous
-      bias_keep = py::array_t<float, py::array::c_style>::ensure(bias_obj);
-      biasv = py_helpers::f32_view(bias_keep, "bias", {1});
-    }
-  }
+  const F32View biasv = checked_bias(bias_obj, N, bias_keep);
   if (accumulate && out_obj.is_none())
     throw py::value_error("out: accumulate=True needs out= (the array to add the product to)");
   if (accumulate && act != Activation::none)
@@ -139,6 +144,78 @@ py::object matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a
   return result;
 }
 
+// W (N, K) -> its packed form, a (ceil(N / 16), K, 16) float32 array.
+py::object pack_weight_py(const py::object& w_obj) {
+  const F32View wv = py_helpers::f32_view(w_obj, "weight", {2});
+  const std::int64_t N = wv.dim(0), K = wv.dim(1);
+  if (N == 0 || K == 0) throw py::value_error("weight: must not be empty, got shape " + shape_str(wv.shape));
+  py::array_t<float> w_keep;
+  const float* w = wv.data;
+  std::int64_t ldw = wv.stride(0);
+  if (wv.stride(1) != 1 || ldw < K) {  // rows must be contiguous: copy other layouts once
+    w_keep = py::array_t<float, py::array::c_style>::ensure(w_obj);
+    w = w_keep.data();
+    ldw = K;
+  }
+  py::object result = py_helpers::new_f32({(N + kNR - 1) / kNR, K, kNR});
+  float* dst = py_helpers::f32_view(result, "out").data;
+  {
+    py::gil_scoped_release release;
+    pack_weight(dst, w, ldw, N, K);
+  }
+  return result;
+}
+
+// act(a @ W^T + bias) with W given by pack_weight_py's array and its row count n.
+py::object matmul_prepacked(const py::object& a_obj, const py::object& packed_obj, std::int64_t n,
+                            const py::object& bias_obj, const py::object& activation,
+                            const py::object& out_obj) {
+  const F32View av = py_helpers::f32_view(a_obj, "a", {2, 3});
+  const F32View pv = py_helpers::f32_view(packed_obj, "packed", {3}, false, true);
+  const Activation act = parse_activation(activation);
+  const std::int64_t K = av.shape.back(), M = av.dim(static_cast<int>(av.shape.size()) - 2);
+  if (pv.dim(2) != kNR || n < 1 || pv.dim(0) != (n + kNR - 1) / kNR)
+    throw py::value_error("packed: expected the (ceil(n / 16), K, 16) array of pack_weight for n=" +
+                          std::to_string(n) + ", got shape " + shape_str(pv.shape));
+  if (pv.dim(1) != K)
+    throw py::value_error("a: inner dimensions differ: a.shape=" + shape_str(av.shape) +
+                          " and the packed weight has K=" + std::to_string(pv.dim(1)));
+  const bool batched = av.shape.size() == 3;
+  const std::int64_t batch = batched ? av.dim(0) : 1;
+  const std::vector<std::int64_t> out_shape =
+      batched ? std::vector<std::int64_t>{batch, M, n} : std::vector<std::int64_t>{M, n};
+  py::array bias_keep;
+  const F32View biasv = checked_bias(bias_obj, n, bias_keep);
+  py::object result;
+  F32View cv;
+  if (out_obj.is_none()) {
+    result = py_helpers::new_f32(out_shape);
+    cv = py_helpers::f32_view(result, "out");
+  } else {
+    cv = py_helpers::f32_view(out_obj, "out", {}, /*writable=*/true, /*contiguous=*/true);
+    py_helpers::require_shape(cv, "out", out_shape);
+    if (overlaps(cv, av) || overlaps(cv, pv) || (biasv.data && overlaps(cv, biasv)))
+      throw py::value_error("out: must not share memory with a, packed or bias");
+    result = out_obj;
+  }
+  const int r = static_cast<int>(av.shape.size()) - 2;
+  GemmArgs g;
+  g.c = cv.data;
+  g.ldc = n;
+  g.c_bs = M * n;
+  g.a = av.data;
+  g.a_rs = av.stride(r), g.a_cs = av.stride(r + 1), g.a_bs = batched ? av.stride(0) : 0;
+  g.b = pv.data;
+  g.bias = biasv.data;
+  g.act = act;
+  g.batch = batch, g.M = M, g.N = n, g.K = K;
+  {
+    py::gil_scoped_release release;
+    gemm_forward_prepacked(g);
+  }
+  return result;
+}
+
 }  // namespace
 
 void register_gemm(py::module_& m) {
@@ -161,6 +238,11 @@ void register_gemm(py::module_& m) {
       py::arg("a"), py::arg("b"), py::arg("trans_a") = false, py::arg("trans_b") = false,
       py::arg("bias") = py::none(), py::arg("activation") = py::none(), py::arg("out") = py::none(),
       py::arg("accumulate") = false, "Test oracle: the naive triple loop behind the same checks.");
+  m.def("pack_weight", &pack_weight_py, py::arg("weight"),
+        "W (N, K) -> the (ceil(N / 16), K, 16) packed form; see pytransformer.ops.pack_weight");
+  m.def("matmul_prepacked", &matmul_prepacked, py::arg("a"), py::arg("packed"), py::arg("n"),
+        py::arg("bias") = py::none(), py::arg("activation") = py::none(), py::arg("out") = py::none(),
+        "act(a @ W^T + bias) with W packed by pack_weight; see pytransformer.ops.PackedWeight");
   m.def(
       "_fma_probe",
       [](std::int64_t iters) {

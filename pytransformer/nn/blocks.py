@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .attention import CrossAttention, SelfAttention
-from .layers import Context, Dropout, FeedForward, LayerNorm
+from .layers import Context, Dropout, FeedForward, LayerNorm, Linear
 from .layout import Layout
 from .params import ParamStore
 
@@ -224,6 +224,19 @@ class Decoder:
                 probs_out=probs_out if i == last else None,
             )
         return self.norm.forward(x) if self.norm is not None else x
+
+    def step_linears(self) -> list[Linear]:
+        """The Linear layers `step` runs every position (not the cross-attention K/V projection,
+        which runs once per source)."""
+        out = []
+        for layer in self.layers:
+            attn = layer.attn_block.sublayer
+            out += [attn.qkv, attn.out]
+            if layer.cross_block is not None:
+                out += [layer.cross_attn.q, layer.cross_attn.out]
+            ffn = layer.ffn_block.sublayer
+            out += [ffn.fc1, ffn.fc2]
+        return out
 
     def backward(self, dy: np.ndarray, dmemory: np.ndarray | None = None) -> np.ndarray:
         if self.norm is not None:

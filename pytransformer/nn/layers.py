@@ -102,6 +102,23 @@ class Dropout:
         return ops.dropout_backward(dy, self.p, seed=self.seed)
 
 
+# Products with fewer rows read W in place (M <= 3 is bound by reading W once, packed or not).
+_PACKED_MIN_ROWS = 4
+_packed = threading.local()
+
+
+@contextlib.contextmanager
+def packed_weights(weights: dict[int, ops.PackedWeight] | None) -> Iterator[None]:
+    """Within the block, this thread's `Linear.forward` calls use the packed copy in `weights`
+    (keyed by id(Linear)) when the input has enough rows. Other threads are not affected."""
+    before = getattr(_packed, "weights", None)
+    _packed.weights = weights
+    try:
+        yield
+    finally:
+        _packed.weights = before
+
+
 class Linear:
     """y = x @ W^T + b with W (out, in). Stateless: callers pass the input back to `backward`."""
 
@@ -124,7 +141,14 @@ class Linear:
     def forward(self, x: np.ndarray, activation: str | None = None) -> np.ndarray:
         """x (..., in) -> (..., out); activation "relu"/"gelu" is fused into the GEMM epilogue."""
         b = self.bias.data if self.bias is not None else None
+        packed = getattr(_packed, "weights", None)
+        if packed and x.size >= _PACKED_MIN_ROWS * x.shape[-1] and id(self) in packed:
+            return ops.matmul(x, packed[id(self)], bias=b, activation=activation)
         return ops.matmul(x, self.weight.data, trans_b=True, bias=b, activation=activation)
+
+    def pack(self) -> ops.PackedWeight:
+        """The weight packed for `packed_weights` (a snapshot: it does not follow later updates)."""
+        return ops.PackedWeight(self.weight.data)
 
     def backward(
         self,

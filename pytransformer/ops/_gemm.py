@@ -8,12 +8,40 @@ import numpy as np
 
 from .._native import _C
 
-__all__ = ["matmul"]
+__all__ = ["PackedWeight", "matmul"]
+
+
+class PackedWeight:
+    """A weight matrix W (out_features, in_features) laid out once for many products.
+
+    ``matmul(x, PackedWeight(W), bias=b)`` equals ``matmul(x, W, trans_b=True, bias=b)`` but skips
+    rearranging W on every call, which is most of a product's memory traffic when x has few rows
+    (decoding). The packed copy (``data``, about W's size) does not follow later changes to W:
+    pack again after W is modified.
+
+    Raises:
+        TypeError: weight is not a float32 numpy array.
+        ValueError: weight is not 2-D or is empty.
+    """
+
+    __slots__ = ("data", "out_features", "in_features")
+
+    def __init__(self, weight: np.ndarray) -> None:
+        self.data: np.ndarray = _C.pack_weight(weight)
+        self.out_features, self.in_features = (int(d) for d in weight.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out_features, in_features): the shape of the W it packs."""
+        return self.out_features, self.in_features
+
+    def __repr__(self) -> str:
+        return f"PackedWeight(out_features={self.out_features}, in_features={self.in_features})"
 
 
 def matmul(
     a: np.ndarray,
-    b: np.ndarray,
+    b: np.ndarray | PackedWeight,
     *,
     trans_a: bool = False,
     trans_b: bool = False,
@@ -42,6 +70,10 @@ def matmul(
         accumulate: add the product (and bias) to ``out`` instead of overwriting it; needs
             ``out`` and no activation (gradient accumulation: ``dW += dy^T x``).
 
+    ``b`` may be a `PackedWeight` of W: op(b) is then W^T (no ``trans_a``, ``trans_b`` or
+    ``accumulate``); the result has the same bits as ``matmul(a, W, trans_b=True)`` when
+    op(a) has more than 16 rows.
+
     K = 0 gives ``act(bias)`` (or zeros). The result's bits do not depend on the thread count.
     The GIL is released while computing.
 
@@ -51,6 +83,15 @@ def matmul(
             a bias or out of the wrong shape, a non-contiguous or read-only ``out``, an unknown
             activation, or ``accumulate`` without ``out`` / with an activation.
     """
+    if isinstance(b, PackedWeight):
+        if trans_a or trans_b or accumulate:
+            raise ValueError(
+                "b: a PackedWeight already stands for W^T; trans_a, trans_b and accumulate "
+                "are not supported with it"
+            )
+        return _C.matmul_prepacked(
+            a, b.data, b.out_features, bias=bias, activation=activation, out=out
+        )
     return _C.matmul(
         a,
         b,
