@@ -160,7 +160,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         if not args.sentence:
             raise UserError("plot attention needs --sentence")
         translator = _load_translator(args.path)
-        out = plot.plot_attention(translator, args.sentence, args.output or "attention.png")
+        out = plot.plot_attention(
+            translator, args.sentence, args.output or "attention.png", layer=args.layer,
+            head=args.head,
+        )
     print(out)
     return 0
 
@@ -221,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["curve", "attention"])
     p.add_argument("path", help="training dir or log.jsonl (curve); model dir (attention)")
     p.add_argument("--sentence", help="source sentence for the attention heatmap")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="decoder layer of the attention heatmap (default: the last)")
+    p.add_argument("--head", type=int, help="one attention head (default: the mean of heads)")
     p.add_argument("--output", "-o", help="PNG file to write")
     p.set_defaults(func=cmd_plot)
     return parser

@@ -39,8 +39,9 @@ class TranslationResult:
 
     hypotheses: token ids (no BOS, no EOS); scores: length-normalised log-probabilities (None
     unless asked); attention: per hypothesis a float32 (len(hypothesis), source_length) array of
-    the last decoder layer's cross-attention averaged over heads (None unless asked); row i is the
-    attention of the step that produced token i.
+    a decoder layer's cross-attention averaged over heads, or (num_heads, len(hypothesis),
+    source_length) per head (None unless asked); row i is the attention of the step that
+    produced token i.
     """
 
     hypotheses: list[list[int]]
@@ -233,7 +234,7 @@ def _run_single(
         logits, attn = prob.step(seq[act, t])
         if need_attention and attn is not None:
             if attn_hist is None:
-                attn_hist = np.zeros((n, total, attn.shape[1]), dtype=np.float32)
+                attn_hist = np.zeros((n, total) + attn.shape[1:], dtype=np.float32)
             attn_hist[act, t] = attn
         generating = t >= P[act] - 1
         if not generating.any():
@@ -275,12 +276,19 @@ def _finish_single(prob, i, seq, g, logprob, attn_hist) -> _Hyp:
     toks = seq[i, p : p + g]
     if prob.eos is not None and g > 0 and toks[-1] == prob.eos:
         toks = toks[:-1]
-    attn = None
-    if attn_hist is not None:
-        src = attn_hist.shape[2] if prob.src_lengths is None else int(prob.src_lengths[i])
-        attn = attn_hist[i, p - 1 : p - 1 + toks.size, :src].copy()
+    attn = _hyp_attention(prob, attn_hist, i, i, p - 1, toks.size)
     score = float(logprob / _lp(g, prob.alpha)) if g else 0.0
     return _Hyp(score, float(logprob), toks.tolist(), attn)
+
+
+def _hyp_attention(prob, attn_hist, row, sent, start, count) -> np.ndarray | None:
+    """A hypothesis' attention rows [start, start + count) of history row `row` (sentence
+    `sent`), cut to its source length: (count, S), or (H, count, S) when kept per head."""
+    if attn_hist is None:
+        return None
+    src = attn_hist.shape[-1] if prob.src_lengths is None else int(prob.src_lengths[sent])
+    a = attn_hist[row, start : start + count, ..., :src]
+    return np.ascontiguousarray(np.moveaxis(a, 0, -2)) if a.ndim == 3 else a.copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,7 +359,7 @@ def _beam_search(
         logits, attn = prob.step(seq[:, t])
         if need_attention and attn is not None:
             if attn_hist is None:
-                attn_hist = np.zeros((seq.shape[0], total, attn.shape[1]), dtype=np.float32)
+                attn_hist = np.zeros((seq.shape[0], total) + attn.shape[1:], dtype=np.float32)
             attn_hist[:, t] = attn
         n_act = act.size
         g = t - P[act] + 1  # tokens generated so far by each active sentence (< 0: in prefix)
@@ -434,10 +442,7 @@ def _finish_beam(prob, b, seq, attn_hist, parent, t, token, logprob) -> _Hyp:
     length = len(toks) + 1  # tokens scored, EOS included
     if token != prob.eos:
         toks.append(token)
-    attn = None
-    if attn_hist is not None:
-        src = attn_hist.shape[2] if prob.src_lengths is None else int(prob.src_lengths[b])
-        attn = attn_hist[parent, p - 1 : p - 1 + len(toks), :src].copy()
+    attn = _hyp_attention(prob, attn_hist, parent, b, p - 1, len(toks))
     score = float(logprob / _lp(length, prob.alpha))
     return _Hyp(score, logprob, toks, attn)
 
@@ -514,6 +519,22 @@ def _sampler(
 # Public entry points
 
 
+def _attention_options(model, layer: object, heads: object) -> dict:
+    """decode_step's keyword arguments for the chosen attention (none for the default, so a
+    model that only offers the last layer averaged over heads still works)."""
+    heads = _check_bool("attention_heads", heads)
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TypeError(f"attention_layer: expected an int, got {type(layer).__name__}")
+    if layer == -1 and not heads:
+        return {}
+    n = int(_config_value(model, "num_decoder_layers"))
+    if not -n <= layer < n:
+        raise ValueError(f"attention_layer: {layer} is out of range for {n} decoder layers")
+    layer = int(layer) % n
+    opts = {} if layer == n - 1 else {"attention_layer": layer}
+    return opts | ({"attention_heads": True} if heads else {})
+
+
 def _chunks(order: list[int], size: int | None) -> list[list[int]]:
     if size is None:
         return [order]
@@ -532,6 +553,8 @@ def translate(
     return_scores: bool = False,
     return_attention: bool = False,
     max_batch_size: int | None = None,
+    attention_layer: int = -1,
+    attention_heads: bool = False,
 ) -> list[TranslationResult]:
     """Translates token-id sequences with an encoder-decoder model (``Transformer``).
 
@@ -541,6 +564,8 @@ def translate(
     and at least min_decoding_length before their EOS. num_hypotheses (<= beam_size) best
     hypotheses are returned per source, best first. max_batch_size bounds the sentences decoded
     together (sources are sorted by length, batched, and returned in the input order).
+    return_attention returns the cross-attention of decoder layer attention_layer (negative:
+    from the last), averaged over heads or, with attention_heads=True, per head.
 
     Raises (before any work) TypeError/ValueError naming a bad parameter, IndexError for a token
     id outside the source vocabulary, ValueError for a source longer than max_len.
@@ -560,6 +585,7 @@ def translate(
         raise ValueError(f"num_hypotheses ({nhyp}) exceeds beam_size ({beam_size})")
     want_scores = _check_bool("return_scores", return_scores)
     want_attn = _check_bool("return_attention", return_attention)
+    attn_opts = _attention_options(model, attention_layer, attention_heads)
     src_vocab = int(_config_value(model, "src_vocab_size", "vocab_size"))
     srcs = _check_sequences(sources, "sources", src_vocab, max_len, allow_empty=True)
     if not srcs:
@@ -583,7 +609,9 @@ def translate(
         state = model.init_decoder_state(memory, lengths, max_dec, pack_weights=pack)
 
         def step(tokens, state=state):
-            return model.decode_step(state, tokens, need_attention=want_attn)
+            if not want_attn:
+                return model.decode_step(state, tokens)
+            return model.decode_step(state, tokens, need_attention=True, **attn_opts)
 
         prob = _Problem(
             step=step,

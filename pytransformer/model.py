@@ -749,13 +749,27 @@ class Transformer(_Model):
         return DecoderState(caches, cross, layout, max_steps, packed)
 
     def decode_step(
-        self, state: DecoderState, tokens: np.ndarray, *, need_attention: bool = False
+        self,
+        state: DecoderState,
+        tokens: np.ndarray,
+        *,
+        need_attention: bool = False,
+        attention_layer: int = -1,
+        attention_heads: bool = False,
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Feeds tokens (B,) at position state.step; returns (logits (B, V), attention (B, S) of
-        the last layer's cross-attention averaged over heads, or None)."""
-        probs: list | None = [] if need_attention else None
-        logits = _decode_step(self, state, tokens, probs)
-        return logits, (probs[0][:, 0] if need_attention else None)
+        """Feeds tokens (B,) at position state.step; returns (logits (B, V), attention or None).
+        With need_attention: the cross-attention of decoder layer `attention_layer` (negative:
+        from the last), (B, S) averaged over heads, or (B, H, S) with attention_heads."""
+        if not need_attention:
+            return _decode_step(self, state, tokens, None), None
+        layer = check_layer_index(attention_layer, len(self.decoder.layers))
+        if not isinstance(attention_heads, (bool, np.bool_)):
+            raise TypeError(
+                f"attention_heads: expected a bool, got {type(attention_heads).__name__}"
+            )
+        probs: list = []
+        logits = _decode_step(self, state, tokens, (probs, layer, bool(attention_heads)))
+        return logits, (probs[0][:, :, 0] if attention_heads else probs[0][:, 0])
 
     def translate(self, sources: Any, **kwargs: Any) -> Any:
         """Decodes a list of source id sequences: see `pytransformer.decoding.translate`."""
@@ -782,8 +796,18 @@ def _pack_step_weights(model: Any, pack_weights: Any, rows: int, steps: int) -> 
     return {id(layer): layer.pack() for layer in layers}
 
 
-def _decode_step(model: Any, state: DecoderState, tokens: Any, probs: list | None) -> np.ndarray:
-    """One incremental step of model.decoder (shared by Transformer and TransformerLM)."""
+def check_layer_index(layer: Any, n: int) -> int:
+    """A layer index in [-n, n) (negative counts from the last), returned in [0, n)."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"attention_layer: expected an int, got {type(layer).__name__}")
+    if not -n <= layer < n:
+        raise ValueError(f"attention_layer: {layer} is out of range for {n} decoder layers")
+    return int(layer) % n
+
+
+def _decode_step(model: Any, state: DecoderState, tokens: Any, probs: tuple | None) -> np.ndarray:
+    """One incremental step of model.decoder (shared by Transformer and TransformerLM).
+    probs: None, or (list, layer, per_head) that receives that layer's cross-attention."""
     if not isinstance(state, DecoderState):
         raise TypeError(f"state: expected a DecoderState, got {type(state).__name__}")
     tokens = _check_ids("tokens", tokens, model.config.tgt_vocab_size, 1)
@@ -794,7 +818,10 @@ def _decode_step(model: Any, state: DecoderState, tokens: Any, probs: list | Non
     pos = state.step
     with model.ctx.inference(), packed_weights(state.packed_weights):
         x = model.tgt_embed.forward(tokens[:, None], model.positions[pos : pos + 1])
-        h = model.decoder.step(x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, probs)
+        out, layer, heads = probs if probs is not None else (None, -1, False)
+        h = model.decoder.step(
+            x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, out, layer, heads
+        )
         logits = model.output.forward(h)
     state.step += 1
     return logits

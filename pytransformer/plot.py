@@ -71,10 +71,28 @@ def plot_training_curve(log_path: str | os.PathLike, out_png: str | os.PathLike)
     return os.fspath(out_png)
 
 
-def plot_attention(translator: Any, sentence: str, out_png: str | os.PathLike, **options) -> str:
-    """Heatmap of the cross-attention (last decoder layer, averaged over heads) of the best
-    translation of ``sentence``: target tokens down, source tokens across."""
-    src_tokens, tgt_tokens, attn, translation = translator.attention(sentence, **options)
+def plot_attention(
+    translator: Any,
+    sentence: str,
+    out_png: str | os.PathLike,
+    *,
+    layer: int = -1,
+    head: int | None = None,
+    **options: Any,
+) -> str:
+    """Heatmap of the cross-attention of the best translation of ``sentence``: target tokens
+    down, source tokens across. layer: the decoder layer (negative: from the last); head: one
+    head's weights (None: the average over heads)."""
+    src_tokens, tgt_tokens, attn, translation = translator.attention(
+        sentence, attention_layer=layer, attention_heads=head is not None, **options
+    )
+    which = f"layer {layer}, " + ("mean of heads" if head is None else f"head {head}")
+    if head is not None:
+        if isinstance(head, bool) or not isinstance(head, int):
+            raise TypeError(f"head: expected an int, got {type(head).__name__}")
+        if not 0 <= head < attn.shape[0]:
+            raise ValueError(f"head: {head} is out of range for {attn.shape[0]} heads")
+        attn = attn[head]
     plt = _pyplot()
     width = max(4.0, 0.45 * len(src_tokens) + 2)
     height = max(3.0, 0.4 * len(tgt_tokens) + 2)
@@ -84,7 +102,7 @@ def plot_attention(translator: Any, sentence: str, out_png: str | os.PathLike, *
     ax.set_yticks(range(len(tgt_tokens)), tgt_tokens)
     ax.set_xlabel("source tokens")
     ax.set_ylabel("generated target tokens")
-    ax.set_title(f"cross-attention: {sentence!r}\n→ {translation!r}")
+    ax.set_title(f"cross-attention ({which}): {sentence!r}\n→ {translation!r}")
     fig.colorbar(image, ax=ax, label="attention weight")
     fig.tight_layout()
     fig.savefig(out_png)

@@ -86,8 +86,10 @@ class Translator:
     def attention(
         self, sentence: str, **options: Any
     ) -> tuple[list[str], list[str], np.ndarray, str]:
-        """(source tokens, target tokens, attention (target x source), translation) of the best
-        translation: the last decoder layer's cross-attention averaged over heads."""
+        """(source tokens, target tokens, attention, translation) of the best translation.
+        attention is (target x source): the last decoder layer's cross-attention averaged over
+        heads, or the layer `attention_layer=` chooses; (heads x target x source) with
+        `attention_heads=True`. Other options go to `translate`."""
         result = self.model.translate(
             self.encode_sources([sentence]), return_attention=True, **options
         )[0]

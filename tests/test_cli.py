@@ -79,6 +79,23 @@ def test_plot_curve(trained, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("extra", [[], ["--layer", "0", "--head", "1"]])
+def test_plot_attention(trained, tmp_path, extra):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "attention.png"
+    args = ["plot", "attention", str(trained / "run"), "--sentence", "one two", "-o", str(out)]
+    assert main(args + extra) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_attention_bad_head(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    args = ["plot", "attention", str(trained / "run"), "--sentence", "one", "--head", "99",
+            "-o", str(tmp_path / "a.png")]
+    assert main(args) != 0
+    assert "head" in capsys.readouterr().err
+
+
 def test_ctrl_c_saves_a_checkpoint(corpus, monkeypatch, capsys):
     real_step = Trainer.train_step
 

@@ -729,3 +729,63 @@ def test_matches_pytorch_decoder(beam_size):
     got = translate(model, REAL_SOURCES, beam_size=beam_size, max_decoding_length=14,
                     min_decoding_length=2)
     assert [r.hypotheses[0] for r in got] == want
+
+
+def _torch_cross_attention(tm, src, tgt_in, layer):
+    """Per-head cross-attention (H, T, S) of decoder layer `layer` of the torch reference model,
+    computed from the inputs its cross-attention module receives in a teacher-forced forward."""
+    import torch
+
+    seen = {}
+    mod = tm.decoder.layers[layer].cross_attn
+    handle = mod.register_forward_hook(lambda m, args, out: seen.update(args=args))
+    with torch.no_grad():
+        tm(np.array([src]), np.array([len(src)]), np.array([tgt_in]))
+        handle.remove()
+        x, memory = seen["args"][0], seen["args"][1]
+        B, T, C = x.shape
+        H = tm.cfg.num_heads
+        q = mod.q(x).view(B, T, H, C // H).transpose(1, 2)
+        k, _ = mod.project(memory)
+        p = torch.softmax(q @ k.transpose(-1, -2) / (C // H) ** 0.5, dim=-1)
+    return p[0].numpy()
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_attention_of_a_chosen_layer_and_heads_matches_torch(beam_size):
+    pytest.importorskip("torch")
+    from torch_reference import build_torch_model
+
+    model = tiny_transformer(seed=5)
+    tm = build_torch_model(model.config, model.state_dict()).eval()
+    bos, H = model.config.bos_id, model.config.num_heads
+    kw = dict(beam_size=beam_size, max_decoding_length=10, return_attention=True)
+    for layer in (0, 1, -2):
+        heads = translate(model, REAL_SOURCES, attention_layer=layer, attention_heads=True, **kw)
+        mean = translate(model, REAL_SOURCES, attention_layer=layer, **kw)
+        for src, r, m in zip(REAL_SOURCES, heads, mean, strict=True):
+            hyp, att = r.hypotheses[0], r.attention[0]
+            assert att.shape == (H, len(hyp), len(src)) and att.dtype == np.float32
+            np.testing.assert_allclose(m.attention[0], att.mean(axis=0), atol=1e-6)
+            if hyp:
+                ref = _torch_cross_attention(tm, src, [bos] + hyp[:-1], layer)
+                np.testing.assert_allclose(att, ref, atol=2e-5)
+    last = translate(model, REAL_SOURCES, **kw)
+    explicit = translate(model, REAL_SOURCES, attention_layer=1, **kw)
+    for a, b in zip(last, explicit, strict=True):
+        np.testing.assert_array_equal(a.attention[0], b.attention[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(attention_layer=2), ValueError, "attention_layer"),
+        (dict(attention_layer=-3), ValueError, "attention_layer"),
+        (dict(attention_layer=1.0), TypeError, "attention_layer"),
+        (dict(attention_heads="yes"), TypeError, "attention_heads"),
+    ],
+)
+def test_attention_options_are_checked(kwargs, exc, match):
+    model = tiny_transformer(seed=5)
+    with pytest.raises(exc, match=match):
+        translate(model, REAL_SOURCES, return_attention=True, **kwargs)

@@ -119,8 +119,11 @@ def _softmax_rows(s: np.ndarray) -> np.ndarray:
     return s
 
 
-def attention_probs(q: np.ndarray, k: np.ndarray, key_lengths: np.ndarray | None) -> np.ndarray:
-    """Softmax attention weights averaged over heads: q (B,Lq,H,D), k (B,Lk,H,D) -> (B, Lq, Lk)."""
+def attention_probs(
+    q: np.ndarray, k: np.ndarray, key_lengths: np.ndarray | None, average_heads: bool = True
+) -> np.ndarray:
+    """Softmax attention weights: q (B,Lq,H,D), k (B,Lk,H,D) -> (B, Lq, Lk) averaged over heads,
+    or (B, H, Lq, Lk) per head."""
     s = np.einsum("bqhd,bkhd->bhqk", q, k, dtype=np.float32) * np.float32(q.shape[-1] ** -0.5)
     if key_lengths is not None:
         s[
@@ -128,7 +131,8 @@ def attention_probs(q: np.ndarray, k: np.ndarray, key_lengths: np.ndarray | None
                 (np.arange(k.shape[1])[None, :] >= key_lengths[:, None])[:, None, None, :], s.shape
             )
         ] = -np.inf
-    return _softmax_rows(s).mean(axis=1)
+    p = _softmax_rows(s)
+    return p.mean(axis=1) if average_heads else p
 
 
 class SelfAttention:
@@ -227,9 +231,11 @@ class CrossAttention:
         memory_layout: Layout,
         kv: np.ndarray | None = None,
         probs_out: list | None = None,
+        probs_heads: bool = False,
     ) -> np.ndarray:
         """kv: the precomputed `project_memory` (decoding); else computed from memory.
-        probs_out: when a list, the head-averaged attention weights (B, L, S) are appended."""
+        probs_out: when a list, the attention weights are appended: (B, L, S) averaged over
+        heads, or (B, H, L, S) with probs_heads."""
         B, L, C = layout.B, layout.L, x.shape[-1]
         q = layout.pad(self.q.forward(x)).reshape(B, L, self.core.H, self.core.D)
         if kv is None:
@@ -237,7 +243,7 @@ class CrossAttention:
         keys = memory_layout.lengths
         ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], keys, False)
         if probs_out is not None:
-            probs_out.append(attention_probs(q, kv[:, :, 0], keys))
+            probs_out.append(attention_probs(q, kv[:, :, 0], keys, not probs_heads))
         ctx = layout.pack(ctx.reshape(B, L, C))
         if self.ctx.cache:
             self.saved = (x, layout, memory, memory_layout, ctx)

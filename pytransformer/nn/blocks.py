@@ -126,12 +126,19 @@ class DecoderLayer:
         pos: int = 0,
         cross_kv: np.ndarray | None = None,
         probs_out: list | None = None,
+        probs_heads: bool = False,
     ) -> np.ndarray:
         """x (N, C) packed rows of `layout`; memory (N_s, C) packed rows of `memory_layout`."""
         x = self.attn_block.forward(x, layout, causal=True, kv_cache=kv_cache, pos=pos)
         if self.cross_block is not None:
             x = self.cross_block.forward(
-                x, layout, memory, memory_layout, kv=cross_kv, probs_out=probs_out
+                x,
+                layout,
+                memory,
+                memory_layout,
+                kv=cross_kv,
+                probs_out=probs_out,
+                probs_heads=probs_heads,
             )
         return self.ffn_block.forward(x)
 
@@ -206,11 +213,13 @@ class Decoder:
         cross_kvs: list[np.ndarray] | None,
         memory_layout: Layout | None,
         probs_out: list | None = None,
+        probs_layer: int = -1,
+        probs_heads: bool = False,
     ) -> np.ndarray:
         """Incremental decoding: x (B*L, C), rows of a dense (B, L) layout at positions
-        [pos, pos+L), against the caches. probs_out: when a list, the last layer's head-averaged
-        cross-attention (B, L, S) is appended."""
-        last = len(self.layers) - 1
+        [pos, pos+L), against the caches. probs_out: when a list, the cross-attention of layer
+        probs_layer is appended, (B, L, S) averaged over heads or (B, H, L, S) with probs_heads."""
+        chosen = probs_layer % len(self.layers)
         layout = Layout(kv_caches[0].shape[0], x.shape[0] // kv_caches[0].shape[0])
         for i, layer in enumerate(self.layers):
             x = layer.forward(
@@ -221,7 +230,8 @@ class Decoder:
                 kv_cache=kv_caches[i],
                 pos=pos,
                 cross_kv=cross_kvs[i] if cross_kvs is not None else None,
-                probs_out=probs_out if i == last else None,
+                probs_out=probs_out if i == chosen else None,
+                probs_heads=probs_heads,
             )
         return self.norm.forward(x) if self.norm is not None else x
 
