@@ -401,6 +401,9 @@ def _beam_search(
         s_slot = np.where(s_live, s_slot, s_slot[:, :1])  # dead slots copy the best live one
         s_tok = np.where(s_live, s_tok, s_tok[:, :1])
         s_val = np.where(s_live, s_val, -np.inf)
+        if k_new == k:  # slots are interchangeable: keep each parent's first child in its row
+            keep = _stay_in_place(s_slot)
+            s_slot, s_tok, s_val = (np.take_along_axis(x, keep, 1) for x in (s_slot, s_tok, s_val))
         parents = (ci[:, None] * k + s_slot).ravel()
         if parents.size != seq.shape[0] or (parents != np.arange(parents.size)).any():
             prob.state.reorder(parents)
@@ -410,6 +413,26 @@ def _beam_search(
         seq[:, t + 1] = s_tok.ravel()
         cum, act, k = s_val, act[ci], k_new
     return finished
+
+
+def _stay_in_place(slots: np.ndarray) -> np.ndarray:
+    """A column order per row of `slots` (n, k) (each beam's parent slot) that puts the first
+    beam of every parent in the parent's own slot and the others in the slots left free, so
+    that reordering the decoder state moves only those others."""
+    order = np.empty_like(slots)
+    for r, row in enumerate(slots.tolist()):
+        place = [-1] * len(row)
+        rest = []
+        for j, slot in enumerate(row):
+            if place[slot] < 0:
+                place[slot] = j
+            else:
+                rest.append(j)
+        free = [p for p in range(len(row)) if place[p] < 0]
+        for p, j in zip(free, rest, strict=True):
+            place[p] = j
+        order[r] = place
+    return order
 
 
 def _beam_candidates(prob, logits, act, g, generating, cum, k, K, c_val, c_slot, c_tok):

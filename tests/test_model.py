@@ -10,10 +10,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from model_cases import BOS, PAD, padded, random_batch, rel_err, tiny_config
 
 import pytransformer as pt
 from pytransformer.io import CheckpointError
+from pytransformer.model import DecoderState
 from pytransformer.nn.layers import sinusoidal_positions
 from pytransformer.nn.layout import Layout
 
@@ -502,6 +505,27 @@ def test_reorder_within_a_source_keeps_cross_attention_buffers():
     assert state.cross_kvs[0] is cross
     state.reorder(np.array([0, 2]))
     assert state.cross_kvs[0] is not cross and state.batch_size == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(moves=st.lists(st.lists(st.integers(0, 63), min_size=1, max_size=9), min_size=1,
+                      max_size=6))
+def test_reorder_equals_gathering_the_caches(moves):
+    """Any sequence of reorders (cycles, duplicates, drops, growth) leaves exactly the rows a
+    numpy gather of the filled cache positions gives."""
+    B, T = 5, 4
+    state = DecoderState(
+        [np.random.default_rng(i).standard_normal((B, T, 2, 2, 3)).astype(np.float32)
+         for i in range(2)], None, None, T)
+    state.step = 3
+    want = [c[:, :3].copy() for c in state.kv_caches]
+    for m in moves:
+        idx = np.array(m) % state.batch_size
+        state.reorder(idx)
+        want = [w[idx] for w in want]
+    for c, w in zip(state.kv_caches, want, strict=True):
+        assert c.shape[0] == w.shape[0]
+        np.testing.assert_array_equal(c[:, :3], w)
 
 
 def test_reorder_checks_indices():
