@@ -11,11 +11,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
+import pytransformer as pt
 from pytransformer import Transformer, TransformerConfig, TransformerLM, ops
 from pytransformer.data import make_batch, synthetic_pairs
 from pytransformer.optim import Adam
@@ -219,3 +224,41 @@ def test_kernels_from_many_threads_match_single_thread():
         for r1, r2 in zip(alone, together, strict=True):
             for x1, x2 in zip(r1, r2, strict=True):
                 np.testing.assert_array_equal(x1, x2)
+
+
+_FORK_SCRIPT = r"""
+import os, sys
+import numpy as np
+import pytransformer as pt
+
+pt.set_num_threads(2)
+a = np.ones((256, 256), np.float32)
+if sys.argv[1] == "after_team":
+    pt.ops.matmul(a, a)  # starts the OpenMP team
+pid = os.fork()
+if pid == 0:
+    ok = float(pt.ops.matmul(a, a)[0, 0]) == 256.0
+    threads = pt.get_num_threads()
+    try:
+        pt.set_num_threads(2)
+        refused = False
+    except RuntimeError as exc:
+        refused = "fork" in str(exc)
+    print(ok, threads, refused, flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("when,expected", [("after_team", "True 1 True"),
+                                           ("before_team", "True 2 False")])
+def test_fork_child_does_not_hang(when, expected):
+    """A child forked after a multi-threaded kernel runs kernels on one thread (libgomp's team
+    does not survive fork) instead of hanging; one forked before any team keeps its threads."""
+    if not hasattr(os, "fork") or not pt._C.have_openmp():
+        pytest.skip("needs fork() and OpenMP")
+    done = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, when], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected.split()

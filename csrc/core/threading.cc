@@ -6,6 +6,9 @@
 #if defined(__linux__)
 #include <sched.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 
 namespace pt {
 
@@ -35,6 +38,23 @@ int num_threads() {
 }
 
 void set_num_threads(int n) { thread_setting().store(n < 1 ? 1 : n, std::memory_order_relaxed); }
+
+static std::atomic<bool> team_started{false};
+static std::atomic<bool> lost_to_fork{false};
+
+void note_team() { team_started.store(true, std::memory_order_relaxed); }
+
+bool threads_lost_to_fork() { return lost_to_fork.load(std::memory_order_relaxed); }
+
+#if defined(__unix__) || defined(__APPLE__)
+static void after_fork_in_child() {
+  if (team_started.load(std::memory_order_relaxed)) {
+    thread_setting().store(1, std::memory_order_relaxed);
+    lost_to_fork.store(true, std::memory_order_relaxed);
+  }
+}
+static const int atfork_registered = pthread_atfork(nullptr, nullptr, after_fork_in_child);
+#endif
 
 bool have_openmp() {
 #if defined(_OPENMP)

@@ -16,6 +16,11 @@ namespace pt {
 int num_threads();
 void set_num_threads(int n);
 bool have_openmp();
+// Records that a thread team has been started (call before each parallel region). libgomp's
+// team does not survive fork(): a child forked after one would hang in its next parallel
+// region, so such a child is switched to one thread (threads_lost_to_fork() is then true).
+void note_team();
+bool threads_lost_to_fork();
 
 // Calls fn(i) for i in [0, n), spread over up to num_threads() threads with a static schedule.
 // fn must not throw and iterations must write disjoint memory.
@@ -24,6 +29,7 @@ void parallel_for(std::int64_t n, Fn&& fn) {
 #if defined(_OPENMP)
   const int nt = num_threads();
   if (nt > 1 && n > 1 && !omp_in_parallel()) {
+    note_team();
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (std::int64_t i = 0; i < n; ++i) fn(i);
     return;
@@ -39,6 +45,7 @@ void parallel_chunks(std::int64_t n, Fn&& fn) {
 #if defined(_OPENMP)
   const int nt = static_cast<int>(n < num_threads() ? n : num_threads());
   if (nt > 1 && !omp_in_parallel()) {
+    note_team();
 #pragma omp parallel num_threads(nt)
     {
       const std::int64_t t = omp_get_thread_num(), T = omp_get_num_threads();

@@ -287,6 +287,7 @@ template <class Fn>
 void run_team(int nt, Fn&& fn) {
 #if defined(_OPENMP)
   if (nt > 1 && !omp_in_parallel()) {
+    note_team();
 #pragma omp parallel num_threads(nt)
     fn(omp_get_thread_num(), omp_get_num_threads());
     return;

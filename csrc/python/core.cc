@@ -2,6 +2,7 @@
 #include "core/threading.h"
 #include "python/registry.h"
 
+#include <stdexcept>
 #include <string>
 
 namespace py = pybind11;
@@ -20,6 +21,11 @@ void register_core(py::module_& m) {
   m.def("get_num_threads", &num_threads);
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("n: the thread count must be >= 1, got " + std::to_string(n));
+    if (n > 1 && threads_lost_to_fork())
+      throw std::runtime_error(
+          "n: this process was forked after pytransformer ran a multi-threaded kernel, and the "
+          "OpenMP thread pool does not survive fork(), so it runs on one thread; use the 'spawn' "
+          "or 'forkserver' start method of multiprocessing for multi-threaded workers");
     set_num_threads(n);
   });
 }
