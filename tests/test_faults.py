@@ -243,11 +243,34 @@ def test_damaged_config_json_is_rejected(saved):
     directory, _ = saved
     path = os.path.join(directory, "config.json")
     text = open(path).read()
-    for bad in (text[: len(text) // 2], text.replace('"d_model": 8', '"d_model": 16'), "", "[]"):
+    for bad in (text[: len(text) // 2], "", "[]", text.replace('"d_model": 8', '"d_model": "8"')):
         with open(path, "w") as f:
             f.write(bad)
         with pytest.raises(ptio.CheckpointError, match="config"):
             Transformer.load(directory)
+    # A valid config.json that disagrees with the weights: the stored config wins, loudly.
+    with open(path, "w") as f:
+        f.write(text.replace('"d_model": 8', '"d_model": 16'))
+    with pytest.warns(UserWarning, match="d_model: 16 there, 8 stored"):
+        assert Transformer.load(directory).config.d_model == 8
+
+
+def test_crash_between_the_two_renames_of_a_new_config(tmp_path, monkeypatch):
+    """save() over a checkpoint of another config, stopped after the weights file was renamed
+    into place but before config.json: the directory loads as the new model (with a warning)."""
+    _model(seed=1, d_ff=24).save(tmp_path)
+    new = _model(seed=2)
+
+    def crash(path, text):
+        raise KeyboardInterrupt  # as if the process died here
+
+    monkeypatch.setattr(ptio, "atomic_write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="interrupted save"):
+        loaded = Transformer.load(tmp_path)
+    _assert_same_params(loaded, new.state_dict())
 
 
 def test_missing_files_are_rejected(saved):
