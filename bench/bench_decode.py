@@ -21,6 +21,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -63,38 +64,46 @@ def main() -> None:
         from torch_reference import build_torch_model
     except ImportError:
         torch = None
+    ct2 = _ct2_available()
     rows = []
     load_start = os.getloadavg()[0]
     for name in args.configs.split(","):
         cfg = TransformerConfig(**CONFIGS[name], dropout=0.0, max_len=256)
         model = Transformer(cfg, seed=0).eval()
         tm = build_torch_model(cfg, model.state_dict()).eval() if torch else None
+        ct2_dir = tempfile.TemporaryDirectory() if ct2 else None
+        if ct2_dir:
+            import ct2_peer
+
+            ct2_peer.convert(model, ct2_dir.name)
         sources = make_sources(cfg.src_vocab_size)
         for threads in map(int, args.threads.split(",")):
             pytransformer.set_num_threads(threads)
             if torch:
                 torch.set_num_threads(threads)
+            peer = ct2_peer.Peer(ct2_dir.name, threads) if ct2_dir else None
             for beam in map(int, args.beams.split(",")):
-                fns = _systems(model, tm, sources, beam)
+                fns = _systems(model, tm, sources, beam, peer=peer)
                 outputs: dict = {}
                 t0 = time.perf_counter()
-                for warm in _systems(model, tm, sources[:2], beam, length=4).values():
+                for warm in _systems(model, tm, sources[:2], beam, length=4, peer=peer).values():
                     warm()
                 med = _alternating_medians(_keeping(fns, outputs),
                                            args.repeats or REPEATS[name])
-                agree = _agreement(outputs) if tm is not None else None
                 toks = N_SOURCES * LENGTH
                 ours = toks / med["ours"]
-                peer = toks / med["torch"] if "torch" in med else None
-                row = [name, threads, beam, f"{ours:.0f}",
-                       f"{peer:.0f}" if peer else "-",
-                       f"{ours / peer:.2f}x" if peer else "-",
-                       f"{agree:.3f}" if agree is not None else "-"]
+                row = [name, threads, beam, f"{ours:.0f}"]
+                for other in ("torch", "ct2"):
+                    rate = toks / med[other] if other in med else None
+                    agree = _agreement(outputs, other) if other in outputs else None
+                    row += [f"{rate:.0f}" if rate else "-", f"{ours / rate:.2f}x" if rate else "-",
+                            f"{agree:.3f}" if agree is not None else "-"]
                 rows.append(row)
                 print(" | ".join(map(str, row)), f"({time.perf_counter() - t0:.0f} s)",
                       flush=True)
     header = ["config", "threads", "beam", "ours tok/s", "torch tok/s", "ours/torch",
-              "same tokens"]
+              "same tokens (torch)", "CTranslate2 tok/s", "ours/CTranslate2",
+              "same tokens (CTranslate2)"]
     table = markdown_table(header, rows)
     print(table)
     if not args.no_write:
@@ -105,8 +114,16 @@ def main() -> None:
         update_results("decode", _report(table, cmd.strip(), loads))
 
 
-def _systems(model, tm, sources, beam, length=LENGTH):
-    """The calls to time: ours, and torch's when it is importable."""
+def _ct2_available() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _systems(model, tm, sources, beam, length=LENGTH, peer=None):
+    """The calls to time: ours, torch's and CTranslate2's when they are importable."""
     fns = {"ours": lambda: model.translate(sources, beam_size=beam, min_decoding_length=length,
                                            max_decoding_length=length)}
     if tm is not None:
@@ -117,6 +134,8 @@ def _systems(model, tm, sources, beam, length=LENGTH):
         else:
             fns["torch"] = lambda: torch_decode.beam_search(
                 tm, sources, beam_size=beam, max_len=length, min_len=length)
+    if peer is not None:
+        fns["ct2"] = lambda: peer.translate(sources, beam, length)
     return fns
 
 
@@ -142,11 +161,11 @@ def _keeping(fns, outputs):
     return {name: keep(name, fn) for name, fn in fns.items()}
 
 
-def _agreement(outputs) -> float:
-    """Fraction of output tokens equal between ours and torch (random weights: near-ties in the
-    logits may flip a token and everything after it, so this is a sanity check, not a test)."""
+def _agreement(outputs, other: str) -> float:
+    """Fraction of output tokens equal between ours and `other` (random weights: near-ties in
+    the logits may flip a token and everything after it, so this is a sanity check, not a test)."""
     ours = [r.hypotheses[0] for r in outputs["ours"]]
-    peer = outputs["torch"]
+    peer = outputs[other]
     same = sum(int(a == b) for x, y in zip(ours, peer, strict=True)
                for a, b in zip(x, y, strict=False))
     return same / sum(len(x) for x in ours)
@@ -158,9 +177,11 @@ def _report(table: str, cmd: str, loads: str) -> str:
         f"forced length {LENGTH} via min = max decoding length, so {N_SOURCES * LENGTH} tokens "
         "per call, encoder included) vs a PyTorch eager KV-cache decoder "
         "(bench/torch_decode.py over tests/torch_reference.py) on the same random weights; "
-        "medians of runs alternating the two (after a short warm-up decode), "
+        "and, where `pip install ctranslate2` is present, CTranslate2 (float32, the same weights "
+        "converted by bench/ct2_peer.py, intra_threads = threads); "
+        "medians of runs alternating the systems (after a short warm-up decode), "
         f"{REPEATS['small']} per system for small, {REPEATS['base']} for base unless the command "
-        "says --repeats. `same tokens`: fraction of output tokens identical between the two.\n\n"
+        "says --repeats. `same tokens`: fraction of output tokens identical to ours.\n\n"
         f"Command: `{cmd}` (1-minute load average at start / end: {loads}, on 2 cores)\n\n"
         f"{table}\n"
     )
