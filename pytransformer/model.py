@@ -217,10 +217,12 @@ class DecoderState:
     """Caches of incremental decoding for a batch of rows that all sit at the same position.
 
     kv_caches: per decoder layer (B, max_steps, 2, H, D) — self-attention keys [:, :, 0] and values
-    [:, :, 1]; positions < `step` are filled. cross_kvs: per layer (B, S, 2, H, D), the encoder
-    memory's projected keys/values (None for a decoder-only LM), with `src_lengths` (B,).
-    `src_rows` records which original source each row decodes, so `reorder` copies the cross K/V
-    only when that mapping changes (reordering beams within a sentence leaves it unchanged).
+    [:, :, 1]; positions < `step` are filled. cross_kvs: per layer (G, S, 2, H, D), the encoder
+    memory's projected keys/values (None for a decoder-only LM) for G = B / g sources, where row r
+    decodes source row r // g: the beams of a sentence sit in g consecutive rows and share one
+    copy, read once per step. `memory_layout` describes those G rows; `src_lengths` is per row.
+    `src_rows` records which original source each row decodes, so `reorder` copies cross K/V only
+    for a new set of sources (reordering beams within a sentence copies nothing).
     packed_weights: {id(Linear): PackedWeight} of the layers each step runs, packed when the
     state was made (so they do not follow later changes to the weights), or None.
     """
@@ -240,6 +242,7 @@ class DecoderState:
         self.max_steps = max_steps
         self.step = 0
         self.src_rows = np.arange(kv_caches[0].shape[0], dtype=np.int64)
+        self._cross_sources = self.src_rows  # the original source of each cross_kvs row
 
     @property
     def batch_size(self) -> int:
@@ -251,7 +254,8 @@ class DecoderState:
         if self.memory_layout is None:
             return None
         ml = self.memory_layout
-        return ml.lengths if ml.lengths is not None else np.full(ml.B, ml.L, np.int64)
+        lengths = ml.lengths if ml.lengths is not None else np.full(ml.B, ml.L, np.int64)
+        return np.repeat(lengths, self.batch_size // ml.B)
 
     def reorder(self, indices: np.ndarray) -> None:
         """Row i of the new state is row indices[i] of the current one (rows may be dropped or
@@ -282,10 +286,24 @@ class DecoderState:
             self.kv_caches = [_copy_rows(np.empty((B2,) + c.shape[1:], np.float32), c, indices, t)
                               for c in self.kv_caches]
         new_rows = self.src_rows[indices]
-        if self.cross_kvs is not None and not np.array_equal(new_rows, self.src_rows):
-            self.cross_kvs = [kv[indices] for kv in self.cross_kvs]
-            self.memory_layout = self.memory_layout.take(indices)
+        if self.cross_kvs is not None:
+            self._regroup_cross(new_rows)
         self.src_rows = new_rows
+
+    def _regroup_cross(self, rows: np.ndarray) -> None:
+        """Cross K/V rows for the sources of `rows`: one per run of equal sources when all runs
+        have one length g and distinct sources (beam search), else one per row."""
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        runs = np.diff(np.r_[starts, rows.size])
+        grouped = (runs == runs[0]).all() and np.unique(rows[starts]).size == starts.size
+        sources = rows[starts] if grouped else rows
+        if np.array_equal(sources, self._cross_sources):
+            return
+        where = {int(s): i for i, s in reversed(list(enumerate(self._cross_sources.tolist())))}
+        pick = np.array([where[int(s)] for s in sources], dtype=np.int64)
+        self.cross_kvs = [kv[pick] for kv in self.cross_kvs]
+        self.memory_layout = self.memory_layout.take(pick)
+        self._cross_sources = sources
 
     def _reorder_in_place(self, indices: np.ndarray) -> None:
         """Moves only the rows that change (beam search keeps most beams in their rows); a source

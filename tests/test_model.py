@@ -502,12 +502,21 @@ def test_reorder_within_a_source_keeps_cross_attention_buffers():
     rng = np.random.default_rng(3)
     batch = random_batch(cfg, rng, B=2, S=5, T=1)
     state = m.init_decoder_state(m.encode(batch.src, batch.src_lengths), batch.src_lengths, 4)
-    state.reorder(np.array([0, 0, 1, 1]))
     cross = state.cross_kvs[0]
+    state.reorder(np.array([0, 0, 1, 1]))  # two beams per source share its one copy
+    assert state.cross_kvs[0] is cross and state.batch_size == 4
+    np.testing.assert_array_equal(state.src_lengths, np.repeat(batch.src_lengths, 2))
     state.reorder(np.array([1, 0, 3, 2]))  # beams swap within their source
     assert state.cross_kvs[0] is cross
-    state.reorder(np.array([0, 2]))
-    assert state.cross_kvs[0] is not cross and state.batch_size == 2
+    state.reorder(np.array([0, 2]))  # one row per source again: the same two sources
+    assert state.cross_kvs[0] is cross and state.batch_size == 2
+    state.reorder(np.array([0, 1, 0]))  # source 0 in two runs: one cross row per row
+    assert state.cross_kvs[0].shape[0] == 3
+    np.testing.assert_array_equal(state.cross_kvs[0][2], cross[0])
+    state.reorder(np.array([1, 1, 1]))  # source 1 only, three beams sharing it
+    assert state.cross_kvs[0].shape[0] == 1
+    np.testing.assert_array_equal(state.cross_kvs[0][0], cross[1])
+    np.testing.assert_array_equal(state.src_lengths, np.repeat(batch.src_lengths[1], 3))
 
 
 @settings(max_examples=60, deadline=None)

@@ -237,13 +237,23 @@ class CrossAttention:
         probs_out: when a list, the attention weights are appended: (B, L, S) averaged over
         heads, or (B, H, L, S) with probs_heads."""
         B, L, C = layout.B, layout.L, x.shape[-1]
-        q = layout.pad(self.q.forward(x)).reshape(B, L, self.core.H, self.core.D)
+        H, D = self.core.H, self.core.D
+        q = layout.pad(self.q.forward(x)).reshape(B, L, H, D)
         if kv is None:
             kv = self.project_memory(memory, memory_layout)
+        G = memory_layout.B
+        if G != B:  # decoding: the g = B / G beams of a source are g queries of its one memory
+            if L != 1 or B % G:
+                raise ValueError(f"{B} rows of {L} positions cannot share {G} memory rows")
+            q = q.reshape(G, B // G, H, D)
         keys = memory_layout.lengths
         ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], keys, False)
         if probs_out is not None:
-            probs_out.append(attention_probs(q, kv[:, :, 0], keys, not probs_heads))
+            p = attention_probs(q, kv[:, :, 0], keys, not probs_heads)
+            if G != B:  # back to one query per row
+                p = p.reshape(B, 1, -1) if not probs_heads else np.moveaxis(p, 2, 1).reshape(
+                    B, H, 1, -1)
+            probs_out.append(p)
         ctx = layout.pack(ctx.reshape(B, L, C))
         if self.ctx.cache:
             self.saved = (x, layout, memory, memory_layout, ctx)
