@@ -9,18 +9,21 @@
 
 namespace pt {
 
-void gemm_forward(const GemmArgs& args) {
+namespace {
+
+// Runs kernel(one 2-D product) for each batch item of args. A batch of row blocks that share B
+// and lie evenly spaced in A and C is one taller product (the (batch, M, K) @ (K, N) of a Linear
+// layer): fewer, larger blocks and one thread team.
+template <class Kernel>
+void for_each_item(const GemmArgs& args, Kernel kernel) {
   if (args.batch <= 0 || args.M <= 0 || args.N <= 0) return;
   GemmArgs one = args;
   one.batch = 1;
-  // A batch of row blocks that share B and lie evenly spaced in A and C is one taller product
-  // (the (batch, M, K) @ (K, N) of a Linear layer): fewer, larger blocks and one thread team.
   if (args.batch > 1 && args.b_bs == 0 && args.a_bs == args.M * args.a_rs && args.c_bs == args.M * args.ldc) {
     one.M = args.M * args.batch;
-    PT_DISPATCH(gemm_2d)(one);
+    kernel(one);
     return;
   }
-  const auto kernel = PT_DISPATCH(gemm_2d);
   for (index_t t = 0; t < args.batch; ++t) {
     one.a = args.a + t * args.a_bs;
     one.b = args.b + t * args.b_bs;
@@ -29,6 +32,10 @@ void gemm_forward(const GemmArgs& args) {
   }
 }
 
+}  // namespace
+
+void gemm_forward(const GemmArgs& args) { for_each_item(args, PT_DISPATCH(gemm_2d)); }
+
 index_t packed_weight_size(index_t N, index_t K) { return (N + kNR - 1) / kNR * kNR * K; }
 
 void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K) {
@@ -36,20 +43,9 @@ void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K) 
 }
 
 void gemm_forward_prepacked(const GemmArgs& args) {
-  if (args.batch <= 0 || args.M <= 0 || args.N <= 0) return;
-  GemmArgs one = args;
-  one.batch = 1;
-  if (args.batch > 1 && args.a_bs == args.M * args.a_rs && args.c_bs == args.M * args.ldc) {
-    one.M = args.M * args.batch;  // evenly spaced row blocks: one taller product
-    PT_DISPATCH(gemm_2d_prepacked)(one);
-    return;
-  }
-  const auto kernel = PT_DISPATCH(gemm_2d_prepacked);
-  for (index_t t = 0; t < args.batch; ++t) {
-    one.a = args.a + t * args.a_bs;
-    one.c = args.c + t * args.c_bs;
-    kernel(one);
-  }
+  GemmArgs shared = args;
+  shared.b_bs = 0;  // every item reads the one packed W
+  for_each_item(shared, PT_DISPATCH(gemm_2d_prepacked));
 }
 
 double fma_probe_seconds(index_t iters) {

@@ -1,7 +1,9 @@
 // Binding of pt::gemm_forward as _C.matmul (and the naive oracle as _C._matmul_naive, for tests).
 // Checks and converts only; the product runs with the GIL released.
 #include <algorithm>
+#include <initializer_list>
 #include <string>
+#include <vector>
 
 #include "gemm/gemm.h"
 #include "gemm/gemm_kernels.h"
@@ -69,6 +71,22 @@ std::string op_desc(const char* name, const F32View& v, bool trans) {
   return std::string(name) + ".shape=" + shape_str(v.shape) + (trans ? " (transposed)" : "");
 }
 
+// The product's array: a new one, or `out` once it is checked (C-contiguous, writable, the right
+// shape, sharing no memory with `inputs`, which `names` lists for the message); cv views it.
+py::object result_array(const py::object& out_obj, const std::vector<std::int64_t>& shape,
+                        std::initializer_list<const F32View*> inputs, const char* names, F32View& cv) {
+  if (out_obj.is_none()) {
+    py::object result = py_helpers::new_f32(shape);
+    cv = py_helpers::f32_view(result, "out");
+    return result;
+  }
+  cv = py_helpers::f32_view(out_obj, "out", {}, /*writable=*/true, /*contiguous=*/true);
+  py_helpers::require_shape(cv, "out", shape);
+  for (const F32View* in : inputs)
+    if (in->data && overlaps(cv, *in)) throw py::value_error(std::string("out: must not share memory with ") + names);
+  return out_obj;
+}
+
 // The (N,) bias, or an empty view for None; a strided bias is copied into `keep` (rare).
 F32View checked_bias(const py::object& bias_obj, std::int64_t N, py::array& keep) {
   F32View biasv;
@@ -111,18 +129,8 @@ py::object matmul(const py::object& a_obj, const py::object& b_obj, bool trans_a
   if (accumulate && act != Activation::none)
     throw py::value_error("activation: must be None when accumulate=True");
 
-  py::object result;
   F32View cv;
-  if (out_obj.is_none()) {
-    result = py_helpers::new_f32(out_shape);
-    cv = py_helpers::f32_view(result, "out");
-  } else {
-    cv = py_helpers::f32_view(out_obj, "out", {}, /*writable=*/true, /*contiguous=*/true);
-    py_helpers::require_shape(cv, "out", out_shape);
-    if (overlaps(cv, av) || overlaps(cv, bv) || (biasv.data && overlaps(cv, biasv)))
-      throw py::value_error("out: must not share memory with a, b or bias");
-    result = out_obj;
-  }
+  py::object result = result_array(out_obj, out_shape, {&av, &bv, &biasv}, "a, b or bias", cv);
 
   GemmArgs g;
   g.c = cv.data;
@@ -186,18 +194,8 @@ py::object matmul_prepacked(const py::object& a_obj, const py::object& packed_ob
       batched ? std::vector<std::int64_t>{batch, M, n} : std::vector<std::int64_t>{M, n};
   py::array bias_keep;
   const F32View biasv = checked_bias(bias_obj, n, bias_keep);
-  py::object result;
   F32View cv;
-  if (out_obj.is_none()) {
-    result = py_helpers::new_f32(out_shape);
-    cv = py_helpers::f32_view(result, "out");
-  } else {
-    cv = py_helpers::f32_view(out_obj, "out", {}, /*writable=*/true, /*contiguous=*/true);
-    py_helpers::require_shape(cv, "out", out_shape);
-    if (overlaps(cv, av) || overlaps(cv, pv) || (biasv.data && overlaps(cv, biasv)))
-      throw py::value_error("out: must not share memory with a, packed or bias");
-    result = out_obj;
-  }
+  py::object result = result_array(out_obj, out_shape, {&av, &pv, &biasv}, "a, packed or bias", cv);
   const int r = static_cast<int>(av.shape.size()) - 2;
   GemmArgs g;
   g.c = cv.data;
