@@ -652,12 +652,9 @@ void gemm_prepacked_b(const GemmArgs& p, int nt) {
       const index_t q1 = panels * (t + 1) / team;
       for (index_t q = panels * t / team; q < q1; ++q) {
         const int cols = static_cast<int>(min_i(NR, N - q * NR));
+        // Panels lie one after another, so the hardware prefetchers stream B (software
+        // prefetching of the next panel was measured slower: it evicts the working set).
         const float* bq = p.b + q * K * NR;
-        // Weights usually come from memory (a decoder's do not fit in L3): the next panel is
-        // fetched a slice before each micro-kernel call, so it arrives while this one computes.
-        const float* next = q + 1 < q1 ? bq + K * NR : nullptr;
-        const index_t calls = ((K + kKC - 1) / kKC) * np, lines = K * NR / 16;
-        index_t call = 0;
         for (index_t pc = 0; pc < K; pc += kKC) {
           const index_t kc = min_i(kKC, K - pc);
           const bool last = pc + kc == K;
@@ -665,13 +662,9 @@ void gemm_prepacked_b(const GemmArgs& p, int nt) {
           ep.load_c = p.accumulate || pc > 0;
           ep.bias = last && p.bias ? p.bias + q * NR : nullptr;
           ep.act = last ? p.act : Activation::none;
-          for (int i = 0; i < np; ++i, ++call) {
-            if (next)
-              for (index_t l = lines * call / calls; l < lines * (call + 1) / calls; ++l)
-                __builtin_prefetch(next + l * 16, 0, 3);
+          for (int i = 0; i < np; ++i)
             run_tile(height[i], kc, abuf + i * MR * K + pc * MR, bq + pc * NR, NR,
                      p.c + (ic + start[i]) * p.ldc + q * NR, p.ldc, cols, ep);
-          }
         }
       }
     });
