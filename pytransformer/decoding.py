@@ -127,11 +127,19 @@ def _config_value(model: object, *names: str) -> object:
     raise AttributeError(f"model config has none of {names}")
 
 
+# Sentences decoded together when max_batch_size is None. Every row holds self-attention caches
+# for the whole max_decoding_length (base model: 6 MiB a row at 256 positions), so an unbounded
+# batch of thousands of sentences would need tens of GiB; past a few dozen sentences (x beams)
+# the products are already large enough to run near full speed.
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
 def _check_common(beam_size, length_penalty_, max_batch_size):
     beam_size = _check_int("beam_size", beam_size, 1)
     alpha = _check_real("length_penalty", length_penalty_)
-    if max_batch_size is not None:
-        max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+    if max_batch_size is None:
+        max_batch_size = DEFAULT_MAX_BATCH_SIZE
+    max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
     return beam_size, alpha, max_batch_size
 
 
@@ -558,9 +566,7 @@ def _attention_options(model, layer: object, heads: object) -> dict:
     return opts | ({"attention_heads": True} if heads else {})
 
 
-def _chunks(order: list[int], size: int | None) -> list[list[int]]:
-    if size is None:
-        return [order]
+def _chunks(order: list[int], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
@@ -586,7 +592,8 @@ def translate(
     Hypotheses have at most max_decoding_length tokens (capped at the model's max_len positions)
     and at least min_decoding_length before their EOS. num_hypotheses (<= beam_size) best
     hypotheses are returned per source, best first. max_batch_size bounds the sentences decoded
-    together (sources are sorted by length, batched, and returned in the input order).
+    together (None: DEFAULT_MAX_BATCH_SIZE = 64; sources are sorted by length, batched, and
+    returned in the input order).
     return_attention returns the cross-attention of decoder layer attention_layer (negative:
     from the last), averaged over heads or, with attention_heads=True, per head.
 
@@ -682,7 +689,8 @@ def generate(
     beam_size=1 samples from softmax(logits / temperature), restricted to the top_k most likely
     tokens (0: no limit) and then to the nucleus of mass top_p; temperature=0 or top_k=1 is
     greedy decoding. Sampling is reproducible: the same seed gives the same tokens, whatever
-    max_batch_size (each prompt draws from its own generator, derived from seed and its index).
+    max_batch_size (each prompt draws from its own generator, derived from seed and its index;
+    None: DEFAULT_MAX_BATCH_SIZE prompts at a time).
     beam_size > 1 is beam search (length_penalty = GNMT alpha), which takes no sampling options.
     """
     beam_size, alpha, max_batch_size = _check_common(beam_size, length_penalty, max_batch_size)

@@ -789,3 +789,24 @@ def test_attention_options_are_checked(kwargs, exc, match):
     model = tiny_transformer(seed=5)
     with pytest.raises(exc, match=match):
         translate(model, REAL_SOURCES, return_attention=True, **kwargs)
+
+
+def test_default_batches_are_bounded(monkeypatch):
+    """Without max_batch_size, sentences are decoded DEFAULT_MAX_BATCH_SIZE at a time (every row
+    preallocates caches for the whole decoding length), with the same results as one batch."""
+    model = tiny_transformer(seed=3)
+    rng = np.random.default_rng(4)
+    sources = [rng.integers(3, 23, size=int(n)).tolist() for n in rng.integers(1, 9, size=150)]
+    sizes = []
+    real = type(model).init_decoder_state
+
+    def recording(self, memory, lengths, max_steps, **kw):
+        sizes.append(memory.shape[0])
+        return real(self, memory, lengths, max_steps, **kw)
+
+    monkeypatch.setattr(type(model), "init_decoder_state", recording)
+    default = translate(model, sources, beam_size=2, max_decoding_length=6)
+    assert sizes == [64, 64, 22]
+    whole = translate(model, sources, beam_size=2, max_decoding_length=6, max_batch_size=150)
+    assert sizes[3:] == [150]
+    assert [r.hypotheses for r in default] == [r.hypotheses for r in whole]
