@@ -627,6 +627,7 @@ def translate(
 
     order = sorted(range(len(srcs)), key=lambda i: -srcs[i].size)
     results: list[TranslationResult | None] = [None] * len(srcs)
+    packed = None
     for chunk in _chunks(order, max_batch_size):
         lengths = np.array([srcs[i].size for i in chunk], dtype=np.int64)
         ids = np.full((len(chunk), max(1, int(lengths.max()))), pad, dtype=np.int64)
@@ -636,7 +637,11 @@ def translate(
         # Translations run about as long as their sources: the guess that decides packing.
         steps = min(max_dec, max(min_dec, int(lengths.mean()) + 8))
         pack = worth_packing(len(chunk) * beam_size, steps)
-        state = model.init_decoder_state(memory, lengths, max_dec, pack_weights=pack)
+        state = model.init_decoder_state(
+            memory, lengths, max_dec, pack_weights=pack and packed is None
+        )
+        if pack:  # one packed copy serves every chunk of this call
+            packed = state.packed_weights = packed or getattr(state, "packed_weights", None)
 
         def step(tokens, state=state):
             if not want_attn:
@@ -723,6 +728,7 @@ def generate(
 
     order = sorted(range(len(seqs)), key=lambda i: -seqs[i].size)
     results: list[list[int] | None] = [None] * len(seqs)
+    packed = None
     for chunk in _chunks(order, max_batch_size):
         prefixes = [seqs[i] for i in chunk]
         # Position p + g - 2 is the last one fed for g generated tokens: it must be < max_len.
@@ -742,7 +748,9 @@ def generate(
                 results[i] = []
             continue
         pack = worth_packing(len(chunk) * beam_size, steps)
-        state = lm.init_state(len(chunk), steps, pack_weights=pack)
+        state = lm.init_state(len(chunk), steps, pack_weights=pack and packed is None)
+        if pack:  # one packed copy serves every chunk of this call
+            packed = state.packed_weights = packed or getattr(state, "packed_weights", None)
         prob.state = state
         prob.step = lambda tokens, state=state: lm.decode_step(state, tokens)
         if beam_size > 1:

@@ -232,3 +232,18 @@ def test_state_keeps_the_weights_it_was_made_with(rng):
     tokens = np.full(8, model.config.bos_id)
     np.testing.assert_array_equal(model.decode_step(packed, tokens)[0], before[0])
     assert not np.allclose(model.decode_step(plain, tokens)[0], before[0])
+
+
+def test_one_packing_serves_every_chunk(rng, monkeypatch):
+    model = Transformer(TransformerConfig(**CFG), seed=7).eval()
+    sources = [rng.integers(3, 40, size=12).tolist() for _ in range(40)]
+    calls = []
+    real = PackedWeight.__init__
+
+    def counting(self, weight):
+        calls.append(weight.shape)
+        real(self, weight)
+
+    monkeypatch.setattr(PackedWeight, "__init__", counting)
+    model.translate(sources, beam_size=2, max_decoding_length=16, max_batch_size=10)
+    assert len(calls) == len(model.decoder.step_linears()) + 1  # once, not once per chunk
