@@ -2,6 +2,9 @@
 
 Usage: [OMP_WAIT_POLICY=PASSIVE] PYTHONPATH=$PWD python bench/bench_gemm.py [--quick]
 
+Layout "NT packed" (M <= 32 only): the (N, K) weight packed once with ops.PackedWeight, as the
+decoders use it; numpy multiplies by the same weight transposed.
+
 Each thread count runs in its own subprocess with OPENBLAS_NUM_THREADS set, so numpy and our
 kernels get the same number of threads. In a worker, ours and numpy's calls alternate (one batch of
 calls each, repeated) and every figure is the median over the repeats; the "best" ratio (fastest
@@ -65,10 +68,13 @@ def worker(threads: int, repeats: int, min_time: float) -> list[dict]:
     rows = []
     for M, N, K in SHAPES:
         a = rng.standard_normal((M, K)).astype(np.float32)
-        for layout in ("NN", "NT"):
-            nt = layout == "NT"
+        # "NT packed": the weight packed once (ops.PackedWeight), as decoding uses it.
+        for layout in ("NN", "NT", "NT packed") if M <= 32 else ("NN", "NT"):
+            nt = layout != "NN"
             b = rng.standard_normal((N, K) if nt else (K, N)).astype(np.float32)
             b_np = b.T if nt else b
+            if layout == "NT packed":
+                b, nt = pt.ops.PackedWeight(b), False
             out = np.empty((M, N), np.float32)
             t = timed(
                 {

@@ -16,8 +16,9 @@ class PackedWeight:
 
     ``matmul(x, PackedWeight(W), bias=b)`` equals ``matmul(x, W, trans_b=True, bias=b)`` but skips
     rearranging W on every call, which is most of a product's memory traffic when x has few rows
-    (decoding). The packed copy (``data``, about W's size) does not follow later changes to W:
-    pack again after W is modified.
+    (decoding): 1.3-2.1x numpy at 8-32 rows in bench/bench_gemm.py. With 1-3 rows the product
+    only streams W once either way and the unpacked call is as fast or faster. The packed copy
+    (``data``, about W's size) does not follow later changes to W: pack again after W changes.
 
     Raises:
         TypeError: weight is not a float32 numpy array.
