@@ -154,8 +154,9 @@ def main() -> None:
             "",
             f"Machine: {platform.processor() or platform.machine()}, ISA {info['isa']}, "
             f"{info['cores']} cores; numpy {np.__version__}. " + "; ".join(notes) + ".",
-            "NN: b stored (K, N); NT: b stored (N, K) with trans_b=True (numpy: `a @ b.T`). "
-            "GFLOP/s = 2MNK / median time; ratios > 1 mean ours is faster.",
+            "NN: b stored (K, N); NT: b stored (N, K) with trans_b=True (numpy: `a @ b.T`); "
+            "NT packed (M <= 32): the same b packed once by ops.PackedWeight, as decoding uses "
+            "it. GFLOP/s = 2MNK / median time; ratios > 1 mean ours is faster.",
             "",
             markdown_table(header, table),
         ]
