@@ -253,12 +253,13 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 @pytest.mark.parametrize("when,expected", [("after_team", "True 1 True"),
                                            ("before_team", "True 2 False")])
-def test_fork_child_does_not_hang(when, expected):
+def test_fork_child_does_not_hang(when, expected, tmp_path):
     """A child forked after a multi-threaded kernel runs kernels on one thread (libgomp's team
     does not survive fork) instead of hanging; one forked before any team keeps its threads."""
     if not hasattr(os, "fork") or not pt._C.have_openmp():
         pytest.skip("needs fork() and OpenMP")
+    # Run outside the repository, so the child imports the installed (built) package.
     done = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, when], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == expected.split()
