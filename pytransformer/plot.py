@@ -86,7 +86,9 @@ def plot_attention(
     src_tokens, tgt_tokens, attn, translation = translator.attention(
         sentence, attention_layer=layer, attention_heads=head is not None, **options
     )
-    which = f"layer {layer}, " + ("mean of heads" if head is None else f"head {head}")
+    which = ("last decoder layer" if layer == -1 else f"decoder layer {layer}") + (
+        ", mean of heads" if head is None else f", head {head}"
+    )
     if head is not None:
         if isinstance(head, bool) or not isinstance(head, int):
             raise TypeError(f"head: expected an int, got {type(head).__name__}")
@@ -102,7 +104,7 @@ def plot_attention(
     ax.set_yticks(range(len(tgt_tokens)), tgt_tokens)
     ax.set_xlabel("source tokens")
     ax.set_ylabel("generated target tokens")
-    ax.set_title(f"cross-attention ({which}): {sentence!r}\n→ {translation!r}")
+    ax.set_title(f"cross-attention ({which})\n{sentence!r}\n→ {translation!r}", fontsize=9)
     fig.colorbar(image, ax=ax, label="attention weight")
     fig.tight_layout()
     fig.savefig(out_png)
