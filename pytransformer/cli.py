@@ -7,12 +7,14 @@ stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
 
 from .io import CheckpointError
 from .metrics import score_translations
@@ -110,16 +112,46 @@ def _decode_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+# Lines translated per block: each block's translations are written (stdout: at once) before
+# the next starts, with a progress line on stderr for inputs of more than one block.
+_TRANSLATE_BLOCK = 1000
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     translator = _load_translator(args.model)
     sentences = _read_lines(args.input)
-    out = translator.translate(sentences, n_best=args.n_best, **_decode_options(args))
-    lines = out if args.n_best == 1 else [
-        f"{i}\t{h}" for i, hyps in enumerate(out) for h in hyps
-    ]
-    _write_lines(args.output, lines)
+    with _output(args.output) as out:
+        for start in range(0, len(sentences), _TRANSLATE_BLOCK):
+            t0 = time.perf_counter()
+            block = sentences[start : start + _TRANSLATE_BLOCK]
+            hyps = translator.translate(block, n_best=args.n_best, **_decode_options(args))
+            lines = hyps if args.n_best == 1 else [
+                f"{start + i}\t{h}" for i, nbest in enumerate(hyps) for h in nbest
+            ]
+            out.write("".join(f"{line}\n" for line in lines))
+            out.flush()
+            done = start + len(block)
+            if len(sentences) > _TRANSLATE_BLOCK:
+                rate = len(block) / max(time.perf_counter() - t0, 1e-9)
+                print(f"translated {done}/{len(sentences)} lines ({rate:.1f} lines/s)",
+                      file=sys.stderr, flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _output(path: str) -> Iterator[IO[str]]:
+    """stdout for "-"; else the file, replaced atomically once everything is written (an
+    interrupted run leaves an existing file as it was)."""
+    if path == "-":
+        yield sys.stdout
+        return
+    from .io import atomic_open
+
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise UserError(f"cannot write {path}: its directory does not exist")
+    with atomic_open(path, "w") as f:
+        yield f
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

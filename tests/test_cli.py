@@ -64,6 +64,44 @@ def test_n_best_lines(trained, capsys):
     assert [line.split("\t")[0] for line in lines] == ["0"] * 3 + ["1"] * 3
 
 
+def test_translate_in_blocks_with_progress(trained, capsys, monkeypatch):
+    """Long inputs go block by block (progress on stderr); the output is the same as one block,
+    n-best indices count across blocks, and an interrupted run leaves an existing file alone."""
+    import pytransformer.cli as cli
+    from pytransformer.translator import Translator
+
+    d = trained
+    (d / "many.txt").write_text("".join(f"{s}\n" for s in SRC * 3))
+    n = 3 * len(SRC)
+    args = ["translate", "--model", str(d / "run"), "--input", str(d / "many.txt"),
+            "--beam-size", "2", "--max-decoding-length", "12"]
+    assert main(args + ["--output", str(d / "whole.txt")]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "_TRANSLATE_BLOCK", 4)
+    assert main(args + ["--output", str(d / "blocks.txt")]) == 0
+    err = capsys.readouterr().err
+    assert (d / "blocks.txt").read_text() == (d / "whole.txt").read_text()
+    assert f"translated {n}/{n} lines" in err and "translated 4/" in err
+    assert main(args + ["--n-best", "2"]) == 0
+    firsts = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert firsts == [str(i) for i in range(n) for _ in range(2)]
+
+    real = Translator.translate
+    calls = []
+
+    def interrupted(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Translator, "translate", interrupted)
+    before = (d / "whole.txt").read_text()
+    assert main(args + ["--output", str(d / "whole.txt")]) == 130
+    assert (d / "whole.txt").read_text() == before
+    assert not [p for p in d.iterdir() if p.name.startswith(".whole.txt")]
+
+
 def test_resume_continues_to_more_steps(trained):
     d = trained
     config = dict(TINY, steps=9)
@@ -123,6 +161,14 @@ def test_user_errors_are_one_line(args, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_into_a_missing_directory(trained, capsys):
+    args = ["translate", "--model", str(trained / "run"), "--input", str(trained / "src.txt"),
+            "--output", str(trained / "nowhere" / "out.txt")]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "directory does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_mismatched_and_empty_training_files(corpus, capsys):
