@@ -1,9 +1,10 @@
 """Layer norm and softmax cross-entropy: ours vs PyTorch (and the numpy reference), interleaved.
 
 Layer norm is memory-bound: GB/s counts the bytes a kernel must move (forward: read x, write y;
-backward: read dy and x, write dx) beside the ~13.5 GB/s per-core streaming ceiling. Every call
-allocates its outputs, as the API does (torch too), so large shapes include first-touch page
-faults. Run: PYTHONPATH=$PWD /work/venv/bin/python bench/bench_norm.py [--no-write]
+backward: read dy and x, write dx) beside the ~13.5 GB/s per-core streaming ceiling. Calls
+allocate their outputs (torch too), so large shapes include first-touch page faults; the "fwd out"
+rows write into one reused buffer (`out=`) instead. Torch's figures in those rows are its
+allocating forward. Run: PYTHONPATH=$PWD python bench/bench_norm.py [--no-write]
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def layer_norm_fns(x, dy, g, b) -> dict:
     """The timed calls for one shape: ours, torch's and (small shapes) numpy's."""
     C = x.shape[1]
     _, mean, rstd = ops.layer_norm(x, g, b, return_stats=True)
+    y = np.empty_like(x)
     fns = {
         "ours fwd": lambda: ops.layer_norm(x, g, b),
+        "ours fwd out": lambda: ops.layer_norm(x, g, b, out=y),  # a reused output buffer
         "ours bwd": lambda: ops.layer_norm_backward(dy, x, g, mean, rstd),
     }
     if x.size <= 4096 * 512:
@@ -77,9 +80,10 @@ def layer_norm_rows(threads: int, shapes, repeats: int) -> list[list[object]]:
         g = rng.standard_normal(C, dtype=np.float32)
         b = rng.standard_normal(C, dtype=np.float32)
         t = interleaved_medians(layer_norm_fns(x, dy, g, b), repeats=repeats)
-        for kind, nbytes in (("fwd", 2 * x.nbytes), ("bwd", 3 * x.nbytes)):
+        for kind, nbytes in (("fwd", 2 * x.nbytes), ("fwd out", 2 * x.nbytes),
+                             ("bwd", 3 * x.nbytes)):
             ours = t[f"ours {kind}"]
-            peer = t.get(f"torch {kind}")
+            peer = t.get(f"torch {kind.split()[0]}")
             rows.append(
                 [
                     threads,
@@ -103,8 +107,9 @@ def layer_norm_cpu_rows(shapes, repeats: int) -> list[list[object]]:
         fns = layer_norm_fns(*arrays)
         fns.pop("numpy fwd", None)
         t = cpu_medians(fns, repeats)
-        for kind, nbytes in (("fwd", 2 * arrays[0].nbytes), ("bwd", 3 * arrays[0].nbytes)):
-            ours, peer = t[f"ours {kind}"], t.get(f"torch {kind}")
+        nb = arrays[0].nbytes
+        for kind, nbytes in (("fwd", 2 * nb), ("fwd out", 2 * nb), ("bwd", 3 * nb)):
+            ours, peer = t[f"ours {kind}"], t.get(f"torch {kind.split()[0]}")
             rows.append(
                 [
                     f"{N}x{C} {kind}",

@@ -271,3 +271,48 @@ def test_concurrent_python_threads(rng):
     for got, want in zip(parallel, serial * 3, strict=True):
         for a, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, w)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("stats", [False, True])
+def test_out_receives_y(isa, rng, fused, stats):
+    x = rng.standard_normal((37, 3, 40)).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    g = rng.standard_normal(40).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    call = (lambda **kw: ops.add_layer_norm(x, r, g, b, return_stats=stats, **kw)) if fused else (
+        lambda **kw: ops.layer_norm(x, g, b, return_stats=stats, **kw))
+    want = call()
+    out = np.full(x.shape, np.nan, np.float32)
+    got = call(out=out)
+    if stats:
+        assert got[0] is out
+        for a, w in zip(got[1:], want[1:], strict=True):
+            np.testing.assert_array_equal(a, w)
+        want = want[0]
+    else:
+        assert got is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_out_is_checked(rng):
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    g, b = np.ones(8, np.float32), np.zeros(8, np.float32)
+    cases = [
+        (np.empty((6, 9), np.float32), ValueError, "out"),
+        (np.empty((6, 8), np.float64), TypeError, "out"),
+        (np.empty((8, 6), np.float32).T, ValueError, "out"),
+        (np.empty((6, 8), np.float32), None, None),  # a valid out
+        (x, ValueError, "share memory"),
+        ([[0.0] * 8] * 6, TypeError, "out"),
+    ]
+    for out, exc, match in cases:
+        if exc is None:
+            ops.layer_norm(x, g, b, out=out)
+            continue
+        with pytest.raises(exc, match=match):
+            ops.layer_norm(x, g, b, out=out)
+    ro = np.empty((6, 8), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        ops.layer_norm(x, g, b, out=ro)

@@ -15,9 +15,10 @@ using namespace py_helpers;
 
 namespace {
 
-// x (..., C) with gamma, beta (C); returns y or (y, [s,] mean, rstd).
+// x (..., C) with gamma, beta (C); returns y or (y, [s,] mean, rstd). y is written into `out`
+// when given (C-contiguous float32 of x's shape; the Python wrapper checks it shares no memory).
 py::object layer_norm_py(const py::object& x, const py::object& residual, const py::object& gamma,
-                         const py::object& beta, double eps, bool return_stats) {
+                         const py::object& beta, double eps, bool return_stats, const py::object& out) {
   const bool fused = !residual.is_none();
   const F32In X = f32_in(x, "x");
   const std::int64_t C = last_axis(X.shape, "x");
@@ -32,7 +33,17 @@ py::object layer_norm_py(const py::object& x, const py::object& residual, const 
   if (!(std::isfinite(eps) && eps >= 0.0))
     throw py::value_error("eps: expected a finite value >= 0, got " + std::to_string(eps));
   const std::int64_t N = X.size / C;
-  auto y = new_f32(X.shape);
+  py::object y_obj;
+  float* y;
+  if (out.is_none()) {
+    y_obj = new_f32(X.shape);
+    y = f32_view(y_obj, "out").data;
+  } else {
+    const F32View ov = f32_inout(out, "out");
+    require_shape(ov, "out", X.shape);
+    y_obj = out;
+    y = ov.data;
+  }
   py::array_t<float> s, mean, rstd;
   if (return_stats) {
     mean = new_f32(leading(X.shape));
@@ -41,14 +52,14 @@ py::object layer_norm_py(const py::object& x, const py::object& residual, const 
   }
   {
     py::gil_scoped_release nogil;
-    add_layer_norm_forward(y.mutable_data(), return_stats && fused ? s.mutable_data() : nullptr,
+    add_layer_norm_forward(y, return_stats && fused ? s.mutable_data() : nullptr,
                            return_stats ? mean.mutable_data() : nullptr,
                            return_stats ? rstd.mutable_data() : nullptr, X.data, fused ? R.data : nullptr,
                            G.data, Bt.data, N, C, static_cast<float>(eps));
   }
-  if (!return_stats) return std::move(y);
-  if (fused) return py::make_tuple(y, s, mean, rstd);
-  return py::make_tuple(y, mean, rstd);
+  if (!return_stats) return y_obj;
+  if (fused) return py::make_tuple(y_obj, s, mean, rstd);
+  return py::make_tuple(y_obj, mean, rstd);
 }
 
 py::tuple layer_norm_backward_py(const py::object& dy, const py::object& x, const py::object& gamma,
@@ -143,20 +154,19 @@ py::array log_softmax_py(const py::object& x, const py::object& out) {
 void register_ops(py::module_& m) {
   m.def(
       "layer_norm",
-      [](const py::object& x, const py::object& gamma, const py::object& beta, double eps, bool return_stats) {
-        return layer_norm_py(x, py::none(), gamma, beta, eps, return_stats);
-      },
+      [](const py::object& x, const py::object& gamma, const py::object& beta, double eps, bool return_stats,
+         const py::object& out) { return layer_norm_py(x, py::none(), gamma, beta, eps, return_stats, out); },
       py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("eps") = 1e-5, py::kw_only(),
-      py::arg("return_stats") = false);
+      py::arg("return_stats") = false, py::arg("out") = py::none());
   m.def(
       "add_layer_norm",
       [](const py::object& x, const py::object& residual, const py::object& gamma, const py::object& beta,
-         double eps, bool return_stats) {
+         double eps, bool return_stats, const py::object& out) {
         as_ndarray(residual, "residual");  // None must not silently mean "no residual"
-        return layer_norm_py(x, residual, gamma, beta, eps, return_stats);
+        return layer_norm_py(x, residual, gamma, beta, eps, return_stats, out);
       },
       py::arg("x"), py::arg("residual"), py::arg("gamma"), py::arg("beta"),
-        py::arg("eps") = 1e-5, py::kw_only(), py::arg("return_stats") = false);
+        py::arg("eps") = 1e-5, py::kw_only(), py::arg("return_stats") = false, py::arg("out") = py::none());
   m.def("layer_norm_backward", &layer_norm_backward_py, py::arg("dy"), py::arg("x"), py::arg("gamma"),
         py::arg("mean"), py::arg("rstd"));
   m.def("softmax_cross_entropy", &softmax_cross_entropy_py, py::arg("logits"), py::arg("targets"), py::kw_only(),

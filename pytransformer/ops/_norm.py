@@ -28,14 +28,18 @@ def layer_norm(
     eps: float = 1e-5,
     *,
     return_stats: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Layer normalisation over the last axis: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
 
     x is (..., C) and gamma, beta are (C,); var is the biased variance (as torch). Returns y
     (shape of x), or ``(y, mean, rstd)`` with mean and rstd = 1/sqrt(var + eps) of shape
     ``x.shape[:-1]`` when ``return_stats`` (what :func:`layer_norm_backward` needs).
+    out: a C-contiguous float32 array of x's shape, sharing no memory with the inputs, that
+    receives y (reusing a buffer saves faulting in a new one on every call).
     """
-    return _C.layer_norm(x, gamma, beta, eps, return_stats=return_stats)
+    _check_out(out, x, gamma, beta)
+    return _C.layer_norm(x, gamma, beta, eps, return_stats=return_stats, out=out)
 
 
 def layer_norm_backward(
@@ -58,13 +62,26 @@ def add_layer_norm(
     eps: float = 1e-5,
     *,
     return_stats: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fused residual add and layer norm: ``y = layer_norm(x + residual)`` in one sweep.
 
     Returns y, or ``(y, s, mean, rstd)`` with ``s = x + residual`` (the ``x`` that
     :func:`layer_norm_backward` needs; the gradient of s flows to both x and residual).
+    out: as in :func:`layer_norm`.
     """
-    return _C.add_layer_norm(x, residual, gamma, beta, eps, return_stats=return_stats)
+    _check_out(out, x, residual, gamma, beta)
+    return _C.add_layer_norm(x, residual, gamma, beta, eps, return_stats=return_stats, out=out)
+
+
+def _check_out(out: object, *inputs: object) -> None:
+    """out must not overlap an input, which would be read after parts of it were written."""
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
+    if any(isinstance(a, np.ndarray) and np.may_share_memory(out, a) for a in inputs):
+        raise ValueError("out: must not share memory with the inputs")
 
 
 def softmax_cross_entropy(
