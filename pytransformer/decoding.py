@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
-from .model import worth_packing
+from .model import check_layer_index, worth_packing
 
 __all__ = ["TranslationResult", "translate", "generate", "length_penalty"]
 
@@ -559,11 +559,21 @@ def _attention_options(model, layer: object, heads: object) -> dict:
     if layer == -1 and not heads:
         return {}
     n = int(_config_value(model, "num_decoder_layers"))
-    if not -n <= layer < n:
-        raise ValueError(f"attention_layer: {layer} is out of range for {n} decoder layers")
-    layer = int(layer) % n
+    layer = check_layer_index(layer, n)
     opts = {} if layer == n - 1 else {"attention_layer": layer}
     return opts | ({"attention_heads": True} if heads else {})
+
+
+def _state_sharing_packing(
+    make, args: tuple, pack: bool, packed: dict | None
+) -> tuple[object, dict | None]:
+    """(state, packed): make(*args, pack_weights=...) builds a chunk's decoder state. When the
+    chunk is worth packing, the first such chunk of a call packs the step weights and every
+    later one reuses that copy."""
+    state = make(*args, pack_weights=pack and packed is None)
+    if pack:
+        packed = state.packed_weights = packed or getattr(state, "packed_weights", None)
+    return state, packed
 
 
 def _chunks(order: list[int], size: int) -> list[list[int]]:
@@ -636,12 +646,12 @@ def translate(
         memory = model.encode(ids, lengths)
         # Translations run about as long as their sources: the guess that decides packing.
         steps = min(max_dec, max(min_dec, int(lengths.mean()) + 8))
-        pack = worth_packing(len(chunk) * beam_size, steps)
-        state = model.init_decoder_state(
-            memory, lengths, max_dec, pack_weights=pack and packed is None
+        state, packed = _state_sharing_packing(
+            model.init_decoder_state,
+            (memory, lengths, max_dec),
+            worth_packing(len(chunk) * beam_size, steps),
+            packed,
         )
-        if pack:  # one packed copy serves every chunk of this call
-            packed = state.packed_weights = packed or getattr(state, "packed_weights", None)
 
         def step(tokens, state=state):
             if not want_attn:
@@ -747,10 +757,12 @@ def generate(
             for i in chunk:
                 results[i] = []
             continue
-        pack = worth_packing(len(chunk) * beam_size, steps)
-        state = lm.init_state(len(chunk), steps, pack_weights=pack and packed is None)
-        if pack:  # one packed copy serves every chunk of this call
-            packed = state.packed_weights = packed or getattr(state, "packed_weights", None)
+        state, packed = _state_sharing_packing(
+            lm.init_state,
+            (len(chunk), steps),
+            worth_packing(len(chunk) * beam_size, steps),
+            packed,
+        )
         prob.state = state
         prob.step = lambda tokens, state=state: lm.decode_step(state, tokens)
         if beam_size > 1:
