@@ -33,17 +33,8 @@ py::object layer_norm_py(const py::object& x, const py::object& residual, const 
   if (!(std::isfinite(eps) && eps >= 0.0))
     throw py::value_error("eps: expected a finite value >= 0, got " + std::to_string(eps));
   const std::int64_t N = X.size / C;
-  py::object y_obj;
   float* y;
-  if (out.is_none()) {
-    y_obj = new_f32(X.shape);
-    y = f32_view(y_obj, "out").data;
-  } else {
-    const F32View ov = f32_inout(out, "out");
-    require_shape(ov, "out", X.shape);
-    y_obj = out;
-    y = ov.data;
-  }
+  const py::object y_obj = out_or_new(out, X.shape, &y);
   py::array_t<float> s, mean, rstd;
   if (return_stats) {
     mean = new_f32(leading(X.shape));
@@ -128,25 +119,16 @@ py::tuple softmax_cross_entropy_py(const py::object& logits, const py::object& t
   return py::make_tuple(loss, grad);
 }
 
-py::array log_softmax_py(const py::object& x, const py::object& out) {
+py::object log_softmax_py(const py::object& x, const py::object& out) {
   const F32In X = f32_in(x, "x");
   const std::int64_t V = last_axis(X.shape, "x");
-  py::array_t<float> result;
   float* y;
-  if (out.is_none()) {
-    result = new_f32(X.shape);
-    y = result.mutable_data();
-  } else {
-    const F32View o = f32_inout(out, "out");
-    require_same_shape(o.shape, "out", X.shape);
-    result = py::reinterpret_borrow<py::array_t<float>>(out);
-    y = o.data;
-  }
+  py::object result = out_or_new(out, X.shape, &y);
   {
     py::gil_scoped_release nogil;
     log_softmax_forward(y, X.data, X.size / V, V);
   }
-  return std::move(result);
+  return result;
 }
 
 }  // namespace

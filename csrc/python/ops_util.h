@@ -40,6 +40,20 @@ inline void require_same_shape(const std::vector<std::int64_t>& got, const char*
   if (got != expected) shape_error(name, expected, got);
 }
 
+// A kernel's output: `out` once checked (writable C-contiguous float32 of `shape`), or a new
+// array when out is None; *data points at its elements.
+inline py::object out_or_new(const py::object& out, const std::vector<std::int64_t>& shape, float** data) {
+  if (out.is_none()) {
+    py::array_t<float> result = new_f32(shape);
+    *data = result.mutable_data();
+    return std::move(result);
+  }
+  const F32View o = f32_inout(out, "out");
+  require_same_shape(o.shape, "out", shape);
+  *data = o.data;
+  return out;
+}
+
 // ValueError unless lo <= x <= hi (and x is not NaN).
 inline void require_range(double x, const char* name, double lo, double hi) {
   if (x >= lo && x <= hi) return;
