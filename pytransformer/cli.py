@@ -119,9 +119,9 @@ _TRANSLATE_BLOCK = 1000
 
 def cmd_translate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
-    translator = _load_translator(args.model)
-    sentences = _read_lines(args.input)
-    with _output(args.output) as out:
+    with _output(args.output) as out:  # a bad output path fails before the model loads
+        translator = _load_translator(args.model)
+        sentences = _read_lines(args.input)
         for start in range(0, len(sentences), _TRANSLATE_BLOCK):
             t0 = time.perf_counter()
             block = sentences[start : start + _TRANSLATE_BLOCK]

@@ -83,6 +83,12 @@ def plot_attention(
     """Heatmap of the cross-attention of the best translation of ``sentence``: target tokens
     down, source tokens across. layer: the decoder layer (negative: from the last); head: one
     head's weights (None: the average over heads)."""
+    if head is not None:  # checked before the translation is worked out
+        heads = translator.model.config.num_heads
+        if isinstance(head, bool) or not isinstance(head, int):
+            raise TypeError(f"head: expected an int, got {type(head).__name__}")
+        if not 0 <= head < heads:
+            raise ValueError(f"head: {head} is out of range for {heads} heads")
     src_tokens, tgt_tokens, attn, translation = translator.attention(
         sentence, attention_layer=layer, attention_heads=head is not None, **options
     )
@@ -90,10 +96,6 @@ def plot_attention(
         ", mean of heads" if head is None else f", head {head}"
     )
     if head is not None:
-        if isinstance(head, bool) or not isinstance(head, int):
-            raise TypeError(f"head: expected an int, got {type(head).__name__}")
-        if not 0 <= head < attn.shape[0]:
-            raise ValueError(f"head: {head} is out of range for {attn.shape[0]} heads")
         attn = attn[head]
     plt = _pyplot()
     width = max(4.0, 0.45 * len(src_tokens) + 2)
