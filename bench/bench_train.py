@@ -48,7 +48,7 @@ BATCH, MIN_LEN, MAX_LEN, N_BATCHES, LABEL_SMOOTHING, LR = 32, 16, 48, 4, 0.1, 1e
 
 
 def make_arrays(vocab: int, seed: int) -> dict[str, np.ndarray]:
-    """One padded batch (the layout of pytransformer.data.make_batch), from numpy alone."""
+    """One padded batch (the layout of pytransformer.train.data.make_batch), from numpy alone."""
     rng = np.random.default_rng(seed)
     src_len = rng.integers(MIN_LEN, MAX_LEN + 1, BATCH)
     tgt_len = rng.integers(MIN_LEN, MAX_LEN + 1, BATCH)
@@ -79,9 +79,9 @@ def current_rss_mb() -> float:
 
 def ours_stepper(size: str, threads: int, weights: str):
     import pytransformer as pt
-    from pytransformer.data import Batch
     from pytransformer.io import load_safetensors
-    from pytransformer.optim import Adam
+    from pytransformer.train.data import Batch
+    from pytransformer.train.optim import Adam
 
     pt.set_num_threads(threads)
     cfg = pt.TransformerConfig(**SIZES[size], **COMMON)

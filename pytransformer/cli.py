@@ -16,8 +16,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
+from ._native import set_num_threads
 from .io import CheckpointError
-from .metrics import score_translations
+from .text.metrics import score_translations
 
 
 class UserError(Exception):
@@ -65,8 +66,6 @@ def _load_config(path: str | None) -> dict[str, Any]:
 
 def _set_threads(n: int | None) -> None:
     if n is not None:
-        from . import set_num_threads
-
         set_num_threads(n)
 
 

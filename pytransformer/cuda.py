@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .checks import check_bool, check_float, check_int
+
 try:
     from . import _cuda as _ext
 except ImportError as exc:  # the default, CPU-only build
@@ -190,11 +192,7 @@ def _overlaps(x: _Array, y: _Array) -> bool:
 
 
 def _stream(stream: int) -> int:
-    if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
-        raise TypeError(
-            f"stream: expected a non-negative int (a cudaStream_t handle), got {stream!r}"
-        )
-    return stream
+    return check_int("stream (a cudaStream_t handle)", stream, 0)
 
 
 # --------------------------------------------------------------------------------------------- GEMM
@@ -294,8 +292,7 @@ def layer_norm(
     Be = _f32(beta, "beta", (1,))
     _require_shape(G, "gamma", (C,))
     _require_shape(Be, "beta", (C,))
-    if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    check_float("eps", eps, 0.0)
     stream = _stream(stream)
     ext = _module()
     y = _empty(x, X.shape, "y")
@@ -372,16 +369,9 @@ def _check_attention(
         raise ValueError(f"q: batch {B} and heads {H} must each be at most 65535")
     _require_int32_range("q: Lq", Lq)
     _require_int32_range("k: Lk", Lk)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if isinstance(query_offset, bool) or not isinstance(query_offset, (int, np.integer)):
-        raise TypeError(f"query_offset: expected an int, got {type(query_offset).__name__}")
-    if query_offset < 0:
-        raise ValueError(f"query_offset: must be >= 0, got {query_offset}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    check_bool("causal", causal)
+    query_offset = check_int("query_offset", query_offset, 0)
+    scale = 1.0 / math.sqrt(D) if scale is None else check_float("scale", scale)
     lengths: list[int] = []
     if key_lengths is not None:
         if hasattr(key_lengths, "__cuda_array_interface__"):
@@ -506,10 +496,8 @@ def softmax_cross_entropy(
         raise ValueError(f"targets: expected shape {(N,)}, got {T.shape}")
     if not T.c_contiguous():
         raise ValueError("targets: must be contiguous")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_float("label_smoothing", label_smoothing, 0.0, maximum=1.0)
+    check_int("ignore_index", ignore_index)
     stream = _stream(stream)
     ext = _module()
     dlogits = logits if inplace else _empty(logits, (N, V), "dlogits")
@@ -550,15 +538,12 @@ def adam_step(
     Vo = _f32(v, "v", (len(P.shape),), writable=True)
     for arr, name in ((G, "grad"), (Mo, "m"), (Vo, "v")):
         _require_shape(arr, name, P.shape)
-    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"beta1, beta2: expected values in [0, 1), got {beta1}, {beta2}")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-        raise ValueError(f"step: expected an int >= 1, got {step!r}")
+    check_float("lr", lr)
+    check_float("eps", eps)
+    check_float("beta1", beta1, 0.0, 1.0)
+    check_float("beta2", beta2, 0.0, 1.0)
+    check_float("weight_decay", weight_decay, 0.0)
+    check_int("step", step, 1)
     stream = _stream(stream)
     ext = _module()
     if P.size == 0:

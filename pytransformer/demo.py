@@ -11,8 +11,8 @@ import pathlib
 import time
 from dataclasses import dataclass
 
-from .metrics import score_translations
 from .numbers import make_number_splits
+from .text.metrics import score_translations
 from .translator import TrainOptions, Translator, train_translator
 
 

@@ -10,6 +10,8 @@ import os
 import pathlib
 from typing import Any
 
+from .checks import check_int
+
 
 def _pyplot():
     try:
@@ -85,10 +87,7 @@ def plot_attention(
     head's weights (None: the average over heads)."""
     if head is not None:  # checked before the translation is worked out
         heads = translator.model.config.num_heads
-        if isinstance(head, bool) or not isinstance(head, int):
-            raise TypeError(f"head: expected an int, got {type(head).__name__}")
-        if not 0 <= head < heads:
-            raise ValueError(f"head: {head} is out of range for {heads} heads")
+        check_int("head", head, 0, heads - 1)
     src_tokens, tgt_tokens, attn, translation = translator.attention(
         sentence, attention_layer=layer, attention_heads=head is not None, **options
     )

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from .data import TokenBatcher, make_batch
-from .model import Transformer, TransformerConfig
-from .optim import Adam
-from .schedule import Noam
-from .tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
-from .trainer import Trainer, latest_checkpoint
+from .models import Transformer, TransformerConfig
+from .text.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
+from .train.data import TokenBatcher, make_batch
+from .train.optim import Adam
+from .train.schedule import Noam
+from .train.trainer import Trainer, latest_checkpoint
 
 __all__ = ["Translator", "TrainOptions", "train_translator"]
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pytransformer.cli import main
-from pytransformer.trainer import Trainer, latest_checkpoint
+from pytransformer.train.trainer import Trainer, latest_checkpoint
 
 SRC = ["one two", "two three", "three four", "four five", "five six", "six seven"] * 4
 TGT = ["eins zwei", "zwei drei", "drei vier", "vier fünf", "fünf sechs", "sechs sieben"] * 4

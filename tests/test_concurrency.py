@@ -22,8 +22,8 @@ import pytest
 
 import pytransformer as pt
 from pytransformer import Transformer, TransformerConfig, TransformerLM, ops
-from pytransformer.data import make_batch, synthetic_pairs
-from pytransformer.optim import Adam
+from pytransformer.train.data import make_batch, synthetic_pairs
+from pytransformer.train.optim import Adam
 
 CFG = dict(
     src_vocab_size=23,

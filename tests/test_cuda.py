@@ -99,7 +99,8 @@ def test_valid_call_without_device_raises_runtime_error():
             ValueError,
             "shares memory with b",
         ),
-        ((F(2, 3), F(3, 4)), {"stream": -1}, TypeError, "stream"),
+        ((F(2, 3), F(3, 4)), {"stream": -1}, ValueError, "stream"),
+        ((F(2, 3), F(3, 4)), {"stream": True}, TypeError, "stream"),
         (
             (F(2, 3), F(3, 4)),
             {"bias": F(4, ptr=0x30000), "out": F(2, 4, ptr=0x30008)},

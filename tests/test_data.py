@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytransformer.data import Batch, TokenBatcher, make_batch, make_lm_batch, synthetic_pairs
+from pytransformer.train.data import Batch, TokenBatcher, make_batch, make_lm_batch, synthetic_pairs
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -176,8 +176,8 @@ def test_long_sentences():
 
 def test_batcher_validation():
     pairs = synthetic_pairs("copy", 4, 10, 1, 3)
-    for bad in (0, -5, 2.5, True):
-        with pytest.raises(ValueError, match="max_tokens"):
+    for bad, error in ((0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="max_tokens"):
             TokenBatcher(pairs, bad, pad_id=PAD, bos_id=BOS, eos_id=EOS)
     with pytest.raises(ValueError, match="max_sentences"):
         TokenBatcher(pairs, 10, pad_id=PAD, bos_id=BOS, eos_id=EOS, max_sentences=0)

@@ -16,8 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytransformer import decoding
-from pytransformer.decoding import generate, length_penalty, translate
+from pytransformer.decode import generate, length_penalty, search, translate
 
 # ----------------------------------------------------------------------------------------------
 # Reference models implementing the incremental decoding interface
@@ -292,11 +291,11 @@ def test_greedy_matches_reference_and_beam_of_one(min_len):
     for src, r in zip(SOURCES, greedy, strict=True):
         mem = model.encode(np.array([src]), np.array([len(src)]))
         state = model.init_decoder_state(mem, np.array([len(src)]), 10)
-        prob = decoding._Problem(
+        prob = search.Problem(
             step=lambda tok, s=state: model.decode_step(s, tok), state=state,
             prefixes=[np.array([1])], min_gen=np.array([min_len]), max_gen=np.array([10]),
             eos=2, alpha=0.6)
-        (hyp,), = decoding._beam_search(prob, 1, 1, False)
+        (hyp,), = search.beam_search(prob, 1, 1, False)
         assert hyp.tokens == r.hypotheses[0] and hyp.score == r.scores[0]
 
 
@@ -530,7 +529,7 @@ def test_topk_rows_matches_sort(rows, v, k, seed):
     x = np.random.default_rng(seed).permutation(rows * v).reshape(rows, v).astype(np.float32)
     x[:, seed % v] = -np.inf
     k = min(k, v)
-    got = np.sort(decoding._topk_rows(x, k), axis=1)
+    got = np.sort(search._topk_rows(x, k), axis=1)
     want = np.sort(np.argsort(-x, axis=1, kind="stable")[:, :k], axis=1)
     np.testing.assert_array_equal(got, want)
 

@@ -33,7 +33,7 @@ from pytransformer import (
     TransformerLM,
     ops,
 )
-from pytransformer.data import Batch
+from pytransformer.train.data import Batch
 
 pytestmark = pytest.mark.fuzz
 

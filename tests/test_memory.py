@@ -33,8 +33,8 @@ _PRELUDE = textwrap.dedent(
     import numpy as np
     import pytransformer
     from pytransformer import Transformer, TransformerConfig
-    from pytransformer.data import make_batch, synthetic_pairs
-    from pytransformer.optim import Adam
+    from pytransformer.train.data import make_batch, synthetic_pairs
+    from pytransformer.train.optim import Adam
 
     def rss_mb():
         with open("/proc/self/statm") as f:

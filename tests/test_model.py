@@ -16,7 +16,7 @@ from model_cases import BOS, PAD, padded, random_batch, rel_err, tiny_config
 
 import pytransformer as pt
 from pytransformer.io import CheckpointError
-from pytransformer.model import DecoderState
+from pytransformer.models import DecoderState
 from pytransformer.nn.layers import sinusoidal_positions
 from pytransformer.nn.layout import Layout
 
@@ -262,7 +262,7 @@ def test_evaluate_loss_is_plain_cross_entropy_of_forward_logits():
 
 
 def test_evaluate_loss_in_chunks_matches_one_pass(monkeypatch):
-    import pytransformer.model as model_module
+    import pytransformer.models.base as model_module
 
     cfg = tiny_config()
     m = pt.Transformer(cfg, seed=0)

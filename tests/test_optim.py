@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from pytransformer.optim import Adam, AdamW
-from pytransformer.schedule import Constant, Cosine, InverseSqrt, Noam, schedule_from_dict
+from pytransformer.train.optim import Adam, AdamW
+from pytransformer.train.schedule import Constant, Cosine, InverseSqrt, Noam, schedule_from_dict
 
 SHAPES = {"w": (7, 5), "b": (5,), "emb": (11, 3), "g": (3,)}
 
@@ -266,8 +266,8 @@ def test_other_schedules_match_their_formulas():
 def test_schedule_round_trip_and_step_check(sched):
     again = schedule_from_dict(json.loads(json.dumps(sched.to_dict())))
     assert again == sched and [again(t) for t in range(1, 200)] == [sched(t) for t in range(1, 200)]
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="step"):
+    for bad, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="step"):
             sched(bad)
 
 

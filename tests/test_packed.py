@@ -182,7 +182,7 @@ def test_decoder_packed_matches_unpacked(rng, norm_first):
 
 
 def test_translate_and_generate_packed_match_unpacked(rng, monkeypatch):
-    import pytransformer.decoding as decoding
+    import pytransformer.decode.api as decoding
 
     model = Transformer(TransformerConfig(**CFG), seed=5).eval()
     lm = TransformerLM(TransformerConfig(**CFG), seed=6).eval()

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pytransformer.tokenizer import (
+from pytransformer.text.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,

@@ -311,11 +311,13 @@ def test_gelu_out_and_thread_invariance(threads, rng):
     out = np.empty_like(x)
     assert ops.gelu(x, out=out) is out
     np.testing.assert_array_equal(out, results[0][0])
+    np.testing.assert_allclose(out, gelu_ref(x.astype(np.float64)), rtol=1e-5, atol=1e-6)
     if torch is not None:
         xt = torch.tensor(x, requires_grad=True)
         yt = torch.nn.functional.gelu(xt)
         yt.backward(torch.tensor(x))
-        np.testing.assert_allclose(out, yt.detach().numpy(), rtol=1e-5, atol=1e-6)
+        # torch's float32 erf is itself ~1e-6 off in the negative tail (x near -3).
+        np.testing.assert_allclose(out, yt.detach().numpy(), rtol=1e-5, atol=2e-6)
         np.testing.assert_allclose(results[0][1], xt.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 

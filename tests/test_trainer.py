@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from pytransformer import io as ptio
-from pytransformer.data import TokenBatcher, make_batch, make_lm_batch, synthetic_pairs
-from pytransformer.model import Transformer, TransformerConfig, TransformerLM
-from pytransformer.optim import Adam
-from pytransformer.schedule import Cosine, Noam
-from pytransformer.trainer import Trainer, latest_checkpoint
+from pytransformer.models import Transformer, TransformerConfig, TransformerLM
+from pytransformer.train.data import TokenBatcher, make_batch, make_lm_batch, synthetic_pairs
+from pytransformer.train.optim import Adam
+from pytransformer.train.schedule import Cosine, Noam
+from pytransformer.train.trainer import Trainer, latest_checkpoint
 
 PAD, BOS, EOS = 0, 1, 2
 

@@ -5,8 +5,8 @@ import numpy as np
 
 import pytransformer
 from pytransformer import Transformer, TransformerConfig, ops
-from pytransformer.data import make_batch, synthetic_pairs
-from pytransformer.optim import Adam
+from pytransformer.train.data import make_batch, synthetic_pairs
+from pytransformer.train.optim import Adam
 
 rng = np.random.default_rng(0)
 

@@ -1,6 +1,6 @@
 """Modules with explicit forward/backward: parameters, layers, attention, blocks, stacks."""
 
-from .attention import CrossAttention, SelfAttention
+from .attention import AttentionCapture, CrossAttention, SelfAttention
 from .blocks import Decoder, DecoderLayer, Encoder, EncoderLayer, Residual
 from .layers import (
     Context,
@@ -26,6 +26,7 @@ __all__ = [
     "FeedForward",
     "sinusoidal_positions",
     "SelfAttention",
+    "AttentionCapture",
     "CrossAttention",
     "Residual",
     "EncoderLayer",

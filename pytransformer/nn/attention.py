@@ -7,6 +7,8 @@ Dimension legend: B batch, Lq queries, Lk keys, H heads, D head dim, C = H*D.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .. import ops
@@ -135,6 +137,16 @@ def attention_probs(
     return p.mean(axis=1) if average_heads else p
 
 
+@dataclass
+class AttentionCapture:
+    """Asks a decoding step for the cross-attention weights of decoder layer `layer`: after the
+    step, `probs` holds them, (B, L, S) averaged over heads or (B, H, L, S) with per_head."""
+
+    layer: int
+    per_head: bool = False
+    probs: np.ndarray | None = None
+
+
 class SelfAttention:
     """Self-attention over packed rows x (N, C) of a batch `layout` -> (N, C). Parameters qkv
     (3C, C) rows [q; k; v] and out (C, C)."""
@@ -154,32 +166,29 @@ class SelfAttention:
         self.ctx = ctx
         self.saved: tuple | None = None
 
-    def forward(
-        self,
-        x: np.ndarray,
-        layout: Layout,
-        causal: bool = False,
-        kv_cache: np.ndarray | None = None,
-        pos: int = 0,
-    ) -> np.ndarray:
-        """Keys are masked by the layout's lengths (and causally when `causal`). kv_cache
-        (B, max_steps, 2, H, D): incremental decoding of a dense layout — this call's keys/values
-        are written at positions [pos, pos+L) and the queries attend to positions [0, pos+L)."""
+    def forward(self, x: np.ndarray, layout: Layout, causal: bool = False) -> np.ndarray:
+        """Keys are masked by the layout's lengths (and causally when `causal`)."""
         B, L, C = layout.B, layout.L, x.shape[-1]
         H, D = self.core.H, self.core.D
         qkv = layout.pad(self.qkv.forward(x)).reshape(B, L, 3, H, D)
-        q = qkv[:, :, 0]
-        if kv_cache is not None:
-            kv_cache[:, pos : pos + L] = qkv[:, :, 1:]
-            k, v = kv_cache[:, : pos + L, 0], kv_cache[:, : pos + L, 1]
-            ctx = ops.attention(q, k, v, causal=causal and L > 1, query_offset=pos)
-        else:
-            keys = None if causal else layout.lengths  # causal: padding only follows real keys
-            ctx = self.core.forward(q, qkv[:, :, 1], qkv[:, :, 2], keys, causal)
+        keys = None if causal else layout.lengths  # causal: padding only follows real keys
+        ctx = self.core.forward(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], keys, causal)
         ctx = layout.pack(ctx.reshape(B, L, C))
         if self.ctx.cache:
             self.saved = (x, ctx, layout)
         return self.out.forward(ctx)
+
+    def step(self, x: np.ndarray, kv_cache: np.ndarray, pos: int) -> np.ndarray:
+        """Incremental causal decoding: x (B*L, C) holds B rows at positions [pos, pos+L); their
+        keys/values are written into kv_cache (B, max_steps, 2, H, D) at those positions and the
+        queries attend to positions [0, pos+L)."""
+        B, C = kv_cache.shape[0], x.shape[-1]
+        L = x.shape[0] // B
+        qkv = self.qkv.forward(x).reshape(B, L, 3, self.core.H, self.core.D)
+        kv_cache[:, pos : pos + L] = qkv[:, :, 1:]
+        k, v = kv_cache[:, : pos + L, 0], kv_cache[:, : pos + L, 1]
+        ctx = ops.attention(qkv[:, :, 0], k, v, causal=L > 1, query_offset=pos)
+        return self.out.forward(ctx.reshape(B * L, C))
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         x, ctx, layout = self.saved
@@ -224,40 +233,42 @@ class CrossAttention:
         return kv.reshape(memory_layout.B, memory_layout.L, 2, self.core.H, self.core.D)
 
     def forward(
-        self,
-        x: np.ndarray,
-        layout: Layout,
-        memory: np.ndarray | None,
-        memory_layout: Layout,
-        kv: np.ndarray | None = None,
-        probs_out: list | None = None,
-        probs_heads: bool = False,
+        self, x: np.ndarray, layout: Layout, memory: np.ndarray, memory_layout: Layout
     ) -> np.ndarray:
-        """kv: the precomputed `project_memory` (decoding); else computed from memory.
-        probs_out: when a list, the attention weights are appended: (B, L, S) averaged over
-        heads, or (B, H, L, S) with probs_heads."""
+        """Training and teacher forcing: the keys/values are projected from memory here."""
         B, L, C = layout.B, layout.L, x.shape[-1]
-        H, D = self.core.H, self.core.D
-        q = layout.pad(self.q.forward(x)).reshape(B, L, H, D)
-        if kv is None:
-            kv = self.project_memory(memory, memory_layout)
-        G = memory_layout.B
-        if G != B:  # decoding: the g = B / G beams of a source are g queries of its one memory
-            if L != 1 or B % G:
-                raise ValueError(f"{B} rows of {L} positions cannot share {G} memory rows")
-            q = q.reshape(G, B // G, H, D)
-        keys = memory_layout.lengths
-        ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], keys, False)
-        if probs_out is not None:
-            p = attention_probs(q, kv[:, :, 0], keys, not probs_heads)
-            if G != B:  # back to one query per row
-                p = p.reshape(B, 1, -1) if not probs_heads else np.moveaxis(p, 2, 1).reshape(
-                    B, H, 1, -1)
-            probs_out.append(p)
+        q = layout.pad(self.q.forward(x)).reshape(B, L, self.core.H, self.core.D)
+        kv = self.project_memory(memory, memory_layout)
+        ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], memory_layout.lengths, False)
         ctx = layout.pack(ctx.reshape(B, L, C))
         if self.ctx.cache:
             self.saved = (x, layout, memory, memory_layout, ctx)
         return self.out.forward(ctx)
+
+    def step(
+        self,
+        x: np.ndarray,
+        kv: np.ndarray,
+        memory_layout: Layout,
+        capture: AttentionCapture | None = None,
+    ) -> np.ndarray:
+        """Incremental decoding: x (B, C), one position of B rows, against kv, the
+        `project_memory` of G = memory_layout.B sources. With G < B the g = B / G consecutive
+        rows of a source (its beams) attend as g queries of its one memory row. capture: receives
+        the attention weights."""
+        B, C = x.shape
+        G, H, D = memory_layout.B, self.core.H, self.core.D
+        if B % G:
+            raise ValueError(f"{B} rows cannot share {G} memory rows")
+        q = self.q.forward(x).reshape(G, B // G, H, D)
+        keys = memory_layout.lengths
+        ctx = self.core.forward(q, kv[:, :, 0], kv[:, :, 1], keys, False)
+        if capture is not None:
+            p = attention_probs(q, kv[:, :, 0], keys, not capture.per_head)
+            # (G, g, S) or (G, H, g, S) -> one query per row
+            p = np.moveaxis(p, 2, 1) if capture.per_head else p
+            capture.probs = p.reshape((B, H, 1, -1) if capture.per_head else (B, 1, -1))
+        return self.out.forward(ctx.reshape(B, C))
 
     def backward(self, dy: np.ndarray, dmemory: np.ndarray) -> np.ndarray:
         """Returns dx; adds this layer's contribution into dmemory (N_s, C) in place."""

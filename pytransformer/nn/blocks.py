@@ -8,113 +8,95 @@ the FFN); attention dropout (on the attention probabilities) is separate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .attention import CrossAttention, SelfAttention
+from .attention import AttentionCapture, CrossAttention, SelfAttention
 from .layers import Context, Dropout, FeedForward, LayerNorm, Linear
 from .layout import Layout
 from .params import ParamStore
 
+Sublayer = Callable[[np.ndarray], np.ndarray]
+
 
 class Residual:
-    """Wraps a sub-layer (anything with forward/backward) with dropout, residual and LayerNorm."""
+    """Dropout, residual connection and LayerNorm around a sub-layer function f: the caller
+    passes f (for example ``lambda h: attn.forward(h, layout)``), so what flows into the
+    sub-layer is written where the block is used."""
 
-    def __init__(
-        self, sublayer: Any, norm: LayerNorm, dropout: float, norm_first: bool, ctx: Context
-    ) -> None:
-        self.sublayer = sublayer
+    def __init__(self, norm: LayerNorm, dropout: float, norm_first: bool, ctx: Context) -> None:
         self.norm = norm
         self.dropout = Dropout(dropout, ctx)
         self.norm_first = norm_first
 
-    def forward(self, x: np.ndarray, *args: Any, **kwargs: Any) -> np.ndarray:
+    def forward(self, x: np.ndarray, f: Sublayer) -> np.ndarray:
         if self.norm_first:
-            a = self.dropout.forward(self.sublayer.forward(self.norm.forward(x), *args, **kwargs))
+            a = self.dropout.forward(f(self.norm.forward(x)))
             a += x  # a is a fresh array owned here (sub-layer outputs are never kept)
             return a
-        a = self.dropout.forward(self.sublayer.forward(x, *args, **kwargs))
-        return self.norm.add_forward(a, x)
+        return self.norm.add_forward(self.dropout.forward(f(x)), x)
 
-    def backward(self, dy: np.ndarray, *args: Any) -> np.ndarray:
+    def backward(self, dy: np.ndarray, f_backward: Sublayer) -> np.ndarray:
+        """f_backward: the sub-layer's backward (d of its output -> d of its input)."""
         if self.norm_first:
-            dh = self.sublayer.backward(self.dropout.backward(dy), *args)
-            dx = self.norm.backward(dh)
+            dx = self.norm.backward(f_backward(self.dropout.backward(dy)))
             dx += dy
             return dx
         ds = self.norm.backward(dy)
-        dx = self.sublayer.backward(self.dropout.backward(ds), *args)
+        dx = f_backward(self.dropout.backward(ds))
         dx += ds
         return dx
+
+
+def _residual(store: ParamStore, name: str, cfg: Any, ctx: Context) -> Residual:
+    norm = LayerNorm(store, name, cfg.d_model, cfg.layer_norm_eps, ctx)
+    return Residual(norm, cfg.dropout, cfg.norm_first, ctx)
+
+
+def _self_attention(store: ParamStore, name: str, cfg: Any, ctx: Context) -> SelfAttention:
+    return SelfAttention(store, name, cfg.d_model, cfg.num_heads, cfg.attention_dropout, ctx)
 
 
 class EncoderLayer:
     """Self-attention (keys masked by length) then FFN, each in a residual block."""
 
     def __init__(self, store: ParamStore, name: str, cfg: Any, ctx: Context) -> None:
-        C = cfg.d_model
-        attn = SelfAttention(
-            store, f"{name}.self_attn", C, cfg.num_heads, cfg.attention_dropout, ctx
-        )
-        self.attn_block = Residual(
-            attn,
-            LayerNorm(store, f"{name}.norm1", C, cfg.layer_norm_eps, ctx),
-            cfg.dropout,
-            cfg.norm_first,
-            ctx,
-        )
-        ffn = FeedForward(store, f"{name}.ffn", C, cfg.d_ff, cfg.activation, ctx)
-        self.ffn_block = Residual(
-            ffn,
-            LayerNorm(store, f"{name}.norm2", C, cfg.layer_norm_eps, ctx),
-            cfg.dropout,
-            cfg.norm_first,
-            ctx,
-        )
+        self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx)
+        self.attn_block = _residual(store, f"{name}.norm1", cfg, ctx)
+        self.ffn = FeedForward(store, f"{name}.ffn", cfg.d_model, cfg.d_ff, cfg.activation, ctx)
+        self.ffn_block = _residual(store, f"{name}.norm2", cfg, ctx)
 
     def forward(self, x: np.ndarray, layout: Layout) -> np.ndarray:
         """x (N, C) packed rows of `layout`."""
-        return self.ffn_block.forward(self.attn_block.forward(x, layout))
+        x = self.attn_block.forward(x, lambda h: self.self_attn.forward(h, layout))
+        return self.ffn_block.forward(x, self.ffn.forward)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        return self.attn_block.backward(self.ffn_block.backward(dy))
+        dy = self.ffn_block.backward(dy, self.ffn.backward)
+        return self.attn_block.backward(dy, self.self_attn.backward)
 
 
 class DecoderLayer:
     """Causal self-attention, cross-attention to the encoder memory (absent in a decoder-only LM),
-    then FFN, each in a residual block."""
+    then FFN, each in a residual block. `forward` runs whole target sequences (training, teacher
+    forcing); `step` runs one position of incremental decoding against caches."""
 
     def __init__(
         self, store: ParamStore, name: str, cfg: Any, ctx: Context, cross: bool = True
     ) -> None:
-        C, eps = cfg.d_model, cfg.layer_norm_eps
-        attn = SelfAttention(
-            store, f"{name}.self_attn", C, cfg.num_heads, cfg.attention_dropout, ctx
-        )
-        self.attn_block = Residual(
-            attn, LayerNorm(store, f"{name}.norm1", C, eps, ctx), cfg.dropout, cfg.norm_first, ctx
-        )
-        self.cross_block = None
+        self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx)
+        self.attn_block = _residual(store, f"{name}.norm1", cfg, ctx)
+        self.cross_attn: CrossAttention | None = None
+        self.cross_block: Residual | None = None
         if cross:
-            xattn = CrossAttention(
-                store, f"{name}.cross_attn", C, cfg.num_heads, cfg.attention_dropout, ctx
+            self.cross_attn = CrossAttention(
+                store, f"{name}.cross_attn", cfg.d_model, cfg.num_heads, cfg.attention_dropout, ctx
             )
-            self.cross_block = Residual(
-                xattn,
-                LayerNorm(store, f"{name}.norm2", C, eps, ctx),
-                cfg.dropout,
-                cfg.norm_first,
-                ctx,
-            )
-        ffn = FeedForward(store, f"{name}.ffn", C, cfg.d_ff, cfg.activation, ctx)
-        self.ffn_block = Residual(
-            ffn, LayerNorm(store, f"{name}.norm3", C, eps, ctx), cfg.dropout, cfg.norm_first, ctx
-        )
-
-    @property
-    def cross_attn(self) -> CrossAttention:
-        return self.cross_block.sublayer
+            self.cross_block = _residual(store, f"{name}.norm2", cfg, ctx)
+        self.ffn = FeedForward(store, f"{name}.ffn", cfg.d_model, cfg.d_ff, cfg.activation, ctx)
+        self.ffn_block = _residual(store, f"{name}.norm3", cfg, ctx)
 
     def forward(
         self,
@@ -122,31 +104,39 @@ class DecoderLayer:
         layout: Layout,
         memory: np.ndarray | None,
         memory_layout: Layout | None,
-        kv_cache: np.ndarray | None = None,
-        pos: int = 0,
-        cross_kv: np.ndarray | None = None,
-        probs_out: list | None = None,
-        probs_heads: bool = False,
     ) -> np.ndarray:
         """x (N, C) packed rows of `layout`; memory (N_s, C) packed rows of `memory_layout`."""
-        x = self.attn_block.forward(x, layout, causal=True, kv_cache=kv_cache, pos=pos)
-        if self.cross_block is not None:
+        x = self.attn_block.forward(x, lambda h: self.self_attn.forward(h, layout, causal=True))
+        if self.cross_attn is not None:
             x = self.cross_block.forward(
-                x,
-                layout,
-                memory,
-                memory_layout,
-                kv=cross_kv,
-                probs_out=probs_out,
-                probs_heads=probs_heads,
+                x, lambda h: self.cross_attn.forward(h, layout, memory, memory_layout)
             )
-        return self.ffn_block.forward(x)
+        return self.ffn_block.forward(x, self.ffn.forward)
+
+    def step(
+        self,
+        x: np.ndarray,
+        pos: int,
+        kv_cache: np.ndarray,
+        cross_kv: np.ndarray | None,
+        memory_layout: Layout | None,
+        capture: AttentionCapture | None = None,
+    ) -> np.ndarray:
+        """x (B, C): position `pos` of B rows. kv_cache (B, max_steps, 2, H, D) receives this
+        position's self-attention keys/values; cross_kv is the memory's projected keys/values
+        (`CrossAttention.project_memory`); capture receives the cross-attention weights."""
+        x = self.attn_block.forward(x, lambda h: self.self_attn.step(h, kv_cache, pos))
+        if self.cross_attn is not None:
+            x = self.cross_block.forward(
+                x, lambda h: self.cross_attn.step(h, cross_kv, memory_layout, capture)
+            )
+        return self.ffn_block.forward(x, self.ffn.forward)
 
     def backward(self, dy: np.ndarray, dmemory: np.ndarray | None) -> np.ndarray:
-        dy = self.ffn_block.backward(dy)
-        if self.cross_block is not None:
-            dy = self.cross_block.backward(dy, dmemory)
-        return self.attn_block.backward(dy)
+        dy = self.ffn_block.backward(dy, self.ffn.backward)
+        if self.cross_attn is not None:
+            dy = self.cross_block.backward(dy, lambda d: self.cross_attn.backward(d, dmemory))
+        return self.attn_block.backward(dy, self.self_attn.backward)
 
 
 class Encoder:
@@ -212,27 +202,14 @@ class Decoder:
         kv_caches: list[np.ndarray],
         cross_kvs: list[np.ndarray] | None,
         memory_layout: Layout | None,
-        probs_out: list | None = None,
-        probs_layer: int = -1,
-        probs_heads: bool = False,
+        capture: AttentionCapture | None = None,
     ) -> np.ndarray:
-        """Incremental decoding: x (B*L, C), rows of a dense (B, L) layout at positions
-        [pos, pos+L), against the caches. probs_out: when a list, the cross-attention of layer
-        probs_layer is appended, (B, L, S) averaged over heads or (B, H, L, S) with probs_heads."""
-        chosen = probs_layer % len(self.layers)
-        layout = Layout(kv_caches[0].shape[0], x.shape[0] // kv_caches[0].shape[0])
+        """Incremental decoding of one position: x (B, C) embedded tokens at position pos, against
+        each layer's caches. capture: receives the cross-attention of layer capture.layer."""
         for i, layer in enumerate(self.layers):
-            x = layer.forward(
-                x,
-                layout,
-                None,
-                memory_layout,
-                kv_cache=kv_caches[i],
-                pos=pos,
-                cross_kv=cross_kvs[i] if cross_kvs is not None else None,
-                probs_out=probs_out if i == chosen else None,
-                probs_heads=probs_heads,
-            )
+            chosen = capture if capture is not None and capture.layer == i else None
+            cross_kv = cross_kvs[i] if cross_kvs is not None else None
+            x = layer.step(x, pos, kv_caches[i], cross_kv, memory_layout, chosen)
         return self.norm.forward(x) if self.norm is not None else x
 
     def step_linears(self) -> list[Linear]:
@@ -240,12 +217,10 @@ class Decoder:
         which runs once per source)."""
         out = []
         for layer in self.layers:
-            attn = layer.attn_block.sublayer
-            out += [attn.qkv, attn.out]
-            if layer.cross_block is not None:
+            out += [layer.self_attn.qkv, layer.self_attn.out]
+            if layer.cross_attn is not None:
                 out += [layer.cross_attn.q, layer.cross_attn.out]
-            ffn = layer.ffn_block.sublayer
-            out += [ffn.fc1, ffn.fc2]
+            out += [layer.ffn.fc1, layer.ffn.fc2]
         return out
 
     def backward(self, dy: np.ndarray, dmemory: np.ndarray | None = None) -> np.ndarray:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from .._native import _C
+from ..checks import check_bool, check_float, check_int
 
 __all__ = ["attention", "attention_backward", "attention_decode"]
 
 
 def _check_flags(causal: object, query_offset: object, scale: object) -> None:
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    if isinstance(query_offset, (bool, np.bool_)) or not isinstance(query_offset, numbers.Integral):
-        raise TypeError(f"query_offset: expected an int, got {type(query_offset).__name__}")
-    if query_offset < 0:
-        raise ValueError(f"query_offset: must be >= 0, got {query_offset}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    check_bool("causal", causal)
+    check_int("query_offset", query_offset, 0)
+    if scale is not None:
+        check_float("scale", scale)
 
 
 def attention(

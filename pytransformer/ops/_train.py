@@ -8,12 +8,12 @@ same bits for any thread count.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import numpy as np
 
 from .._native import _C
+from ..checks import check_int
 
 __all__ = [
     "gelu",
@@ -33,15 +33,7 @@ _U64 = 1 << 64
 
 def _counter(value: object, name: str) -> int:
     """A seed or offset: an int in [0, 2**64)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}") from None
-    if not 0 <= v < _U64:
-        raise ValueError(f"{name}: expected an int in [0, 2**64), got {v}")
-    return v
+    return check_int(name, value, 0, _U64 - 1)
 
 
 def _array_list(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -122,8 +114,7 @@ def adam_step(
     ``torch.optim.AdamW`` (``decoupled=True``: param *= 1 - lr * weight_decay), with bias
     correction for ``step`` >= 1 (the number of this update, counting from 1).
     """
-    if isinstance(step, bool):
-        raise TypeError("step: expected an int, got bool")
+    step = check_int("step", step)
     _C.adam_step(
         param,
         grad,
@@ -134,7 +125,7 @@ def adam_step(
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
-        step=operator.index(step),
+        step=step,
         decoupled=decoupled,
     )
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from .io import atomic_write_text
+from ..io import atomic_write_text
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from . import io
+from .. import io
+from ..checks import check_float, check_int
 from .data import Batch, TokenBatcher
 from .optim import Adam
 
@@ -68,11 +69,7 @@ def latest_checkpoint(root: str | os.PathLike) -> str | None:
 
 
 def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return int(value)
+    return check_int(name, value, 0 if allow_zero else 1)
 
 
 def _mix64(x: int) -> int:
@@ -148,10 +145,7 @@ class Trainer:
             )
         if not isinstance(train_data, TokenBatcher):
             raise TypeError(f"train_data: expected a TokenBatcher, got {type(train_data).__name__}")
-        if isinstance(label_smoothing, bool) or not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(
-                f"label_smoothing: expected a float in [0, 1), got {label_smoothing!r}"
-            )
+        label_smoothing = check_float("label_smoothing", label_smoothing, 0.0, 1.0)
         _check_optimizer_holds(model, optimizer)
         config = getattr(model, "config", None)
         for name in ("pad_id", "bos_id", "eos_id"):

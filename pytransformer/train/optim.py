@@ -9,13 +9,13 @@ updates them in place with the fused native kernel ``ops.adam_step``; first and 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from . import ops
+from .. import ops
+from ..checks import check_float, check_int
 
 __all__ = ["Adam", "AdamW", "decay_matrices_only"]
 
@@ -36,16 +36,6 @@ def _check_array(what: str, arr: object) -> np.ndarray:
     if not arr.flags.c_contiguous:
         raise ValueError(f"{what}: must be C-contiguous")
     return arr
-
-
-def _check_number(name: str, value: object, lo: float, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if value < lo or (hi is not None and value >= hi):
-        raise ValueError(
-            f"{name}: expected a value in [{lo}, {hi if hi is not None else 'inf'}), got {value!r}"
-        )
-    return float(value)
 
 
 class Adam:
@@ -79,19 +69,17 @@ class Adam:
             raise ValueError("params: expected a non-empty mapping of name to float32 array")
         self.params = {name: _check_array(f"params[{name!r}]", p) for name, p in params.items()}
         if not callable(lr):
-            _check_number("lr", lr, 0.0)
+            check_float("lr", lr, 0.0)
         self.lr = lr
         if not isinstance(betas, tuple | list) or len(betas) != 2:
             raise ValueError(f"betas: expected a pair, got {betas!r}")
-        self.beta1 = _check_number("betas[0]", betas[0], 0.0, 1.0)
-        self.beta2 = _check_number("betas[1]", betas[1], 0.0, 1.0)
-        self.eps = _check_number("eps", eps, 0.0)
-        self.weight_decay = _check_number("weight_decay", weight_decay, 0.0)
+        self.beta1 = check_float("betas[0]", betas[0], 0.0, 1.0)
+        self.beta2 = check_float("betas[1]", betas[1], 0.0, 1.0)
+        self.eps = check_float("eps", eps, 0.0)
+        self.weight_decay = check_float("weight_decay", weight_decay, 0.0)
         self.decoupled = bool(decoupled)
         if max_grad_norm is not None:
-            max_grad_norm = _check_number("max_grad_norm", max_grad_norm, 0.0)
-            if max_grad_norm == 0:
-                raise ValueError("max_grad_norm: must be > 0 (or None for no clipping)")
+            max_grad_norm = check_float("max_grad_norm", max_grad_norm, positive=True)
         self.max_grad_norm = max_grad_norm
         self.track_grad_norm = bool(track_grad_norm)
         self.decays = {name: bool(decay_filter(name, p)) for name, p in self.params.items()}
@@ -102,7 +90,7 @@ class Adam:
     def lr_at(self, step: int) -> float:
         """The learning rate of the 1-based update ``step``."""
         lr = self.lr(step) if callable(self.lr) else self.lr
-        return _check_number(f"lr({step})", lr, 0.0)
+        return check_float(f"lr({step})", lr, 0.0)
 
     def _check_grads(self, grads: Mapping[str, np.ndarray]) -> None:
         if not isinstance(grads, Mapping):
@@ -182,8 +170,7 @@ class Adam:
             step, m, v = state["step"], state["m"], state["v"]
         except (KeyError, TypeError):
             raise ValueError("state: expected a dict with 'step', 'm' and 'v'") from None
-        if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
-            raise ValueError(f"state['step']: expected an int >= 0, got {step!r}")
+        step = check_int("state['step']", step, 0)
         for label, moments in (("m", m), ("v", v)):
             if not isinstance(moments, Mapping) or moments.keys() != self.params.keys():
                 have = set(moments) if isinstance(moments, Mapping) else set()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from ..checks import check_float, check_int
+
 __all__ = [
     "Schedule",
     "Noam",
@@ -20,16 +22,11 @@ __all__ = [
 
 
 def _check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step: expected an int >= 1 (steps are 1-based), got {step!r}")
-    return step
+    return check_int("step", step, 1)
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    check_float(name, value, 0.0, positive=not allow_zero)
 
 
 class Schedule:

@@ -9,12 +9,13 @@ Targets follow the usual teacher-forcing layout: for a target sentence y,
 from __future__ import annotations
 
 import copy
-import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..checks import check_int, check_optional_int
 
 __all__ = [
     "Batch",
@@ -71,8 +72,7 @@ def _as_ids(seq: object, what: str) -> np.ndarray:
 
 def _check_special(pad_id: int, bos_id: int, eos_id: int) -> None:
     for name, val in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
-        if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {val!r}")
+        check_int(name, val, 0)
 
 
 def _pad(rows: Sequence[np.ndarray], pad_id: int, min_width: int = 1) -> np.ndarray:
@@ -195,20 +195,8 @@ class TokenBatcher:
         skip_long: bool = False,
     ):
         _check_special(pad_id, bos_id, eos_id)
-        if (
-            isinstance(max_tokens, bool)
-            or not isinstance(max_tokens, numbers.Integral)
-            or max_tokens <= 0
-        ):
-            raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
-        if max_sentences is not None and (
-            isinstance(max_sentences, bool)
-            or not isinstance(max_sentences, numbers.Integral)
-            or max_sentences <= 0
-        ):
-            raise ValueError(
-                f"max_sentences: expected a positive int or None, got {max_sentences!r}"
-            )
+        check_int("max_tokens", max_tokens, 1)
+        check_optional_int("max_sentences", max_sentences, 1)
         if len(data) == 0:
             raise ValueError("data: empty data set")
         self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)

@@ -1,9 +1,9 @@
-"""Decoding: greedy, beam search and sampling over an incremental (KV-cached) decoder.
+"""The search engines: greedy decoding, batched beam search and sampling over a step callable.
 
-Everything here drives a model through the step interface of ``decode_interface``:
-``state.reorder(indices)``, ``state.batch_size``, ``state.step`` and ``decode_step(state, tokens)``
-returning raw logits (B, V). The search code knows nothing else about the model, so it is tested
-against small reference "models" as well as the real Transformer.
+The engines drive a decoder only through a `Problem`: ``step(tokens (B,)) -> (logits (B, V),
+attention or None)`` and ``state.reorder(indices)``. They know nothing else of the model, so they
+are tested against small reference "models" as well as the real Transformer; `api` builds the
+problem from a model.
 
 Conventions shared by every search:
 - A sentence is fed its *prefix* first (``[bos]`` for translation, the prompt for a language
@@ -20,33 +20,17 @@ Conventions shared by every search:
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
-from .model import check_layer_index, worth_packing
+from .. import ops
 
-__all__ = ["TranslationResult", "translate", "generate", "length_penalty"]
-
-
-@dataclass
-class TranslationResult:
-    """One source's n-best list, best first.
-
-    hypotheses: token ids (no BOS, no EOS); scores: length-normalised log-probabilities (None
-    unless asked); attention: per hypothesis a float32 (len(hypothesis), source_length) array of
-    a decoder layer's cross-attention averaged over heads, or (num_heads, len(hypothesis),
-    source_length) per head (None unless asked); row i is the attention of the step that
-    produced token i.
-    """
-
-    hypotheses: list[list[int]]
-    scores: list[float] | None = None
-    attention: list[np.ndarray] | None = None
+__all__ = [
+    "Problem", "Hypothesis", "run_single", "beam_search", "greedy_choice", "sampler",
+    "length_penalty",
+]
 
 
 def length_penalty(length: int | np.ndarray, alpha: float) -> float | np.ndarray:
@@ -59,96 +43,11 @@ def _lp(length, alpha):
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks (all done before any model work)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {value}")
-    return float(value)
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def _check_sequences(
-    seqs: object, name: str, vocab_size: int, max_length: int, allow_empty: bool
-) -> list[np.ndarray]:
-    """Token-id sequences as int64 arrays, after checking type, emptiness, ids and length."""
-    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, (Sequence, np.ndarray)):
-        raise TypeError(f"{name}: expected a list of token-id sequences, got {type(seqs).__name__}")
-    out = []
-    for i, seq in enumerate(seqs):
-        if isinstance(seq, (str, bytes)):
-            raise TypeError(f"{name}[{i}]: expected a sequence of ints, got {type(seq).__name__}")
-        arr = np.asarray(seq)
-        if arr.size == 0 and arr.dtype.kind == "f":  # [] converts to float64
-            arr = arr.astype(np.int64)
-        if arr.ndim != 1:
-            raise ValueError(f"{name}[{i}]: expected a 1-D sequence of ids, got shape {arr.shape}")
-        if arr.size == 0 and not allow_empty:
-            raise ValueError(f"{name}[{i}]: is empty")
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"{name}[{i}]: expected integer token ids, got dtype {arr.dtype}")
-        bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-        if bad.size:
-            j = int(bad[0])
-            raise IndexError(
-                f"{name}[{i}][{j}] = {int(arr[j])} is out of range for a vocabulary of "
-                f"{vocab_size}"
-            )
-        if arr.size > max_length:
-            raise ValueError(
-                f"{name}[{i}]: length {arr.size} exceeds the model's max_len {max_length}"
-            )
-        out.append(arr.astype(np.int64))
-    return out
-
-
-def _config_value(model: object, *names: str) -> object:
-    cfg = getattr(model, "config", model)
-    for n in names:
-        value = getattr(cfg, n, None)
-        if value is not None:
-            return value
-    raise AttributeError(f"model config has none of {names}")
-
-
-# Sentences decoded together when max_batch_size is None. Every row holds self-attention caches
-# for the whole max_decoding_length (base model: 6 MiB a row at 256 positions), so an unbounded
-# batch of thousands of sentences would need tens of GiB; past a few dozen sentences (x beams)
-# the products are already large enough to run near full speed.
-DEFAULT_MAX_BATCH_SIZE = 64
-
-
-def _check_common(beam_size, length_penalty_, max_batch_size):
-    beam_size = _check_int("beam_size", beam_size, 1)
-    alpha = _check_real("length_penalty", length_penalty_)
-    if max_batch_size is None:
-        max_batch_size = DEFAULT_MAX_BATCH_SIZE
-    max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
-    return beam_size, alpha, max_batch_size
-
-
-# --------------------------------------------------------------------------------------------
 # The search problem: what every search needs besides the model
 
 
 @dataclass
-class _Problem:
+class Problem:
     """A batch of sentences to decode together with one decoder state.
 
     step(tokens (B,)) -> (logits (B, V) float32, attention (B, S) or None); state.reorder keeps
@@ -179,7 +78,7 @@ class _Problem:
 
 
 @dataclass
-class _Hyp:
+class Hypothesis:
     score: float  # normalised
     logprob: float  # sum of log-probabilities
     tokens: list[int]
@@ -194,7 +93,7 @@ def _log_softmax_(x: np.ndarray) -> np.ndarray:
     return ops.log_softmax(x, out=x)
 
 
-def _seq_buffer(prob: _Problem, rows: int, width: int) -> np.ndarray:
+def _seq_buffer(prob: Problem, rows: int, width: int) -> np.ndarray:
     """(rows, width) int64 with each sentence's prefix at the start."""
     seq = np.zeros((rows, width), dtype=np.int64)
     for i, p in enumerate(prob.prefixes):
@@ -206,16 +105,16 @@ def _seq_buffer(prob: _Problem, rows: int, width: int) -> np.ndarray:
 # One row per sentence: greedy and sampling
 
 
-def _greedy_choice(logp: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def greedy_choice(logp: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return logp.argmax(axis=1)
 
 
-def _run_single(
-    prob: _Problem,
+def run_single(
+    prob: Problem,
     choose: Callable[[np.ndarray, np.ndarray], np.ndarray],
     want_logprobs: bool,
     need_attention: bool,
-) -> list[_Hyp]:
+) -> list[Hypothesis]:
     """Decodes one hypothesis per sentence; choose(logits (n,V), sentence ids (n,)) -> tokens.
 
     Finished sentences leave the batch (state.reorder) so later steps cost less. Histories are
@@ -223,7 +122,7 @@ def _run_single(
     """
     n = prob.n
     P = prob.prefix_lens
-    results: list[_Hyp | None] = [None] * n
+    results: list[Hypothesis | None] = [None] * n
     total = prob.total_steps() if n else 0
     seq = _seq_buffer(prob, n, total + 1)
     gen = np.zeros(n, dtype=np.int64)
@@ -231,7 +130,7 @@ def _run_single(
     attn_hist = None
     act = np.arange(n)
     for i in np.flatnonzero(prob.max_gen == 0):  # nothing to generate
-        results[i] = _Hyp(0.0, 0.0, [], None)
+        results[i] = Hypothesis(0.0, 0.0, [], None)
     if (prob.max_gen == 0).any():
         act = np.flatnonzero(prob.max_gen > 0)
         if act.size < n:
@@ -278,7 +177,7 @@ def _run_single(
     return results  # type: ignore[return-value]
 
 
-def _finish_single(prob, i, seq, g, logprob, attn_hist) -> _Hyp:
+def _finish_single(prob, i, seq, g, logprob, attn_hist) -> Hypothesis:
     p = prob.prefixes[i].size
     g = int(g)
     toks = seq[i, p : p + g]
@@ -286,7 +185,7 @@ def _finish_single(prob, i, seq, g, logprob, attn_hist) -> _Hyp:
         toks = toks[:-1]
     attn = _hyp_attention(prob, attn_hist, i, i, p - 1, toks.size)
     score = float(logprob / _lp(g, prob.alpha)) if g else 0.0
-    return _Hyp(score, float(logprob), toks.tolist(), attn)
+    return Hypothesis(score, float(logprob), toks.tolist(), attn)
 
 
 def _hyp_attention(prob, attn_hist, row, sent, start, count) -> np.ndarray | None:
@@ -337,9 +236,9 @@ def _topk_rows(x: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(idx, j, 1)
 
 
-def _beam_search(
-    prob: _Problem, beam_size: int, num_hypotheses: int, need_attention: bool
-) -> list[list[_Hyp]]:
+def beam_search(
+    prob: Problem, beam_size: int, num_hypotheses: int, need_attention: bool
+) -> list[list[Hypothesis]]:
     """Batched beam search; returns each sentence's finished hypotheses, best first.
 
     Layout: the decoder rows are (active sentences x k slots), row = sentence_index * k + slot.
@@ -356,7 +255,7 @@ def _beam_search(
     """
     n, K, eos = prob.n, beam_size, prob.eos
     P = prob.prefix_lens
-    finished: list[list[_Hyp]] = [[] for _ in range(n)]
+    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
     total = prob.total_steps()
     seq = _seq_buffer(prob, n, total + 1)
     act = np.arange(n)
@@ -467,7 +366,7 @@ def _beam_candidates(prob, logits, act, g, generating, cum, k, K, c_val, c_slot,
     c_tok[gi, :m] = np.take_along_axis(idx.reshape(gi.size, k * kk), order, 1)
 
 
-def _finish_beam(prob, b, seq, attn_hist, parent, t, token, logprob) -> _Hyp:
+def _finish_beam(prob, b, seq, attn_hist, parent, t, token, logprob) -> Hypothesis:
     p = prob.prefixes[b].size
     toks = seq[parent, p : t + 1].tolist()
     length = len(toks) + 1  # tokens scored, EOS included
@@ -475,10 +374,10 @@ def _finish_beam(prob, b, seq, attn_hist, parent, t, token, logprob) -> _Hyp:
         toks.append(token)
     attn = _hyp_attention(prob, attn_hist, parent, b, p - 1, len(toks))
     score = float(logprob / _lp(length, prob.alpha))
-    return _Hyp(score, logprob, toks, attn)
+    return Hypothesis(score, logprob, toks, attn)
 
 
-def _add_finished(hyps: list[_Hyp], hyp: _Hyp, limit: int) -> None:
+def _add_finished(hyps: list[Hypothesis], hyp: Hypothesis, limit: int) -> None:
     """Inserts keeping the list sorted best first (ties: earlier first), at most limit long."""
     pos = len(hyps)
     while pos > 0 and hyps[pos - 1].score < hyp.score:
@@ -510,7 +409,7 @@ def _cannot_improve(prob, finished, act, live, c_val, g_new, num_hypotheses) -> 
 # Sampling
 
 
-def _sampler(
+def sampler(
     temperature: float, top_k: int, top_p: float, rngs: list[np.random.Generator]
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """choose(logits (n,V), sentence ids (n,)) drawing from softmax(logits / T) restricted to the
@@ -544,237 +443,3 @@ def _sampler(
         return j if idx is None else idx[np.arange(n), j]
 
     return choose
-
-
-# --------------------------------------------------------------------------------------------
-# Public entry points
-
-
-def _attention_options(model, layer: object, heads: object) -> dict:
-    """decode_step's keyword arguments for the chosen attention (none for the default, so a
-    model that only offers the last layer averaged over heads still works)."""
-    heads = _check_bool("attention_heads", heads)
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise TypeError(f"attention_layer: expected an int, got {type(layer).__name__}")
-    if layer == -1 and not heads:
-        return {}
-    n = int(_config_value(model, "num_decoder_layers"))
-    layer = check_layer_index(layer, n)
-    opts = {} if layer == n - 1 else {"attention_layer": layer}
-    return opts | ({"attention_heads": True} if heads else {})
-
-
-def _state_sharing_packing(
-    make, args: tuple, pack: bool, packed: dict | None
-) -> tuple[object, dict | None]:
-    """(state, packed): make(*args, pack_weights=...) builds a chunk's decoder state. When the
-    chunk is worth packing, the first such chunk of a call packs the step weights and every
-    later one reuses that copy."""
-    state = make(*args, pack_weights=pack and packed is None)
-    if pack:
-        packed = state.packed_weights = packed or getattr(state, "packed_weights", None)
-    return state, packed
-
-
-def _chunks(order: list[int], size: int) -> list[list[int]]:
-    return [order[i : i + size] for i in range(0, len(order), size)]
-
-
-def translate(
-    model,
-    sources: Sequence[Sequence[int]],
-    *,
-    beam_size: int = 4,
-    length_penalty: float = 0.6,
-    max_decoding_length: int = 256,
-    min_decoding_length: int = 0,
-    num_hypotheses: int = 1,
-    return_scores: bool = False,
-    return_attention: bool = False,
-    max_batch_size: int | None = None,
-    attention_layer: int = -1,
-    attention_heads: bool = False,
-) -> list[TranslationResult]:
-    """Translates token-id sequences with an encoder-decoder model (``Transformer``).
-
-    sources: a list of source token-id sequences (any lengths, empty ones too; padding is done
-    here, no EOS is appended). beam_size=1 is greedy decoding. length_penalty is GNMT's alpha.
-    Hypotheses have at most max_decoding_length tokens (capped at the model's max_len positions)
-    and at least min_decoding_length before their EOS. num_hypotheses (<= beam_size) best
-    hypotheses are returned per source, best first. max_batch_size bounds the sentences decoded
-    together (None: DEFAULT_MAX_BATCH_SIZE = 64; sources are sorted by length, batched, and
-    returned in the input order).
-    return_attention returns the cross-attention of decoder layer attention_layer (negative:
-    from the last), averaged over heads or, with attention_heads=True, per head.
-
-    Raises (before any work) TypeError/ValueError naming a bad parameter, IndexError for a token
-    id outside the source vocabulary, ValueError for a source longer than max_len.
-    """
-    beam_size, alpha, max_batch_size = _check_common(beam_size, length_penalty, max_batch_size)
-    max_len = int(_config_value(model, "max_len"))
-    max_dec = _check_int("max_decoding_length", max_decoding_length, 1)
-    min_dec = _check_int("min_decoding_length", min_decoding_length, 0)
-    if min_dec > max_dec:
-        raise ValueError(
-            f"min_decoding_length ({min_dec}) exceeds max_decoding_length ({max_dec})"
-        )
-    if min_dec > max_len:
-        raise ValueError(f"min_decoding_length ({min_dec}) exceeds the model's max_len {max_len}")
-    nhyp = _check_int("num_hypotheses", num_hypotheses, 1)
-    if nhyp > beam_size:
-        raise ValueError(f"num_hypotheses ({nhyp}) exceeds beam_size ({beam_size})")
-    want_scores = _check_bool("return_scores", return_scores)
-    want_attn = _check_bool("return_attention", return_attention)
-    attn_opts = _attention_options(model, attention_layer, attention_heads)
-    src_vocab = int(_config_value(model, "src_vocab_size", "vocab_size"))
-    srcs = _check_sequences(sources, "sources", src_vocab, max_len, allow_empty=True)
-    if not srcs:
-        return []
-    max_dec = min(max_dec, max_len)
-    bos = int(_config_value(model, "bos_id"))
-    eos = int(_config_value(model, "eos_id"))
-    pad = int(_config_value(model, "pad_id"))
-
-    order = sorted(range(len(srcs)), key=lambda i: -srcs[i].size)
-    results: list[TranslationResult | None] = [None] * len(srcs)
-    packed = None
-    for chunk in _chunks(order, max_batch_size):
-        lengths = np.array([srcs[i].size for i in chunk], dtype=np.int64)
-        ids = np.full((len(chunk), max(1, int(lengths.max()))), pad, dtype=np.int64)
-        for r, i in enumerate(chunk):
-            ids[r, : lengths[r]] = srcs[i]
-        memory = model.encode(ids, lengths)
-        # Translations run about as long as their sources: the guess that decides packing.
-        steps = min(max_dec, max(min_dec, int(lengths.mean()) + 8))
-        state, packed = _state_sharing_packing(
-            model.init_decoder_state,
-            (memory, lengths, max_dec),
-            worth_packing(len(chunk) * beam_size, steps),
-            packed,
-        )
-
-        def step(tokens, state=state):
-            if not want_attn:
-                return model.decode_step(state, tokens)
-            return model.decode_step(state, tokens, need_attention=True, **attn_opts)
-
-        prob = _Problem(
-            step=step,
-            state=state,
-            prefixes=[np.array([bos], dtype=np.int64)] * len(chunk),
-            min_gen=np.full(len(chunk), min_dec, dtype=np.int64),
-            max_gen=np.full(len(chunk), max_dec, dtype=np.int64),
-            eos=eos,
-            alpha=alpha,
-            src_lengths=lengths,
-        )
-        if beam_size == 1:
-            nbest = [[h] for h in _run_single(prob, _greedy_choice, want_scores, want_attn)]
-        else:
-            nbest = _beam_search(prob, beam_size, nhyp, want_attn)
-        for r, i in enumerate(chunk):
-            hyps = nbest[r]
-            results[i] = TranslationResult(
-                hypotheses=[h.tokens for h in hyps],
-                scores=[h.score for h in hyps] if want_scores else None,
-                attention=[h.attention for h in hyps] if want_attn else None,
-            )
-    return results  # type: ignore[return-value]
-
-
-def generate(
-    lm,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    beam_size: int = 1,
-    length_penalty: float = 0.6,
-    max_batch_size: int | None = None,
-) -> list[list[int]]:
-    """Continues each prompt with a decoder-only model (``TransformerLM``).
-
-    Returns, per prompt, the generated token ids (without the prompt and without the EOS that
-    ended them, if any): at most max_new_tokens, fewer if EOS comes first or the model's max_len
-    positions run out. Prompts are fed as given (add a BOS yourself if the model expects one).
-
-    beam_size=1 samples from softmax(logits / temperature), restricted to the top_k most likely
-    tokens (0: no limit) and then to the nucleus of mass top_p; temperature=0 or top_k=1 is
-    greedy decoding. Sampling is reproducible: the same seed gives the same tokens, whatever
-    max_batch_size (each prompt draws from its own generator, derived from seed and its index;
-    None: DEFAULT_MAX_BATCH_SIZE prompts at a time).
-    beam_size > 1 is beam search (length_penalty = GNMT alpha), which takes no sampling options.
-    """
-    beam_size, alpha, max_batch_size = _check_common(beam_size, length_penalty, max_batch_size)
-    max_new = _check_int("max_new_tokens", max_new_tokens, 0)
-    temperature = _check_real("temperature", temperature)
-    if temperature < 0:
-        raise ValueError(f"temperature: must be >= 0, got {temperature}")
-    top_k = _check_int("top_k", top_k, 0)
-    top_p = _check_real("top_p", top_p)
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
-    if seed is not None:
-        seed = _check_int("seed", seed, 0)
-    if beam_size > 1 and (temperature != 1.0 or top_k != 0 or top_p != 1.0):
-        raise ValueError(
-            "temperature, top_k, top_p: sampling options cannot be combined with beam_size > 1"
-        )
-    max_len = int(_config_value(lm, "max_len"))
-    vocab = int(_config_value(lm, "vocab_size", "tgt_vocab_size"))
-    seqs = _check_sequences(prompts, "prompts", vocab, max_len, allow_empty=False)
-    if not seqs:
-        return []
-    try:
-        eos = _config_value(lm, "eos_id")
-    except AttributeError:
-        eos = None
-    eos = None if eos is None else int(eos)
-    greedy = temperature == 0.0 or top_k == 1
-    children = np.random.SeedSequence(seed).spawn(len(seqs))
-
-    order = sorted(range(len(seqs)), key=lambda i: -seqs[i].size)
-    results: list[list[int] | None] = [None] * len(seqs)
-    packed = None
-    for chunk in _chunks(order, max_batch_size):
-        prefixes = [seqs[i] for i in chunk]
-        # Position p + g - 2 is the last one fed for g generated tokens: it must be < max_len.
-        max_gen = np.array([min(max_new, max_len - p.size + 1) for p in prefixes], dtype=np.int64)
-        prob = _Problem(
-            step=None,  # type: ignore[arg-type]
-            state=None,
-            prefixes=prefixes,
-            min_gen=np.zeros(len(chunk), dtype=np.int64),
-            max_gen=max_gen,
-            eos=eos,
-            alpha=alpha,
-        )
-        steps = prob.total_steps()
-        if steps <= 0:
-            for i in chunk:
-                results[i] = []
-            continue
-        state, packed = _state_sharing_packing(
-            lm.init_state,
-            (len(chunk), steps),
-            worth_packing(len(chunk) * beam_size, steps),
-            packed,
-        )
-        prob.state = state
-        prob.step = lambda tokens, state=state: lm.decode_step(state, tokens)
-        if beam_size > 1:
-            hyps = [h[0] if h else _Hyp(0.0, 0.0, [], None) for h in
-                    _beam_search(prob, beam_size, 1, False)]
-        else:
-            if greedy:
-                choose = _greedy_choice
-            else:
-                rngs = [np.random.default_rng(children[i]) for i in chunk]
-                choose = _sampler(temperature, top_k, top_p, rngs)
-            hyps = _run_single(prob, choose, False, False)
-        for r, i in enumerate(chunk):
-            results[i] = hyps[r].tokens
-    return results  # type: ignore[return-value]

@@ -1,0 +1,95 @@
+"""The hyper-parameters of every model class, validated on construction and saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from ..checks import check_bool, check_float, check_int
+
+ACTIVATIONS = ("relu", "gelu")
+TIES = ("decoder", "all", "none")
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Hyper-parameters of the model (defaults: the paper's base model).
+
+    tie_embeddings: "decoder" — the target embedding is the output projection (the paper);
+    "all" — source embedding, target embedding and output projection are one matrix (needs
+    src_vocab_size == tgt_vocab_size); "none" — three separate matrices.
+    norm_first: False = post-norm (the paper); True = pre-norm with a final LayerNorm per stack.
+    Layer counts may be 0 for a stack a variant does not use (TransformerLM has no encoder).
+    """
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    d_ff: int = 2048
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation: str = "relu"
+    norm_first: bool = False
+    tie_embeddings: str = "decoder"
+    output_bias: bool = True
+    max_len: int = 1024
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+            setattr(self, name, check_int(name, getattr(self, name), 1))
+        for name in ("num_encoder_layers", "num_decoder_layers", "pad_id", "bos_id", "eos_id"):
+            setattr(self, name, check_int(name, getattr(self, name), 0))
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+            )
+        for name in ("dropout", "attention_dropout"):
+            setattr(self, name, check_float(name, getattr(self, name), 0.0, 1.0))
+        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, positive=True)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.tie_embeddings not in TIES:
+            raise ValueError(f"tie_embeddings must be one of {TIES}, got {self.tie_embeddings!r}")
+        for name in ("norm_first", "output_bias"):
+            check_bool(name, getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TransformerConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config: invalid JSON ({exc})") from None
+        return cls.from_dict(d)
+
+
+def check_same_vocabularies(cfg: TransformerConfig) -> None:
+    """tie_embeddings="all" makes the source and target vocabularies one matrix."""
+    if cfg.src_vocab_size != cfg.tgt_vocab_size:
+        raise ValueError(
+            'tie_embeddings="all" needs src_vocab_size == tgt_vocab_size, got '
+            f"{cfg.src_vocab_size} and {cfg.tgt_vocab_size}"
+        )

@@ -1,0 +1,2 @@
+"""Text: tokenizers (characters, SentencePiece) and translation metrics (BLEU, chrF, exact
+match)."""
