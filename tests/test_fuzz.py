@@ -23,6 +23,7 @@ import types
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -210,59 +211,6 @@ def call_ok(label, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _scale_ref(x):
-    return np.asarray(x, np.float64)
-
-
-# ----------------------------------------------------------------------------------------------
-# numpy references (float64)
-# ----------------------------------------------------------------------------------------------
-def _gelu_ref(x):
-    x = _scale_ref(x)
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
-
-
-def _gelu_grad_ref(x):
-    x = _scale_ref(x)
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
-    return cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
-def _ln_ref(x, gamma, beta, eps):
-    x = _scale_ref(x)
-    mean = x.mean(-1, keepdims=True) if x.shape[-1] else np.zeros(x.shape[:-1] + (1,))
-    var = ((x - mean) ** 2).mean(-1, keepdims=True) if x.shape[-1] else np.zeros_like(mean)
-    rstd = 1.0 / np.sqrt(var + eps)
-    return (x - mean) * rstd * gamma + beta, mean[..., 0], rstd[..., 0]
-
-
-def _attention_ref(q, k, v, lengths, causal, offset, scale):
-    q, k, v = _scale_ref(q), _scale_ref(k), _scale_ref(v)
-    B, Lq, H, D = q.shape
-    Lk = k.shape[1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = np.zeros((B, Lq, H, D))
-    lse = np.full((B, H, Lq), -np.inf)
-    P = np.zeros((B, H, Lq, Lk))
-    for b in range(B):
-        n = Lk if lengths is None else int(lengths[b])
-        for i in range(Lq):
-            m = n if not causal else min(n, i + offset + 1)
-            if m <= 0:
-                continue
-            s = np.einsum("hd,jhd->hj", q[b, i], k[b, :m]) * scale
-            mx = s.max(-1, keepdims=True)
-            e = np.exp(s - mx)
-            z = e.sum(-1, keepdims=True)
-            p = e / z
-            P[b, :, i, :m] = p
-            out[b, i] = np.einsum("hj,jhd->hd", p, v[b, :m])
-            lse[b, :, i] = (mx + np.log(z))[:, 0]
-    return out, lse, P, scale
-
-
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -343,20 +291,10 @@ def test_fuzz_matmul(isa, data):
         out=out,
         accumulate=accumulate,
     )
-    a = _scale_ref(args["a"])
-    b = _scale_ref(args["b"])
-    a = np.swapaxes(a, -1, -2) if ta else a
-    b = np.swapaxes(b, -1, -2) if tb else b
-    want = a @ b if K else np.zeros(out_shape)
+    want = ref.matmul(
+        args["a"], args["b"], ta, tb, args["bias"], activation, out0 if accumulate else None
+    )
     want = np.broadcast_to(want, out_shape) if want.shape != out_shape else want
-    if args["bias"] is not None:
-        want = want + _scale_ref(args["bias"])
-    if activation == "relu":
-        want = np.maximum(want, 0.0) + 0.0 * want  # keeps NaN where the product is NaN
-    elif activation == "gelu":
-        want = _gelu_ref(want)
-    if accumulate:
-        want = want + _scale_ref(out0)
     assert got.dtype == np.float32 and got.shape == out_shape
     if out is not None:
         assert got is out
@@ -396,13 +334,7 @@ def test_fuzz_packed_matmul(isa, data):
     pw = call_ok("packed_matmul", ops.PackedWeight, args["w"])
     got = call_ok("packed_matmul", ops.matmul, args["a"], pw, bias=args["bias"],
                   activation=activation)
-    want = _scale_ref(args["a"]) @ _scale_ref(args["w"]).T
-    if args["bias"] is not None:
-        want = want + _scale_ref(args["bias"])
-    if activation == "relu":
-        want = np.maximum(want, 0.0) + 0.0 * want
-    elif activation == "gelu":
-        want = _gelu_ref(want)
+    want = ref.matmul(args["a"], args["w"], trans_b=True, bias=args["bias"], activation=activation)
     assert got.dtype == np.float32 and got.shape == want.shape
     _close("packed_matmul", got, want, rtol=1e-4, atol=1e-5 * K)
 
@@ -432,7 +364,7 @@ def test_fuzz_attention(isa, data):
             for b in range(B):
                 k[b, lengths[b] :] = np.nan
                 v[b, lengths[b] :] = np.inf
-    want, want_lse, P, sc = _attention_ref(q, k, v, lengths, causal, offset, scale)
+    want, want_lse = ref.attention(q, k, v, lengths, causal, offset, scale)
     broken = draw(st.integers(0, 3)) == 0
     kwargs = dict(key_lengths=lengths, causal=causal, query_offset=offset, scale=scale)
     if broken:
@@ -501,17 +433,9 @@ def test_fuzz_attention(isa, data):
         dq, dk, dv = call_ok(
             "attention_backward", ops.attention_backward, dout, q, k, v, got, lse, **kwargs
         )
-        # reference gradients from the probabilities
-        do = _scale_ref(dout)
-        Pm = np.nan_to_num(P)
-        vv = np.nan_to_num(_scale_ref(v), posinf=0.0)
-        kk = np.nan_to_num(_scale_ref(k))
-        dv_ref = np.einsum("bhij,bihd->bjhd", Pm, do)
-        dp = np.einsum("bihd,bjhd->bhij", do, vv)
-        delta = np.einsum("bihd,bihd->bhi", do, want)[..., None]
-        ds = Pm * (dp - delta)
-        dq_ref = np.einsum("bhij,bjhd->bihd", ds, kk) * sc
-        dk_ref = np.einsum("bhij,bihd->bjhd", ds, _scale_ref(q)) * sc
+        dq_ref, dk_ref, dv_ref = ref.attention_backward(
+            dout, q, k, v, lengths, causal, offset, scale
+        )
         _close("attention_backward.dq", dq, dq_ref, atol=1e-4)
         _close("attention_backward.dk", dk, dk_ref, atol=1e-4)
         _close("attention_backward.dv", dv, dv_ref, atol=1e-4)
@@ -581,8 +505,8 @@ def test_fuzz_layer_norm(isa, data):
             return
         assert r[0].shape == shape
         return
-    x = _scale_ref(args["x"]) + (_scale_ref(args["residual"]) if fused else 0.0)
-    want, mean, rstd = _ln_ref(x, _scale_ref(args["gamma"]), _scale_ref(args["beta"]), eps)
+    x = ref.f64(args["x"]) + (ref.f64(args["residual"]) if fused else 0.0)
+    want, mean, rstd = ref.layer_norm(x, args["gamma"], args["beta"], eps)
     if fused:
         y, s, m, r = call_ok(
             "add_layer_norm",
@@ -616,15 +540,10 @@ def test_fuzz_layer_norm(isa, data):
     dx, dg, db = call_ok(
         "layer_norm_backward", ops.layer_norm_backward, dy, xs, args["gamma"], m, r
     )
-    d = _scale_ref(dy)
-    xhat = (x - mean[..., None]) * rstd[..., None]
-    g = d * _scale_ref(args["gamma"])
-    dx_ref = rstd[..., None] * (
-        g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)
-    )
+    dx_ref, dg_ref, db_ref = ref.layer_norm_backward(dy, x, args["gamma"], eps)
     _close("layer_norm_backward.dx", dx, dx_ref, rtol=1e-3, atol=1e-3)
-    _close("layer_norm_backward.dgamma", dg, (d * xhat).reshape(-1, C).sum(0), rtol=1e-3, atol=1e-3)
-    _close("layer_norm_backward.dbeta", db, d.reshape(-1, C).sum(0), rtol=1e-3, atol=1e-4)
+    _close("layer_norm_backward.dgamma", dg, dg_ref, rtol=1e-3, atol=1e-3)
+    _close("layer_norm_backward.dbeta", db, db_ref, rtol=1e-3, atol=1e-4)
     bargs = {"dy": dy, "x": xs, "gamma": args["gamma"], "mean": m, "rstd": r}
     bargs, _ = _break_one(draw, bargs, list(bargs))
     expect_raise("layer_norm_backward", ops.layer_norm_backward, *bargs.values())
@@ -685,21 +604,9 @@ def test_fuzz_softmax_cross_entropy(isa, data):
     )
     if inplace:
         assert dl is buf
-    x = _scale_ref(logits)
-    keep = targets != ignore
-    n = int(keep.sum())
-    mx = x.max(-1, keepdims=True) if V else x
-    logp = x - mx - np.log(np.exp(x - mx).sum(-1, keepdims=True))
-    tsafe = np.where(keep, targets, 0)
-    nll = -logp[np.arange(N), tsafe]
-    per = (1 - eps) * nll - eps * logp.mean(-1)
-    want_loss = float(per[keep].sum() / n) if n else 0.0
+    want_loss, want_d = ref.softmax_cross_entropy(logits, targets, eps, ignore)
     if math.isfinite(want_loss):
         assert math.isclose(loss, want_loss, rel_tol=1e-4, abs_tol=1e-4), (loss, want_loss)
-    p = np.exp(logp)
-    onehot = np.zeros_like(p)
-    onehot[np.arange(N), tsafe] = 1.0
-    want_d = (p - (1 - eps) * onehot - eps / V) * keep[:, None] / max(n, 1)
     _close("softmax_cross_entropy.dlogits", dl, want_d, atol=1e-6)
 
 
@@ -744,10 +651,8 @@ def test_fuzz_elementwise(isa, data):
         if len(shape) == 0 or shape[-1] == 0:  # no axis to normalise over: refused
             expect_raise(which, fn, x)
             return
-        xr = _scale_ref(x)
         with np.errstate(invalid="ignore", over="ignore"):
-            mx = xr.max(-1, keepdims=True) if shape[-1] else xr
-            want = xr - mx - np.log(np.exp(xr - mx).sum(-1, keepdims=True))
+            want = ref.log_softmax(x)
         use_out = draw(st.booleans()) and x.size > 0  # see test_zero_size_out_accepted
         out = np.empty(shape, np.float32) if use_out else None
         got = call_ok(which, fn, x, out=out)
@@ -755,14 +660,14 @@ def test_fuzz_elementwise(isa, data):
             assert got is out
         _close(which, got, want, atol=1e-5)
     elif which == "gelu":
-        _close(which, call_ok(which, fn, x), _gelu_ref(x), atol=1e-6)
+        _close(which, call_ok(which, fn, x), ref.gelu(x), atol=1e-6)
     elif which == "gelu_backward":
         with np.errstate(invalid="ignore", over="ignore"):
-            want = _scale_ref(dout) * _gelu_grad_ref(x)
+            want = ref.f64(dout) * ref.gelu_grad(x)
         _close(which, call_ok(which, fn, dout, x), want, atol=1e-6)
     else:
         out = np.asarray(np.maximum(x, 0))
-        want = np.where(out > 0, _scale_ref(dout), 0.0)
+        want = ref.relu_backward(dout, out)
         _close(which, call_ok(which, fn, dout, out), want, atol=0)
 
 
@@ -807,14 +712,12 @@ def test_fuzz_embedding(isa, data):
         return
     assume(weight.size > 0)  # zero-size dweight: see test_zero_size_out_accepted
     got = call_ok("embedding", ops.embedding, weight, ids, scale=scale)
-    _close("embedding", got, _scale_ref(weight)[ids] * scale, atol=0, rtol=1e-6)
+    _close("embedding", got, ref.embedding(weight, ids, scale), atol=0, rtol=1e-6)
     dout = _array(draw, ids.shape + (C,), nonfinite=False)
     dw0 = _values(draw, (V, C), nonfinite=False)
     dw = dw0.copy()
     call_ok("embedding_backward", ops.embedding_backward, dout, ids, dw, scale=scale)
-    want = _scale_ref(dw0)
-    np.add.at(want, ids.reshape(-1), _scale_ref(dout).reshape(-1, C) * scale)
-    _close("embedding_backward", dw, want, atol=1e-5)
+    _close("embedding_backward", dw, ref.embedding_backward(dout, ids, dw0, scale), atol=1e-5)
     # a read-only or non-contiguous dweight, or a mismatched dout, is refused
     bad_dw = draw(st.sampled_from(["ro", "nc", "shape"]))
     if bad_dw == "ro":
@@ -864,7 +767,7 @@ def test_fuzz_dropout(isa, data):
     )
     keep = 1.0 / (1.0 - p)
     assert np.all((mask == 0) | np.isclose(mask, keep, rtol=1e-6))
-    _close("dropout", y, _scale_ref(x) * mask, atol=1e-6)
+    _close("dropout", y, ref.f64(x) * mask, atol=1e-6)
     if p == 0.0:
         np.testing.assert_array_equal(y, x)
 
@@ -914,18 +817,7 @@ def test_fuzz_adam_step(isa, data):
         return
     p1, m1, v1 = param.copy(), m.copy(), v.copy()
     call_ok("adam_step", ops.adam_step, p1, grad, m1, v1, **hp)
-    g = _scale_ref(grad)
-    p = _scale_ref(param)
-    if hp["weight_decay"] and not hp["decoupled"]:
-        g = g + hp["weight_decay"] * p
-    mr = 0.9 * _scale_ref(m) + 0.1 * g
-    vr = hp["beta2"] * _scale_ref(v) + (1 - hp["beta2"]) * g * g
-    mh = mr / (1 - 0.9 ** hp["step"])
-    vh = vr / (1 - hp["beta2"] ** hp["step"])
-    if hp["decoupled"]:
-        p = p * (1 - hp["lr"] * hp["weight_decay"])
-    with np.errstate(invalid="ignore"):
-        want = p - hp["lr"] * mh / (np.sqrt(vh) + hp["eps"])
+    want, mr, vr = ref.adam_step(param, grad, m, v, **hp)
     _close("adam_step.m", m1, mr, rtol=1e-5, atol=1e-6)
     _close("adam_step.v", v1, vr, rtol=1e-4, atol=1e-6)
     _close("adam_step.param", p1, want, rtol=1e-4, atol=1e-5)
@@ -962,7 +854,7 @@ def test_fuzz_norms(isa, data):
             a = np.ones(4, np.float32)
             expect_raise("clip_grad_norm", ops.clip_grad_norm, [a, a], 0.5)
         return
-    want = math.sqrt(sum(float((_scale_ref(a) ** 2).sum()) for a in arrays))
+    want = ref.global_norm(arrays)
     got = call_ok("global_norm", ops.global_norm, arrays)
     if math.isfinite(want):
         assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12)
@@ -973,9 +865,9 @@ def test_fuzz_norms(isa, data):
     got = call_ok("clip_grad_norm", ops.clip_grad_norm, writable, max_norm)
     if math.isfinite(want):
         assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-12)
-        f = max_norm / (want + 1e-6) if want > max_norm else 1.0
-        for a, w in zip([a for a in arrays if a.size], writable, strict=True):
-            _close("clip_grad_norm", w, _scale_ref(a) * f, rtol=1e-6, atol=1e-7)
+        _, clipped = ref.clip_grad_norm([a for a in arrays if a.size], max_norm)
+        for c, w in zip(clipped, writable, strict=True):
+            _close("clip_grad_norm", w, c, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------
