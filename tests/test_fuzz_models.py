@@ -19,10 +19,10 @@ from fuzzing import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from model_cases import small_config
 
 from pytransformer import (
     Transformer,
-    TransformerConfig,
     TransformerEncoderModel,
     TransformerLM,
 )
@@ -32,24 +32,13 @@ pytestmark = pytest.mark.fuzz
 
 
 V = 13
-CFG = dict(
-    src_vocab_size=V,
-    tgt_vocab_size=V,
-    d_model=8,
-    num_heads=2,
-    d_ff=16,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    max_len=12,
-    dropout=0.1,
-)
 _MODELS: dict = {}
 
 
 def _model(kind="seq2seq"):
     if kind not in _MODELS:
         cls = {"seq2seq": Transformer, "lm": TransformerLM, "enc": TransformerEncoderModel}[kind]
-        _MODELS[kind] = cls(TransformerConfig(**CFG), seed=3)
+        _MODELS[kind] = cls(small_config(V, 8, max_len=12, dropout=0.1), seed=3)
     return _MODELS[kind]
 
 
@@ -108,7 +97,7 @@ def test_fuzz_encode(data):
             expect_raise("encode", model.encode, src, bad)
         return
     mem = call_ok("encode", model.encode, src, lengths)
-    assert mem.shape == (B, S, CFG["d_model"]) and mem.dtype == np.float32
+    assert mem.shape == (B, S, model.config.d_model) and mem.dtype == np.float32
     # padding positions are zeros, real positions finite; a row does not depend on its batch
     # mates nor on what the padding holds
     for b in range(B):
@@ -192,7 +181,7 @@ def test_fuzz_translate_generate(data):
         elif how == "type":
             seqs = draw(st.sampled_from(["abc", 5, None, [["a"]], [[1.5, 2.0]], [[[1, 2]]]]))
         elif how == "long":
-            seqs = seqs + [[1] * (CFG["max_len"] + draw(st.integers(1, 5)))]
+            seqs = seqs + [[1] * (model.config.max_len + draw(st.integers(1, 5)))]
         else:
             key = draw(
                 st.sampled_from(
@@ -220,7 +209,7 @@ def test_fuzz_translate_generate(data):
         assert len(out) == n
         for prompt, gen in zip(seqs, out, strict=True):
             assert len(gen) <= kwargs["max_new_tokens"]
-            assert len(prompt) + len(gen) <= CFG["max_len"]
+            assert len(prompt) + len(gen) <= model.config.max_len
             assert all(0 <= t < V for t in gen)
     else:
         out = call_ok("translate", model.translate, seqs, **kwargs)
@@ -279,10 +268,10 @@ def test_fuzz_loss_and_grad(data):
                 if val.shape[1] > 1
                 else val[:-1]
                 if B > 1
-                else np.zeros((B, CFG["max_len"] + 1), np.int64)
+                else np.zeros((B, model.config.max_len + 1), np.int64)
             )
             if kind == "enc" and field == "src":
-                bad = np.zeros((B, CFG["max_len"] + 1), np.int64)
+                bad = np.zeros((B, model.config.max_len + 1), np.int64)
         setattr(batch, field, bad)
         smoothing = draw(st.sampled_from([0.1, -0.5, 1.0, float("nan")]))
         if smoothing == 0.1 and draw(st.booleans()):
