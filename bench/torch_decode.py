@@ -3,9 +3,9 @@ tests/torch_reference.py (`TorchTransformer.init_state / decode_step / reorder_s
 same weights as a pytransformer model: the peer of bench_decode.py.
 
 The search follows pytransformer.decode.search's rules (EOS only after min_len tokens, max_len
-tokens end a hypothesis, per sentence the beam_size best extensions, EOS ones finished and kept apart,
-GNMT length penalty) written the way a PyTorch user would: log_softmax, topk over beam x vocab,
-index_select of the caches. Finished sentences leave the batch in both.
+tokens end a hypothesis, per sentence the beam_size best extensions, EOS ones finished and kept
+apart, GNMT length penalty) written the way a PyTorch user would: log_softmax, topk over
+beam x vocab, index_select of the caches. Finished sentences leave the batch in both.
 """
 
 from __future__ import annotations

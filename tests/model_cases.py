@@ -33,6 +33,22 @@ def tiny_config(**overrides) -> pt.TransformerConfig:
     return pt.TransformerConfig(**base)
 
 
+def small_config(vocab: int, d_model: int, layers: int = 1, **overrides) -> pt.TransformerConfig:
+    """A model with one vocabulary for source and target, 2 heads, d_ff = 2 * d_model and `layers`
+    encoder and decoder layers; `overrides` set any other field or replace these."""
+    base = dict(
+        src_vocab_size=vocab,
+        tgt_vocab_size=vocab,
+        d_model=d_model,
+        num_heads=2,
+        d_ff=2 * d_model,
+        num_encoder_layers=layers,
+        num_decoder_layers=layers,
+    )
+    base.update(overrides)
+    return pt.TransformerConfig(**base)
+
+
 def padded(rng: np.random.Generator, lengths: np.ndarray, width: int, vocab: int) -> np.ndarray:
     """(B, width) ids in [3, vocab) for positions < length, PAD after."""
     ids = rng.integers(3, vocab, size=(len(lengths), width))

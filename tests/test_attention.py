@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,7 @@ FIXTURE_OK = settings(
 )
 
 
-# ---------------------------------------------------------------------------- references (float64)
+# ---------------------------------------------------------------------------- helpers
 
 
 def visible_mask(B, Lq, Lk, key_lengths, causal, query_offset):
@@ -38,41 +39,6 @@ def visible_mask(B, Lq, Lk, key_lengths, causal, query_offset):
     if causal:
         mask &= (j[None, :] <= np.arange(Lq)[:, None] + query_offset)[None]
     return mask
-
-
-def ref_probs(q, k, key_lengths=None, causal=False, query_offset=0, scale=None):
-    """Probabilities (B, H, Lq, Lk) and lse (B, H, Lq) in float64; rows with no key are zero."""
-    B, Lq, H, D = q.shape
-    Lk = k.shape[1]
-    scale = 1.0 / np.sqrt(D) if scale is None else scale
-    s = np.einsum("bihd,bjhd->bhij", q.astype(np.float64), k.astype(np.float64)) * scale
-    mask = visible_mask(B, Lq, Lk, key_lengths, causal, query_offset)[:, None]
-    s = np.where(mask, s, -np.inf)
-    m = s.max(-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(s - m)
-    total = e.sum(-1, keepdims=True)
-    p = e / np.where(total > 0, total, 1.0)
-    with np.errstate(divide="ignore"):
-        lse = np.log(total[..., 0]) + m[..., 0]
-    return p, lse, scale
-
-
-def ref_attention(q, k, v, **kw):
-    p, lse, _ = ref_probs(q, k, **kw)
-    return np.einsum("bhij,bjhd->bihd", p, v.astype(np.float64)), lse
-
-
-def ref_backward(dout, q, k, v, **kw):
-    """Analytic float64 gradients of sum(dout * attention(q, k, v))."""
-    p, _, scale = ref_probs(q, k, **kw)
-    do = dout.astype(np.float64)
-    dv = np.einsum("bhij,bihd->bjhd", p, do)
-    dp = np.einsum("bihd,bjhd->bhij", do, v.astype(np.float64))
-    ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * scale
-    dq = np.einsum("bhij,bjhd->bihd", ds, k.astype(np.float64))
-    dk = np.einsum("bhij,bihd->bjhd", ds, q.astype(np.float64))
-    return dq, dk, dv
 
 
 def assert_close(got, want, rtol=2e-5, atol=2e-6, name=""):
@@ -111,7 +77,7 @@ def check_case(rng, B, Lq, Lk, H, D, *, key_lengths=None, causal=False, query_of
         assert Lq == Lk
     kw = dict(key_lengths=key_lengths, causal=causal, query_offset=query_offset, scale=scale)
     out, lse = ops.attention(q, k, v, return_lse=True, **kw)
-    want, want_lse = ref_attention(q, k, v, **kw)
+    want, want_lse = ref.attention(q, k, v, **kw)
     assert out.flags.c_contiguous and out.shape == (B, Lq, H, D) and out.dtype == np.float32
     assert lse.shape == (B, H, Lq)
     assert_close(out, want, name="out")
@@ -125,10 +91,10 @@ def check_case(rng, B, Lq, Lk, H, D, *, key_lengths=None, causal=False, query_of
     # dS = P (dP - rowsum(dout * out)) cancels (exactly, when one key is visible), so the
     # absolute error follows the size of the summed terms, not of the result.
     atol = 5e-7 * np.sqrt(D * max(Lq, Lk))
-    refs = ref_backward(dout, q, k, v, **kw)
-    for name, got, ref, like in zip("qkv", grads, refs, (q, k, v), strict=True):
+    refs = ref.attention_backward(dout, q, k, v, **kw)
+    for name, got, want_d, like in zip("qkv", grads, refs, (q, k, v), strict=True):
         assert got.flags.c_contiguous and got.shape == like.shape
-        assert_close(got, ref, rtol=5e-5, atol=atol, name="d" + name)
+        assert_close(got, want_d, rtol=5e-5, atol=atol, name="d" + name)
 
 
 # ---------------------------------------------------------------------------- forward/backward
@@ -190,11 +156,11 @@ def test_odd_strides_and_negative_strides(isa, rng):
     k = base[:, :, 1, 1::2].reshape(2, 40, 1, 32)
     v = base[:, :, 2, ::-2].reshape(2, 40, 1, 32)
     out, lse = ops.attention(q, k, v, causal=True, return_lse=True)
-    assert_close(out, ref_attention(q, k, v, causal=True)[0])
+    assert_close(out, ref.attention(q, k, v, causal=True)[0])
     dout = randn(rng, *out.shape)
     dout_reversed = dout[..., ::-1].copy()[..., ::-1]  # same values, negative stride along D
     grads = ops.attention_backward(dout_reversed, q, k, v, out, lse, causal=True)
-    for got, want in zip(grads, ref_backward(dout, q, k, v, causal=True), strict=True):
+    for got, want in zip(grads, ref.attention_backward(dout, q, k, v, causal=True), strict=True):
         assert_close(got, want, rtol=5e-5, atol=5e-6)
 
 
@@ -204,7 +170,7 @@ def test_fully_masked_rows_are_zero(isa, rng):
     lengths = np.array([0, 12])
     out, lse = ops.attention(q, k, v, key_lengths=lengths, return_lse=True)
     assert np.all(out[0] == 0) and np.all(lse[0] == -np.inf)
-    assert_close(out[1], ref_attention(q, k, v)[0][1])
+    assert_close(out[1], ref.attention(q, k, v)[0][1])
     grads = ops.attention_backward(randn(rng, *out.shape), q, k, v, out, lse, key_lengths=lengths)
     for g in grads:
         assert np.all(np.isfinite(g)) and np.all(g[0] == 0)
@@ -253,8 +219,8 @@ def test_backward_finite_differences(isa, rng):
         plus, minus = list(x), list(x)
         plus[which] = x[which] + eps * u
         minus[which] = x[which] - eps * u
-        f_plus = np.sum(dout * ref_attention(*plus, **kw)[0])
-        f_minus = np.sum(dout * ref_attention(*minus, **kw)[0])
+        f_plus = np.sum(dout * ref.attention(*plus, **kw)[0])
+        f_minus = np.sum(dout * ref.attention(*minus, **kw)[0])
         numeric = (f_plus - f_minus) / (2 * eps)
         analytic = np.sum(grads[which].astype(np.float64) * u)
         assert abs(numeric - analytic) <= 1e-4 * (1 + abs(numeric)), (which, numeric, analytic)
@@ -264,14 +230,14 @@ def test_naive_sibling_matches_reference(rng):
     q, k, v = make_qkv(rng, 2, 21, 30, 2, 24)
     lengths = np.array([30, 0])
     out, lse = _C.attention(q, k, v, lengths, True, 5, None, True, naive=True)
-    want, want_lse = ref_attention(q, k, v, key_lengths=lengths, causal=True, query_offset=5)
+    want, want_lse = ref.attention(q, k, v, key_lengths=lengths, causal=True, query_offset=5)
     assert_close(out, want)
     assert np.array_equal(np.isfinite(lse), np.isfinite(want_lse))
     dout = randn(rng, *out.shape)
     grads = _C.attention_backward(dout, q, k, v, out, lse, lengths, True, 5, None, naive=True)
-    for got, ref in zip(grads, ref_backward(dout, q, k, v, key_lengths=lengths, causal=True,
-                                            query_offset=5), strict=True):
-        assert_close(got, ref, rtol=5e-5, atol=5e-6)
+    refs = ref.attention_backward(dout, q, k, v, key_lengths=lengths, causal=True, query_offset=5)
+    for got, want_d in zip(grads, refs, strict=True):
+        assert_close(got, want_d, rtol=5e-5, atol=5e-6)
 
 
 # ---------------------------------------------------------------------------- decode path
@@ -288,7 +254,7 @@ def test_decode_equals_last_row(isa, rng, L, D):
                                    query_offset=L - 1, return_lse=True)
     np.testing.assert_allclose(step, full[:, -1:], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(step_lse, full_lse[:, :, -1:], rtol=1e-5, atol=1e-6)
-    assert_close(step, ref_attention(q[:, -1:], k, v, key_lengths=lengths, causal=True,
+    assert_close(step, ref.attention(q[:, -1:], k, v, key_lengths=lengths, causal=True,
                                      query_offset=L - 1)[0])
     dec = ops.attention_decode(q[:, -1], k, v, key_lengths=lengths)
     np.testing.assert_array_equal(dec, step[:, 0])
@@ -301,7 +267,7 @@ def test_decode_from_preallocated_cache(isa, rng):
     k, v = cache[:, :filled, 0], cache[:, :filled, 1]
     q = randn(rng, N, H, D)
     got = ops.attention_decode(q, k, v)
-    assert_close(got, ref_attention(q[:, None], k, v)[0][:, 0])
+    assert_close(got, ref.attention(q[:, None], k, v)[0][:, 0])
 
 
 # ---------------------------------------------------------------------------- threads, concurrency

@@ -19,28 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from model_cases import small_config
 
 import pytransformer as pt
-from pytransformer import Transformer, TransformerConfig, TransformerLM, ops
+from pytransformer import Transformer, TransformerLM, ops
 from pytransformer.train.data import make_batch, synthetic_pairs
 from pytransformer.train.optim import Adam
 
-CFG = dict(
-    src_vocab_size=23,
-    tgt_vocab_size=23,
-    d_model=16,
-    num_heads=2,
-    d_ff=32,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    max_len=16,
-    dropout=0.1,
-)
 N_THREADS = 4
 
 
 def _model(cls=Transformer) -> Transformer:
-    return cls(TransformerConfig(**CFG), seed=11)
+    return cls(small_config(23, 16, layers=2, max_len=16, dropout=0.1), seed=11)
 
 
 def _sources(n: int, seed: int) -> list[list[int]]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_cases import small_config
 
 from pytransformer.decode import generate, length_penalty, search, translate
 
@@ -546,21 +547,23 @@ def _real_models():
     return pytransformer
 
 
+def decoding_config(vocab, **overrides):
+    """d_model 32, 4 heads, 2 + 2 layers, no dropout, untied embeddings."""
+    return small_config(
+        vocab, 32, layers=2, num_heads=4, max_len=40, dropout=0.0, tie_embeddings="none",
+        **overrides,
+    )
+
+
 def tiny_transformer(seed=0, **kw):
     pt = _real_models()
-    cfg = pt.TransformerConfig(
-        src_vocab_size=23, tgt_vocab_size=19, d_model=32, num_heads=4, d_ff=64,
-        num_encoder_layers=2, num_decoder_layers=2, max_len=40, dropout=0.0,
-        tie_embeddings="none", **kw)
+    cfg = decoding_config(23, tgt_vocab_size=19, **kw)
     return _favour_eos(pt.Transformer(cfg, seed=seed).eval())
 
 
 def tiny_lm(seed=0):
     pt = _real_models()
-    cfg = pt.TransformerConfig(
-        src_vocab_size=19, tgt_vocab_size=19, d_model=32, num_heads=4, d_ff=64,
-        num_encoder_layers=0, num_decoder_layers=2, max_len=40, dropout=0.0,
-        tie_embeddings="none")
+    cfg = decoding_config(19, num_encoder_layers=0)
     return _favour_eos(pt.TransformerLM(cfg, seed=seed).eval())
 
 

@@ -17,28 +17,19 @@ import textwrap
 
 import numpy as np
 import pytest
+from model_cases import small_config
 
 import pytransformer
-from pytransformer import Transformer, TransformerConfig
+from pytransformer import Transformer
 from pytransformer import io as ptio
 
 # Children import the same pytransformer as this process (the sanitized copy under
 # tools/sanitize.sh), not whatever the current directory holds: hence -P and this path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(pytransformer.__file__)))
-SMALL = dict(
-    src_vocab_size=17,
-    tgt_vocab_size=17,
-    d_model=8,
-    num_heads=2,
-    d_ff=16,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    max_len=16,
-)
 
 
 def _model(seed: int, **overrides) -> Transformer:
-    return Transformer(TransformerConfig(**{**SMALL, **overrides}), seed=seed)
+    return Transformer(small_config(17, 8, **{"max_len": 16, **overrides}), seed=seed)
 
 
 def _assert_same_params(model, expected: dict[str, np.ndarray]) -> None:
@@ -147,16 +138,7 @@ def test_kill_at_random_moments_never_tears_the_checkpoint(tmp_path):
     """Real SIGKILLs at arbitrary moments of back-to-back saves of a ~8 MB model: the directory
     always holds checkpoint 1 or checkpoint 2, complete."""
     d_model, vocab = 64, 16000
-    cfg = TransformerConfig(
-        src_vocab_size=vocab,
-        tgt_vocab_size=vocab,
-        d_model=d_model,
-        num_heads=2,
-        d_ff=2 * d_model,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        max_len=16,
-    )
+    cfg = small_config(vocab, d_model, max_len=16)
     first = Transformer(cfg, seed=1).state_dict()
     second = Transformer(cfg, seed=2).state_dict()
     rng = np.random.default_rng(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,28 +18,6 @@ except ImportError:  # pragma: no cover - torch is optional
     torch = None
 
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def ln_ref(x, g, b, eps):
-    """float64 layer norm: y, mean, rstd."""
-    x = x.astype(np.float64)
-    mean = x.mean(-1)
-    rstd = 1.0 / np.sqrt(x.var(-1) + eps)
-    xh = (x - mean[..., None]) * rstd[..., None]
-    return xh * g + b, mean, rstd
-
-
-def ln_bwd_ref(dy, x, g, eps):
-    """float64 analytic gradients (dx, dgamma, dbeta) of layer norm."""
-    dy, x, g = (a.astype(np.float64) for a in (dy, x, g))
-    _, mean, rstd = ln_ref(x, g, 0.0, eps)
-    xh = (x - mean[..., None]) * rstd[..., None]
-    dxh = dy * g
-    dx = rstd[..., None] * (
-        dxh - dxh.mean(-1, keepdims=True) - xh * (dxh * xh).mean(-1, keepdims=True)
-    )
-    C = x.shape[-1]
-    return dx, (dy * xh).reshape(-1, C).sum(0), dy.reshape(-1, C).sum(0)
 
 
 def make(rng, shape, scale=1.0, offset=0.0):
@@ -61,7 +40,7 @@ def test_forward_matches_float64(isa, rows, C, eps, offset):
     x = make(rng, (*rows, C), 2.0, offset)
     g, b = params(rng, C)
     y, mean, rstd = ops.layer_norm(x, g, b, eps, return_stats=True)
-    y_ref, m_ref, r_ref = ln_ref(x, g, b, eps)
+    y_ref, m_ref, r_ref = ref.layer_norm(x, g, b, eps)
     assert y.shape == x.shape and mean.shape == rstd.shape == x.shape[:-1]
     assert y.dtype == mean.dtype == rstd.dtype == np.float32
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=3e-5)
@@ -78,9 +57,9 @@ def test_backward_matches_analytic(isa, rows, C):
     g, b = params(rng, C)
     _, mean, rstd = ops.layer_norm(x, g, b, return_stats=True)
     dx, dg, db = ops.layer_norm_backward(dy, x, g, mean, rstd)
-    dx_ref, dg_ref, db_ref = ln_bwd_ref(dy, x, g, 1e-5)
+    dx_ref, dg_ref, db_ref = ref.layer_norm_backward(dy, x, g, 1e-5)
     # dx is a difference of terms of size rstd * |dy * g|: errors scale with that, not with dx.
-    scale = np.abs(dy * g).max() * ln_ref(x, g, b, 1e-5)[2].max()
+    scale = np.abs(dy * g).max() * ref.layer_norm(x, g, b, 1e-5)[2].max()
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(dg, dg_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(db, db_ref, rtol=1e-4, atol=1e-4)
@@ -108,7 +87,7 @@ def test_backward_matches_finite_differences(isa, rng, shape):
     x64, g64, b64 = x.astype(np.float64), g.astype(np.float64), b.astype(np.float64)
 
     def loss():
-        return float((ln_ref(x64, g64, b64, 1e-5)[0] * dy).sum())
+        return float((ref.layer_norm(x64, g64, b64, 1e-5)[0] * dy).sum())
 
     _, mean, rstd = ops.layer_norm(x, g, b, return_stats=True)
     dx, dg, db = ops.layer_norm_backward(dy, x, g, mean, rstd)
@@ -133,7 +112,7 @@ def test_add_layer_norm_matches_separate_ops(isa, rows, C, stats):
     np.testing.assert_array_equal(s, s_ref)
     for a, w in zip((y, mean, rstd), want, strict=True):
         np.testing.assert_allclose(a, w, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(y, ln_ref(s_ref, g, b, 1e-5)[0], rtol=1e-5, atol=3e-5)
+    np.testing.assert_allclose(y, ref.layer_norm(s_ref, g, b, 1e-5)[0], rtol=1e-5, atol=3e-5)
 
 
 def test_eps_is_used(rng):
@@ -150,7 +129,7 @@ def test_small_variance_large_mean_with_eps_1e6(isa, rng):
     x = make(rng, (64, 512), 1e-2, 100.0)
     g, b = params(rng, 512)
     y = ops.layer_norm(x, g, b, 1e-6)
-    np.testing.assert_allclose(y, ln_ref(x, g, b, 1e-6)[0], rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(y, ref.layer_norm(x, g, b, 1e-6)[0], rtol=1e-3, atol=2e-3)
 
 
 def test_strided_input(rng):
@@ -158,7 +137,7 @@ def test_strided_input(rng):
     x = base[::2, 3:33]  # not contiguous
     g, b = params(rng, 30)
     np.testing.assert_allclose(
-        ops.layer_norm(x, g, b), ln_ref(x, g, b, 1e-5)[0], rtol=1e-5, atol=3e-5
+        ops.layer_norm(x, g, b), ref.layer_norm(x, g, b, 1e-5)[0], rtol=1e-5, atol=3e-5
     )
 
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from model_cases import small_config
 from test_gemm import K_SIZES, SIZES, assert_close, rand, reference
 
 import pytransformer as pt
-from pytransformer import Transformer, TransformerConfig, TransformerLM
+from pytransformer import Transformer, TransformerLM
 from pytransformer.ops import PackedWeight, matmul
 
 # Past MC = 144 the packed path takes A in several row blocks.
@@ -151,8 +152,10 @@ def _pw(n: int, k: int) -> PackedWeight:
 # ---------------------------------------------------------------------------------------------
 # decoders: packed and unpacked step weights decode the same
 # ---------------------------------------------------------------------------------------------
-CFG = dict(d_model=32, num_heads=4, d_ff=64, num_encoder_layers=2, num_decoder_layers=2,
-           src_vocab_size=40, tgt_vocab_size=37, dropout=0.0, max_len=64)
+def _config(**overrides):
+    return small_config(
+        40, 32, layers=2, num_heads=4, tgt_vocab_size=37, dropout=0.0, max_len=64, **overrides
+    )
 
 
 def _decode(model, sources, pack, steps=12):
@@ -172,7 +175,7 @@ def _decode(model, sources, pack, steps=12):
 
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_decoder_packed_matches_unpacked(rng, norm_first):
-    model = Transformer(TransformerConfig(**CFG, norm_first=norm_first), seed=3).eval()
+    model = Transformer(_config(norm_first=norm_first), seed=3).eval()
     sources = [rng.integers(3, 40, size=n).tolist() for n in (5, 9, 2, 7, 11, 3, 6, 8)]
     s_packed, packed = _decode(model, sources, True)
     s_plain, plain = _decode(model, sources, False)
@@ -184,8 +187,8 @@ def test_decoder_packed_matches_unpacked(rng, norm_first):
 def test_translate_and_generate_packed_match_unpacked(rng, monkeypatch):
     import pytransformer.decode.api as decoding
 
-    model = Transformer(TransformerConfig(**CFG), seed=5).eval()
-    lm = TransformerLM(TransformerConfig(**CFG), seed=6).eval()
+    model = Transformer(_config(), seed=5).eval()
+    lm = TransformerLM(_config(), seed=6).eval()
     sources = [rng.integers(3, 40, size=int(n)).tolist() for n in rng.integers(1, 20, size=24)]
     prompts = [rng.integers(3, 37, size=int(n)).tolist() for n in rng.integers(1, 10, size=24)]
 
@@ -206,11 +209,11 @@ def test_translate_and_generate_packed_match_unpacked(rng, monkeypatch):
 
 
 def test_pack_weights_argument_is_checked():
-    model = Transformer(TransformerConfig(**CFG), seed=0).eval()
+    model = Transformer(_config(), seed=0).eval()
     memory = model.encode(np.ones((1, 3), np.int64), np.array([3]))
     with pytest.raises(TypeError, match="pack_weights"):
         model.init_decoder_state(memory, np.array([3]), 4, pack_weights="yes")
-    lm = TransformerLM(TransformerConfig(**CFG), seed=0)
+    lm = TransformerLM(_config(), seed=0)
     with pytest.raises(TypeError, match="pack_weights"):
         lm.init_state(2, 4, pack_weights=1)
     # A single short row is not worth packing; a large batch is.
@@ -221,7 +224,7 @@ def test_pack_weights_argument_is_checked():
 def test_state_keeps_the_weights_it_was_made_with(rng):
     """The packed copies are really what a packed state's steps read: changing a weight after
     the state was made changes only an unpacked state's output."""
-    model = Transformer(TransformerConfig(**CFG), seed=4).eval()
+    model = Transformer(_config(), seed=4).eval()
     sources = [rng.integers(3, 40, size=6).tolist() for _ in range(8)]
     _, before = _decode(model, sources, True, steps=3)
     lengths = np.full(8, 6)
@@ -235,7 +238,7 @@ def test_state_keeps_the_weights_it_was_made_with(rng):
 
 
 def test_one_packing_serves_every_chunk(rng, monkeypatch):
-    model = Transformer(TransformerConfig(**CFG), seed=7).eval()
+    model = Transformer(_config(), seed=7).eval()
     sources = [rng.integers(3, 40, size=12).tolist() for _ in range(40)]
     calls = []
     real = PackedWeight.__init__

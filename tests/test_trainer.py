@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from model_cases import small_config
 
 from pytransformer import io as ptio
-from pytransformer.models import Transformer, TransformerConfig, TransformerLM
+from pytransformer.models import Transformer, TransformerLM
 from pytransformer.train.data import TokenBatcher, make_batch, make_lm_batch, synthetic_pairs
 from pytransformer.train.optim import Adam
 from pytransformer.train.schedule import Cosine, Noam
@@ -27,18 +28,7 @@ def one_thread(threads):
 
 
 def tiny_config(vocab=12, d=16, layers=1, dropout=0.1, **kw):
-    return TransformerConfig(
-        src_vocab_size=vocab,
-        tgt_vocab_size=vocab,
-        d_model=d,
-        num_heads=2,
-        d_ff=2 * d,
-        num_encoder_layers=layers,
-        num_decoder_layers=layers,
-        dropout=dropout,
-        max_len=64,
-        **kw,
-    )
+    return small_config(vocab, d, layers, dropout=dropout, max_len=64, **kw)
 
 
 def train_pairs(n=120):
@@ -319,10 +309,7 @@ def test_trainer_validation(tmp_path):
 @pytest.mark.parametrize("task, steps", [("copy", 300), ("reverse", 600)])
 def test_learns_copy_and_reverse(task, steps):
     """Teacher-forced argmax accuracy >= 99% on held-out pairs after a few seconds of training."""
-    cfg = TransformerConfig(
-        src_vocab_size=14, tgt_vocab_size=14, d_model=32, num_heads=2, d_ff=64,
-        num_encoder_layers=1, num_decoder_layers=1, dropout=0.0, max_len=32, tie_embeddings="all",
-    )  # fmt: skip
+    cfg = small_config(14, 32, dropout=0.0, max_len=32, tie_embeddings="all")
     model = Transformer(cfg, seed=0)
     data = TokenBatcher(
         synthetic_pairs(task, 3000, 14, 2, 8, seed=1), 1024, pad_id=PAD, bos_id=BOS, eos_id=EOS
@@ -347,10 +334,7 @@ def test_language_model_overfits_a_small_text():
     ids = np.array([chars.index(c) + 3 for c in text], np.int64)
     seqs = [ids[i : i + 32] for i in range(0, len(ids) - 31, 4)]
     V = len(chars) + 3
-    cfg = TransformerConfig(
-        src_vocab_size=V, tgt_vocab_size=V, d_model=32, num_heads=2, d_ff=64,
-        num_encoder_layers=0, num_decoder_layers=2, dropout=0.0, max_len=64,
-    )  # fmt: skip
+    cfg = small_config(V, 32, num_encoder_layers=0, num_decoder_layers=2, dropout=0.0, max_len=64)
     model = TransformerLM(cfg, seed=0)
     data = TokenBatcher(seqs, 4096, pad_id=PAD, bos_id=BOS, eos_id=EOS, lm=True)
     opt = Adam(model.parameters(), lr=Cosine(1e-2, 200, warmup=20))

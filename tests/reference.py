@@ -1,0 +1,217 @@
+"""float64 numpy oracles for every kernel, written from the definitions.
+
+One copy of each, shared by the kernel tests and the fuzzers. Nothing here imports pytransformer:
+an oracle must not share a bug with what it checks. Inputs may be float32 (or anything numpy
+converts); results are float64 (plain floats for scalars).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def f64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
+
+
+# ---------------------------------------------------------------------------- matmul, activations
+
+
+def relu(x):
+    return np.maximum(f64(x), 0.0)
+
+
+def relu_backward(dout, out):
+    """The gradient through relu given its output: dout where out > 0, else 0."""
+    return np.where(f64(out) > 0, f64(dout), 0.0)
+
+
+def gelu(x):
+    """The exact (erf) GELU."""
+    x = f64(x)
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def gelu_grad(x):
+    """d gelu / dx."""
+    x = f64(x)
+    return 0.5 * (1.0 + _erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(
+        2 * math.pi
+    )
+
+
+ACTIVATIONS = {None: f64, "relu": relu, "gelu": gelu}
+
+
+def matmul(a, b, trans_a=False, trans_b=False, bias=None, activation=None, out=None):
+    """activation(op(a) @ op(b) + bias), plus `out` when accumulating (op transposes the last two
+    axes when asked; batch axes broadcast)."""
+    A = np.swapaxes(f64(a), -1, -2) if trans_a else f64(a)
+    B = np.swapaxes(f64(b), -1, -2) if trans_b else f64(b)
+    r = A @ B
+    if out is not None:
+        r = r + f64(out)
+    if bias is not None:
+        r = r + f64(bias)
+    return ACTIVATIONS[activation](r)
+
+
+# ---------------------------------------------------------------------------- layer norm
+
+
+def layer_norm(x, gamma, beta, eps):
+    """y, mean, rstd over the last axis."""
+    x = f64(x)
+    mean = x.mean(-1)
+    xc = x - mean[..., None]
+    rstd = 1.0 / np.sqrt((xc * xc).mean(-1) + eps)
+    return xc * rstd[..., None] * f64(gamma) + f64(beta), mean, rstd
+
+
+def layer_norm_backward(dy, x, gamma, eps):
+    """Analytic gradients (dx, dgamma, dbeta) of sum(dy * layer_norm(x))."""
+    dy, x, gamma = f64(dy), f64(x), f64(gamma)
+    _, mean, rstd = layer_norm(x, gamma, 0.0, eps)
+    xh = (x - mean[..., None]) * rstd[..., None]
+    g = dy * gamma
+    dx = rstd[..., None] * (g - g.mean(-1, keepdims=True) - xh * (g * xh).mean(-1, keepdims=True))
+    C = x.shape[-1]
+    return dx, (dy * xh).reshape(-1, C).sum(0), dy.reshape(-1, C).sum(0)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention_scale(D: int, scale=None) -> float:
+    return 1.0 / math.sqrt(D) if scale is None else scale
+
+
+def _attention_rows(q, k, key_lengths, causal, query_offset, scale) -> Iterator:
+    """(b, i, m, p, lse) for every query row that sees m > 0 keys: keys 0..m-1 of batch b (those
+    below its key length and, when causal, at most i + query_offset), probabilities p (H, m) and
+    log-sum-exp (H,). Keys a row cannot see are never read, whatever they hold."""
+    B, Lq = q.shape[:2]
+    Lk = k.shape[1]
+    for b in range(B):
+        n = Lk if key_lengths is None else int(key_lengths[b])
+        for i in range(Lq):
+            m = min(n, i + query_offset + 1) if causal else n
+            if m <= 0:
+                continue
+            s = np.einsum("hd,jhd->hj", q[b, i], k[b, :m]) * scale
+            mx = s.max(-1, keepdims=True)
+            e = np.exp(s - mx)
+            z = e.sum(-1, keepdims=True)
+            yield b, i, m, e / z, (mx + np.log(z))[:, 0]
+
+
+def attention(q, k, v, key_lengths=None, causal=False, query_offset=0, scale=None):
+    """softmax(q k^T * scale) v per head for (B, L, H, D) q, k, v: out (B, Lq, H, D) and lse
+    (B, H, Lq). A row with no visible key is zero with lse -inf."""
+    q, k, v = f64(q), f64(k), f64(v)
+    B, Lq, H, D = q.shape
+    scale = attention_scale(D, scale)
+    out = np.zeros((B, Lq, H, D))
+    lse = np.full((B, H, Lq), -np.inf)
+    for b, i, m, p, row_lse in _attention_rows(q, k, key_lengths, causal, query_offset, scale):
+        out[b, i] = np.einsum("hj,jhd->hd", p, v[b, :m])
+        lse[b, :, i] = row_lse
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, key_lengths=None, causal=False, query_offset=0, scale=None):
+    """Analytic gradients (dq, dk, dv) of sum(dout * attention(q, k, v)); keys no row sees get
+    zero gradient."""
+    do, q, k, v = f64(dout), f64(q), f64(k), f64(v)
+    scale = attention_scale(q.shape[-1], scale)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b, i, m, p, _ in _attention_rows(q, k, key_lengths, causal, query_offset, scale):
+        dv[b, :m] += np.einsum("hj,hd->jhd", p, do[b, i])
+        dp = np.einsum("hd,jhd->hj", do[b, i], v[b, :m])
+        ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * scale
+        dq[b, i] = np.einsum("hj,jhd->hd", ds, k[b, :m])
+        dk[b, :m] += np.einsum("hj,hd->jhd", ds, q[b, i])
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def log_softmax(x):
+    """log-softmax over the last axis."""
+    x = f64(x)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def softmax_cross_entropy(logits, targets, label_smoothing=0.0, ignore_index=-100):
+    """Mean label-smoothed cross-entropy over the rows whose target is not ignore_index (0.0 when
+    none is) and its gradient (N, V); ignored rows get zero gradient."""
+    lp = log_softmax(logits)
+    N, V = lp.shape
+    eps = label_smoothing
+    targets = np.asarray(targets)
+    rows = np.flatnonzero(targets != ignore_index)
+    grad = np.zeros((N, V))
+    if rows.size == 0:
+        return 0.0, grad
+    t = targets[rows]
+    nll = -lp[rows, t]
+    smooth = -lp[rows].mean(-1)
+    loss = float(((1 - eps) * nll + eps * smooth).sum() / rows.size)
+    q = np.full((rows.size, V), eps / V)
+    q[np.arange(rows.size), t] += 1 - eps
+    grad[rows] = (np.exp(lp[rows]) - q) / rows.size
+    return loss, grad
+
+
+# ---------------------------------------------------------------------------- embedding
+
+
+def embedding(weight, ids, scale=1.0):
+    return f64(weight)[np.asarray(ids)] * scale
+
+
+def embedding_backward(dout, ids, dweight, scale=1.0):
+    """dweight plus scale * dout scattered (summed) into the rows `ids` name."""
+    dw = f64(dweight).copy()
+    C = dw.shape[-1]
+    np.add.at(dw, np.asarray(ids).reshape(-1), f64(dout).reshape(-1, C) * scale)
+    return dw
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def adam_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    """One Adam step (AdamW's decoupled decay when `decoupled`, else L2 added to the gradient):
+    the new param, m, v."""
+    p, g, m, v = f64(param), f64(grad), f64(m), f64(v)
+    if decoupled:
+        p = p * (1 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    mhat = m / (1 - beta1**step)
+    vhat = v / (1 - beta2**step)
+    with np.errstate(invalid="ignore"):
+        p = p - lr * mhat / (np.sqrt(vhat) + eps)
+    return p, m, v
+
+
+def global_norm(arrays: Sequence) -> float:
+    """The 2-norm of all elements of all arrays."""
+    return math.sqrt(sum(float((f64(a) ** 2).sum()) for a in arrays))
+
+
+def clip_grad_norm(arrays: Sequence, max_norm: float):
+    """(norm, arrays scaled by max_norm / (norm + 1e-6) when norm > max_norm)."""
+    norm = global_norm(arrays)
+    coef = max_norm / (norm + 1e-6) if norm > max_norm else 1.0
+    return norm, [f64(a) * coef for a in arrays]
