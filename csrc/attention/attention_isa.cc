@@ -21,28 +21,11 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Local min (std::min would instantiate a template the linker may share with baseline code).
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
-// Scores are kept in base 2 (q is packed with scale * log2 e), so softmax needs 2^x, which is
-// cheaper than e^x (no ln 2 range reduction); lse is converted back to natural log at the end.
+// Scores are kept in base 2 (q is packed with scale * log2 e), so softmax takes exp2 (core/vec.h),
+// whose range reduction is exact, rather than exp; lse is converted back to natural log at the
+// end. Positive arguments (clamped to 127 by exp2) are only ever masked out afterwards.
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
-
-// 2^x for the x <= 0 of a softmax (x = -inf gives exactly 0, NaN stays NaN): 2^n * p(r) with
-// n = round(x), r = x - n in [-1/2, 1/2] and p the degree-6 Taylor polynomial of e^(r ln 2)
-// (relative error below 2.5e-7). Larger x are clamped to 127 and only ever masked out afterwards.
-inline Vec exp2_softmax(Vec x) {
-  const Vec lo(-126.0f);
-  const Vec xc = min(Vec(127.0f), max(lo, x));  // operand order keeps NaN
-  const Vec n = Vec::round(xc);
-  const Vec r = xc - n;
-  Vec p(1.5403530393381609e-4f);
-  p = fma(p, r, Vec(1.3333558146428443e-3f));
-  p = fma(p, r, Vec(9.6181291076284772e-3f));
-  p = fma(p, r, Vec(5.5504108664821580e-2f));
-  p = fma(p, r, Vec(2.4022650695910071e-1f));
-  p = fma(p, r, Vec(6.9314718055994531e-1f));
-  p = fma(p, r, Vec(1.0f));
-  return Vec::select(Vec::less(x, lo), Vec::zero(), p * Vec::pow2i(n));
-}
 
 // Micro-kernel: C (R x 8 NV) = cs * C + sum over k < kn of A[r*ars + k*aks] * B[k*ldb + (0 .. 8 NV)],
 // with cs[r] = rs[r] (rs not null), 1 (rs null, ACC) or 0 (ACC = false: C is overwritten).
@@ -156,11 +139,11 @@ void softmax_update(float* s, index_t ld, index_t kn, index_t ncols, float* m, f
                                   Vec::zero(), m_new);
     Vec sum = Vec::zero();
     for (index_t j = 0; j < kn; ++j) {
-      const Vec p = exp2_softmax(Vec::load(s + j * ld + i) - m_sub);
+      const Vec p = exp2(Vec::load(s + j * ld + i) - m_sub);
       p.store(s + j * ld + i);
       sum = sum + p;
     }
-    const Vec a = exp2_softmax(m_old - m_sub);
+    const Vec a = exp2(m_old - m_sub);
     a.store(alpha + i);
     (Vec::load(l + i) * a + sum).store(l + i);
     m_new.store(m + i);
@@ -391,7 +374,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
         for (index_t i = 0; i < ncols; i += 8) {
           const Vec lv = Vec::load(lse_h + i0 + i);
           for (index_t j = 0; j < kn; ++j)
-            exp2_softmax(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
+            exp2(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
         }
         if (j0 + kn > kfull) mask_tile(pt, LD, kn, ncols, j0, nvis + i0, 0.0f);
         // dV += P^T dOut

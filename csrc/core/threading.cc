@@ -1,6 +1,8 @@
 #include "core/threading.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <new>
 #include <thread>
 
 #if defined(__linux__)
@@ -55,6 +57,37 @@ static void after_fork_in_child() {
 }
 static const int atfork_registered = pthread_atfork(nullptr, nullptr, after_fork_in_child);
 #endif
+
+void team_barrier(int team) {
+#if defined(_OPENMP)
+  if (team > 1) {
+#pragma omp barrier
+  }
+#endif
+}
+
+namespace {
+struct Scratch {
+  float* p = nullptr;
+  std::size_t n = 0;
+  ~Scratch() { std::free(p); }
+  float* get(std::size_t floats) {
+    if (floats > n) {
+      std::free(p);
+      p = nullptr;
+      n = 0;
+      const std::size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+      p = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!p) throw std::bad_alloc();
+      n = floats;
+    }
+    return p;
+  }
+};
+thread_local Scratch tl_scratch;
+}  // namespace
+
+float* thread_scratch(std::size_t floats) { return tl_scratch.get(floats); }
 
 bool have_openmp() {
 #if defined(_OPENMP)

@@ -1,9 +1,10 @@
-// Thread pool settings and a deterministic parallel loop.
+// Thread settings, deterministic parallel loops, thread teams and per-thread scratch memory.
 //
 // Kernels parallelise over independent output blocks and never split a reduction across
 // threads, so results are bit-identical for any thread count.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(_OPENMP)
@@ -56,5 +57,31 @@ void parallel_chunks(std::int64_t n, Fn&& fn) {
 #endif
   if (n > 0) fn(0, 0, n);
 }
+
+// Runs fn(thread, team_size) once on each thread of a team of up to nt threads: a team of one
+// (fn(0, 1) on the calling thread) when nt <= 1 or when already inside a team. Threads of the
+// team wait for each other at team_barrier(team_size).
+template <class Fn>
+void run_team(int nt, Fn&& fn) {
+#if defined(_OPENMP)
+  if (nt > 1 && !omp_in_parallel()) {
+    note_team();
+#pragma omp parallel num_threads(nt)
+    fn(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  fn(0, 1);
+}
+
+// Every thread of a run_team team of `team` threads calls it at the same point; none returns
+// before all have arrived. No-op for a team of one.
+void team_barrier(int team);
+
+// The calling thread's scratch memory: at least `floats` floats, 64-byte aligned, grown on
+// demand, reused by the thread's next call (so a kernel must be done with it by then) and freed
+// at thread exit. Call it outside parallel regions and hand the team slices, so nothing
+// allocates inside one. Throws std::bad_alloc.
+float* thread_scratch(std::size_t floats);
 
 }  // namespace pt

@@ -159,6 +159,41 @@ struct Vec {
 
 #endif
 
+// Lanes below n selected (for Vec::select), the others not.
+inline Vec first_lanes(int n) {
+  alignas(32) static const float iota[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  return Vec::less(Vec::load(iota), Vec(static_cast<float>(n)));
+}
+
+// Loads the first n (< 8) lanes; the other lanes take `fill` (e.g. -FLT_MAX for a max).
+inline Vec load_tail(const float* p, int n, float fill) {
+  return Vec::select(first_lanes(n), Vec::load(p, n), Vec(fill));
+}
+
+// Lane-wise square root.
+inline Vec vsqrt(Vec x) {
+#if defined(PT_ISA_AVX2)
+  return Vec(_mm256_sqrt_ps(x.v));
+#else
+  Vec r;
+  for (int i = 0; i < 8; ++i) r.v[i] = std::sqrt(x.v[i]);
+  return r;
+#endif
+}
+
+// The one exponential polynomial, shared by exp and exp2: e^r for a reduced argument
+// |r| <= ln2 / 2 (relative error about 1e-7). Both write their argument as n ln2 + r, n integral,
+// and return exp_reduced(r) * 2^n.
+inline Vec exp_reduced(Vec r) {
+  Vec p(1.9875691500e-4f);
+  p = fma(p, r, Vec(1.3981999507e-3f));
+  p = fma(p, r, Vec(8.3334519073e-3f));
+  p = fma(p, r, Vec(4.1665795894e-2f));
+  p = fma(p, r, Vec(1.6666665459e-1f));
+  p = fma(p, r, Vec(5.0000001201e-1f));
+  return fma(p * r, r, r + Vec(1.0f));
+}
+
 // e^x, relative error about 2e-7 for x <= 88; e^x for x < -87.3 is 0; NaN stays NaN.
 inline Vec exp(Vec x) {
   const Vec nan_lanes = Vec::is_nan(x);
@@ -168,16 +203,20 @@ inline Vec exp(Vec x) {
   // r = x - n ln2, with ln2 split in two for precision
   Vec r = fma(n, Vec(-0.693359375f), xc);
   r = fma(n, Vec(2.12194440e-4f), r);
-  Vec p(1.9875691500e-4f);
-  p = fma(p, r, Vec(1.3981999507e-3f));
-  p = fma(p, r, Vec(8.3334519073e-3f));
-  p = fma(p, r, Vec(4.1665795894e-2f));
-  p = fma(p, r, Vec(1.6666665459e-1f));
-  p = fma(p, r, Vec(5.0000001201e-1f));
-  p = fma(p * r, r, r + Vec(1.0f));
-  Vec y = p * Vec::pow2i(n);
+  Vec y = exp_reduced(r) * Vec::pow2i(n);
   y = Vec::select(Vec::less(x, lo), Vec::zero(), y);
   return Vec::select(nan_lanes, x, y);
+}
+
+// 2^x, relative error below 1.2e-7 for x in [-125, 127]; 2^x for x < -126 is 0 (x = -inf gives
+// exactly 0), larger x are clamped to 127, NaN stays NaN. n = round(x) and the fraction x - n is
+// exact, so the only rounding before the polynomial is r = (x - n) ln2.
+inline Vec exp2(Vec x) {
+  const Vec lo(-126.0f);
+  const Vec xc = min(Vec(127.0f), max(lo, x));  // operand order keeps NaN
+  const Vec n = Vec::round(xc);
+  const Vec y = exp_reduced((xc - n) * Vec(0.693147180559945309f)) * Vec::pow2i(n);
+  return Vec::select(Vec::less(x, lo), Vec::zero(), y);
 }
 
 // erf(x), absolute error below 2e-7 (Abramowitz & Stegun 7.1.26 with an exact e^(-x^2)).

@@ -1,4 +1,4 @@
-// GEMM op logic: batch handling and ISA dispatch. The blocked kernels live in gemm_isa.cc.
+// GEMM op logic: batch handling and ISA dispatch. The per-ISA kernels start at gemm_isa.cc.
 #include "gemm/gemm.h"
 
 #include <chrono>

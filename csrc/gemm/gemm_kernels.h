@@ -1,4 +1,5 @@
-// Per-ISA GEMM bodies (gemm_isa.cc compiled once per ISA); gemm.cc picks one with PT_DISPATCH.
+// Per-ISA GEMM entry points (csrc/gemm/*_isa.cc, compiled once per ISA; gemm_isa.cc dispatches to
+// the paths) and the blocking constants; gemm.cc picks an ISA with PT_DISPATCH.
 #pragma once
 
 #include "gemm/gemm.h"
@@ -16,9 +17,9 @@ inline constexpr index_t kKC = 256;
 inline constexpr index_t kMC = 144;
 inline constexpr index_t kNC = 4080;
 // Products with at most kSmallM rows (decoding: batch x beam) take the small-M paths in
-// gemm_isa.cc, which pack A once and B a block at a time: up to kTinyM rows a GEMV-like sweep reads
-// a row-major B once, in address order; up to kDotM rows a B stored transposed (N, K) is read in
-// place as rows of dot products.
+// gemm_small_isa.cc, which pack A once and B a block at a time: up to kTinyM rows a GEMV-like
+// sweep reads a row-major B once, in address order; up to kDotM rows a B stored transposed (N, K)
+// is read in place as rows of dot products.
 inline constexpr index_t kSmallM = 32;
 inline constexpr index_t kTinyM = 4;
 inline constexpr index_t kDotM = 16;

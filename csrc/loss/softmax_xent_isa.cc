@@ -4,7 +4,6 @@
 
 #include "core/vec.h"
 #include "loss/softmax_xent.h"
-#include "norm/vec_extra.h"
 
 namespace pt {
 namespace PT_ISA_NS {

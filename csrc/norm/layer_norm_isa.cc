@@ -5,7 +5,6 @@
 
 #include "core/vec.h"
 #include "norm/layer_norm.h"
-#include "norm/vec_extra.h"
 
 namespace pt {
 namespace PT_ISA_NS {

@@ -1,6 +1,5 @@
 // Adam update, sum of squares and scaling bodies, one for every ISA.
 #include "core/vec.h"
-#include "norm/vec_extra.h"
 #include "train/adam.h"
 
 namespace pt {
