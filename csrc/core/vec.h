@@ -3,9 +3,7 @@
 // build and a plain array (auto-vectorised for the baseline target) in the generic build.
 #pragma once
 
-#if !defined(PT_ISA_NS)
-#error "core/vec.h is for *_isa.cc translation units (compiled once per ISA)"
-#endif
+#include "core/isa_unit.h"
 
 #include <cmath>
 #include <cstdint>

@@ -10,10 +10,7 @@
 // every *_isa.cc calls every one.
 #pragma once
 
-#if !defined(PT_ISA_NS)
-#error "this header is for *_isa.cc translation units (compiled once per ISA)"
-#endif
-
+#include "core/isa_unit.h"
 #include "gemm/gemm_kernels.h"
 
 namespace pt {

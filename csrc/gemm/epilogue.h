@@ -3,10 +3,7 @@
 // to whole rows for the paths that write C without the micro-kernel. Include only from *_isa.cc.
 #pragma once
 
-#if !defined(PT_ISA_NS)
-#error "this header is for *_isa.cc translation units (compiled once per ISA)"
-#endif
-
+#include "core/isa_unit.h"
 #include "core/vec.h"
 #include "gemm/gemm.h"
 

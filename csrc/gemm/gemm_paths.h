@@ -2,10 +2,7 @@
 // of up to nt threads. Include only from *_isa.cc files.
 #pragma once
 
-#if !defined(PT_ISA_NS)
-#error "this header is for *_isa.cc translation units (compiled once per ISA)"
-#endif
-
+#include "core/isa_unit.h"
 #include "gemm/gemm.h"
 
 namespace pt {

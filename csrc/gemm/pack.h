@@ -3,10 +3,7 @@
 // transposes they use. Include only from *_isa.cc files.
 #pragma once
 
-#if !defined(PT_ISA_NS)
-#error "this header is for *_isa.cc translation units (compiled once per ISA)"
-#endif
-
+#include "core/isa_unit.h"
 #include "core/vec.h"
 #include "gemm/blocking.h"
 

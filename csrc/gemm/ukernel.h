@@ -2,10 +2,7 @@
 // run_tile, which dispatches a tile of any size 1..MR x 1..NR to it. Include only from *_isa.cc.
 #pragma once
 
-#if !defined(PT_ISA_NS)
-#error "this header is for *_isa.cc translation units (compiled once per ISA)"
-#endif
-
+#include "core/isa_unit.h"
 #include "core/vec.h"
 #include "gemm/blocking.h"
 #include "gemm/epilogue.h"

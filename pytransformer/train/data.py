@@ -70,6 +70,19 @@ def _as_ids(seq: object, what: str) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
+def _split_pairs(
+    pairs: Sequence[Any], name: str, hint: str = ""
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The sources and the targets of (source, target) pairs, as id arrays."""
+    srcs, tgts = [], []
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"{name}[{i}]: expected a (source, target) pair{hint}")
+        srcs.append(_as_ids(pair[0], f"{name}[{i}][0]"))
+        tgts.append(_as_ids(pair[1], f"{name}[{i}][1]"))
+    return srcs, tgts
+
+
 def _check_special(pad_id: int, bos_id: int, eos_id: int) -> None:
     for name, val in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
         check_int(name, val, 0)
@@ -106,12 +119,7 @@ def make_batch(
     _check_special(pad_id, bos_id, eos_id)
     if len(pairs) == 0:
         raise ValueError("pairs: empty batch")
-    srcs, tgts = [], []
-    for i, pair in enumerate(pairs):
-        if len(pair) != 2:
-            raise ValueError(f"pairs[{i}]: expected a (source, target) pair")
-        srcs.append(_as_ids(pair[0], f"pairs[{i}][0]"))
-        tgts.append(_as_ids(pair[1], f"pairs[{i}][1]"))
+    srcs, tgts = _split_pairs(pairs, "pairs")
     tgt_in, tgt_out, tgt_lengths = _targets(tgts, pad_id, bos_id, eos_id)
     return Batch(
         src=_pad(srcs, pad_id),
@@ -208,12 +216,7 @@ class TokenBatcher:
             self._tgt = _Packed([_as_ids(s, f"data[{i}]") for i, s in enumerate(data)])
             cost = self._tgt.lengths + 1
         else:
-            srcs, tgts = [], []
-            for i, pair in enumerate(data):
-                if len(pair) != 2:
-                    raise ValueError(f"data[{i}]: expected a (source, target) pair (lm=False)")
-                srcs.append(_as_ids(pair[0], f"data[{i}][0]"))
-                tgts.append(_as_ids(pair[1], f"data[{i}][1]"))
+            srcs, tgts = _split_pairs(data, "data", " (lm=False)")
             self._src, self._tgt = _Packed(srcs), _Packed(tgts)
             cost = np.maximum(self._src.lengths, self._tgt.lengths + 1)
         self._cost = cost
