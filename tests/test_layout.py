@@ -115,3 +115,24 @@ def test_the_rule_sees_lazy_and_relative_imports():
     assert "pytransformer.checks" in _imports(src)
     lazy = PACKAGE / "cli.py"
     assert "pytransformer.translator" in _imports(lazy)  # imported inside a command function
+
+
+def test_public_names_survive_the_layout():
+    import pytransformer as pt
+    from pytransformer.decode import generate, translate
+    from pytransformer.models.lm import TransformerLM
+    from pytransformer.models.transformer import Transformer
+    from pytransformer.train.trainer import Trainer
+
+    assert pt.Transformer is Transformer and pt.TransformerLM is TransformerLM
+    assert pt.Trainer is Trainer
+    assert pt.TransformerConfig is pt.models.TransformerConfig
+    assert callable(pt.ops.matmul) and callable(pt.ops.attention)
+    cfg = pt.TransformerConfig(src_vocab_size=9, tgt_vocab_size=9, d_model=8, num_heads=2, d_ff=8,
+                               num_encoder_layers=1, num_decoder_layers=1, max_len=8)
+    model, lm = pt.Transformer(cfg).eval(), pt.TransformerLM(cfg).eval()
+    sources = [[3, 4, 5], [6]]
+    assert [r.hypotheses for r in model.translate(sources, beam_size=2, max_decoding_length=4)] \
+        == [r.hypotheses for r in translate(model, sources, beam_size=2, max_decoding_length=4)]
+    assert lm.generate([[3, 4]], max_new_tokens=3, temperature=0.0) \
+        == generate(lm, [[3, 4]], max_new_tokens=3, temperature=0.0)
