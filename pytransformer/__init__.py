@@ -10,14 +10,33 @@ from __future__ import annotations
 from . import ops
 from ._native import _C, cpu_info, get_num_threads, set_num_threads
 from .io import CheckpointError
-from .models import Transformer, TransformerConfig, TransformerEncoderModel, TransformerLM
-from .train import Adam, AdamW, Batch, TokenBatcher, Trainer, make_batch, make_lm_batch
+from .models import (
+    Transformer,
+    TransformerConfig,
+    TransformerEncoderModel,
+    TransformerLM,
+    VisionTransformer,
+    ViTConfig,
+)
+from .train import (
+    Adam,
+    AdamW,
+    Batch,
+    ImageBatch,
+    ImageBatcher,
+    TokenBatcher,
+    Trainer,
+    make_batch,
+    make_lm_batch,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "cpu_info", "set_num_threads", "get_num_threads", "ops", "__version__", "_C",
     "TransformerConfig", "Transformer", "TransformerLM", "TransformerEncoderModel",
+    "ViTConfig", "VisionTransformer",
     "Batch", "TokenBatcher", "make_batch", "make_lm_batch", "CheckpointError",
+    "ImageBatch", "ImageBatcher",
     "Adam", "AdamW", "Trainer",
 ]

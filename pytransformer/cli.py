@@ -172,9 +172,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    if args.vision:
+        from .vision_demo import run_vision_demo
+
+        run_vision_demo(args.out, quick=args.quick, steps=args.steps)
+        return 0
     from .demo import run_demo
 
-    _set_threads(args.threads)
     run_demo(args.out, quick=args.quick, steps=args.steps)
     return 0
 
@@ -244,8 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("demo", help="train English -> German number words and report")
+    p = sub.add_parser(
+        "demo", help="train English -> German number words (or, --vision, digit images) and report"
+    )
     p.add_argument("--out", default="pytransformer-demo", help="output directory")
+    p.add_argument(
+        "--vision", action="store_true",
+        help="the Vision Transformer on scikit-learn's 8x8 digits instead (the vision extra)",
+    )
     p.add_argument("--quick", action="store_true", help="a small, fast variant")
     p.add_argument("--steps", type=int, help="override the number of training steps")
     p.add_argument("--threads", type=int)

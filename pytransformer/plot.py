@@ -1,6 +1,8 @@
-"""Pictures: the training curve from a training log and a cross-attention heatmap.
+"""Pictures: the training curve from a training log, a cross-attention heatmap, and the Vision
+Transformer's class-token attention over image patches.
 
-Needs matplotlib (the ``demo`` extra); drawn with the Agg backend, so no display is required.
+Needs matplotlib (the ``demo`` or ``vision`` extra); drawn with the Agg backend, so no display is
+required.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import json
 import os
 import pathlib
 from typing import Any
+
+import numpy as np
 
 from .checks import check_int
 
@@ -107,6 +111,45 @@ def plot_attention(
     ax.set_ylabel("generated target tokens")
     ax.set_title(f"cross-attention ({which})\n{sentence!r}\n→ {translation!r}", fontsize=9)
     fig.colorbar(image, ax=ax, label="attention weight")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return os.fspath(out_png)
+
+
+def plot_class_attention(
+    images: np.ndarray,
+    attention: np.ndarray,
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    out_png: str | os.PathLike,
+) -> str:
+    """One row per image: the image (H, W), then for each encoder layer the class token's
+    attention over the patch grid, averaged over heads (VisionTransformer.class_attention gives
+    attention (n_images, layers, heads, grid, grid)). Each map is scaled to its own maximum: the
+    pattern matters, and the weight the class token keeps for itself is left out."""
+    if attention.ndim != 5 or attention.shape[0] != images.shape[0] or images.ndim != 3:
+        raise ValueError(
+            f"attention: expected (n_images, layers, heads, grid, grid) for {images.shape[0]} "
+            f"images (H, W), got {attention.shape} for images {images.shape}"
+        )
+    maps = attention.mean(axis=2)
+    rows, layers = maps.shape[:2]
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        rows, layers + 1, figsize=(1.6 * (layers + 1), 1.6 * rows), dpi=120, squeeze=False
+    )
+    for r in range(rows):
+        axes[r, 0].imshow(images[r], cmap="gray_r")
+        axes[r, 0].set_title(f"label {labels[r]}, says {predicted[r]}", fontsize=7)
+        for k in range(layers):
+            axes[r, k + 1].imshow(maps[r, k], cmap="viridis", vmin=0.0)
+            if r == 0:
+                axes[r, k + 1].set_title(f"layer {k}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("class token's attention over the patches (mean of heads)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

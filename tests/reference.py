@@ -215,3 +215,47 @@ def clip_grad_norm(arrays: Sequence, max_norm: float):
     norm = global_norm(arrays)
     coef = max_norm / (norm + 1e-6) if norm > max_norm else 1.0
     return norm, [f64(a) * coef for a in arrays]
+
+
+# ---------------------------------------------------------------------------- vision transformer
+
+
+def vit_patches(images, patch):
+    """(B, K, S, S) -> (B, P, K * p * p): patches in row-major grid order, cut one by one."""
+    images = f64(images)
+    B, n = images.shape[0], images.shape[-1] // patch
+    rows = [
+        images[:, :, i * patch : (i + 1) * patch, j * patch : (j + 1) * patch].reshape(B, -1)
+        for i in range(n)
+        for j in range(n)
+    ]
+    return np.stack(rows, axis=1)
+
+
+def vit_forward(params, images, patch, num_heads, num_layers, eps):
+    """Logits (B, classes) of a pre-norm Vision Transformer with GELU feed-forward layers, and
+    the class token's attention probabilities over every token, per layer: (B, H, L) each. The
+    parameters are named as pytransformer names them."""
+    w = {k: f64(v) for k, v in params.items()}
+    tokens = vit_patches(images, patch) @ w["patch_embed.weight"].T + w["patch_embed.bias"]
+    B, C = tokens.shape[0], tokens.shape[-1]
+    cls = np.broadcast_to(w["cls_token"], (B, 1, C))
+    x = np.concatenate([cls, tokens], axis=1) + w["pos_embed"]
+    L, H = x.shape[1], num_heads
+    probs = []
+    for i in range(num_layers):
+        pre = f"encoder.layers.{i}."
+        h = layer_norm(x, w[pre + "norm1.weight"], w[pre + "norm1.bias"], eps)[0]
+        qkv = (h @ w[pre + "self_attn.qkv.weight"].T + w[pre + "self_attn.qkv.bias"])
+        q, k, v = qkv.reshape(B, L, 3, H, C // H).transpose(2, 0, 1, 3, 4)
+        s = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(C // H)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        probs.append(p[:, :, 0])
+        ctx = np.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, L, C)
+        x = x + ctx @ w[pre + "self_attn.out.weight"].T + w[pre + "self_attn.out.bias"]
+        h = layer_norm(x, w[pre + "norm2.weight"], w[pre + "norm2.bias"], eps)[0]
+        f = gelu(h @ w[pre + "ffn.fc1.weight"].T + w[pre + "ffn.fc1.bias"])
+        x = x + f @ w[pre + "ffn.fc2.weight"].T + w[pre + "ffn.fc2.bias"]
+    h = layer_norm(x[:, 0], w["encoder.norm.weight"], w["encoder.norm.bias"], eps)[0]
+    return h @ w["head.weight"].T + w["head.bias"], probs

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_cases import BOS, PAD, padded, random_batch, rel_err, tiny_config
+from model_cases import (
+    BOS,
+    PAD,
+    check_gradients,
+    mean_loss,
+    padded,
+    random_batch,
+    rel_err,
+    tiny_config,
+)
 
 import pytransformer as pt
 from pytransformer.io import CheckpointError
@@ -116,47 +125,6 @@ def test_same_seed_same_weights_different_seed_different():
 # ----------------------------------------------------------------------------------------------
 # finite-difference gradient check
 # ----------------------------------------------------------------------------------------------
-def _loss(model, batch, seed):
-    model.zero_grad()
-    loss_sum, n = model.loss_and_grad(batch, label_smoothing=0.1, dropout_seed=seed)
-    return loss_sum / n
-
-
-def _check_gradients(model, batch, seed=5):
-    """Compares each parameter tensor's gradient with a central difference of the loss along a
-    direction u (unit norm) mixing the gradient's own direction and a random one.
-
-    Our kernels are float32 only, so the loss (~3) carries rounding noise of ~1e-6; a step of
-    h = 1e-2 keeps the difference's noise near 1e-5..1e-4 while the truncation error
-    h^2/6 * f''' stays smaller still. The directional derivative is about |g|/sqrt(2) or more,
-    so 0.2% relative plus 3e-5 absolute lets rounding through (measured: errors stay below ~1%
-    of that bound over several seeds) while a gradient off by 1% fails; a wrong sign, a
-    missing term or a transposed weight gives errors of order |g|."""
-    rng = np.random.default_rng(0)
-    _loss(model, batch, seed)
-    grads = {k: g.astype(np.float64) for k, g in model.gradients().items()}
-    h = 1e-2
-    checked = 0
-    for name, p in model.parameters().items():
-        g = grads[name]
-        r = rng.standard_normal(p.shape)
-        u = r / np.linalg.norm(r)
-        if np.linalg.norm(g) > 0:
-            u = u + g / np.linalg.norm(g)
-            u /= np.linalg.norm(u)
-        saved = p.copy()
-        p += (h * u).astype(np.float32)
-        f_plus = _loss(model, batch, seed)
-        p[...] = saved - (h * u).astype(np.float32)
-        f_minus = _loss(model, batch, seed)
-        p[...] = saved
-        fd = (f_plus - f_minus) / (2 * h)
-        predicted = float((g * u).sum())
-        assert abs(fd - predicted) <= 3e-5 + 2e-3 * abs(predicted), (name, fd, predicted)
-        checked += 1
-    assert checked == len(model.parameters())
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -180,7 +148,7 @@ def test_gradients_match_finite_differences(overrides, threads):
     cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1, **overrides)
     model = pt.Transformer(cfg, seed=1)
     batch = random_batch(cfg, np.random.default_rng(2), B=2, S=5, T=4)
-    _check_gradients(model, batch)
+    check_gradients(model, batch)
 
 
 def test_gradients_of_sampled_entries(threads):
@@ -189,7 +157,7 @@ def test_gradients_of_sampled_entries(threads):
     cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1, activation="gelu")
     model = pt.Transformer(cfg, seed=3)
     batch = random_batch(cfg, np.random.default_rng(4), B=2, S=5, T=4)
-    _loss(model, batch, 0)
+    mean_loss(model, batch, 0)
     grads = {k: g.copy() for k, g in model.gradients().items()}
     h = 1e-2
     for name, p in model.parameters().items():
@@ -199,9 +167,9 @@ def test_gradients_of_sampled_entries(threads):
             continue
         x0 = float(p[idx])
         p[idx] = x0 + h
-        f_plus = _loss(model, batch, 0)
+        f_plus = mean_loss(model, batch, 0)
         p[idx] = x0 - h
-        f_minus = _loss(model, batch, 0)
+        f_minus = mean_loss(model, batch, 0)
         p[idx] = x0
         fd = (f_plus - f_minus) / (2 * h)
         assert abs(fd - g) <= 3e-5 + 3e-3 * abs(g), (name, idx, fd, g)
@@ -219,10 +187,10 @@ def test_lm_and_encoder_gradients_match_finite_differences(threads):
     rng = np.random.default_rng(6)
     lm = pt.TransformerLM(cfg, seed=2)
     batch = random_batch(cfg, rng, B=2, S=5, T=5)
-    _check_gradients(lm, SimpleNamespace(tgt_in=batch.tgt_in, tgt_out=batch.tgt_out))
+    check_gradients(lm, SimpleNamespace(tgt_in=batch.tgt_in, tgt_out=batch.tgt_out))
     enc = pt.TransformerEncoderModel(cfg, seed=2)
     labels = padded(rng, batch.src_lengths, 5, cfg.tgt_vocab_size)
-    _check_gradients(
+    check_gradients(
         enc, SimpleNamespace(src=batch.src, src_lengths=batch.src_lengths, labels=labels)
     )
 

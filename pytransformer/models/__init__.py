@@ -1,5 +1,5 @@
-"""The model classes: configuration, parameters and checkpoints, the three architectures and
-the incremental-decoding state they share."""
+"""The model classes: configuration, parameters and checkpoints, the three token architectures
+and the incremental-decoding state they share, and the Vision Transformer."""
 
 from .base import Model
 from .config import TransformerConfig
@@ -7,6 +7,7 @@ from .encoder import TransformerEncoderModel
 from .lm import TransformerLM
 from .state import DecoderState
 from .transformer import Transformer
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "Model",
@@ -15,4 +16,6 @@ __all__ = [
     "TransformerLM",
     "TransformerEncoderModel",
     "DecoderState",
+    "ViTConfig",
+    "VisionTransformer",
 ]

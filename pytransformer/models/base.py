@@ -1,4 +1,4 @@
-"""What the three model classes share: one flat parameter buffer, train/eval modes, checkpoints,
+"""What the model classes share: one flat parameter buffer, train/eval modes, checkpoints,
 and the forward / backward / loss passes around a model-specific hidden computation.
 
 A model class supplies `_hidden(...) -> (h, backward)`: the packed final hidden states (N, C) of
@@ -31,16 +31,25 @@ Hidden = Callable[[], tuple[np.ndarray, Backward]]
 
 
 class Model:
-    """Parameters, gradients, modes, checkpoints and passes, common to the three model classes."""
+    """Parameters, gradients, modes, checkpoints and passes, common to the model classes.
 
-    def __init__(self, config: TransformerConfig, seed: int) -> None:
-        if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config: expected a TransformerConfig, got {type(config).__name__}")
+    `config_class` is the configuration a class is built from and saved with (a dataclass with
+    `to_json`/`from_json`): TransformerConfig for the token models, which also get the sinusoidal
+    position table here; the Vision Transformer has its own.
+    """
+
+    config_class: type = TransformerConfig
+
+    def __init__(self, config: Any, seed: int) -> None:
+        cls = self.config_class
+        if not isinstance(config, cls):
+            raise TypeError(f"config: expected a {cls.__name__}, got {type(config).__name__}")
         check_int("seed", seed)
         self.config = config
         self.ctx = Context()
         self.store = ParamStore()
-        self.positions = sinusoidal_positions(config.max_len, config.d_model)
+        if isinstance(config, TransformerConfig):
+            self.positions = sinusoidal_positions(config.max_len, config.d_model)
         self._saved: tuple | None = None
 
     def _finish(self, seed: int) -> None:
@@ -48,7 +57,7 @@ class Model:
         self.store.allocate(None if skip else np.random.default_rng(int(seed)))
 
     @classmethod
-    def _uninitialised(cls, config: TransformerConfig) -> Any:
+    def _uninitialised(cls, config: Any) -> Any:
         """A model with zero parameters, for load(): random initialisation would be wasted."""
         model = cls.__new__(cls)
         model._skip_init = True
@@ -147,7 +156,7 @@ class Model:
         with open(config_path, encoding="utf-8") as f:
             text = f.read()
         try:
-            config = TransformerConfig.from_json(text)
+            config = cls.config_class.from_json(text)
         except (TypeError, ValueError) as exc:
             raise io.CheckpointError(f"{config_path}: invalid config ({exc})") from None
         tensors, meta = io.load_safetensors(weights_path)
@@ -220,7 +229,7 @@ class Model:
         gradients."""
         output = self.output
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-        rows = np.flatnonzero(targets != self.config.pad_id)
+        rows = self._target_rows(targets)
         n = int(rows.size)
         if n == 0:
             return 0.0, 0, (np.zeros_like(h) if need_grad else None)
@@ -252,6 +261,10 @@ class Model:
         dh = np.zeros_like(h)
         dh[rows] = dhs
         return loss, n, dh
+
+    def _target_rows(self, targets: np.ndarray) -> np.ndarray:
+        """The positions of the flat targets that count in the loss: the non-pad ones."""
+        return np.flatnonzero(targets != self.config.pad_id)
 
     # -- pieces shared by the variants ------------------------------------------------------------
     def _make_embedding(self, name: str, vocab_size: int, weight: Any) -> Embedding:
@@ -289,11 +302,9 @@ class Model:
             raise ValueError(f"{name}: shape {a.shape} does not match {other}'s {b.shape}")
 
 
-def batch_field(batch: Any, name: str) -> Any:
+def batch_field(batch: Any, name: str, kind: str = "pytransformer.train.Batch") -> Any:
     if not hasattr(batch, name):
-        raise TypeError(
-            f"batch: expected an object with a {name!r} attribute (pytransformer.train.Batch)"
-        )
+        raise TypeError(f"batch: expected an object with a {name!r} attribute ({kind})")
     return getattr(batch, name)
 
 
@@ -322,14 +333,12 @@ def _check_dlogits(dlogits: Any, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(dlogits)
 
 
-def _stored_config(
-    stored: str, config: TransformerConfig, weights_path: str
-) -> TransformerConfig:
+def _stored_config(stored: str, config: Any, weights_path: str) -> Any:
     """The config saved inside the weights file: the one its tensors were written with, so it
     wins over config.json. They differ only if a save with a new config stopped between its two
     renames (the weights file goes first), or if config.json was edited or copied in: warn."""
     try:
-        inner = TransformerConfig.from_json(stored)
+        inner = type(config).from_json(stored)
     except (TypeError, ValueError) as exc:
         raise io.CheckpointError(f"{weights_path}: invalid stored config ({exc})") from None
     a, b = inner.to_dict(), config.to_dict()

@@ -12,8 +12,36 @@ ACTIVATIONS = ("relu", "gelu")
 TIES = ("decoder", "all", "none")
 
 
+class JsonConfig:
+    """Dict and JSON round trips for a configuration dataclass (how checkpoints store it)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        if not isinstance(d, dict):
+            raise TypeError(f"config: expected a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown fields {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Any:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config: invalid JSON ({exc})") from None
+        return cls.from_dict(d)
+
+
 @dataclasses.dataclass
-class TransformerConfig:
+class TransformerConfig(JsonConfig):
     """Hyper-parameters of the model (defaults: the paper's base model).
 
     tie_embeddings: "decoder" — the target embedding is the output projection (the paper);
@@ -47,43 +75,25 @@ class TransformerConfig:
             setattr(self, name, check_int(name, getattr(self, name), 1))
         for name in ("num_encoder_layers", "num_decoder_layers", "pad_id", "bos_id", "eos_id"):
             setattr(self, name, check_int(name, getattr(self, name), 0))
-        if self.d_model % self.num_heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
-            )
-        for name in ("dropout", "attention_dropout"):
-            setattr(self, name, check_float(name, getattr(self, name), 0.0, 1.0))
-        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, positive=True)
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        check_layer_settings(self)
         if self.tie_embeddings not in TIES:
             raise ValueError(f"tie_embeddings must be one of {TIES}, got {self.tie_embeddings!r}")
         for name in ("norm_first", "output_bias"):
             check_bool(name, getattr(self, name))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
-        if not isinstance(d, dict):
-            raise TypeError(f"config: expected a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown fields {unknown}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> TransformerConfig:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config: invalid JSON ({exc})") from None
-        return cls.from_dict(d)
+def check_layer_settings(cfg: Any) -> None:
+    """The fields every attention stack reads (nn.blocks): heads that divide d_model, dropout
+    rates in [0, 1), a positive layer-norm epsilon, a known activation. Converts in place."""
+    if cfg.d_model % cfg.num_heads:
+        raise ValueError(
+            f"d_model ({cfg.d_model}) must be divisible by num_heads ({cfg.num_heads})"
+        )
+    for name in ("dropout", "attention_dropout"):
+        setattr(cfg, name, check_float(name, getattr(cfg, name), 0.0, 1.0))
+    cfg.layer_norm_eps = check_float("layer_norm_eps", cfg.layer_norm_eps, positive=True)
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {cfg.activation!r}")
 
 
 def check_same_vocabularies(cfg: TransformerConfig) -> None:

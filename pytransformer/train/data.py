@@ -21,6 +21,7 @@ __all__ = [
     "Batch",
     "make_batch",
     "make_lm_batch",
+    "EpochBatcher",
     "TokenBatcher",
     "synthetic_pairs",
 ]
@@ -47,6 +48,11 @@ class Batch:
     def size(self) -> int:
         """Number of sentences (B)."""
         return int(self.tgt_in.shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        """What the loss averages over, for the Trainer: the non-pad target tokens."""
+        return self.n_tokens
 
     @property
     def n_src_tokens(self) -> int:
@@ -172,7 +178,99 @@ class _Packed:
         return lengths
 
 
-class TokenBatcher:
+class EpochBatcher:
+    """The epoch bookkeeping every batcher shares: a subclass plans one epoch's batches (lists of
+    data-set positions) from ``self._rng`` in ``_plan``, builds a batch from positions in
+    ``batch``, and names what its state is only valid for in ``_identity``.
+
+    All randomness comes from one numpy Generator seeded by ``seed``; its state at the start of
+    the current epoch plus the position within the epoch are the whole iteration state
+    (``state_dict`` / ``load_state_dict``), so a resumed run sees exactly the same batches. This is
+    the data-source shape the Trainer takes (``trainer.DataSource``).
+    """
+
+    epoch: int
+
+    def _plan(self) -> list[np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _identity(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def batch(self, indices: np.ndarray) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _begin(self, seed: int) -> None:
+        """Seeds the generator and plans epoch 0 (the end of a subclass's __init__)."""
+        self._rng = np.random.default_rng(seed)
+        self.epoch = 0
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        """Plans the current epoch's batches from the generator's present state."""
+        self._epoch_rng_state = copy.deepcopy(self._rng.bit_generator.state)
+        self._batches, self._pos = self._plan(), 0
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self._batches)
+
+    @property
+    def position(self) -> int:
+        """Batches already taken from the current epoch."""
+        return self._pos
+
+    def next_batch(self) -> Any:
+        """The next batch, starting a new (reshuffled) epoch after the last batch of one."""
+        if self._pos == len(self._batches):
+            self.epoch += 1
+            self._start_epoch()
+        out = self.batch(self._batches[self._pos])
+        self._pos += 1
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        """The rest of the current epoch (a whole epoch when none has been taken from it yet);
+        iterating again after the end starts the next epoch."""
+        if self._pos == len(self._batches):
+            self.epoch += 1
+            self._start_epoch()
+        while self._pos < len(self._batches):
+            yield self.next_batch()
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable iteration state: epoch, position and the epoch's generator state,
+        with the data-set size and settings it is valid for."""
+        return {
+            "epoch": self.epoch,
+            "position": self._pos,
+            "rng_state": copy.deepcopy(self._epoch_rng_state),
+            **self._identity(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores ``state_dict()`` output; the data set and settings must be the same."""
+        try:
+            epoch, pos, rng_state = int(state["epoch"]), int(state["position"]), state["rng_state"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"state: not a {type(self).__name__} state ({exc!r})") from None
+        have = self._identity()
+        saved = {k: state.get(k) for k in have}
+        if saved != have:
+            raise ValueError(
+                f"state: saved for a different data set or settings (saved {saved}, have {have})"
+            )
+        self._rng.bit_generator.state = rng_state
+        self.epoch = epoch
+        self._start_epoch()
+        if not 0 <= pos <= len(self._batches):
+            raise ValueError(
+                f"state: position {pos} outside the epoch's {len(self._batches)} batches"
+            )
+        self._pos = pos
+
+
+class TokenBatcher(EpochBatcher):
     """Length-bucketed batches of about ``max_tokens`` padded tokens, as the paper trains.
 
     ``data``: a sequence of (source, target) id-sequence pairs, or of target sequences alone with
@@ -181,9 +279,7 @@ class TokenBatcher:
     most ``max_tokens`` and holds at most ``max_sentences`` sentences (when given).
 
     One epoch: shuffle (when ``shuffle``), stable-sort by cost, cut greedily into batches, shuffle
-    the batch order. All randomness comes from one numpy Generator seeded by ``seed``; its state at
-    the start of the current epoch plus the position within the epoch are the whole iteration
-    state (``state_dict`` / ``load_state_dict``), so a resumed run sees exactly the same batches.
+    the batch order, all from the generator seeded by ``seed`` (state and resume: EpochBatcher).
     Every sentence appears exactly once per epoch. Sentences that alone exceed ``max_tokens`` raise
     ValueError unless ``skip_long=True``, which leaves them out (counted in ``n_skipped``).
     """
@@ -231,15 +327,11 @@ class TokenBatcher:
         self._usable = np.flatnonzero(cost <= max_tokens)
         if self._usable.size == 0:
             raise ValueError("data: every sentence is longer than max_tokens")
-        self._rng = np.random.default_rng(seed)
-        self.epoch = 0
-        self._start_epoch()
+        self._begin(seed)
 
     # -- planning -------------------------------------------------------------------------------
 
-    def _start_epoch(self) -> None:
-        """Plans the current epoch's batches from the generator's present state."""
-        self._epoch_rng_state = copy.deepcopy(self._rng.bit_generator.state)
+    def _plan(self) -> list[np.ndarray]:
         order = self._usable
         if self.shuffle:
             order = order[self._rng.permutation(order.size)]
@@ -247,7 +339,7 @@ class TokenBatcher:
         batches = self._cut(order)
         if self.shuffle:
             batches = [batches[i] for i in self._rng.permutation(len(batches))]
-        self._batches, self._pos = batches, 0
+        return batches
 
     def _cut(self, order: np.ndarray) -> list[np.ndarray]:
         """Greedy packing of cost-sorted sentences: extend while B x max cost fits the budget."""
@@ -262,17 +354,6 @@ class TokenBatcher:
             widest = max(widest, c)
         batches.append(order[start:])
         return batches
-
-    # -- iteration ------------------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        """Batches per epoch (fixed: it depends only on the sentences' costs)."""
-        return len(self._batches)
-
-    @property
-    def position(self) -> int:
-        """Batches already taken from the current epoch."""
-        return self._pos
 
     def batch(self, indices: np.ndarray) -> Batch:
         """The Batch of the given data-set positions."""
@@ -299,59 +380,8 @@ class TokenBatcher:
             src, src_lengths, tgt_in, tgt_out, tgt_lengths, int(tgt_lengths.sum()), indices
         )
 
-    def next_batch(self) -> Batch:
-        """The next batch, starting a new (reshuffled) epoch after the last batch of one."""
-        if self._pos == len(self._batches):
-            self.epoch += 1
-            self._start_epoch()
-        out = self.batch(self._batches[self._pos])
-        self._pos += 1
-        return out
-
-    def __iter__(self) -> Iterator[Batch]:
-        """The rest of the current epoch (a whole epoch when none has been taken from it yet);
-        iterating again after the end starts the next epoch."""
-        if self._pos == len(self._batches):
-            self.epoch += 1
-            self._start_epoch()
-        while self._pos < len(self._batches):
-            yield self.next_batch()
-
-    # -- checkpointing --------------------------------------------------------------------------
-
-    def state_dict(self) -> dict:
-        """JSON-serialisable iteration state: epoch, position and the epoch's generator state."""
-        return {
-            "epoch": self.epoch,
-            "position": self._pos,
-            "rng_state": copy.deepcopy(self._epoch_rng_state),
-            "n_sentences": int(self._usable.size),
-            "max_tokens": self.max_tokens,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores ``state_dict()`` output; the data set and settings must be the same."""
-        try:
-            epoch, pos, rng_state = int(state["epoch"]), int(state["position"]), state["rng_state"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"state: not a TokenBatcher state ({exc!r})") from None
-        if (
-            state.get("n_sentences") != int(self._usable.size)
-            or state.get("max_tokens") != self.max_tokens
-        ):
-            raise ValueError(
-                "state: saved for a different data set or max_tokens "
-                f"(saved {state.get('n_sentences')} sentences, max_tokens "
-                f"{state.get('max_tokens')}; have {self._usable.size}, {self.max_tokens})"
-            )
-        self._rng.bit_generator.state = rng_state
-        self.epoch = epoch
-        self._start_epoch()
-        if not 0 <= pos <= len(self._batches):
-            raise ValueError(
-                f"state: position {pos} outside the epoch's {len(self._batches)} batches"
-            )
-        self._pos = pos
+    def _identity(self) -> dict[str, Any]:
+        return {"n_sentences": int(self._usable.size), "max_tokens": self.max_tokens}
 
 
 def synthetic_pairs(

@@ -1,9 +1,10 @@
 """The training loop: updates, validation, progress, a JSON-lines log and resumable checkpoints.
 
 A run is a pure function of (initial weights, data, seed, settings): the batch order comes from
-the TokenBatcher's seeded generator, dropout masks from a seed derived from (seed, step,
-micro-batch), and the kernels give the same bits at any thread count. A checkpoint stores all of
-that state, so ``load_checkpoint`` + ``fit`` continues bit-identically to an uninterrupted run.
+the data source's seeded generator (a TokenBatcher, an ImageBatcher, any ``DataSource``), dropout
+masks from a seed derived from (seed, step, micro-batch), and the kernels give the same bits at
+any thread count. A checkpoint stores all of that state, so ``load_checkpoint`` + ``fit``
+continues bit-identically to an uninterrupted run.
 
 Checkpoint layout (one directory per saved step under ``checkpoint_dir``)::
 
@@ -21,6 +22,7 @@ Log records (one JSON object per line): every ``log_every`` updates
 (train_loss: mean label-smoothed loss per target token over the interval; tokens/s: non-pad
 target tokens per second of training time); after each validation
 ``{"step", "valid_loss", "valid_ppl", "valid_tokens"}`` (loss without smoothing, per token).
+"Tokens" are the batches' ``n_targets``: target tokens for token batches, images for images.
 """
 
 from __future__ import annotations
@@ -33,21 +35,78 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .. import io
 from ..checks import check_float, check_int
-from .data import Batch, TokenBatcher
+from .data import TokenBatcher
 from .optim import Adam
 
-__all__ = ["Trainer", "latest_checkpoint"]
+__all__ = ["Trainer", "DataSource", "TrainBatch", "latest_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _MASK64 = (1 << 64) - 1
 _FORMAT = "pytransformer-trainer"
 _OPT_FILE, _STATE_FILE, _LOG_FILE = "optimizer.safetensors", "trainer.json", "log.jsonl"
+
+
+class TrainBatch(Protocol):
+    """A batch as the Trainer sees it: the model's loss_and_grad reads the rest."""
+
+    @property
+    def n_targets(self) -> int:
+        """What the batch's mean loss averages over (target tokens, images): the weight of its
+        gradient in an accumulated update, and the count in the log."""
+        ...
+
+
+class DataSource(Protocol):
+    """Training data as the Trainer takes it (TokenBatcher and ImageBatcher are two): an endless
+    stream of batches whose position is checkpointed and restored exactly.
+
+    A source that also has ``pad_id``, ``bos_id`` and ``eos_id`` (token data) must agree with the
+    model's config on them.
+    """
+
+    epoch: int  # epochs completed, for the log
+
+    def next_batch(self) -> TrainBatch:
+        """The next batch (a new epoch begins after the last one of an epoch)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable position in the stream."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Goes back to a position `state_dict` returned (ValueError when it does not fit)."""
+        ...
+
+
+_SOURCE_METHODS = ("next_batch", "state_dict", "load_state_dict")
+
+
+def _check_data_source(train_data: Any) -> None:
+    missing = [m for m in _SOURCE_METHODS if not callable(getattr(train_data, m, None))]
+    if missing or not hasattr(train_data, "epoch"):
+        raise TypeError(
+            f"train_data: expected a TokenBatcher, an ImageBatcher or another DataSource, got "
+            f"{type(train_data).__name__} (it lacks {', '.join(missing) or 'epoch'})"
+        )
+
+
+def _check_special_ids(config: Any, train_data: Any) -> None:
+    """Token data must pad and mark sentences with the ids the model was built for."""
+    for name in ("pad_id", "bos_id", "eos_id"):
+        if not (hasattr(config, name) and hasattr(train_data, name)):
+            continue
+        if getattr(config, name) != getattr(train_data, name):
+            raise ValueError(
+                f"train_data: {name}={getattr(train_data, name)} but the model's config has "
+                f"{name}={getattr(config, name)}"
+            )
 
 
 def _step_dirs(root: str) -> list[tuple[int, str]]:
@@ -104,13 +163,14 @@ def _check_optimizer_holds(model: Any, optimizer: Adam) -> None:
 class Trainer:
     """Trains ``model`` with ``optimizer`` on batches from ``train_data``.
 
-    model: a Transformer / TransformerLM / TransformerEncoderModel (anything with
-    ``loss_and_grad``, ``evaluate_loss``, ``zero_grad``, ``gradients``, ``state_dict``,
+    model: a Transformer / TransformerLM / TransformerEncoderModel / VisionTransformer (anything
+    with ``loss_and_grad``, ``evaluate_loss``, ``zero_grad``, ``gradients``, ``state_dict``,
     ``load_state_dict``, ``save``, ``train``, ``config``).
     optimizer: an ``optim.Adam``/``AdamW`` over ``model.parameters()``.
-    train_data: a TokenBatcher (its state is checkpointed). valid_data: a TokenBatcher or an
-    iterable of Batch, evaluated every ``valid_every`` updates (0: only when asked) and at the end.
-    accumulate: batches per update; the gradient is that of the mean loss over all their tokens.
+    train_data: a ``DataSource`` (TokenBatcher, ImageBatcher; its state is checkpointed).
+    valid_data: a batcher or any iterable of batches the model takes (each with ``n_targets``),
+    evaluated every ``valid_every`` updates (0: only when asked) and at the end.
+    accumulate: batches per update; the gradient is that of the mean loss over all their targets.
     checkpoint_dir: where checkpoints go (None: no checkpoints); ``checkpoint_every`` updates
     (0: only at the end of ``fit``); the newest ``keep_checkpoints`` are kept.
     log_path: the JSON-lines log (default ``checkpoint_dir/log.jsonl``; None without a
@@ -122,9 +182,9 @@ class Trainer:
         self,
         model: Any,
         optimizer: Adam,
-        train_data: TokenBatcher,
+        train_data: DataSource,
         *,
-        valid_data: TokenBatcher | Iterable[Batch] | None = None,
+        valid_data: TokenBatcher | Iterable[TrainBatch] | None = None,
         label_smoothing: float = 0.1,
         seed: int = 0,
         accumulate: int = 1,
@@ -143,17 +203,10 @@ class Trainer:
             raise TypeError(
                 f"optimizer: expected an optim.Adam/AdamW, got {type(optimizer).__name__}"
             )
-        if not isinstance(train_data, TokenBatcher):
-            raise TypeError(f"train_data: expected a TokenBatcher, got {type(train_data).__name__}")
+        _check_data_source(train_data)
         label_smoothing = check_float("label_smoothing", label_smoothing, 0.0, 1.0)
         _check_optimizer_holds(model, optimizer)
-        config = getattr(model, "config", None)
-        for name in ("pad_id", "bos_id", "eos_id"):
-            if config is not None and getattr(config, name) != getattr(train_data, name):
-                raise ValueError(
-                    f"train_data: {name}={getattr(train_data, name)} but the model's config has "
-                    f"{name}={getattr(config, name)}"
-                )
+        _check_special_ids(getattr(model, "config", None), train_data)
         self.model, self.optimizer, self.train_data = model, optimizer, train_data
         self.label_smoothing = float(label_smoothing)
         self.seed = _positive_int("seed", seed, allow_zero=True)
@@ -168,9 +221,11 @@ class Trainer:
         self.log_path = None if log_path is None else os.fspath(log_path)
         self.progress = bool(progress)
         self._valid = None if valid_data is None else list(valid_data)
-        if self._valid is not None and not all(isinstance(b, Batch) for b in self._valid):
-            raise TypeError("valid_data: expected a TokenBatcher or an iterable of Batch")
-        if self._valid is not None and sum(b.n_tokens for b in self._valid) == 0:
+        if self._valid is not None and not all(hasattr(b, "n_targets") for b in self._valid):
+            raise TypeError(
+                "valid_data: expected a batcher or an iterable of batches (Batch, ImageBatch)"
+            )
+        if self._valid is not None and sum(b.n_targets for b in self._valid) == 0:
             raise ValueError("valid_data: holds no target tokens")
         self.step = 0  # updates done
         self.tokens_seen = 0  # non-pad target tokens trained on
@@ -187,7 +242,7 @@ class Trainer:
         self.model.train()
         self.model.zero_grad()
         batches = [self.train_data.next_batch() for _ in range(self.accumulate)]
-        counts = [b.n_tokens for b in batches]
+        counts = [b.n_targets for b in batches]
         total = sum(counts)
         if total == 0:
             raise ValueError(f"update {self.step + 1}: the batches hold no target tokens")
