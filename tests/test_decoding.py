@@ -431,6 +431,20 @@ def test_sampled_tokens_stay_in_the_allowed_set(top_k, top_p):
             seq.append(tok)
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 5e-324])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.9)])
+def test_tiny_temperatures_are_greedy(temperature, top_k, top_p):
+    """1 / T overflows float64 for these: sampling must still pick the most likely token (it
+    used to turn every probability into NaN and return token 0)."""
+    lm = lm_model(seed=6, eos_bias=-1.0)
+    greedy = generate(lm, PROMPTS, max_new_tokens=8, temperature=0)
+    with np.errstate(over="raise", invalid="raise"):  # no overflow or NaN on the way either
+        out = generate(lm, PROMPTS, max_new_tokens=8, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=1)
+    assert out == greedy
+    assert any(tok != 0 for seq in greedy for tok in seq)
+
+
 def test_sampling_distribution():
     """One token sampled 4000 times from one prompt matches the truncated, tempered softmax."""
     lm = lm_model(seed=4)
