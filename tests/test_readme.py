@@ -1,5 +1,6 @@
 """Every Python snippet in the README runs, so the documentation cannot rot."""
 
+import ast
 import pathlib
 import re
 import subprocess
@@ -17,9 +18,43 @@ def test_readme_opens_with_the_two_setup_commands():
     assert blocks[1].strip() == 'pip install ".[test]" && pytest'
 
 
-@pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_readme_snippet_runs(code, tmp_path):
+def _printed(stdout: str) -> list:
+    """Each printed line as the Python value it shows (a line may hold several, space-separated
+    values: print(a, b))."""
+    return [ast.literal_eval(f"({line.replace('] [', '], [')},)") for line in
+            stdout.strip().splitlines()]
+
+
+def _check_translator_snippet(lines: list) -> None:
+    """print(translate(["three", "seven"])) then print(translate(["three"], n_best=2))."""
+    (pair,), (nbest,) = lines
+    assert len(pair) == 2 and all(isinstance(h, str) for h in pair)
+    assert pair[0] == "drei" or pair[1] == "sieben", pair  # 40 updates learn the words
+    assert len(nbest) == 1 and len(nbest[0]) == 2 and nbest[0][0] != nbest[0][1], nbest
+
+
+def _check_model_snippet(lines: list) -> None:
+    """print(results[0].hypotheses, results[0].scores): 2 hypotheses, best first."""
+    ((hyps, scores),) = lines
+    assert len(hyps) == len(scores) == 2
+    assert all(3 <= t < 20 for h in hyps for t in h), hyps  # no pad/bos/eos in a hypothesis
+    assert all(-1e3 < s <= 0 for s in scores) and scores[0] >= scores[1], scores
+
+
+CHECKS = [_check_translator_snippet, _check_model_snippet]  # one per snippet, in README order
+
+
+def test_every_snippet_has_a_check():
+    assert len(SNIPPETS) == len(CHECKS)
+
+
+@pytest.mark.parametrize(
+    "code, check", list(zip(SNIPPETS, CHECKS, strict=False)),
+    ids=[f"snippet{i}" for i in range(min(len(SNIPPETS), len(CHECKS)))],
+)
+def test_readme_snippet_runs_and_prints_what_it_says(code, check, tmp_path):
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    check(_printed(out.stdout))
