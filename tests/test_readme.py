@@ -9,6 +9,9 @@ import sys
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+RESULTS = README.parent / "bench" / "RESULTS.md"
+# A decimal figure, not part of a version string such as 4.8.5.
+FIGURE = re.compile(r"(?<![\d.])\d+\.\d+(?![\d.])")
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
@@ -16,6 +19,38 @@ def test_readme_opens_with_the_two_setup_commands():
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks[0].strip() == 'pip install ".[demo]" && pytransformer demo'
     assert blocks[1].strip() == 'pip install ".[test]" && pytest'
+
+
+def _speed_table() -> list[str]:
+    """The rows of the table under README's "## Speed" heading."""
+    section = README.read_text().split("\n## Speed\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+# README speed-table row (by the start of its "what" cell) -> the bench/RESULTS.md section
+# (between <!-- name:begin --> and <!-- name:end -->) that measured it
+SECTIONS = {"matmul": "gemm", "attention": "attention", "training": "train",
+            "translation": "decode", "the same vs CTranslate2": "decode"}
+
+
+def _results_section(name: str) -> str:
+    return RESULTS.read_text().split(f"<!-- {name}:begin -->")[1].split(f"<!-- {name}:end -->")[0]
+
+
+def test_every_speed_figure_comes_from_the_results():
+    """Each figure of README's speed table (ratios, GFLOP/s) is one that the matching section
+    of bench/RESULTS.md records, so the README cannot drift from the measurements."""
+    rows = _speed_table()[1:]  # below the header
+    assert len(rows) >= 5
+    missing = []
+    for row in rows:
+        what = row.split("|")[1].strip()
+        (section,) = [v for k, v in SECTIONS.items() if what.startswith(k)]
+        measured = set(FIGURE.findall(_results_section(section)))
+        figures = FIGURE.findall(row)
+        assert len(figures) >= 4, row
+        missing += [(what, f) for f in figures if f not in measured]
+    assert not missing, f"README speed figures not in bench/RESULTS.md: {missing}"
 
 
 def _printed(stdout: str) -> list:
