@@ -12,12 +12,13 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from ._native import set_num_threads
-from .io import CheckpointError
+from .io import CheckpointError, split_lines
 from .text.metrics import score_translations
 
 
@@ -25,29 +26,81 @@ class UserError(Exception):
     """A problem with the command line or the files it names."""
 
 
-def _read_lines(path: str) -> list[str]:
-    if path == "-":
-        return [line.rstrip("\n") for line in sys.stdin]
-    try:
-        return pathlib.Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
-
-
-def _write_lines(path: str, lines: Sequence[str]) -> None:
-    text = "".join(f"{line}\n" for line in lines)
-    if path == "-":
-        sys.stdout.write(text)
+def _path_error(arg: str, path: str, exc: OSError) -> UserError:
+    """One line naming the argument, the path and what is wrong with it."""
+    if isinstance(exc, FileNotFoundError):
+        why = "does not exist"
+    elif isinstance(exc, IsADirectoryError):
+        why = "is a directory"
+    elif isinstance(exc, NotADirectoryError):
+        why = "a part of it is not a directory"
+    elif isinstance(exc, PermissionError):
+        why = "permission denied"
     else:
-        pathlib.Path(path).write_text(text, encoding="utf-8")
+        why = exc.strerror or str(exc)
+    return UserError(f"{arg}: {path}: {why}")
+
+
+def _read_text(path: str, arg: str) -> str:
+    """The UTF-8 text of a file, or of stdin for "-"; read as bytes, so no newline is translated
+    (split_lines decides what a line is)."""
+    try:
+        if path == "-":
+            stream = getattr(sys.stdin, "buffer", None)
+            return sys.stdin.read() if stream is None else stream.read().decode("utf-8")
+        return pathlib.Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise _path_error(arg, path, exc) from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{arg}: {path}: not UTF-8 text ({exc})") from None
+
+
+def _read_lines(path: str, arg: str) -> list[str]:
+    return split_lines(_read_text(path, arg))
+
+
+def _probe_directory(directory: str, arg: str, path: str) -> None:
+    """Creates and removes a file in ``directory``: the one test of writability that holds for
+    every user (root included) and every file system."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise _path_error(arg, path, exc) from None
+
+
+def _check_output_file(path: str, arg: str) -> None:
+    """A file we may create or replace: checked before any work is done."""
+    if os.path.isdir(path):
+        raise UserError(f"{arg}: {path}: is a directory")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{arg}: cannot write {path}: its directory does not exist")
+    _probe_directory(directory, arg, path)
+
+
+def _check_output_dir(path: str, arg: str) -> None:
+    """A directory we write into (created with its parents when missing)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{arg}: {path}: exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise _path_error(arg, path, exc) from None
+    _probe_directory(path, arg, path)
+
+
+def _check_input_dir(path: str, arg: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{arg}: {path}: does not exist")
+    if not os.path.isdir(path):
+        raise UserError(f"{arg}: {path}: is not a directory")
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
-    text = "\n".join(_read_lines(path))
+    text = _read_text(path, "--config")
     if path.endswith((".yaml", ".yml")):
         try:
             import yaml
@@ -80,14 +133,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.shared_vocab:
         config["shared_vocab"] = True
     options = TrainOptions.from_dict(config)
-    src, tgt = _read_lines(args.src), _read_lines(args.tgt)
+    src, tgt = _read_lines(args.src, "--src"), _read_lines(args.tgt, "--tgt")
     if len(src) != len(tgt):
         raise UserError(f"{args.src} has {len(src)} lines but {args.tgt} has {len(tgt)}")
     valid = {}
     if args.valid_src or args.valid_tgt:
         if not (args.valid_src and args.valid_tgt):
             raise UserError("--valid-src and --valid-tgt go together")
-        valid = dict(valid_src=_read_lines(args.valid_src), valid_tgt=_read_lines(args.valid_tgt))
+        valid = dict(valid_src=_read_lines(args.valid_src, "--valid-src"),
+                     valid_tgt=_read_lines(args.valid_tgt, "--valid-tgt"))
+    _check_output_dir(args.out, "--out")
     _set_threads(args.threads)
     try:
         train_translator(src, tgt, args.out, options=options, resume=args.resume, **valid)
@@ -98,10 +153,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_translator(directory: str):
+def _load_translator(directory: str, arg: str):
     from .translator import Translator
 
-    return Translator.load(directory)
+    _check_input_dir(directory, arg)
+    try:
+        return Translator.load(directory)
+    except (OSError, CheckpointError) as exc:
+        raise UserError(f"{arg}: {exc}") from None
 
 
 def _decode_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,9 +177,9 @@ _TRANSLATE_BLOCK = 1000
 
 def cmd_translate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
-    with _output(args.output) as out:  # a bad output path fails before the model loads
-        translator = _load_translator(args.model)
-        sentences = _read_lines(args.input)
+    with _output(args.output, "--output") as out:  # a bad path fails before the model loads
+        translator = _load_translator(args.model, "--model")
+        sentences = _read_lines(args.input, "--input")
         for start in range(0, len(sentences), _TRANSLATE_BLOCK):
             t0 = time.perf_counter()
             block = sentences[start : start + _TRANSLATE_BLOCK]
@@ -139,7 +198,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _output(path: str) -> Iterator[IO[str]]:
+def _output(path: str, arg: str) -> Iterator[IO[str]]:
     """stdout for "-"; else the file, replaced atomically once everything is written (an
     interrupted run leaves an existing file as it was)."""
     if path == "-":
@@ -147,20 +206,19 @@ def _output(path: str) -> Iterator[IO[str]]:
         return
     from .io import atomic_open
 
-    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise UserError(f"cannot write {path}: its directory does not exist")
+    _check_output_file(path, arg)
     with atomic_open(path, "w") as f:
         yield f
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    refs = _read_lines(args.ref)
+    refs = _read_lines(args.ref, "--ref")
     if args.hyp:
-        hyps = _read_lines(args.hyp)
+        hyps = _read_lines(args.hyp, "--hyp")
     elif args.model and args.src:
         _set_threads(args.threads)
-        translator = _load_translator(args.model)
-        hyps = translator.translate(_read_lines(args.src), **_decode_options(args))
+        translator = _load_translator(args.model, "--model")
+        hyps = translator.translate(_read_lines(args.src, "--src"), **_decode_options(args))
     else:
         raise UserError("give --hyp, or --model with --src")
     try:
@@ -172,6 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _check_output_dir(args.out, "--out")
     _set_threads(args.threads)
     if args.vision:
         from .vision_demo import run_vision_demo
@@ -191,14 +250,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
         log = pathlib.Path(args.path)
         if log.is_dir():
             log = log / "checkpoints" / "log.jsonl"
-        out = plot.plot_training_curve(log, args.output or "training_curve.png")
+        _read_text(str(log), "path")  # a missing or unreadable log is the user's to fix
+        output = args.output or "training_curve.png"
+        _check_output_file(output, "--output")
+        out = plot.plot_training_curve(log, output)
     else:
         if not args.sentence:
             raise UserError("plot attention needs --sentence")
-        translator = _load_translator(args.path)
+        output = args.output or "attention.png"
+        _check_output_file(output, "--output")
+        translator = _load_translator(args.path, "path")
         out = plot.plot_attention(
-            translator, args.sentence, args.output or "attention.png", layer=args.layer,
-            head=args.head,
+            translator, args.sentence, output, layer=args.layer, head=args.head
         )
     print(out)
     return 0
@@ -278,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, FileNotFoundError, CheckpointError, ImportError) as exc:
+    except (UserError, OSError, CheckpointError, ImportError) as exc:
         if os.environ.get("PYTRANSFORMER_DEBUG"):
             raise
         print(f"pytransformer: error: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_open",
     "fsync_dir",
+    "split_lines",
 ]
 
 # safetensors dtype code -> numpy dtype (little-endian). BF16 has no numpy type; it is widened to
@@ -70,6 +71,22 @@ _CHECKSUM_KEY = "sha256"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or does not match what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------
+# text lines
+
+
+def split_lines(text: str) -> list[str]:
+    r"""The lines of ``text``: split on "\n" only, one trailing "\r" dropped from each, no empty
+    last line after a final "\n". (``str.splitlines`` also splits on \x0b, \x0c, \x1c-\x1e,
+    \x85, U+2028 and U+2029, which can sit inside a sentence and would shift a parallel corpus.)"""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected str, got {type(text).__name__}")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_int
+from .io import split_lines
 
 
 def _pyplot():
@@ -34,7 +35,7 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"log: {path} does not exist")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(split_lines(path.read_text(encoding="utf-8")), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))

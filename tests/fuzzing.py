@@ -79,6 +79,35 @@ def draw_dims(draw, n, lo=0, hi=5):
     return tuple(draw(st.integers(lo, hi)) for _ in range(n))
 
 
+def draw_gemm_dims(draw):
+    """(M, K, N) for matmul: mostly tiny, else sizes that reach every path of
+    csrc/gemm/gemm_isa.cc: full 16-column tiles, M on both sides of 4, 16 and 32 (M > 32 is the
+    blocked path), K past one 256-deep KC block, M past one 144-row MC block."""
+    size = draw(st.sampled_from(["tiny", "tiny", "tiles", "blocked"]))
+    if size == "tiny":
+        return draw_dims(draw, 3, 0, 9)
+    if size == "tiles":
+        return draw(st.integers(1, 40)), draw(st.integers(1, 80)), draw(st.integers(16, 70))
+    return draw(st.integers(33, 200)), draw(st.integers(200, 300)), draw(st.integers(1, 70))
+
+
+def draw_attention_dims(draw):
+    """(B, Lq, Lk, H, D): mostly tiny, else lengths past one 64-query / 64-key tile (Lq > 128:
+    the path that first packs strided keys; Lk > 256: more than one backward key block) and D up
+    to 128, multiples of 8 (the direct kernel) or not (the padded copy)."""
+    size = draw(st.sampled_from(["tiny", "tiny", "tiny", "tiles", "long"]))
+    if size == "tiny":
+        B, Lq, Lk, H = draw_dims(draw, 4, 0, 4)
+        return B, Lq, Lk, H, draw(st.integers(1, 9))
+    if size == "tiles":
+        B, H = draw_dims(draw, 2, 1, 2)
+        Lq, Lk = draw_dims(draw, 2, 1, 200)
+        return B, Lq, Lk, H, draw(st.sampled_from([8, 16, 24, 63, 64, 128]))
+    return 1, draw(st.integers(1, 140)), draw(st.integers(200, 300)), 1, draw(
+        st.sampled_from([8, 13, 32])
+    )
+
+
 def draw_values(draw, shape, dtype=np.float32, nonfinite=None, scale=1.0):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = np.asarray(rng.standard_normal(shape) * scale, dtype=dtype)

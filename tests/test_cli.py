@@ -1,11 +1,16 @@
 """The command line: a tiny end-to-end run and the errors a user can cause."""
 
+import io
 import json
+import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
+import pytransformer.cli as cli
 from pytransformer.cli import main
 from pytransformer.train.trainer import Trainer, latest_checkpoint
 
@@ -148,27 +153,141 @@ def test_ctrl_c_saves_a_checkpoint(corpus, monkeypatch, capsys):
     assert "checkpoint saved" in capsys.readouterr().err
 
 
+def one_line_error(capsys, arg: str) -> str:
+    """The single stderr line of a failed command; it names `arg`."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("pytransformer: error: ") and arg in err, err
+    return err
+
+
 @pytest.mark.parametrize(
-    "args, message",
+    "args, arg",
     [
-        (["translate", "--model", "/nonexistent/model"], "does not exist"),
-        (["evaluate", "--hyp", "/nonexistent/h.txt", "--ref", "/nonexistent/r.txt"],
-         "file not found"),
+        (["translate", "--model", "/nonexistent/model"], "--model"),
+        (["evaluate", "--hyp", "/nonexistent/h.txt", "--ref", "/nonexistent/r.txt"], "--ref"),
     ],
 )
-def test_user_errors_are_one_line(args, message, capsys):
+def test_user_errors_are_one_line(args, arg, capsys):
     assert main(args) != 0
-    err = capsys.readouterr().err
-    assert message in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "does not exist" in one_line_error(capsys, arg)
 
 
 def test_output_into_a_missing_directory(trained, capsys):
     args = ["translate", "--model", str(trained / "run"), "--input", str(trained / "src.txt"),
             "--output", str(trained / "nowhere" / "out.txt")]
     assert main(args) != 0
-    err = capsys.readouterr().err
-    assert "directory does not exist" in err and len(err.strip().splitlines()) == 1
+    assert "directory does not exist" in one_line_error(capsys, "--output")
+
+
+# Every character str.splitlines() breaks a line at besides "\n" and "\r".
+SEPARATORS = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_line_breaks_other_than_newline_stay_inside_lines(corpus, capsys, monkeypatch):
+    """A corpus whose source lines hold each of SEPARATORS (and CRLF endings) stays aligned line
+    for line through train, translate (file and stdin) and evaluate."""
+    d = corpus
+    src = [f"{s}{SEPARATORS[i % len(SEPARATORS)]}x" for i, s in enumerate(SRC)]
+    (d / "src.txt").write_bytes("".join(f"{s}\r\n" for s in src).encode())
+    assert cli._read_lines(str(d / "src.txt"), "--src") == src
+    assert main(train_args(d)) == 0  # would be "src.txt has 48 lines but tgt.txt has 24"
+    translate = ["translate", "--model", str(d / "run"), "--beam-size", "1",
+                 "--max-decoding-length", "8"]
+    assert main(translate + ["--input", str(d / "src.txt"), "--output", str(d / "hyp.txt")]) == 0
+    hyps = cli._read_lines(str(d / "hyp.txt"), "--hyp")
+    assert len(hyps) == len(src)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((d / "src.txt").read_bytes())))
+    assert main(translate) == 0
+    assert cli.split_lines(capsys.readouterr().out) == hyps
+    # Hypotheses carrying the separators are scored against the references line for line.
+    odd = [t + sep for t, sep in zip(TGT, SEPARATORS * 3, strict=True)]
+    (d / "odd.txt").write_text("".join(f"{h}\n" for h in odd))
+    assert main(["evaluate", "--hyp", str(d / "odd.txt"), "--ref", str(d / "tgt.txt")]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_match"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """A trained model and, for each kind of bad path, one of that kind."""
+    d = tmp_path_factory.mktemp("paths")
+    (d / "src.txt").write_text("\n".join(SRC) + "\n")
+    (d / "tgt.txt").write_text("\n".join(TGT) + "\n")
+    (d / "config.json").write_text(json.dumps(TINY))
+    assert main(train_args(d)) == 0
+    locked = d / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    return {
+        "d": d, "model": str(d / "run"), "src": str(d / "src.txt"), "tgt": str(d / "tgt.txt"),
+        "config": str(d / "config.json"),
+        "missing": str(d / "missing.txt"), "directory": str(d),
+        "missing_dir": str(d / "nowhere" / "out.txt"), "file": str(d / "src.txt"),
+        "unwritable": os.path.join(_unwritable_directory(locked), "out.txt"),
+    }
+
+
+def _unwritable_directory(locked: pathlib.Path) -> str:
+    """A directory no file can be created in: `locked` (mode 555) unless we run as root, then a
+    read-only system directory; None when there is none."""
+    for candidate in (str(locked), "/sys", "/proc"):
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            return candidate
+    pytest.skip("no unwritable directory on this machine")
+
+
+_READ, _WRITE = ("missing", "directory"), ("missing_dir", "directory", "unwritable")
+_DIR_IN, _DIR_OUT = ("missing", "file"), ("file", "unwritable")
+# case -> the bad kinds of path each of its path arguments is given
+BAD_PATHS = {
+    "train": {"--src": _READ, "--tgt": _READ, "--valid-src": _READ, "--valid-tgt": _READ,
+              "--config": _READ, "--out": _DIR_OUT},
+    "translate": {"--model": _DIR_IN, "--input": _READ, "--output": _WRITE},
+    "evaluate --hyp": {"--ref": _READ, "--hyp": _READ},
+    "evaluate --model": {"--model": _DIR_IN, "--src": _READ},
+    "demo": {"--out": _DIR_OUT},
+    "plot curve": {"path": ("missing", "file"), "-o": _WRITE},
+    "plot attention": {"path": _DIR_IN, "-o": _WRITE},
+}
+
+
+def _good_options(case: str, p: dict) -> dict[str, str]:
+    """Valid path arguments of each case of BAD_PATHS."""
+    d = p["d"]
+    return {
+        "train": {"--src": p["src"], "--tgt": p["tgt"], "--valid-src": p["src"],
+                  "--valid-tgt": p["tgt"], "--config": p["config"], "--out": str(d / "out")},
+        "translate": {"--model": p["model"], "--input": p["src"], "--output": str(d / "h.txt")},
+        "evaluate --hyp": {"--ref": p["tgt"], "--hyp": p["tgt"]},
+        "evaluate --model": {"--ref": p["tgt"], "--model": p["model"], "--src": p["src"]},
+        "demo": {"--out": str(d / "demo")},
+        "plot curve": {"path": p["model"], "-o": str(d / "c.png")},
+        "plot attention": {"path": p["model"], "--sentence": "one", "-o": str(d / "a.png")},
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case, arg, kind",
+    [(case, arg, kind) for case, args in BAD_PATHS.items() for arg, kinds in args.items()
+     for kind in kinds],
+)
+def test_bad_paths_are_one_line_naming_the_argument(paths, capsys, case, arg, kind):
+    """Each path argument of each command, given a missing file, a directory, a file inside a
+    missing directory, a file where a directory belongs or an unwritable place: one line on
+    stderr naming the argument, a non-zero exit, nothing written."""
+    options = dict(_good_options(case, paths), **{arg: paths[kind]})
+    argv = case.split()[:2] if case.startswith("plot") else case.split()[:1]
+    if "path" in options:
+        argv.append(options.pop("path"))
+    argv += [x for kv in options.items() for x in kv]
+    before = sorted(p.name for p in paths["d"].iterdir())
+    assert main(argv) != 0
+    one_line_error(capsys, "--output" if arg == "-o" else arg)
+    assert sorted(p.name for p in paths["d"].iterdir()) == before
 
 
 def test_mismatched_and_empty_training_files(corpus, capsys):

@@ -6,6 +6,10 @@ with CUDA (used to move arrays to and from the device); without them they skip.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -58,11 +62,21 @@ def test_not_available_without_extension(no_extension):
         cuda.layer_norm(F(4, 3), F(3), F(3))
 
 
-def test_is_available_matches_the_build():
-    if cuda._ext is None:
-        assert not cuda.is_available()
+def test_is_available_matches_the_build_and_the_machine():
+    """Against what the file system and PyTorch say, not against cuda's own _ext: no extension
+    file means not available; with one, the devices PyTorch's CUDA runtime counts (or, without a
+    CUDA PyTorch, the NVIDIA driver's device files) decide. A built extension that fails to load
+    on a machine with a GPU fails here."""
+    if importlib.util.find_spec("pytransformer._cuda") is None:
+        assert cuda.is_available() is False and cuda.device_count() == 0
+        return
+    if torch is not None and torch.version.cuda is not None:
+        assert cuda.device_count() == torch.cuda.device_count()
+        assert cuda.is_available() == (torch.cuda.device_count() > 0)
+    elif "CUDA_VISIBLE_DEVICES" not in os.environ:
+        assert cuda.is_available() == bool(glob.glob("/dev/nvidia[0-9]*"))
     else:
-        assert cuda.is_available() == (cuda._ext.device_count() > 0)
+        pytest.skip("CUDA_VISIBLE_DEVICES is set and PyTorch has no CUDA to count with")
 
 
 @pytest.mark.skipif(cuda.is_available(), reason="a CUDA device is present")

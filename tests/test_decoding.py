@@ -262,14 +262,21 @@ def test_narrow_beam_scores_are_true_scores(alpha):
 
 
 def test_beam_search_beats_or_equals_greedy_score():
+    """At one maximum length a beam wide enough to keep every hypothesis finds the best-scoring
+    one (checked by enumeration), which scores at least as well as greedy's."""
     cfg = ToyConfig(tgt_vocab_size=11, max_len=40)
-    model = ToySeq2Seq(cfg, seed=11, eos_bias=0.5)
-    greedy = translate(model, SOURCES, beam_size=1, return_scores=True, max_decoding_length=12)
-    exact = translate(model, SOURCES, beam_size=11**3, return_scores=True, max_decoding_length=3)
+    model = ToySeq2Seq(cfg, seed=15, eos_bias=0.5)  # greedy is not optimal for two sources
+    kw = dict(return_scores=True, max_decoding_length=3, length_penalty=0.6)
+    greedy = translate(model, SOURCES, beam_size=1, **kw)
+    exact = translate(model, SOURCES, beam_size=11**3, **kw)
+    gains = []
     for g, e, src in zip(greedy, exact, SOURCES, strict=True):
-        ref = exhaustive(model, src, [1], 0, 3, 0.6)
-        assert e.hypotheses[0] == ref[0][1]
-        assert np.isfinite(g.scores[0])
+        best_score, best = exhaustive(model, src, [1], 0, 3, 0.6)[0]
+        assert e.hypotheses[0] == best
+        assert e.scores[0] == pytest.approx(best_score, abs=1e-5)
+        assert np.isfinite(g.scores[0]) and e.scores[0] >= g.scores[0] - 1e-6
+        gains.append(e.scores[0] - g.scores[0])
+    assert max(gains) > 1e-3  # greedy misses the best somewhere: the comparison has teeth
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +436,20 @@ def test_sampled_tokens_stay_in_the_allowed_set(top_k, top_p):
             allowed = allowed[before < top_p]
             assert tok in allowed
             seq.append(tok)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-310, 5e-324])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.9)])
+def test_tiny_temperatures_are_greedy(temperature, top_k, top_p):
+    """1 / T overflows float64 for these: sampling must still pick the most likely token (it
+    used to turn every probability into NaN and return token 0)."""
+    lm = lm_model(seed=6, eos_bias=-1.0)
+    greedy = generate(lm, PROMPTS, max_new_tokens=8, temperature=0)
+    with np.errstate(over="raise", invalid="raise"):  # no overflow or NaN on the way either
+        out = generate(lm, PROMPTS, max_new_tokens=8, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=1)
+    assert out == greedy
+    assert any(tok != 0 for seq in greedy for tok in seq)
 
 
 def test_sampling_distribution():

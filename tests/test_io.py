@@ -373,3 +373,28 @@ def test_atomic_write_text(tmp_path):
     with pytest.raises(TypeError, match="text"):
         ptio.atomic_write_text(p, b"bytes")
     assert os.listdir(tmp_path) == ["c.json"]
+
+
+@pytest.mark.parametrize(
+    "text, lines",
+    [
+        ("", []),
+        ("\n", [""]),
+        ("a", ["a"]),
+        ("a\nb\n", ["a", "b"]),
+        ("a\r\nb\r\n\r\n", ["a", "b", ""]),
+        ("a\r\r\nb\rc", ["a\r", "b\rc"]),  # only one "\r" before the "\n" ends the line
+        ("a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i\n",
+         ["a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i"]),
+    ],
+)
+def test_split_lines_breaks_at_newline_only(text, lines):
+    assert ptio.split_lines(text) == lines
+    # Joining with "\n" undoes it wherever no line ends with "\r".
+    if not any(line.endswith("\r") for line in lines):
+        assert ptio.split_lines("".join(f"{line}\n" for line in lines)) == lines
+
+
+def test_split_lines_takes_only_str():
+    with pytest.raises(TypeError, match="text"):
+        ptio.split_lines(b"a\n")

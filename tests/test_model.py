@@ -72,6 +72,36 @@ def test_config_from_json_rejects_unknown_and_garbage():
         pt.TransformerConfig.from_json("{not json")
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(pad_id=23), "pad_id: 23 is outside the target vocabulary of 23"),
+        (dict(bos_id=23), "bos_id: 23 is outside the target vocabulary"),
+        (dict(eos_id=99), "eos_id: 99 is outside the target vocabulary"),
+        (dict(eos_id=0), "pad_id and eos_id: must differ"),
+        (dict(pad_id=5, eos_id=5), "pad_id and eos_id: must differ"),
+    ],
+)
+def test_config_rejects_special_ids_it_cannot_use(overrides, match):
+    """tiny_config's target vocabulary has 23 tokens (ids 0..22)."""
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**overrides)
+
+
+def test_config_takes_special_ids_up_to_the_last_target_token():
+    cfg = tiny_config(pad_id=22, bos_id=20, eos_id=21)
+    assert (cfg.pad_id, cfg.bos_id, cfg.eos_id) == (22, 20, 21)
+
+
+def test_models_embedding_a_source_need_pad_inside_it():
+    cfg = tiny_config(pad_id=20)  # inside the target vocabulary (23), outside the source's (19)
+    for cls in (pt.Transformer, pt.TransformerEncoderModel):
+        with pytest.raises(ValueError, match="pad_id: 20 is outside the source vocabulary of 19"):
+            cls(cfg)
+    pt.TransformerLM(cfg)  # embeds no source
+    pt.Transformer(tiny_config(pad_id=18))
+
+
 def test_tie_all_needs_shared_vocabulary():
     cfg = pt.TransformerConfig(
         src_vocab_size=10, tgt_vocab_size=12, d_model=8, num_heads=2, tie_embeddings="all"

@@ -417,7 +417,12 @@ def sampler(
     Each sentence draws from its own generator, so its tokens do not depend on the batch."""
 
     def choose(logits: np.ndarray, sent: np.ndarray) -> np.ndarray:
-        x = logits.astype(np.float64) / temperature
+        x = logits.astype(np.float64)
+        # Shifted before the division: every entry is <= 0, so a temperature whose 1/T overflows
+        # sends the rest to -inf (probability 0) and leaves the maximum at 0, i.e. greedy. Divided
+        # first, logits / 1e-310 overflow to +-inf and inf - inf makes every probability NaN.
+        with np.errstate(over="ignore"):
+            x = (x - x.max(axis=1, keepdims=True)) / temperature
         n, v = x.shape
         if 0 < top_k < v:
             idx = np.argpartition(x, v - top_k, axis=1)[:, v - top_k :]

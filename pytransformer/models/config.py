@@ -49,6 +49,8 @@ class TransformerConfig(JsonConfig):
     src_vocab_size == tgt_vocab_size); "none" — three separate matrices.
     norm_first: False = post-norm (the paper); True = pre-norm with a final LayerNorm per stack.
     Layer counts may be 0 for a stack a variant does not use (TransformerLM has no encoder).
+    pad_id, bos_id and eos_id are target tokens (< tgt_vocab_size), pad_id != eos_id; the models
+    that embed a source (Transformer, TransformerEncoderModel) also need pad_id < src_vocab_size.
     """
 
     src_vocab_size: int
@@ -80,6 +82,19 @@ class TransformerConfig(JsonConfig):
             raise ValueError(f"tie_embeddings must be one of {TIES}, got {self.tie_embeddings!r}")
         for name in ("norm_first", "output_bias"):
             check_bool(name, getattr(self, name))
+        self._check_special_ids()
+
+    def _check_special_ids(self) -> None:
+        """pad, bos and eos are target tokens (fed, predicted, padded); EOS must differ from PAD
+        or it drops out of the loss with the padding, and the model never learns to stop."""
+        for name in ("pad_id", "bos_id", "eos_id"):
+            value = getattr(self, name)
+            if value >= self.tgt_vocab_size:
+                raise ValueError(
+                    f"{name}: {value} is outside the target vocabulary of {self.tgt_vocab_size}"
+                )
+        if self.pad_id == self.eos_id:
+            raise ValueError(f"pad_id and eos_id: must differ, both are {self.pad_id}")
 
 
 def check_layer_settings(cfg: Any) -> None:
@@ -102,4 +117,12 @@ def check_same_vocabularies(cfg: TransformerConfig) -> None:
         raise ValueError(
             'tie_embeddings="all" needs src_vocab_size == tgt_vocab_size, got '
             f"{cfg.src_vocab_size} and {cfg.tgt_vocab_size}"
+        )
+
+
+def check_source_pad(cfg: TransformerConfig) -> None:
+    """A model that embeds a source pads it with pad_id, so pad_id is a source token too."""
+    if cfg.pad_id >= cfg.src_vocab_size:
+        raise ValueError(
+            f"pad_id: {cfg.pad_id} is outside the source vocabulary of {cfg.src_vocab_size}"
         )

@@ -10,7 +10,7 @@ from ..checks import check_ids
 from ..nn.blocks import Encoder
 from ..nn.layout import Layout
 from .base import Model, batch_field
-from .config import TransformerConfig, check_same_vocabularies
+from .config import TransformerConfig, check_same_vocabularies, check_source_pad
 
 
 class TransformerEncoderModel(Model):
@@ -25,6 +25,7 @@ class TransformerEncoderModel(Model):
         cfg = config
         if cfg.num_encoder_layers < 1:
             raise ValueError("TransformerEncoderModel needs num_encoder_layers >= 1")
+        check_source_pad(cfg)
         self.src_embed = self._make_embedding("src_embed", cfg.src_vocab_size, None)
         self.encoder = Encoder(self.store, "encoder", cfg, self.ctx)
         tied = None

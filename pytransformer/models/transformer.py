@@ -29,7 +29,7 @@ from ..nn.blocks import Decoder, Encoder
 from ..nn.layout import Layout
 from ..nn.params import embedding_init
 from .base import Model, batch_field, dense_rows, target_layout
-from .config import TransformerConfig, check_same_vocabularies
+from .config import TransformerConfig, check_same_vocabularies, check_source_pad
 from .state import DecoderState, attention_capture, check_max_steps, decode_step, new_state
 
 
@@ -52,6 +52,7 @@ class Transformer(Model):
             raise ValueError(
                 "Transformer needs num_encoder_layers >= 1 and num_decoder_layers >= 1"
             )
+        check_source_pad(cfg)
         C = cfg.d_model
         if cfg.tie_embeddings == "all":
             check_same_vocabularies(cfg)
