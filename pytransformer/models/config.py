@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from ..checks import check_bool, check_float, check_int
+from ..checks import check_bool, check_float, check_int, check_optional_int
 
 ACTIVATIONS = ("relu", "gelu")
 TIES = ("decoder", "all", "none")
@@ -20,6 +20,10 @@ class TransformerConfig:
     "all" — source embedding, target embedding and output projection are one matrix (needs
     src_vocab_size == tgt_vocab_size); "none" — three separate matrices.
     norm_first: False = post-norm (the paper); True = pre-norm with a final LayerNorm per stack.
+    encoder_attention_window, decoder_attention_window: restricted self-attention in that stack,
+    position i attending only to the positions j with |i - j| <= window (in the decoder, with
+    the causal mask: the last window + 1 positions); None = full attention. Cross-attention is
+    never windowed.
     Layer counts may be 0 for a stack a variant does not use (TransformerLM has no encoder).
     """
 
@@ -41,6 +45,8 @@ class TransformerConfig:
     bos_id: int = 1
     eos_id: int = 2
     layer_norm_eps: float = 1e-5
+    encoder_attention_window: int | None = None
+    decoder_attention_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
@@ -60,6 +66,8 @@ class TransformerConfig:
             raise ValueError(f"tie_embeddings must be one of {TIES}, got {self.tie_embeddings!r}")
         for name in ("norm_first", "output_bias"):
             check_bool(name, getattr(self, name))
+        for name in ("encoder_attention_window", "decoder_attention_window"):
+            setattr(self, name, check_optional_int(name, getattr(self, name), 0))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
