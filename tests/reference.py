@@ -91,51 +91,70 @@ def attention_scale(D: int, scale=None) -> float:
     return 1.0 / math.sqrt(D) if scale is None else scale
 
 
-def _attention_rows(q, k, key_lengths, causal, query_offset, scale) -> Iterator:
-    """(b, i, m, p, lse) for every query row that sees m > 0 keys: keys 0..m-1 of batch b (those
-    below its key length and, when causal, at most i + query_offset), probabilities p (H, m) and
-    log-sum-exp (H,). Keys a row cannot see are never read, whatever they hold."""
+def attention_mask(B, Lq, Lk, key_lengths=None, causal=False, query_offset=0, window=None):
+    """(B, Lq, Lk) bool, True where query i of batch b (at position p = i + query_offset) may
+    attend key j: j < key_lengths[b], j <= p when causal, |p - j| <= window when windowed (the
+    explicit band mask)."""
+    p = np.arange(Lq)[:, None] + query_offset
+    j = np.arange(Lk)[None, :]
+    mask = np.ones((B, Lq, Lk), bool)
+    if key_lengths is not None:
+        mask &= (j < np.asarray(key_lengths)[:, None])[:, None, :]
+    if causal:
+        mask &= (j <= p)[None]
+    if window is not None:
+        mask &= (np.abs(p - j) <= window)[None]
+    return mask
+
+
+def _attention_rows(q, k, mask, scale) -> Iterator:
+    """(b, i, js, p, lse) for every query row that sees some key: the keys js it may see
+    (mask[b, i]), probabilities p (H, len(js)) and log-sum-exp (H,). Keys a row cannot see are
+    never read, whatever they hold."""
     B, Lq = q.shape[:2]
-    Lk = k.shape[1]
     for b in range(B):
-        n = Lk if key_lengths is None else int(key_lengths[b])
         for i in range(Lq):
-            m = min(n, i + query_offset + 1) if causal else n
-            if m <= 0:
+            js = np.flatnonzero(mask[b, i])
+            if js.size == 0:
                 continue
-            s = np.einsum("hd,jhd->hj", q[b, i], k[b, :m]) * scale
+            s = np.einsum("hd,jhd->hj", q[b, i], k[b, js]) * scale
             mx = s.max(-1, keepdims=True)
             e = np.exp(s - mx)
             z = e.sum(-1, keepdims=True)
-            yield b, i, m, e / z, (mx + np.log(z))[:, 0]
+            yield b, i, js, e / z, (mx + np.log(z))[:, 0]
 
 
-def attention(q, k, v, key_lengths=None, causal=False, query_offset=0, scale=None):
-    """softmax(q k^T * scale) v per head for (B, L, H, D) q, k, v: out (B, Lq, H, D) and lse
-    (B, H, Lq). A row with no visible key is zero with lse -inf."""
+def attention(q, k, v, key_lengths=None, causal=False, query_offset=0, scale=None, window=None):
+    """softmax(q k^T * scale) v per head for (B, L, H, D) q, k, v under attention_mask: out
+    (B, Lq, H, D) and lse (B, H, Lq). A row with no visible key is zero with lse -inf."""
     q, k, v = f64(q), f64(k), f64(v)
     B, Lq, H, D = q.shape
     scale = attention_scale(D, scale)
+    mask = attention_mask(B, Lq, k.shape[1], key_lengths, causal, query_offset, window)
     out = np.zeros((B, Lq, H, D))
     lse = np.full((B, H, Lq), -np.inf)
-    for b, i, m, p, row_lse in _attention_rows(q, k, key_lengths, causal, query_offset, scale):
-        out[b, i] = np.einsum("hj,jhd->hd", p, v[b, :m])
+    for b, i, js, p, row_lse in _attention_rows(q, k, mask, scale):
+        out[b, i] = np.einsum("hj,jhd->hd", p, v[b, js])
         lse[b, :, i] = row_lse
     return out, lse
 
 
-def attention_backward(dout, q, k, v, key_lengths=None, causal=False, query_offset=0, scale=None):
+def attention_backward(
+    dout, q, k, v, key_lengths=None, causal=False, query_offset=0, scale=None, window=None
+):
     """Analytic gradients (dq, dk, dv) of sum(dout * attention(q, k, v)); keys no row sees get
     zero gradient."""
     do, q, k, v = f64(dout), f64(q), f64(k), f64(v)
     scale = attention_scale(q.shape[-1], scale)
+    mask = attention_mask(q.shape[0], q.shape[1], k.shape[1], key_lengths, causal, query_offset,
+                          window)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    for b, i, m, p, _ in _attention_rows(q, k, key_lengths, causal, query_offset, scale):
-        dv[b, :m] += np.einsum("hj,hd->jhd", p, do[b, i])
-        dp = np.einsum("hd,jhd->hj", do[b, i], v[b, :m])
+    for b, i, js, p, _ in _attention_rows(q, k, mask, scale):
+        dv[b, js] += np.einsum("hj,hd->jhd", p, do[b, i])
+        dp = np.einsum("hd,jhd->hj", do[b, i], v[b, js])
         ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * scale
-        dq[b, i] = np.einsum("hj,jhd->hd", ds, k[b, :m])
-        dk[b, :m] += np.einsum("hj,hd->jhd", ds, q[b, i])
+        dq[b, i] = np.einsum("hj,jhd->hd", ds, k[b, js])
+        dk[b, js] += np.einsum("hj,hd->jhd", ds, q[b, i])
     return dq, dk, dv
 
 

@@ -30,17 +30,6 @@ FIXTURE_OK = settings(
 # ---------------------------------------------------------------------------- helpers
 
 
-def visible_mask(B, Lq, Lk, key_lengths, causal, query_offset):
-    """(B, Lq, Lk) bool: key j visible to query i of batch b."""
-    j = np.arange(Lk)
-    mask = np.ones((B, Lq, Lk), dtype=bool)
-    if key_lengths is not None:
-        mask &= (j[None, :] < np.asarray(key_lengths)[:, None])[:, None, :]
-    if causal:
-        mask &= (j[None, :] <= np.arange(Lq)[:, None] + query_offset)[None]
-    return mask
-
-
 def assert_close(got, want, rtol=2e-5, atol=2e-6, name=""):
     """Error relative to the largest reference value (float32 kernels vs float64 references)."""
     assert got.shape == want.shape, name
@@ -71,11 +60,12 @@ def make_qkv(rng, B, Lq, Lk, H, D, layout="contiguous"):
 
 
 def check_case(rng, B, Lq, Lk, H, D, *, key_lengths=None, causal=False, query_offset=0,
-               layout="contiguous", scale=None):
+               layout="contiguous", scale=None, window=None):
     q, k, v = make_qkv(rng, B, Lq, Lk, H, D, layout)
     if layout == "fused_qkv":
         assert Lq == Lk
-    kw = dict(key_lengths=key_lengths, causal=causal, query_offset=query_offset, scale=scale)
+    kw = dict(key_lengths=key_lengths, causal=causal, query_offset=query_offset, scale=scale,
+              window=window)
     out, lse = ops.attention(q, k, v, return_lse=True, **kw)
     want, want_lse = ref.attention(q, k, v, **kw)
     assert out.flags.c_contiguous and out.shape == (B, Lq, H, D) and out.dtype == np.float32
@@ -204,11 +194,19 @@ def test_masked_keys_get_no_gradient(isa, rng):
     assert np.abs(dv[:, :25]).max() > 0
 
 
-def test_backward_finite_differences(isa, rng):
-    """Directional derivative of sum(dout * out), central differences of the float64 reference."""
-    B, Lq, Lk, H, D = 2, 11, 13, 2, 16
+@pytest.mark.parametrize(
+    "Lk,masks",
+    [(13, dict(key_lengths=[13, 6], causal=True, query_offset=2))]
+    + [(70, dict(key_lengths=[70, 40], causal=True, query_offset=30, window=w))
+       for w in (0, 3, 60)],
+    ids=["causal", "window0", "window3", "window60"],
+)
+def test_backward_finite_differences(isa, rng, Lk, masks):
+    """Directional derivative of sum(dout * out), central differences of the float64 reference,
+    with every mask at once."""
+    B, Lq, H, D = 2, 11, 2, 16
     q, k, v = make_qkv(rng, B, Lq, Lk, H, D)
-    kw = dict(key_lengths=np.array([13, 6]), causal=True, query_offset=2)
+    kw = dict(masks, key_lengths=np.array(masks["key_lengths"]))
     out, lse = ops.attention(q, k, v, return_lse=True, **kw)
     dout = randn(rng, B, Lq, H, D)
     grads = ops.attention_backward(dout, q, k, v, out, lse, **kw)
@@ -270,6 +268,175 @@ def test_decode_from_preallocated_cache(isa, rng):
     assert_close(got, ref.attention(q[:, None], k, v)[0][:, 0])
 
 
+# ---------------------------------------------------------------------------- windowed attention
+
+# r = 0 (each query sees itself only), 1, small, about a tile, wider than the sequence.
+WINDOWS = [0, 1, 5, 70, 1000]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", ["none", "with_zero"])
+@pytest.mark.parametrize("offset", [0, 37])
+def test_window_matches_reference(isa, rng, window, causal, lengths, offset):
+    """Every mask combination against the float64 reference with an explicit band mask; 150
+    queries and 170 keys are whole tiles of neither size."""
+    B, Lq, Lk = 3, 150, 170
+    key_lengths = None if lengths == "none" else np.array([Lk, 0, 101])
+    check_case(rng, B, Lq, Lk, 2, 32, key_lengths=key_lengths, causal=causal,
+               query_offset=offset, window=window)
+
+
+@FIXTURE_OK
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 2),
+    Lq=st.integers(1, 260),
+    Lk=st.integers(1, 260),
+    D=st.sampled_from([8, 16, 24, 80]),
+    causal=st.booleans(),
+    offset=st.sampled_from([0, 0, 3, 64, 200]),
+    window=st.one_of(st.integers(0, 8), st.integers(0, 300)),
+    layout=st.sampled_from(["contiguous", "fused_qkv", "transposed"]),
+    lengths=st.sampled_from(["none", "random", "with_zero"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_window_property_matches_reference(isa, B, H, Lq, Lk, D, causal, offset, window, layout,
+                                           lengths, seed):
+    rng = np.random.default_rng(seed)
+    while B * H * Lq * Lk * D > 1_500_000:
+        Lq, Lk = max(1, Lq // 2), max(1, Lk // 2)
+    if layout == "fused_qkv":
+        Lk = Lq
+    key_lengths = {
+        "none": None,
+        "random": rng.integers(1, Lk + 1, size=B),
+        "with_zero": np.array([0] + list(rng.integers(0, Lk + 1, size=B - 1))),
+    }[lengths]
+    check_case(rng, B, Lq, Lk, H, D, key_lengths=key_lengths, causal=causal,
+               query_offset=offset, layout=layout, window=window)
+
+
+@pytest.mark.parametrize(
+    "offset,window",
+    [(2**62, 2**62 - 5), (2**62, 2**62 + 10**6), (2**40, 3), (0, 2**62), (500, 100)],
+)
+def test_window_with_extreme_positions(isa, rng, offset, window):
+    """Offsets and windows far past the sequence keep their meaning (only the keys a query sees
+    depend on them): queries 2^62 past the start with a window 5 short of reaching back, and so
+    on, against the reference on the same int64 positions."""
+    check_case(rng, 2, 20, 30, 1, 16, key_lengths=np.array([30, 17]), query_offset=offset,
+               window=window)
+    check_case(rng, 1, 20, 30, 1, 16, causal=True, query_offset=offset, window=window)
+
+
+def test_window_rows_that_see_no_key(isa, rng):
+    """Queries whose band lies past every key get zeros, lse -inf and zero, finite gradients;
+    keys outside every band get zero dk and dv."""
+    q, k, v = make_qkv(rng, 1, 30, 40, 2, 16)
+    kw = dict(query_offset=45, window=10)  # query i sees keys [35 + i, 55 + i] ∩ [0, 40)
+    out, lse = ops.attention(q, k, v, return_lse=True, **kw)
+    assert np.all(out[:, 5:] == 0) and np.all(lse[:, :, 5:] == -np.inf)
+    assert np.all(np.isfinite(lse[:, :, :5]))
+    dq, dk, dv = ops.attention_backward(randn(rng, *out.shape), q, k, v, out, lse, **kw)
+    for g in (dq, dk, dv):
+        assert np.all(np.isfinite(g))
+    # (Row 4 sees key 39 alone, whose softmax has no gradient: only rounding is left there.)
+    assert np.all(dq[:, 5:] == 0) and np.all(np.abs(dq[0, :4]).max(axis=-1) > 1e-3)
+    assert np.all(dk[:, :35] == 0) and np.all(dv[:, :35] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_skips_distant_keys(isa, rng, causal):
+    """A NaN in the key and value of position 300 reaches every row under full attention, but a
+    window of 20 keeps it out of the rows more than r + 2 tiles away, in the output and in dq:
+    the tiles there never touch it (a masked score would still let 0 * NaN through P V)."""
+    n, j, r = 600, 300, 20
+    q, k, v = make_qkv(rng, 1, n, n, 2, 32)
+    k, v = k.copy(), v.copy()
+    k[0, j], v[0, j] = np.nan, np.nan
+    far = np.abs(np.arange(n) - j) >= r + 128
+    assert np.all(np.isnan(ops.attention(q, k, v, causal=causal)[0, j + 1 :]))
+    out, lse = ops.attention(q, k, v, causal=causal, window=r, return_lse=True)
+    dq, _, _ = ops.attention_backward(randn(rng, *out.shape), q, k, v, out, lse, causal=causal,
+                                      window=r)
+    assert np.all(np.isfinite(out[0, far])) and np.all(np.isfinite(dq[0, far]))
+    assert np.all(np.isnan(out[0, j : j + r + 1]))  # rows that do see it
+
+
+def test_window_naive_sibling_matches_reference(rng):
+    q, k, v = make_qkv(rng, 2, 21, 30, 2, 24)
+    lengths = np.array([30, 12])
+    args = (lengths, True, 5, None)
+    out, lse = _C.attention(q, k, v, *args, True, window=4, naive=True)
+    want, _ = ref.attention(q, k, v, key_lengths=lengths, causal=True, query_offset=5, window=4)
+    assert_close(out, want)
+    dout = randn(rng, *out.shape)
+    grads = _C.attention_backward(dout, q, k, v, out, lse, *args, window=4, naive=True)
+    refs = ref.attention_backward(dout, q, k, v, key_lengths=lengths, causal=True,
+                                  query_offset=5, window=4)
+    for got, want_d in zip(grads, refs, strict=True):
+        assert_close(got, want_d, rtol=5e-5, atol=5e-6)
+
+
+@pytest.mark.parametrize("window", [0, 1, 7, 200, 500])
+@pytest.mark.parametrize("L,D", [(9, 16), (300, 64)])
+def test_window_decode_equals_full_kernel(isa, rng, window, L, D):
+    """The decode step of a row whose cache holds n entries equals row n - 1 of the causal
+    windowed kernel over the whole sequence, and reads only the last window + 1 entries (NaN
+    written before them changes nothing)."""
+    B, H = 4, 2
+    q, k, v = make_qkv(rng, B, L, L, H, D, "fused_qkv")
+    lengths = np.array([L, max(1, L // 2), 0, 1])
+    full = ops.attention(q, k, v, causal=True, window=window)
+    last = np.maximum(lengths - 1, 0)
+    k, v = k.copy(), v.copy()
+    for n, m in enumerate(lengths):
+        k[n, : max(0, m - 1 - window)] = np.nan
+        v[n, : max(0, m - 1 - window)] = np.nan
+    dec = ops.attention_decode(q[np.arange(B), last], k, v, key_lengths=lengths, window=window)
+    want = full[np.arange(B), last]
+    want[lengths == 0] = 0.0
+    np.testing.assert_allclose(dec, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dec[lengths == 0], 0.0)
+    # Without key_lengths the query sits at the last cache entry.
+    dec_all = ops.attention_decode(q[:1, -1], k[:1], v[:1], window=window)
+    np.testing.assert_allclose(dec_all, full[:1, -1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("Lq", [1, 150])
+@pytest.mark.parametrize("window", [0, 9, 100])
+def test_window_thread_count_invariance(isa, threads, rng, Lq, window):
+    q, k, v = make_qkv(rng, 2, Lq, 150, 3, 64)
+    kw = dict(key_lengths=np.array([150, 77]), causal=True, query_offset=150 - Lq,
+              window=window)
+    dout = randn(rng, *q.shape)
+    results = []
+    for n in (1, 2):
+        threads(n)
+        out, lse = ops.attention(q, k, v, return_lse=True, **kw)
+        results.append((out, lse, *ops.attention_backward(dout, q, k, v, out, lse, **kw)))
+        results[-1] += (ops.attention_decode(q[:, -1], k, v, key_lengths=kw["key_lengths"],
+                                             window=window),)
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (True, TypeError), (2.0, TypeError),
+                                     ("3", TypeError), (np.int64(-2), ValueError)])
+def test_window_rejects_bad_values(rng, bad, exc):
+    q, k, v = make_qkv(rng, 1, 5, 5, 1, 8)
+    out, lse = ops.attention(q, k, v, return_lse=True)
+    with pytest.raises(exc, match="window"):
+        ops.attention(q, k, v, window=bad)
+    with pytest.raises(exc, match="window"):
+        ops.attention_backward(out, q, k, v, out, lse, window=bad)
+    with pytest.raises(exc, match="window"):
+        ops.attention_decode(q[:, 0], k, v, window=bad)
+    with pytest.raises(ValueError, match="window"):
+        _C.attention(q, k, v, None, False, 0, None, False, window=-1)  # the binding checks too
+
+
 # ---------------------------------------------------------------------------- threads, concurrency
 
 
@@ -319,7 +486,7 @@ def test_matches_torch_sdpa(rng, causal):
     out, lse = ops.attention(q, k, v, key_lengths=lengths, causal=causal, return_lse=True)
     tq, tk, tv = (torch.tensor(np.ascontiguousarray(x.transpose(0, 2, 1, 3)), dtype=torch.float64,
                                requires_grad=True) for x in (q, k, v))
-    mask = torch.from_numpy(visible_mask(B, L, L, lengths, causal, 0))[:, None]  # True = may attend
+    mask = torch.from_numpy(ref.attention_mask(B, L, L, lengths, causal))[:, None]  # may attend
     tout = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask)
     np.testing.assert_allclose(out, tout.detach().numpy().transpose(0, 2, 1, 3), rtol=1e-4,
                                atol=1e-5)

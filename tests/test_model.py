@@ -3,9 +3,11 @@ incremental decoding, argument checking."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -58,6 +60,9 @@ def test_config_json_round_trip():
         ("layer_norm_eps", 0.0, ValueError),
         ("d_model", 16.0, TypeError),
         ("norm_first", 1, TypeError),
+        ("encoder_attention_window", -1, ValueError),
+        ("decoder_attention_window", True, TypeError),
+        ("decoder_attention_window", 2.0, TypeError),
     ],
 )
 def test_config_rejects_invalid(field, value, exc):
@@ -643,9 +648,10 @@ def test_argument_checks():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_explicit_attention_path_matches_the_kernel(causal):
+@pytest.mark.parametrize("window", [None, 0, 1])
+def test_explicit_attention_path_matches_the_kernel(causal, window):
     """The path used under attention dropout, run with p ~ 0 (every probability kept), against
-    ops.attention / ops.attention_backward, with masked keys and an empty row."""
+    ops.attention / ops.attention_backward, with masked keys, an empty row and a window."""
     from pytransformer import ops
     from pytransformer.nn.attention import _Attention
     from pytransformer.nn.layers import Context
@@ -658,12 +664,13 @@ def test_explicit_attention_path_matches_the_kernel(causal):
     ctx = Context()
     ctx.grad_mode = True
     core = _Attention(H, D, 1e-12, ctx)
-    out = core.forward(q, k, v, lengths, causal)
-    ref, lse = ops.attention(q, k, v, key_lengths=lengths, causal=causal, return_lse=True)
+    out = core.forward(q, k, v, lengths, causal, window)
+    masks = dict(key_lengths=lengths, causal=causal, window=window)
+    ref, lse = ops.attention(q, k, v, return_lse=True, **masks)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     dout = rng.standard_normal(out.shape).astype(np.float32)
     grads = core.backward(dout)
-    refs = ops.attention_backward(dout, q, k, v, ref, lse, key_lengths=lengths, causal=causal)
+    refs = ops.attention_backward(dout, q, k, v, ref, lse, **masks)
     for g, r in zip(grads, refs, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
@@ -686,3 +693,77 @@ def test_empty_source_rows_are_finite_and_consistent():
         logits, attn = m.decode_step(state, b.tgt_in[:, t], need_attention=True)
         assert rel_err(logits, full[:, t]) <= 1e-4
         assert not attn[1].any()
+
+
+# ----------------------------------------------------------------------------------------------
+# restricted (windowed) self-attention
+# ----------------------------------------------------------------------------------------------
+WINDOWED = dict(encoder_attention_window=1, decoder_attention_window=2)
+
+
+def test_window_config_is_saved_and_old_checkpoints_load(tmp_path, monkeypatch):
+    cfg = tiny_config(**WINDOWED)
+    assert pt.TransformerConfig.from_json(cfg.to_json()) == cfg
+    pt.Transformer(cfg, seed=0).save(tmp_path / "w")
+    assert pt.Transformer.load(tmp_path / "w").config == cfg
+    # A checkpoint written before the fields existed (in config.json and in the weights' stored
+    # config) loads with full attention, without a mismatch warning.
+    old_fields = dataclasses.asdict
+    monkeypatch.setattr(pt.TransformerConfig, "to_dict", lambda self: {
+        k: v for k, v in old_fields(self).items() if k not in WINDOWED})
+    pt.Transformer(tiny_config(), seed=0).save(tmp_path / "old")
+    monkeypatch.undo()
+    assert "attention_window" not in (tmp_path / "old" / "config.json").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = pt.Transformer.load(tmp_path / "old").config
+    assert back.encoder_attention_window is None and back.decoder_attention_window is None
+
+
+def test_window_decode_step_matches_full_forward():
+    """Decoding with a window (the step reads the last window + 1 cache entries) equals the
+    teacher-forced forward over sequences longer than the window, which differs from full
+    attention with the same weights."""
+    cfg = tiny_config(**WINDOWED)
+    m = pt.Transformer(cfg, seed=2).eval()
+    rng = np.random.default_rng(1)
+    batch = random_batch(cfg, rng, B=3, S=8, T=1)
+    T = 9
+    tokens = _greedy_tokens(rng, 3, T, cfg.tgt_vocab_size)
+    full = m.forward(batch.src, batch.src_lengths, tokens)
+    unrestricted = pt.Transformer(tiny_config(), seed=0).eval()
+    unrestricted.load_state_dict(m.state_dict())
+    assert rel_err(unrestricted.forward(batch.src, batch.src_lengths, tokens), full) > 1e-2
+    state = m.init_decoder_state(m.encode(batch.src, batch.src_lengths), batch.src_lengths, T)
+    for t in range(T):
+        logits, _ = m.decode_step(state, tokens[:, t])
+        assert rel_err(logits, full[:, t]) <= 1e-4, t
+
+
+def test_window_lm_decode_step_matches_full_forward():
+    cfg = tiny_config(norm_first=True, tie_embeddings="none", decoder_attention_window=3)
+    lm = pt.TransformerLM(cfg, seed=1).eval()
+    tokens = _greedy_tokens(np.random.default_rng(4), 2, 10, cfg.tgt_vocab_size)
+    full = lm.forward(tokens)
+    state = lm.init_state(2, 10)
+    for t in range(10):
+        logits, _ = lm.decode_step(state, tokens[:, t])
+        assert rel_err(logits, full[:, t]) <= 1e-4, t
+
+
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1], ids=["kernel", "explicit"])
+def test_window_gradients_match_finite_differences(threads, attention_dropout):
+    """Windows narrower than the sequences in both stacks, through the flash kernel and through
+    the explicit path attention dropout takes; then a windowed LM and encoder model."""
+    threads(1)
+    cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1, activation="gelu",
+                      attention_dropout=attention_dropout, **WINDOWED)
+    batch = random_batch(cfg, np.random.default_rng(2), B=2, S=6, T=5)
+    check_gradients(pt.Transformer(cfg, seed=1), batch)
+    if attention_dropout:
+        return
+    check_gradients(pt.TransformerLM(cfg, seed=2),
+                     SimpleNamespace(tgt_in=batch.tgt_in, tgt_out=batch.tgt_out))
+    labels = padded(np.random.default_rng(3), batch.src_lengths, 6, cfg.tgt_vocab_size)
+    check_gradients(pt.TransformerEncoderModel(cfg, seed=2),
+                     SimpleNamespace(src=batch.src, src_lengths=batch.src_lengths, labels=labels))

@@ -20,7 +20,8 @@ The architecture, stated once: token embedding x sqrt(C) + sinusoidal positions 
 dims, cos on odd), dropout; post-norm layers y = LN(x + Dropout(f(x))) or pre-norm
 y = x + Dropout(f(LN(x))) with a final LN per stack; self-attention from one fused (3C, C) QKV
 projection, cross-attention from a (C, C) Q and a fused (2C, C) KV projection, scaled dot product
-with source keys masked by length and causal decoder self-attention; FFN fc2(act(fc1(x))) with no
+with source keys masked by length and causal decoder self-attention (each stack's self-attention
+optionally restricted to |i - j| <= its window); FFN fc2(act(fc1(x))) with no
 inner dropout; output projection (tied per config.tie_embeddings) with an optional bias;
 label-smoothed cross-entropy ignoring pad_id (torch's definition).
 """
@@ -64,6 +65,21 @@ def _key_mask(lengths: torch.Tensor | None, S: int) -> torch.Tensor | None:
     return (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]
 
 
+def _self_mask(lengths: torch.Tensor | None, L: int, causal: bool, window: int) -> torch.Tensor:
+    """(B or 1, 1, L, L) True where query i may attend key j: |i - j| <= window, j <= i when
+    causal, j below the length. A row left with no key (a padding query past its band) attends
+    everything instead: its output is padding, but SDPA would make it NaN, and a NaN value
+    poisons even the rows that mask it (0 * NaN)."""
+    offset = torch.arange(L)[None, :] - torch.arange(L)[:, None]  # key minus query position
+    keep = (offset.abs() <= window)[None, None]
+    if causal:
+        keep = keep & (offset <= 0)
+    key_mask = _key_mask(lengths, L)
+    if key_mask is not None:
+        keep = keep & key_mask
+    return keep | ~keep.any(-1, keepdim=True)
+
+
 class _Weight(nn.Module):
     def __init__(self, *shape: int) -> None:
         super().__init__()
@@ -78,9 +94,9 @@ class _Output(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, C: int, H: int, p_attn: float) -> None:
+    def __init__(self, C: int, H: int, p_attn: float, window: int | None = None) -> None:
         super().__init__()
-        self.H, self.p_attn = H, p_attn
+        self.H, self.p_attn, self.window = H, p_attn, window
         self.qkv = nn.Linear(C, 3 * C)
         self.out = nn.Linear(C, C)
 
@@ -88,8 +104,12 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)
         p = self.p_attn if self.training else 0.0
+        if self.window is None:
+            mask = _key_mask(lengths, L)
+        else:
+            mask, causal = _self_mask(lengths, L, causal, self.window), False
         ctx = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_key_mask(lengths, L), dropout_p=p, is_causal=causal
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal
         )
         return self.out(ctx.transpose(1, 2).reshape(B, L, C))
 
@@ -99,8 +119,9 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, 1, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4)
         cache[0, :, :, pos : pos + 1] = k
         cache[1, :, :, pos : pos + 1] = v
+        start = 0 if self.window is None else max(0, pos - self.window)
         ctx = F.scaled_dot_product_attention(
-            q, cache[0, :, :, : pos + 1], cache[1, :, :, : pos + 1]
+            q, cache[0, :, :, start : pos + 1], cache[1, :, :, start : pos + 1]
         )
         return self.out(ctx.transpose(1, 2).reshape(B, 1, C))
 
@@ -164,7 +185,9 @@ class EncoderLayer(_Block):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         C = cfg.d_model
-        self.self_attn = SelfAttention(C, cfg.num_heads, cfg.attention_dropout)
+        self.self_attn = SelfAttention(
+            C, cfg.num_heads, cfg.attention_dropout, cfg.encoder_attention_window
+        )
         self.ffn = FeedForward(C, cfg.d_ff, cfg.activation)
         self.norm1 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
         self.norm2 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)
@@ -178,7 +201,9 @@ class DecoderLayer(_Block):
     def __init__(self, cfg: Any, cross: bool) -> None:
         super().__init__(cfg)
         C = cfg.d_model
-        self.self_attn = SelfAttention(C, cfg.num_heads, cfg.attention_dropout)
+        self.self_attn = SelfAttention(
+            C, cfg.num_heads, cfg.attention_dropout, cfg.decoder_attention_window
+        )
         self.cross_attn = CrossAttention(C, cfg.num_heads, cfg.attention_dropout) if cross else None
         self.ffn = FeedForward(C, cfg.d_ff, cfg.activation)
         self.norm1 = nn.LayerNorm(C, eps=cfg.layer_norm_eps)

@@ -2,9 +2,10 @@
 // an online softmax; no Lq x Lk matrix is ever stored beyond one per-thread tile).
 //
 // Legend (csrc/common.h): B batch, H heads, D head dim; Lq query length, Lk key length.
-// Masks: a query i of batch b sees the keys j < visible(b, i), where
-//   visible(b, i) = min(key_lengths[b] (or Lk), i + query_offset + 1 when causal).
-// A query that sees no key gets a zero output row and a log-sum-exp of -inf.
+// Masks: query i of batch b sits at position p = i + query_offset and sees the keys j with
+//   j < key_lengths[b] (or Lk),  j <= p when causal,  |p - j| <= window when windowed,
+// that is the range [attn_first(b, i), attn_visible(b, i)). Both ends grow with i, which the
+// tile loops rely on. A query that sees no key gets a zero output row and a log-sum-exp of -inf.
 #pragma once
 
 #include <cstdint>
@@ -28,13 +29,29 @@ struct AttnConfig {
   bool causal;
   index_t query_offset;  // >= 0; query i sits at position i + query_offset of the key sequence
   float scale;           // scores are scale * q.k (the caller supplies 1/sqrt(D) by default)
+  index_t window = -1;   // >= 0: restricted attention, |p - j| <= window; < 0: no window
+  // Decoding (Lq == 1): the query sits at the last key it may see (key_lengths[b] - 1, or
+  // Lk - 1) whatever query_offset says, so the window keeps the last window + 1 cached keys.
+  bool window_at_last_key = false;
 };
 
-// Number of keys query i of batch b may see (a prefix [0, n) of the keys).
+// End of the keys query i of batch b may see: the keys below it, bounded by key_lengths and,
+// relative to the query's position, by the causal mask and the window.
 inline index_t attn_visible(const AttnConfig& c, index_t b, index_t i) {
   index_t n = c.key_lengths ? static_cast<index_t>(c.key_lengths[b]) : c.Lk;
-  if (c.causal && i + c.query_offset + 1 < n) n = i + c.query_offset + 1;
+  if (c.window_at_last_key) return n;
+  const index_t p = i + c.query_offset;
+  if (c.causal && p + 1 < n) n = p + 1;
+  if (c.window >= 0 && p + c.window + 1 < n) n = p + c.window + 1;
   return n;
+}
+
+// First key query i of batch b may see (0 without a window; may be >= attn_visible, when the
+// query sees no key).
+inline index_t attn_first(const AttnConfig& c, index_t b, index_t i) {
+  if (c.window < 0) return 0;
+  const index_t p = c.window_at_last_key ? attn_visible(c, b, i) - 1 : i + c.query_offset;
+  return p - c.window > 0 ? p - c.window : 0;
 }
 
 // out (B, Lq, H, D) C-contiguous, overwritten: softmax(scale q k^T + mask) v per (b, h).

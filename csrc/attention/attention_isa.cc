@@ -21,6 +21,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Local min (std::min would instantiate a template the linker may share with baseline code).
 inline index_t imin(index_t a, index_t b) { return a < b ? a : b; }
+inline index_t imax(index_t a, index_t b) { return a > b ? a : b; }
 // Scores are kept in base 2 (q is packed with scale * log2 e), so softmax takes exp2 (core/vec.h),
 // whose range reduction is exact, rather than exp; lse is converted back to natural log at the
 // end. Positive arguments (clamped to 127 by exp2) are only ever masked out afterwards.
@@ -106,22 +107,31 @@ void pack_transposed(float* xt, index_t ld, index_t ncols, const float* x, index
     for (index_t i = mq; i < ncols; ++i) xt[d * ld + i] = 0.0f;
 }
 
-// Keeps s[j*ld + i] where key j0 + j is visible to query i (j0 + j < nvis[i]), else sets fill.
-void mask_tile(float* s, index_t ld, index_t kn, index_t ncols, index_t j0, const float* nvis,
-               float fill) {
+// Keeps s[j*ld + i] where key j0 + j is visible to query i (nfirst[i] <= j0 + j < nvis[i]),
+// else sets fill.
+void mask_tile(float* s, index_t ld, index_t kn, index_t ncols, index_t j0, const float* nfirst,
+               const float* nvis, float fill) {
   for (index_t i = 0; i < ncols; i += 8) {
-    const Vec nv = Vec::load(nvis + i);
+    const Vec lo = Vec::load(nfirst + i), hi = Vec::load(nvis + i);
     for (index_t j = 0; j < kn; ++j) {
+      const Vec key(static_cast<float>(j0 + j));
       const Vec row = Vec::load(s + j * ld + i);
-      Vec::select(Vec::less(Vec(static_cast<float>(j0 + j)), nv), row, Vec(fill)).store(s + j * ld + i);
+      const Vec hidden = Vec::select(Vec::less(key, lo), Vec(fill), row);
+      Vec::select(Vec::less(key, hi), hidden, Vec(fill)).store(s + j * ld + i);
     }
   }
 }
 
-// How many of the kn keys of the tile starting at key j0 query i sees.
-inline index_t visible_in_tile(const float* nvis, index_t i, index_t j0, index_t kn) {
-  const index_t n = static_cast<index_t>(nvis[i]) - j0;
+// Clamps the key index x to the tile [j0, j0 + kn), relative to j0.
+inline index_t in_tile(index_t x, index_t j0, index_t kn) {
+  const index_t n = x - j0;
   return n < 0 ? 0 : (n > kn ? kn : n);
+}
+
+// How many of the kn keys of the tile starting at key j0 query i sees, counted from the tile's
+// start (keys below nfirst[i] included: they are masked, not skipped).
+inline index_t visible_in_tile(const float* nvis, index_t i, index_t j0, index_t kn) {
+  return in_tile(static_cast<index_t>(nvis[i]), j0, kn);
 }
 
 // Online softmax step over a score tile s (kn keys x ncols queries, leading dimension ld):
@@ -176,8 +186,9 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
   float* m = o + BQ * D;
   float* l = m + BQ;
   float* alpha = l + BQ;
-  float* nvis = alpha + BQ;
-  float* qrows = nvis + BQ;     // mq x D rows of q
+  float* nvis = alpha + BQ;     // end of each query's visible keys
+  float* nfirst = nvis + BQ;    // start of each query's visible keys
+  float* qrows = nfirst + BQ;   // mq x D rows of q
 
   // Whole-Vec row copies keep many cache misses in flight; the transpose then reads L1.
   pack_rows(qrows, D, q.data + b * q.sb + h * q.sh + i0 * q.sl, q.sl, mq, D);
@@ -186,41 +197,53 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
     m[i] = -kInf;
     l[i] = 0.0f;
     nvis[i] = i < mq ? static_cast<float>(attn_visible(c, b, i0 + i)) : 0.0f;
+    nfirst[i] = i < mq ? static_cast<float>(attn_first(c, b, i0 + i)) : 0.0f;
   }
   for (index_t i = 0; i < mq * D; ++i) o[i] = 0.0f;
 
-  // Visible counts grow with i, so the first query of the tile sees the fewest keys.
+  // Both ends of the visible range grow with i: the tile's keys span [kbegin, kend), and every
+  // query sees all of [klast, kfull). Tiles start at kbegin, so keys wholly outside a window
+  // are never touched.
+  const index_t kbegin = attn_first(c, b, i0), klast = attn_first(c, b, i0 + mq - 1);
   const index_t kend = attn_visible(c, b, i0 + mq - 1), kfull = attn_visible(c, b, i0);
   const float* kb = k.data + b * k.sb + h * k.sh;
   const float* vb = v.data + b * v.sb + h * v.sh;
-  for (index_t j0 = 0; j0 < kend; j0 += kAttnBK) {
+  for (index_t j0 = kbegin; j0 < kend; j0 += kAttnBK) {
     const index_t kn = kend - j0 < kAttnBK ? kend - j0 : kAttnBK;
     const float* kt = kb + j0 * k.sl;
     const float* vt = vb + j0 * v.sl;
-    if (j0 + kn <= kfull) {  // every query sees every key of the tile
+    if (j0 >= klast && j0 + kn <= kfull) {  // every query sees every key of the tile
       small_gemm<false>(s, LD, kt, k.sl, 1, qt, LD, kn, ncols, D);
       softmax_update(s, LD, kn, ncols, m, l, alpha);
       // O = alpha * O + P V (the rescale rides on the accumulator load)
       small_gemm<true>(o, D, s, 1, LD, vt, v.sl, mq, D, kn, alpha);
       continue;
     }
-    // A partly hidden (causal diagonal) tile: each 16-query panel of S^T computes only the keys
-    // its last query sees, and each 6-query group of O sums only over those; everything beyond
-    // is masked to p = 0 anyway. This halves the work of diagonal tiles.
+    // A partly hidden tile (causal diagonal, window edge): each 16-query panel of S^T computes
+    // only the keys between its first query's start and its last query's end, and each 6-query
+    // group of O sums only over those; everything else is masked to p = 0 anyway. This halves
+    // the work of diagonal tiles.
     for (index_t jc = 0; jc < ncols; jc += 16) {
-      const index_t rows = visible_in_tile(nvis, imin(jc + 16, mq) - 1, j0, kn);
-      if (rows == 0) continue;
+      const index_t last = imin(jc + 16, mq) - 1;
+      const index_t lo = in_tile(static_cast<index_t>(nfirst[jc]), j0, kn);
+      const index_t hi = visible_in_tile(nvis, last, j0, kn);
+      if (hi <= lo) continue;
       if (ncols - jc >= 16)
-        gemm_panel<2, false>(s + jc, LD, kt, k.sl, 1, qt + jc, LD, rows, D, nullptr);
+        gemm_panel<2, false>(s + lo * LD + jc, LD, kt + lo * k.sl, k.sl, 1, qt + jc, LD, hi - lo,
+                             D, nullptr);
       else
-        gemm_panel<1, false>(s + jc, LD, kt, k.sl, 1, qt + jc, LD, rows, D, nullptr);
+        gemm_panel<1, false>(s + lo * LD + jc, LD, kt + lo * k.sl, k.sl, 1, qt + jc, LD, hi - lo,
+                             D, nullptr);
     }
-    mask_tile(s, LD, kn, ncols, j0, nvis, -kInf);
+    mask_tile(s, LD, kn, ncols, j0, nfirst, nvis, -kInf);
     softmax_update(s, LD, kn, ncols, m, l, alpha);
     for (index_t r = 0; r < mq; r += 6) {
       const index_t mr = imin(6, mq - r);
-      const index_t keys = visible_in_tile(nvis, r + mr - 1, j0, kn);
-      small_gemm<true>(o + r * D, D, s + r, 1, LD, vt, v.sl, mr, D, keys, alpha + r);
+      const index_t lo = in_tile(static_cast<index_t>(nfirst[r]), j0, kn);
+      const index_t hi = imax(lo, visible_in_tile(nvis, r + mr - 1, j0, kn));
+      // With no key to add the accumulator still takes the rescale (alpha is 1 or 0 there).
+      small_gemm<true>(o + r * D, D, s + lo * LD + r, 1, LD, vt + lo * v.sl, v.sl, mr, D,
+                       hi - lo, alpha + r);
     }
   }
 
@@ -236,7 +259,8 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
 void attention_decode_head(float* out, float* lse, const AttnView& q, const AttnView& k,
                            const AttnView& v, const AttnConfig& c, index_t b, index_t h,
                            float* scratch) {
-  const index_t D = c.D, n = attn_visible(c, b, 0);
+  // A window leaves the keys [first, end): only those are read.
+  const index_t D = c.D, first = attn_first(c, b, 0), n = attn_visible(c, b, 0) - first;
   float* o = out + (b * c.H + h) * D;
   float* lse_out = lse ? lse + b * c.H + h : nullptr;
   if (n <= 0) {
@@ -249,7 +273,7 @@ void attention_decode_head(float* out, float* lse, const AttnView& q, const Attn
   const float* qrow = q.data + b * q.sb + h * q.sh;
   for (index_t d = 0; d < D; d += 8) (Vec::load(qrow + d) * Vec(c.scale)).store(qs + d);
 
-  const float* kb = k.data + b * k.sb + h * k.sh;
+  const float* kb = k.data + b * k.sb + h * k.sh + first * k.sl;
   index_t j = 0;
   for (; j + 4 <= n; j += 4) {  // four keys at a time to overlap the dot products
     Vec a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
@@ -286,7 +310,7 @@ void attention_decode_head(float* out, float* lse, const AttnView& q, const Attn
   const float l = sum.sum();
   const float inv = 1.0f / l;
 
-  const float* vb = v.data + b * v.sb + h * v.sh;
+  const float* vb = v.data + b * v.sb + h * v.sh + first * v.sl;
   index_t d = 0;
   for (; d + 32 <= D; d += 32) decode_values<4>(o + d, s, vb + d, v.sl, n, inv);
   switch ((D - d) / 8) {
@@ -309,8 +333,9 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   float* dqa = dot + nqt * D * LD;  // Lq x D accumulator of dS K
   float* delta = dqa + Lq * D;    // lqp: rowsum(dout * out)
   float* lse_h = delta + lqp;     // lqp: lse of this head (+inf past Lq, so p = 0 there)
-  float* nvis = lse_h + lqp;      // lqp: visible keys per query
-  float* pt = nvis + lqp;         // BK x LD: P^T
+  float* nvis = lse_h + lqp;      // lqp: end of each query's visible keys
+  float* nfirst = nvis + lqp;     // lqp: start of each query's visible keys
+  float* pt = nfirst + lqp;       // BK x LD: P^T
   float* dst = pt + BK * LD;      // BK x LD: dP^T, then dS^T
   const index_t KB = kAttnKeyBlock * BK;
   float* dka = dst + BK * LD;     // KB x D accumulator of dS^T Q
@@ -340,10 +365,11 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
       delta[i] = acc.sum();
       lse_h[i] = lse[(b * c.H + h) * Lq + i] * kLog2e;  // base 2, like the packed scores
       nvis[i] = static_cast<float>(attn_visible(c, b, i));
+      nfirst[i] = static_cast<float>(attn_first(c, b, i));
     } else {
       delta[i] = 0.0f;
       lse_h[i] = kInf;
-      nvis[i] = 0.0f;
+      nvis[i] = nfirst[i] = 0.0f;
     }
   }
   for (index_t i = 0; i < Lq * D; ++i) dqa[i] = 0.0f;
@@ -360,11 +386,14 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
     pack_rows(vp, RS, vb + jb * v.sl, v.sl, nkeys, D);
     for (index_t t = 0; t < nqt; ++t) {
       const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
+      // As in the forward: the tile's queries see keys in [kbegin, kend), all of them [klast, kfull).
+      const index_t kbegin = attn_first(c, b, i0), klast = attn_first(c, b, i0 + mq - 1);
       const index_t kend = attn_visible(c, b, i0 + mq - 1), kfull = attn_visible(c, b, i0);
       const index_t ncols = (mq + 7) / 8 * 8;
       for (index_t jt = 0; jt < nkeys; jt += BK) {
         const index_t j0 = jb + jt, kn = imin(nkeys - jt, BK);
         if (kend <= j0) break;  // no query of this tile sees these keys (nor later ones)
+        if (j0 + kn <= kbegin) continue;  // below the window of every query of this tile
         const float* kt = kp + jt * RS;
         const float* vt = vp + jt * RS;
         float* dkt = dka + jt * D;
@@ -376,7 +405,8 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
           for (index_t j = 0; j < kn; ++j)
             exp2(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
         }
-        if (j0 + kn > kfull) mask_tile(pt, LD, kn, ncols, j0, nvis + i0, 0.0f);
+        if (j0 < klast || j0 + kn > kfull)
+          mask_tile(pt, LD, kn, ncols, j0, nfirst + i0, nvis + i0, 0.0f);
         // dV += P^T dOut
         small_gemm<true>(dvt, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
         // dS^T = P^T * (V dOut^T - delta)

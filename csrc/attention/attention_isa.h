@@ -19,12 +19,12 @@ constexpr index_t kAttnLD = kAttnBQ + 8;
 inline index_t attn_row_stride(index_t D) { return D % 64 == 0 ? D + 8 : D; }
 
 inline index_t attn_forward_scratch(index_t D) {
-  return D * kAttnLD + kAttnBK * kAttnLD + 2 * kAttnBQ * D + 4 * kAttnBQ;
+  return D * kAttnLD + kAttnBK * kAttnLD + 2 * kAttnBQ * D + 5 * kAttnBQ;
 }
 inline index_t attn_decode_scratch(index_t D, index_t Lk) { return D + Lk + 8; }
 inline index_t attn_backward_scratch(index_t D, index_t Lq) {
   const index_t lqp = (Lq + kAttnBQ - 1) / kAttnBQ * kAttnBQ;
-  return 2 * lqp / kAttnBQ * D * kAttnLD + Lq * D + 2 * Lq * attn_row_stride(D) + 3 * lqp +
+  return 2 * lqp / kAttnBQ * D * kAttnLD + Lq * D + 2 * Lq * attn_row_stride(D) + 4 * lqp +
          2 * kAttnBK * kAttnLD + 2 * kAttnKeyBlock * kAttnBK * (D + attn_row_stride(D));
 }
 

@@ -15,15 +15,17 @@ inline const float* at(const AttnView& x, index_t b, index_t l, index_t h) {
   return x.data + b * x.sb + l * x.sl + h * x.sh;
 }
 
-// p[j] = softmax of the visible scores of query (b, i, h) for j < n; returns n and the lse.
-index_t row_probs(std::vector<double>& p, double& lse, const AttnView& q, const AttnView& k,
-                  const AttnConfig& c, index_t b, index_t i, index_t h) {
+// p[j] = softmax of the visible scores of query (b, i, h) for first <= j < n; returns n and
+// the lse, and sets first.
+index_t row_probs(std::vector<double>& p, double& lse, index_t& first, const AttnView& q,
+                  const AttnView& k, const AttnConfig& c, index_t b, index_t i, index_t h) {
   const index_t n = attn_visible(c, b, i);
+  first = attn_first(c, b, i);
   lse = -std::numeric_limits<double>::infinity();
-  if (n <= 0) return 0;
+  if (n <= first) return first;
   const float* qr = at(q, b, i, h);
   double mx = -std::numeric_limits<double>::infinity();
-  for (index_t j = 0; j < n; ++j) {
+  for (index_t j = first; j < n; ++j) {
     const float* kr = at(k, b, j, h);
     double s = 0.0;
     for (index_t d = 0; d < c.D; ++d) s += static_cast<double>(qr[d * q.sd]) * kr[d * k.sd];
@@ -31,8 +33,8 @@ index_t row_probs(std::vector<double>& p, double& lse, const AttnView& q, const 
     mx = std::max(mx, p[static_cast<size_t>(j)]);
   }
   double sum = 0.0;
-  for (index_t j = 0; j < n; ++j) sum += (p[static_cast<size_t>(j)] = std::exp(p[static_cast<size_t>(j)] - mx));
-  for (index_t j = 0; j < n; ++j) p[static_cast<size_t>(j)] /= sum;
+  for (index_t j = first; j < n; ++j) sum += (p[static_cast<size_t>(j)] = std::exp(p[static_cast<size_t>(j)] - mx));
+  for (index_t j = first; j < n; ++j) p[static_cast<size_t>(j)] /= sum;
   lse = mx + std::log(sum);
   return n;
 }
@@ -46,9 +48,10 @@ void attention_forward_naive(float* out, float* lse, AttnView q, AttnView k, Att
     for (index_t i = 0; i < c.Lq; ++i)
       for (index_t h = 0; h < c.H; ++h) {
         double row_lse;
-        const index_t n = row_probs(p, row_lse, q, k, c, b, i, h);
+        index_t first;
+        const index_t n = row_probs(p, row_lse, first, q, k, c, b, i, h);
         std::fill(o.begin(), o.end(), 0.0);
-        for (index_t j = 0; j < n; ++j) {
+        for (index_t j = first; j < n; ++j) {
           const float* vr = at(v, b, j, h);
           for (index_t d = 0; d < c.D; ++d) o[static_cast<size_t>(d)] += p[static_cast<size_t>(j)] * vr[d * v.sd];
         }
@@ -71,14 +74,15 @@ void attention_backward_naive(float* dq, float* dk, float* dv, AttnView dout, At
       std::fill(dvd.begin(), dvd.end(), 0.0);
       for (index_t i = 0; i < c.Lq; ++i) {
         double row_lse;
-        const index_t n = row_probs(p, row_lse, q, k, c, b, i, h);
+        index_t first;
+        const index_t n = row_probs(p, row_lse, first, q, k, c, b, i, h);
         const float* dor = at(dout, b, i, h);
         const float* orow = at(out, b, i, h);
         const float* qr = at(q, b, i, h);
         double delta = 0.0;
         for (index_t d = 0; d < D; ++d) delta += static_cast<double>(dor[d * dout.sd]) * orow[d * out.sd];
         std::fill(dqd.begin(), dqd.end(), 0.0);
-        for (index_t j = 0; j < n; ++j) {
+        for (index_t j = first; j < n; ++j) {
           const float* kr = at(k, b, j, h);
           const float* vr = at(v, b, j, h);
           double dp = 0.0;

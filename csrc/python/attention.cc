@@ -23,10 +23,40 @@ void require_nonempty(const F32View& x, const char* name) {
     if (d == 0) throw py::value_error(std::string(name) + ": empty array of shape " + py_helpers::shape_str(x.shape));
 }
 
-// Checks q, k, v, key_lengths, query_offset and scale; fills the config. `lengths` keeps the
-// int64 copy of key_lengths alive.
+// Brings query_offset and window into a range where positions cannot overflow, keeping which
+// keys each query sees: only off - window matters once the queries sit past every key, and a
+// window wider than any distance between a query and a key is none.
+void clamp_positions(AttnConfig& c, std::int64_t off) {
+  std::int64_t w = c.window;
+  if (c.window_at_last_key) {
+    if (w >= c.Lk) w = -1;
+  } else if (w >= 0) {
+    if (off - w > c.Lk) {  // every window lies past the last key
+      off = c.Lk + 1;
+      w = 0;
+    } else if (w - off >= c.Lq + c.Lk) {
+      w = -1;
+    } else if (off > c.Lk) {
+      w = c.Lk - (off - w);
+      off = c.Lk;
+    }
+  }
+  c.window = w;
+  c.query_offset = w < 0 && off > c.Lk ? c.Lk : off;  // then any offset >= Lk shows every key
+}
+
+std::int64_t window_of(const py::object& window) {
+  if (window.is_none()) return -1;
+  const std::int64_t w = window.cast<std::int64_t>();
+  if (w < 0) throw py::value_error("window: must be >= 0, got " + std::to_string(w));
+  return w;
+}
+
+// Checks q, k, v, key_lengths, query_offset, scale and window; fills the config. `lengths`
+// keeps the int64 copy of key_lengths alive.
 AttnConfig check_qkv(const F32View& q, const F32View& k, const F32View& v, const py::object& key_lengths,
                      std::int64_t query_offset, const py::object& scale, bool causal,
+                     const py::object& window, bool window_at_last_key,
                      py::array_t<std::int64_t>& lengths) {
   require_nonempty(q, "q");
   if (query_offset < 0) throw py::value_error("query_offset: must be >= 0, got " + std::to_string(query_offset));
@@ -39,8 +69,8 @@ AttnConfig check_qkv(const F32View& q, const F32View& k, const F32View& v, const
   if (Lk > (std::int64_t{1} << 24))
     throw py::value_error("k: at most 2^24 keys are supported, got " + std::to_string(Lk));
   py_helpers::require_shape(v, "v", k.shape);
-  // Any offset >= Lk shows every key; clamping keeps i + offset + 1 from overflowing.
-  AttnConfig c{B, Lq, Lk, H, D, nullptr, causal, query_offset < Lk ? query_offset : Lk, 0.0f};
+  AttnConfig c{B, Lq, Lk, H, D, nullptr, causal, 0, 0.0f, window_of(window), window_at_last_key};
+  clamp_positions(c, query_offset);
   if (!key_lengths.is_none()) {
     lengths = py_helpers::int_array(key_lengths, "key_lengths", {1});
     if (lengths.shape(0) != B)
@@ -64,12 +94,14 @@ AttnConfig check_qkv(const F32View& q, const F32View& k, const F32View& v, const
 
 py::object attention_py(const py::object& qo, const py::object& ko, const py::object& vo,
                         const py::object& key_lengths, bool causal, std::int64_t query_offset,
-                        const py::object& scale, bool return_lse, bool naive) {
+                        const py::object& scale, bool return_lse, const py::object& window,
+                        bool window_at_last_key, bool naive) {
   const F32View q = py_helpers::f32_view(qo, "q", {4});
   const F32View k = py_helpers::f32_view(ko, "k", {4});
   const F32View v = py_helpers::f32_view(vo, "v", {4});
   py::array_t<std::int64_t> lengths;
-  const AttnConfig c = check_qkv(q, k, v, key_lengths, query_offset, scale, causal, lengths);
+  const AttnConfig c = check_qkv(q, k, v, key_lengths, query_offset, scale, causal, window,
+                                 window_at_last_key, lengths);
   py::array_t<float> out = py_helpers::new_f32(q.shape);
   py::array_t<float> lse;
   if (return_lse) lse = py_helpers::new_f32({c.B, c.H, c.Lq});
@@ -89,7 +121,7 @@ py::object attention_py(const py::object& qo, const py::object& ko, const py::ob
 py::tuple attention_backward_py(const py::object& douto, const py::object& qo, const py::object& ko,
                                 const py::object& vo, const py::object& outo, const py::object& lseo,
                                 const py::object& key_lengths, bool causal, std::int64_t query_offset,
-                                const py::object& scale, bool naive) {
+                                const py::object& scale, const py::object& window, bool naive) {
   const F32View dout = py_helpers::f32_view(douto, "dout", {4});
   const F32View q = py_helpers::f32_view(qo, "q", {4});
   const F32View k = py_helpers::f32_view(ko, "k", {4});
@@ -97,7 +129,8 @@ py::tuple attention_backward_py(const py::object& douto, const py::object& qo, c
   const F32View out = py_helpers::f32_view(outo, "out", {4});
   const F32View lse_v = py_helpers::f32_view(lseo, "lse", {3});
   py::array_t<std::int64_t> lengths;
-  const AttnConfig c = check_qkv(q, k, v, key_lengths, query_offset, scale, causal, lengths);
+  const AttnConfig c = check_qkv(q, k, v, key_lengths, query_offset, scale, causal, window, false,
+                                 lengths);
   py_helpers::require_shape(dout, "dout", q.shape);
   py_helpers::require_shape(out, "out", q.shape);
   py_helpers::require_shape(lse_v, "lse", {c.B, c.H, c.Lq});
@@ -124,10 +157,12 @@ py::tuple attention_backward_py(const py::object& douto, const py::object& qo, c
 void register_attention(py::module_& m) {
   m.def("attention", &attention_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_lengths"),
         py::arg("causal"), py::arg("query_offset"), py::arg("scale"), py::arg("return_lse"),
+        py::arg("window") = py::none(), py::arg("window_at_last_key") = false,
         py::arg("naive") = false);
   m.def("attention_backward", &attention_backward_py, py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("key_lengths"), py::arg("causal"),
-        py::arg("query_offset"), py::arg("scale"), py::arg("naive") = false);
+        py::arg("query_offset"), py::arg("scale"), py::arg("window") = py::none(),
+        py::arg("naive") = false);
 }
 
 }  // namespace pt

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
-from ..checks import check_bool, check_float, check_int
+from ..checks import check_bool, check_float, check_int, check_optional_int
 
 ACTIVATIONS = ("relu", "gelu")
 TIES = ("decoder", "all", "none")
@@ -48,6 +48,10 @@ class TransformerConfig(JsonConfig):
     "all" — source embedding, target embedding and output projection are one matrix (needs
     src_vocab_size == tgt_vocab_size); "none" — three separate matrices.
     norm_first: False = post-norm (the paper); True = pre-norm with a final LayerNorm per stack.
+    encoder_attention_window, decoder_attention_window: restricted self-attention in that stack,
+    position i attending only to the positions j with |i - j| <= window (in the decoder, with
+    the causal mask: the last window + 1 positions); None = full attention. Cross-attention is
+    never windowed.
     Layer counts may be 0 for a stack a variant does not use (TransformerLM has no encoder).
     pad_id, bos_id and eos_id are target tokens (< tgt_vocab_size), pad_id != eos_id; the models
     that embed a source (Transformer, TransformerEncoderModel) also need pad_id < src_vocab_size.
@@ -71,6 +75,8 @@ class TransformerConfig(JsonConfig):
     bos_id: int = 1
     eos_id: int = 2
     layer_norm_eps: float = 1e-5
+    encoder_attention_window: int | None = None
+    decoder_attention_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
@@ -83,6 +89,8 @@ class TransformerConfig(JsonConfig):
         for name in ("norm_first", "output_bias"):
             check_bool(name, getattr(self, name))
         self._check_special_ids()
+        for name in ("encoder_attention_window", "decoder_attention_window"):
+            setattr(self, name, check_optional_int(name, getattr(self, name), 0))
 
     def _check_special_ids(self) -> None:
         """pad, bos and eos are target tokens (fed, predicted, padded); EOS must differ from PAD

@@ -38,14 +38,17 @@ class _Attention:
         v: np.ndarray,
         key_lengths: np.ndarray | None,
         causal: bool,
+        window: int | None = None,
     ) -> np.ndarray:
-        """q (B,Lq,H,D), k/v (B,Lk,H,D) any strides -> out (B,Lq,H,D) C-contiguous."""
+        """q (B,Lq,H,D), k/v (B,Lk,H,D) any strides -> out (B,Lq,H,D) C-contiguous. window:
+        query i sees only the keys j with |i - j| <= window (None: no restriction)."""
         if self.dropout.active():
-            return self._explicit_forward(q, k, v, key_lengths, causal)
+            return self._explicit_forward(q, k, v, key_lengths, causal, window)
+        masks = dict(key_lengths=key_lengths, causal=causal, window=window)
         if not self.ctx.cache:
-            return ops.attention(q, k, v, key_lengths=key_lengths, causal=causal)
-        out, lse = ops.attention(q, k, v, key_lengths=key_lengths, causal=causal, return_lse=True)
-        self.saved = ("flash", q, k, v, out, lse, key_lengths, causal)
+            return ops.attention(q, k, v, **masks)
+        out, lse = ops.attention(q, k, v, return_lse=True, **masks)
+        self.saved = ("flash", q, k, v, out, lse, masks)
         return out
 
     def backward(self, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,26 +56,33 @@ class _Attention:
         saved, self.saved = self.saved, None
         if saved[0] == "explicit":
             return self._explicit_backward(dout, *saved[1:])
-        _, q, k, v, out, lse, key_lengths, causal = saved
-        return ops.attention_backward(
-            dout, q, k, v, out, lse, key_lengths=key_lengths, causal=causal
-        )
+        _, q, k, v, out, lse, masks = saved
+        return ops.attention_backward(dout, q, k, v, out, lse, **masks)
 
     # -- explicit path (attention dropout) -------------------------------------------------------
     def _scores_mask(
-        self, B: int, Lq: int, Lk: int, key_lengths: np.ndarray | None, causal: bool
+        self,
+        B: int,
+        Lq: int,
+        Lk: int,
+        key_lengths: np.ndarray | None,
+        causal: bool,
+        window: int | None,
     ) -> np.ndarray | None:
         """(B, 1, Lq, Lk) True where a key may not be attended, or None when nothing is masked."""
-        if key_lengths is None and not causal:
+        if key_lengths is None and not causal and window is None:
             return None
         mask = np.zeros((B, 1, Lq, Lk), bool)
         if key_lengths is not None:
             mask |= (np.arange(Lk)[None, :] >= key_lengths[:, None])[:, None, None, :]
+        offset = np.arange(Lk)[None, :] - np.arange(Lq)[:, None]  # key minus query position
         if causal:
-            mask |= np.arange(Lk)[None, :] > np.arange(Lq)[:, None]
+            mask |= offset > 0
+        if window is not None:
+            mask |= np.abs(offset) > window
         return mask
 
-    def _explicit_forward(self, q, k, v, key_lengths, causal):
+    def _explicit_forward(self, q, k, v, key_lengths, causal, window):
         B, Lq, H, D = q.shape
         Lk = k.shape[1]
 
@@ -82,7 +92,7 @@ class _Attention:
         qh, kh, vh = heads(q), heads(k), heads(v)
         s = ops.matmul(qh, kh, trans_b=True).reshape(B, H, Lq, Lk)
         s *= self.scale
-        mask = self._scores_mask(B, Lq, Lk, key_lengths, causal)
+        mask = self._scores_mask(B, Lq, Lk, key_lengths, causal, window)
         if mask is not None:
             np.putmask(s, np.broadcast_to(mask, s.shape), -np.inf)
         p = _softmax_rows(s).reshape(B * H, Lq, Lk)
@@ -149,7 +159,8 @@ class AttentionCapture:
 
 class SelfAttention:
     """Self-attention over packed rows x (N, C) of a batch `layout` -> (N, C). Parameters qkv
-    (3C, C) rows [q; k; v] and out (C, C)."""
+    (3C, C) rows [q; k; v] and out (C, C). window: restricted self-attention, position i sees
+    only the positions j with |i - j| <= window (None: all)."""
 
     def __init__(
         self,
@@ -159,20 +170,24 @@ class SelfAttention:
         num_heads: int,
         attention_dropout: float,
         ctx: Context,
+        window: int | None = None,
     ) -> None:
         self.qkv = Linear(store, f"{name}.qkv", d_model, 3 * d_model)
         self.out = Linear(store, f"{name}.out", d_model, d_model)
         self.core = _Attention(num_heads, d_model // num_heads, attention_dropout, ctx)
+        self.window = window
         self.ctx = ctx
         self.saved: tuple | None = None
 
     def forward(self, x: np.ndarray, layout: Layout, causal: bool = False) -> np.ndarray:
-        """Keys are masked by the layout's lengths (and causally when `causal`)."""
+        """Keys are masked by the layout's lengths (and causally when `causal`) and the window."""
         B, L, C = layout.B, layout.L, x.shape[-1]
         H, D = self.core.H, self.core.D
         qkv = layout.pad(self.qkv.forward(x)).reshape(B, L, 3, H, D)
         keys = None if causal else layout.lengths  # causal: padding only follows real keys
-        ctx = self.core.forward(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], keys, causal)
+        ctx = self.core.forward(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], keys, causal, self.window
+        )
         ctx = layout.pack(ctx.reshape(B, L, C))
         if self.ctx.cache:
             self.saved = (x, ctx, layout)
@@ -181,13 +196,17 @@ class SelfAttention:
     def step(self, x: np.ndarray, kv_cache: np.ndarray, pos: int) -> np.ndarray:
         """Incremental causal decoding: x (B*L, C) holds B rows at positions [pos, pos+L); their
         keys/values are written into kv_cache (B, max_steps, 2, H, D) at those positions and the
-        queries attend to positions [0, pos+L)."""
+        queries attend to positions [0, pos+L), or with a window to the last window + 1 of them
+        (only those cache entries are read)."""
         B, C = kv_cache.shape[0], x.shape[-1]
         L = x.shape[0] // B
         qkv = self.qkv.forward(x).reshape(B, L, 3, self.core.H, self.core.D)
         kv_cache[:, pos : pos + L] = qkv[:, :, 1:]
-        k, v = kv_cache[:, : pos + L, 0], kv_cache[:, : pos + L, 1]
-        ctx = ops.attention(qkv[:, :, 0], k, v, causal=L > 1, query_offset=pos)
+        start = 0 if self.window is None else max(0, pos - self.window)
+        k, v = kv_cache[:, start : pos + L, 0], kv_cache[:, start : pos + L, 1]
+        ctx = ops.attention(
+            qkv[:, :, 0], k, v, causal=L > 1, query_offset=pos - start, window=self.window
+        )
         return self.out.forward(ctx.reshape(B * L, C))
 
     def backward(self, dy: np.ndarray) -> np.ndarray:

@@ -55,15 +55,20 @@ def _residual(store: ParamStore, name: str, cfg: Any, ctx: Context) -> Residual:
     return Residual(norm, cfg.dropout, cfg.norm_first, ctx)
 
 
-def _self_attention(store: ParamStore, name: str, cfg: Any, ctx: Context) -> SelfAttention:
-    return SelfAttention(store, name, cfg.d_model, cfg.num_heads, cfg.attention_dropout, ctx)
+def _self_attention(
+    store: ParamStore, name: str, cfg: Any, ctx: Context, window: int | None
+) -> SelfAttention:
+    return SelfAttention(
+        store, name, cfg.d_model, cfg.num_heads, cfg.attention_dropout, ctx, window
+    )
 
 
 class EncoderLayer:
     """Self-attention (keys masked by length) then FFN, each in a residual block."""
 
     def __init__(self, store: ParamStore, name: str, cfg: Any, ctx: Context) -> None:
-        self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx)
+        window = cfg.encoder_attention_window
+        self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx, window)
         self.attn_block = _residual(store, f"{name}.norm1", cfg, ctx)
         self.ffn = FeedForward(store, f"{name}.ffn", cfg.d_model, cfg.d_ff, cfg.activation, ctx)
         self.ffn_block = _residual(store, f"{name}.norm2", cfg, ctx)
@@ -86,7 +91,8 @@ class DecoderLayer:
     def __init__(
         self, store: ParamStore, name: str, cfg: Any, ctx: Context, cross: bool = True
     ) -> None:
-        self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx)
+        window = cfg.decoder_attention_window
+        self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx, window)
         self.attn_block = _residual(store, f"{name}.norm1", cfg, ctx)
         self.cross_attn: CrossAttention | None = None
         self.cross_block: Residual | None = None
