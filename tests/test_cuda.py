@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,6 +126,13 @@ def test_matmul_shapes_accepted_up_to_the_device(no_extension):
     ]:
         with pytest.raises(RuntimeError, match="not built"):
             cuda.matmul(*args, **kwargs)
+
+
+def test_matmul_k0_with_null_pointers_passes_the_checks(no_extension):
+    # CuPy and PyTorch give an empty array a null pointer: K = 0 (out = bias) must get through.
+    for args in [(F(5, 0, ptr=0), F(0, 4, ptr=0)), (F(2, 5, 0, ptr=0), F(2, 0, 4, ptr=0))]:
+        with pytest.raises(RuntimeError, match="not built"):
+            cuda.matmul(*args, bias=F(4))
 
 
 @pytest.mark.parametrize(
@@ -418,6 +426,41 @@ def test_layer_norm_matches_cpu(rng, shape):
     got = cuda.layer_norm_backward(to_gpu(dy), to_gpu(x), to_gpu(gamma), gmean, grstd)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(to_np(g), w, rtol=1e-3, atol=1e-3)
+
+
+@gpu
+@pytest.mark.parametrize("naive", [False, True])
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_k0_gives_bias(rng, naive, batch, accumulate):
+    """K = 0: a and b are empty (null pointers from torch and CuPy); out = act(bias), or
+    out + bias when accumulating."""
+    lead = () if batch is None else (batch,)
+    a, b = np.zeros((*lead, 37, 0), np.float32), np.zeros((*lead, 0, 70), np.float32)
+    bias, start = randn(rng, 70), randn(rng, *lead, 37, 70)
+    for activation in [None] if accumulate else [None, "relu", "gelu"]:
+        out = to_gpu(start) if accumulate else None
+        got = cuda.matmul(to_gpu(a), to_gpu(b), bias=to_gpu(bias), activation=activation,
+                          out=out, accumulate=accumulate, naive=naive)  # fmt: skip
+        want = ref.matmul(a, b, bias=bias, activation=activation, out=start if accumulate else None)
+        np.testing.assert_allclose(to_np(got), want, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("naive", [False, True])
+def test_relu_keeps_nan(rng, naive):
+    """NaN through the ReLU epilogue stays NaN (as on the CPU), it does not become 0."""
+    a, b, bias = randn(rng, 70, 33), randn(rng, 33, 65), randn(rng, 65)
+    a[3, 5] = np.nan  # row 3 of the product
+    bias[7] = np.nan  # column 7
+    got = to_np(cuda.matmul(to_gpu(a), to_gpu(b), bias=to_gpu(bias), activation="relu",
+                            naive=naive))  # fmt: skip
+    want = ref.matmul(a, b, bias=bias, activation="relu")
+    assert np.isnan(want).sum() == 70 + 65 - 1
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.isnan(ops.matmul(a, b, bias=bias, activation="relu")),
+                                  np.isnan(want))  # fmt: skip
 
 
 @gpu

@@ -21,7 +21,8 @@ enum class Activation : int { none = 0, relu = 1, gelu = 2 };
 // A[z] starts at a + z*stride_a: (M,K) with lda = K, or (K,M) with lda = M when trans_a.
 // B[z] starts at b + z*stride_b: (K,N) with ldb = N, or (N,K) with ldb = K when trans_b.
 // stride_b = 0 broadcasts one B over the batch. bias may be null. accumulate requires act = none.
-// K = 0 is allowed (C = bias / C unchanged). Overwrites c only.
+// K = 0 is allowed (C = act(bias), or C + bias when accumulating); a and b are then never read
+// and may be null. Overwrites c only. ReLU keeps NaN, as the CPU kernel does.
 cudaError_t sgemm_forward(float* c, const float* a, const float* b, const float* bias, int batch, int M, int N,
                           int K, std::int64_t stride_a, std::int64_t stride_b, bool trans_a, bool trans_b,
                           bool accumulate, Activation act, cudaStream_t stream);

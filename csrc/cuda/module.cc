@@ -97,8 +97,11 @@ void matmul(std::uintptr_t c, std::uintptr_t a, std::uintptr_t b, std::uintptr_t
             int K, int64_t stride_a, int64_t stride_b, bool trans_a, bool trans_b, bool accumulate, int act,
             bool naive, std::uintptr_t stream) {
   float* pc = device_ptr<float>(c, "out");
-  const float* pa = device_ptr<const float>(a, "a");
-  const float* pb = device_ptr<const float>(b, "b");
+  // With K = 0, a and b hold no elements and the kernel never reads them (C = bias, or C left
+  // as it is plus bias when accumulating). CuPy and PyTorch give an empty array a null pointer,
+  // so demanding device memory here would refuse the documented case.
+  const float* pa = K == 0 ? nullptr : device_ptr<const float>(a, "a");
+  const float* pb = K == 0 ? nullptr : device_ptr<const float>(b, "b");
   const float* pbias = optional_ptr<const float>(bias, "bias");
   cudaError_t err;
   {
