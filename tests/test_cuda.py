@@ -558,3 +558,63 @@ def test_adam_step_matches_cpu(rng, decoupled, n):
         cuda.adam_step(gp, gg, gm, gv, step=step, **kw)
     for g, w in ((gp, param), (gm, m), (gv, v)):
         np.testing.assert_allclose(to_np(g), w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- streams and the scratch pool
+
+
+def side_stream():
+    """(context that makes a new non-default stream current, its cudaStream_t handle)."""
+    if GPU_LIB == "torch":
+        s = torch.cuda.Stream()
+        return torch.cuda.stream(s), s.cuda_stream
+    import cupy
+
+    s = cupy.cuda.Stream(non_blocking=True)
+    return s, s.ptr
+
+
+@gpu
+def test_key_lengths_are_copied_on_the_callers_stream(rng):
+    """Thirty calls queued back to back on a side stream, each with its own key lengths and no
+    wait in between: every result matches the float64 reference for its own lengths, so no
+    call read lengths staged for another (the pinned staging block outlives its copy)."""
+    B, Lq, Lk, H, D = 3, 17, 40, 2, 40
+    q, k, v = randn(rng, B, Lq, H, D), randn(rng, B, Lk, H, D), randn(rng, B, Lk, H, D)
+    all_lengths = [rng.integers(0, Lk + 1, size=B) for _ in range(30)]
+    context, handle = side_stream()
+    with context:
+        gq, gk, gv = to_gpu(q), to_gpu(k), to_gpu(v)
+        outs = [cuda.attention(gq, gk, gv, key_lengths=n, stream=handle) for n in all_lengths]
+    for n, got in zip(all_lengths, outs, strict=True):
+        want, _ = ref.attention(q, k, v, key_lengths=n)
+        np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+def test_scratch_pool_reuses_its_blocks(rng):
+    """After a warm-up call, repeated calls of the same sizes take their scratch (device blocks
+    and pinned staging) from the pool: no new allocation, nothing left lent."""
+    B, Lq, Lk, H, D = 2, 33, 70, 2, 64
+    q, k, v, gq, gk, gv = fused_qkv(rng, B, Lq, Lk, H, D)
+    lengths = np.array([70, 31])
+    logits, targets = to_gpu(randn(rng, 64, 100)), to_gpu(rng.integers(0, 100, 64))
+
+    def calls():
+        out, lse = cuda.attention(gq, gk, gv, key_lengths=lengths, return_lse=True)
+        cuda.synchronize()  # the forward's pinned staging block is free again: it is reused
+        cuda.attention_backward(out, gq, gk, gv, out, lse, key_lengths=lengths)
+        cuda.softmax_cross_entropy(logits, targets)
+        cuda.synchronize()
+
+    calls()
+    before = cuda.memory_pool_stats()
+    for _ in range(20):
+        calls()
+    after = cuda.memory_pool_stats()
+    for kind in ("device", "pinned_host"):
+        assert after[kind]["allocations"] == before[kind]["allocations"], kind
+        assert after[kind]["reuses"] >= before[kind]["reuses"] + 20, kind
+        assert after[kind]["lent_blocks"] == 0, kind
+    cuda.empty_memory_pool()
+    assert cuda.memory_pool_stats()["device"]["cached_bytes"] == 0
