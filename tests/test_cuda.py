@@ -426,6 +426,37 @@ def test_layer_norm_matches_cpu(rng, shape):
     got = cuda.layer_norm_backward(to_gpu(dy), to_gpu(x), to_gpu(gamma), gmean, grstd)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(to_np(g), w, rtol=1e-3, atol=1e-3)
+    check_layer_norm_against_float64(x, gamma, beta, dy, (gy, gmean, grstd), got)
+
+
+def check_layer_norm_against_float64(x, gamma, beta, dy, forward, backward) -> None:
+    """The GPU's (y, mean, rstd) and (dx, dgamma, dbeta) against reference.py in float64."""
+    y, mean, rstd = ref.layer_norm(x, gamma, beta, 1e-5)
+    for got, want in zip(forward, (y, mean, rstd), strict=True):
+        np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4)
+    # dgamma, dbeta are sums over all rows: their error grows with sqrt(rows)
+    sum_atol = 1e-4 * (x.size // x.shape[-1]) ** 0.5
+    want = ref.layer_norm_backward(dy, x, gamma, 1e-5)
+    for got, w, atol in zip(backward, want, (1e-4, sum_atol, sum_atol), strict=True):
+        np.testing.assert_allclose(to_np(got), w, rtol=1e-4, atol=atol)
+
+
+@gpu
+@pytest.mark.parametrize("C", [40, 80, 512, 1024])
+@pytest.mark.parametrize("N", [4096, 10007])
+def test_layer_norm_realistic_sizes_against_float64(rng, N, C):
+    """Thousands of rows (the backward's parameter gradients reduce over many row chunks, a
+    last chunk partly filled at N = 10007) and C = 40, 80 (a partly filled second 32-column
+    tile), against the float64 reference; the parameter gradients are the same bits twice."""
+    x = randn(rng, N, C) * 3 + 5
+    gamma, beta, dy = randn(rng, C), randn(rng, C), randn(rng, N, C)
+    gx, gg, gdy = to_gpu(x), to_gpu(gamma), to_gpu(dy)
+    forward = cuda.layer_norm(gx, gg, to_gpu(beta), 1e-5, return_stats=True)
+    backward = cuda.layer_norm_backward(gdy, gx, gg, forward[1], forward[2])
+    check_layer_norm_against_float64(x, gamma, beta, dy, forward, backward)
+    again = cuda.layer_norm_backward(gdy, gx, gg, forward[1], forward[2])
+    for first, second in zip(backward, again, strict=True):
+        assert to_np(first).tobytes() == to_np(second).tobytes()
 
 
 @gpu
@@ -599,12 +630,15 @@ def test_scratch_pool_reuses_its_blocks(rng):
     q, k, v, gq, gk, gv = fused_qkv(rng, B, Lq, Lk, H, D)
     lengths = np.array([70, 31])
     logits, targets = to_gpu(randn(rng, 64, 100)), to_gpu(rng.integers(0, 100, 64))
+    x, gamma = to_gpu(randn(rng, 300, 80)), to_gpu(randn(rng, 80))
+    _, mean, rstd = cuda.layer_norm(x, gamma, gamma, return_stats=True)
 
     def calls():
         out, lse = cuda.attention(gq, gk, gv, key_lengths=lengths, return_lse=True)
         cuda.synchronize()  # the forward's pinned staging block is free again: it is reused
         cuda.attention_backward(out, gq, gk, gv, out, lse, key_lengths=lengths)
         cuda.softmax_cross_entropy(logits, targets)
+        cuda.layer_norm_backward(x, x, gamma, mean, rstd)
         cuda.synchronize()
 
     calls()

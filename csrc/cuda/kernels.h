@@ -36,10 +36,12 @@ cudaError_t sgemm_forward_naive(float* c, const float* a, const float* b, const 
 cudaError_t layer_norm_forward(float* y, float* mean, float* rstd, const float* x, const float* gamma,
                                const float* beta, std::int64_t N, int C, float eps, cudaStream_t stream);
 // dy, x, dx (N,C); mean, rstd (N,) from the forward; dgamma, dbeta (C,) overwritten (not accumulated).
-// dx may alias dy. Deterministic: dgamma/dbeta sum rows in a fixed order.
-cudaError_t layer_norm_backward(float* dx, float* dgamma, float* dbeta, const float* dy, const float* x,
-                                const float* gamma, const float* mean, const float* rstd, std::int64_t N, int C,
-                                cudaStream_t stream);
+// dx may alias dy. `scratch` holds layer_norm_backward_scratch(N, C) floats (per-chunk partial sums
+// of dgamma and dbeta). Deterministic: dgamma/dbeta sum rows in a fixed order that depends on N only.
+std::int64_t layer_norm_backward_scratch(std::int64_t N, int C);
+cudaError_t layer_norm_backward(float* dx, float* dgamma, float* dbeta, float* scratch, const float* dy,
+                                const float* x, const float* gamma, const float* mean, const float* rstd,
+                                std::int64_t N, int C, cudaStream_t stream);
 
 // Strided view of a (B, L, H, D) tensor, strides in elements.
 struct AttnView {

@@ -162,7 +162,10 @@ void layer_norm_backward(std::uintptr_t dx, std::uintptr_t dgamma, std::uintptr_
   cudaError_t err;
   {
     py::gil_scoped_release release;
-    err = pt::cuda::layer_norm_backward(pdx, pdg, pdb, pdy, px, pg, pm, pr, N, C, as_stream(stream));
+    const size_t floats = static_cast<size_t>(pt::cuda::layer_norm_backward_scratch(N, C));
+    const Scratch partial(MemoryKind::device, floats * sizeof(float), as_stream(stream));
+    err = pt::cuda::layer_norm_backward(pdx, pdg, pdb, partial.as<float>(), pdy, px, pg, pm, pr, N, C,
+                                        as_stream(stream));
   }
   check(err, "layer_norm_backward kernel launch");
 }
