@@ -1,10 +1,14 @@
-"""pytransformer.cuda: argument checking (runs everywhere) and GPU kernels against the CPU ops.
+"""pytransformer.cuda: argument checking (runs everywhere) and GPU kernels against the float64
+references of reference.py and the CPU ops.
 
 The GPU tests need the extension built with -DPYTRANSFORMER_CUDA=ON, a CUDA device and PyTorch
-with CUDA (used to move arrays to and from the device); without them they skip.
+with CUDA or CuPy (used to move arrays to and from the device); without them they skip, unless
+PYTRANSFORMER_REQUIRE_GPU=1 (tools/cuda_check.sh sets it) turns the missing device into a failure.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -345,6 +349,12 @@ gpu = pytest.mark.skipif(
 )
 
 
+def test_gpu_tests_run_where_required():
+    # On the GPU machine a missing torch/CuPy or a broken build would silently skip every test.
+    if os.environ.get("PYTRANSFORMER_REQUIRE_GPU") == "1":
+        assert GPU_LIB is not None, "PYTRANSFORMER_REQUIRE_GPU=1 but the GPU tests would skip"
+
+
 def to_gpu(x: np.ndarray):
     x = np.ascontiguousarray(x)
     if GPU_LIB == "torch":
@@ -385,7 +395,30 @@ def test_matmul_matches_cpu(rng, naive, batch, M, N, K, trans_a, trans_b):
         want = ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias, activation=activation)
         got = cuda.matmul(to_gpu(a), to_gpu(b), trans_a=trans_a, trans_b=trans_b, bias=to_gpu(bias),
                           activation=activation, naive=naive)  # fmt: skip
+        exact = ref.matmul(a, b, trans_a, trans_b, bias=bias, activation=activation)
         np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4 * max(1, K) ** 0.5)
+        np.testing.assert_allclose(to_np(got), exact, rtol=1e-4, atol=1e-4 * max(1, K) ** 0.5)
+
+
+@gpu
+@pytest.mark.parametrize(
+    ("batch", "M", "N", "K", "trans_a", "trans_b", "activation"),
+    [
+        (None, 4096, 512, 512, False, False, None),
+        (None, 2048, 1536, 512, False, True, "gelu"),  # a feed-forward layer: x @ W^T + b
+        (None, 3000, 512, 1536, False, True, "relu"),
+        (3, 1000, 257, 130, True, False, None),
+    ],
+)
+def test_matmul_realistic_sizes_against_float64(rng, batch, M, N, K, trans_a, trans_b, activation):
+    lead = () if batch is None else (batch,)
+    a = randn(rng, *lead, *((K, M) if trans_a else (M, K)))
+    b = randn(rng, *lead, *((N, K) if trans_b else (K, N)))
+    bias = randn(rng, N)
+    got = cuda.matmul(to_gpu(a), to_gpu(b), trans_a=trans_a, trans_b=trans_b, bias=to_gpu(bias),
+                      activation=activation)  # fmt: skip
+    want = ref.matmul(a, b, trans_a, trans_b, bias=bias, activation=activation)
+    np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4 * K**0.5)
 
 
 @gpu
@@ -509,7 +542,7 @@ def test_matmul_shapes_property(batch, M, N, K, trans_a, trans_b):
     lead = () if batch is None else (batch,)
     a = randn(rng, *lead, *((K, M) if trans_a else (M, K)))
     b = randn(rng, *lead, *((N, K) if trans_b else (K, N)))
-    want = ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b)
+    want = ref.matmul(a, b, trans_a, trans_b)
     got = cuda.matmul(to_gpu(a), to_gpu(b), trans_a=trans_a, trans_b=trans_b)
     np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4 * max(1, K) ** 0.5)
 
@@ -522,29 +555,53 @@ def fused_qkv(rng, B, Lq, Lk, H, D):
     return q, kv[:, :, 0], kv[:, :, 1], to_gpu(q), tkv[:, :, 0], tkv[:, :, 1]
 
 
+def check_attention(rng, B, Lq, Lk, H, D, kw, against_cpu=True) -> None:
+    """GPU forward and backward against the float64 reference (and the CPU ops when asked)."""
+    q, k, v, gq, gk, gv = fused_qkv(rng, B, Lq, Lk, H, D)
+    dout = randn(rng, B, Lq, H, D)
+    gout, glse = cuda.attention(gq, gk, gv, return_lse=True, **kw)
+    grads = cuda.attention_backward(to_gpu(dout), gq, gk, gv, gout, glse, **kw)
+    assert all(c_contiguous(g) for g in grads)
+    got = [to_np(t) for t in (gout, glse, *grads)]
+    wants = [(*ref.attention(q, k, v, **kw), *ref.attention_backward(dout, q, k, v, **kw))]
+    if against_cpu:
+        out, lse = ops.attention(q, k, v, return_lse=True, **kw)
+        wants.append((out, lse, *ops.attention_backward(dout, q, k, v, out, lse, **kw)))
+    tolerances = [(1e-4, 1e-5), (1e-5, 1e-5)] + [(1e-3, 1e-4)] * 3
+    for want in wants:
+        for g, w, (rtol, atol) in zip(got, want, tolerances, strict=True):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def key_lengths(rng, B, Lk):
+    lengths = rng.integers(0, Lk + 1, size=B)
+    lengths[0] = 0  # a fully masked batch item: zeros out, -inf lse, zero grads
+    return lengths
+
+
 @gpu
 @pytest.mark.parametrize(
     ("B", "Lq", "Lk", "H", "D"),
-    [(1, 1, 1, 1, 1), (2, 7, 9, 3, 16), (2, 33, 70, 2, 64), (1, 5, 40, 1, 128)],
-)
+    [(1, 1, 1, 1, 1), (2, 7, 9, 3, 16), (2, 33, 70, 2, 40), (2, 33, 70, 2, 64), (2, 9, 45, 3, 80),
+     (1, 5, 40, 1, 128)],
+)  # fmt: skip
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(("causal", "query_offset"), [(False, 0), (True, 0), (True, 3)])
-def test_attention_matches_cpu(rng, B, Lq, Lk, H, D, masked, causal, query_offset):
-    q, k, v, gq, gk, gv = fused_qkv(rng, B, Lq, Lk, H, D)
-    lengths = rng.integers(0, Lk + 1, size=B) if masked else None
-    if masked:
-        lengths[0] = 0  # a fully masked batch item: zeros out, -inf lse, zero grads
+def test_attention_matches_float64_and_cpu(rng, B, Lq, Lk, H, D, masked, causal, query_offset):
+    # D = 40 and 80: the accumulators' second (or third) 32-lane chunk is partly filled
+    lengths = key_lengths(rng, B, Lk) if masked else None
     kw = dict(key_lengths=lengths, causal=causal, query_offset=query_offset)
-    out, lse = ops.attention(q, k, v, return_lse=True, **kw)
-    gout, glse = cuda.attention(gq, gk, gv, return_lse=True, **kw)
-    np.testing.assert_allclose(to_np(gout), out, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(to_np(glse), lse, rtol=1e-5, atol=1e-5)
-    dout = randn(rng, B, Lq, H, D)
-    want = ops.attention_backward(dout, q, k, v, out, lse, **kw)
-    got = cuda.attention_backward(to_gpu(dout), gq, gk, gv, gout, glse, **kw)
-    for g, w in zip(got, want, strict=True):
-        assert c_contiguous(g)
-        np.testing.assert_allclose(to_np(g), w, rtol=1e-3, atol=1e-4)
+    check_attention(rng, B, Lq, Lk, H, D, kw)
+
+
+@gpu
+@pytest.mark.parametrize("D", [40, 64, 80])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_realistic_sizes_against_float64(rng, D, causal):
+    """Hundreds of queries and keys over many 32-key tiles, several heads, padded batch items."""
+    B, Lq, Lk, H = 4, 256, 300, 4
+    kw = dict(key_lengths=key_lengths(rng, B, Lk), causal=causal, query_offset=Lk - Lq)
+    check_attention(rng, B, Lq, Lk, H, D, kw, against_cpu=False)
 
 
 @gpu
@@ -564,6 +621,9 @@ def test_softmax_cross_entropy_matches_cpu(rng, N, V, smoothing, dtype, inplace)
     assert (grad is glogits) == inplace
     assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(to_np(grad), want_grad, rtol=1e-4, atol=1e-7)
+    exact_loss, exact_grad = ref.softmax_cross_entropy(logits, targets, smoothing)
+    assert loss == pytest.approx(exact_loss, rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(to_np(grad), exact_grad, rtol=1e-4, atol=1e-7)
 
 
 @gpu
@@ -584,11 +644,15 @@ def test_adam_step_matches_cpu(rng, decoupled, n):
     m, v = randn(rng, n) * 0.1, np.abs(randn(rng, n)) * 0.01
     gp, gg, gm, gv = (to_gpu(x) for x in (param, grad, m, v))
     kw = dict(lr=1e-2, weight_decay=0.05, decoupled=decoupled)
+    exact = (param, m, v)
     for step in (1, 2, 3):
+        exact = ref.adam_step(*exact[:1], grad, *exact[1:], beta1=0.9, beta2=0.98, eps=1e-9,
+                              step=step, **kw)  # fmt: skip
         ops.adam_step(param, grad, m, v, step=step, **kw)
         cuda.adam_step(gp, gg, gm, gv, step=step, **kw)
-    for g, w in ((gp, param), (gm, m), (gv, v)):
+    for g, w, e in zip((gp, gm, gv), (param, m, v), exact, strict=True):
         np.testing.assert_allclose(to_np(g), w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(to_np(g), e, rtol=1e-4, atol=1e-5)  # as the CPU's fuzz test
 
 
 # ---------------------------------------------------------------- streams and the scratch pool
