@@ -141,6 +141,15 @@ def bench_layer_norm(rows: list[list[object]]) -> None:
             f"{t['torch'] / t['ours']:.2f} (copy {gb / t['copy']:.0f} GB/s)",
         ]
     )
+    # The backward reads dy and x twice (parameter gradients, then dx) and writes dx.
+    _, mean, rstd = cuda.layer_norm(x, g, b, return_stats=True)
+    dy = torch.randn_like(x)
+    tb = interleaved_medians(
+        {"ours": timed(partial(cuda.layer_norm_backward, dy, x, g, mean, rstd))},
+        repeats=5,
+        min_time=0.05,
+    )
+    rows.append([f"layer_norm bwd {N}x{C}", f"{2.5 * gb / tb['ours']:.0f} GB/s", "", ""])
 
 
 def main() -> int:

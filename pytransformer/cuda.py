@@ -7,7 +7,10 @@ device arrays); new outputs are allocated with the library of the first array ar
 PyTorch), on its device. Kernels are queued on the legacy default stream (what PyTorch and CuPy use
 unless told otherwise) or on the stream handle passed as ``stream=``; like any CUDA call they
 return before the GPU is done, except :func:`softmax_cross_entropy` which returns the loss as a
-Python float and so waits.
+Python float and so waits. Everything a call needs besides its arrays is ordered on that same
+stream: host key lengths are copied with cudaMemcpyAsync from pinned staging memory, and
+scratch buffers come from a per-device pool (:func:`memory_pool_stats`) instead of
+cudaMalloc/cudaFree, which would synchronise the device.
 
 Inputs are validated here (dtype, rank, shape, contiguity, value ranges), before any work on the
 device: TypeError / ValueError / IndexError name the argument, as in :mod:`pytransformer.ops`.
@@ -44,6 +47,8 @@ __all__ = [
     "attention_backward",
     "softmax_cross_entropy",
     "adam_step",
+    "memory_pool_stats",
+    "empty_memory_pool",
 ]
 
 ATTN_MAX_D = 128  # head dimension limit of the attention kernels (kAttnMaxD in csrc/cuda/kernels.h)
@@ -77,6 +82,25 @@ def _module() -> Any:
 def synchronize() -> None:
     """Waits for every queued kernel on the current device; RuntimeError on a device error."""
     _module().synchronize()
+
+
+def memory_pool_stats() -> dict[str, dict[str, int]]:
+    """The scratch-memory pool of the current device, per kind ("device", "pinned_host").
+
+    The kernels take their temporary buffers (attention's row sums, layer norm's partial
+    column sums, the cross-entropy's per-row losses, the key lengths and their pinned host
+    staging) from a small per-device cache instead of cudaMalloc/cudaFree on every call, which
+    synchronise the device. Each kind reports ``allocations`` (blocks made so far), ``reuses``
+    (blocks lent from the cache), ``cached_bytes`` (held now) and ``lent_blocks`` (in use now).
+    At most 64 MiB per kind stay cached. See csrc/cuda/pool.h for the ordering rules.
+    """
+    stats = _module().memory_pool_stats()
+    return {kind: {k: int(v) for k, v in d.items()} for kind, d in stats.items()}
+
+
+def empty_memory_pool() -> None:
+    """Frees the cached scratch blocks of the current device (waits for work that used them)."""
+    _module().empty_memory_pool()
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""pytransformer.cuda: argument checking (runs everywhere) and GPU kernels against the CPU ops.
+"""pytransformer.cuda: argument checking (runs everywhere) and GPU kernels against the float64
+references of reference.py and the CPU ops.
 
 The GPU tests need the extension built with -DPYTRANSFORMER_CUDA=ON, a CUDA device and PyTorch
-with CUDA (used to move arrays to and from the device); without them they skip.
+with CUDA or CuPy (used to move arrays to and from the device); without them they skip, unless
+PYTRANSFORMER_REQUIRE_GPU=1 (tools/cuda_check.sh sets it) turns the missing device into a failure.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -139,6 +142,13 @@ def test_matmul_shapes_accepted_up_to_the_device(no_extension):
     ]:
         with pytest.raises(RuntimeError, match="not built"):
             cuda.matmul(*args, **kwargs)
+
+
+def test_matmul_k0_with_null_pointers_passes_the_checks(no_extension):
+    # CuPy and PyTorch give an empty array a null pointer: K = 0 (out = bias) must get through.
+    for args in [(F(5, 0, ptr=0), F(0, 4, ptr=0)), (F(2, 5, 0, ptr=0), F(2, 0, 4, ptr=0))]:
+        with pytest.raises(RuntimeError, match="not built"):
+            cuda.matmul(*args, bias=F(4))
 
 
 @pytest.mark.parametrize(
@@ -351,6 +361,12 @@ gpu = pytest.mark.skipif(
 )
 
 
+def test_gpu_tests_run_where_required():
+    # On the GPU machine a missing torch/CuPy or a broken build would silently skip every test.
+    if os.environ.get("PYTRANSFORMER_REQUIRE_GPU") == "1":
+        assert GPU_LIB is not None, "PYTRANSFORMER_REQUIRE_GPU=1 but the GPU tests would skip"
+
+
 def to_gpu(x: np.ndarray):
     x = np.ascontiguousarray(x)
     if GPU_LIB == "torch":
@@ -391,7 +407,30 @@ def test_matmul_matches_cpu(rng, naive, batch, M, N, K, trans_a, trans_b):
         want = ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias, activation=activation)
         got = cuda.matmul(to_gpu(a), to_gpu(b), trans_a=trans_a, trans_b=trans_b, bias=to_gpu(bias),
                           activation=activation, naive=naive)  # fmt: skip
+        exact = ref.matmul(a, b, trans_a, trans_b, bias=bias, activation=activation)
         np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4 * max(1, K) ** 0.5)
+        np.testing.assert_allclose(to_np(got), exact, rtol=1e-4, atol=1e-4 * max(1, K) ** 0.5)
+
+
+@gpu
+@pytest.mark.parametrize(
+    ("batch", "M", "N", "K", "trans_a", "trans_b", "activation"),
+    [
+        (None, 4096, 512, 512, False, False, None),
+        (None, 2048, 1536, 512, False, True, "gelu"),  # a feed-forward layer: x @ W^T + b
+        (None, 3000, 512, 1536, False, True, "relu"),
+        (3, 1000, 257, 130, True, False, None),
+    ],
+)
+def test_matmul_realistic_sizes_against_float64(rng, batch, M, N, K, trans_a, trans_b, activation):
+    lead = () if batch is None else (batch,)
+    a = randn(rng, *lead, *((K, M) if trans_a else (M, K)))
+    b = randn(rng, *lead, *((N, K) if trans_b else (K, N)))
+    bias = randn(rng, N)
+    got = cuda.matmul(to_gpu(a), to_gpu(b), trans_a=trans_a, trans_b=trans_b, bias=to_gpu(bias),
+                      activation=activation)  # fmt: skip
+    want = ref.matmul(a, b, trans_a, trans_b, bias=bias, activation=activation)
+    np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4 * K**0.5)
 
 
 @gpu
@@ -432,6 +471,72 @@ def test_layer_norm_matches_cpu(rng, shape):
     got = cuda.layer_norm_backward(to_gpu(dy), to_gpu(x), to_gpu(gamma), gmean, grstd)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(to_np(g), w, rtol=1e-3, atol=1e-3)
+    check_layer_norm_against_float64(x, gamma, beta, dy, (gy, gmean, grstd), got)
+
+
+def check_layer_norm_against_float64(x, gamma, beta, dy, forward, backward) -> None:
+    """The GPU's (y, mean, rstd) and (dx, dgamma, dbeta) against reference.py in float64."""
+    y, mean, rstd = ref.layer_norm(x, gamma, beta, 1e-5)
+    for got, want in zip(forward, (y, mean, rstd), strict=True):
+        np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4)
+    # dgamma, dbeta are sums over all rows: their error grows with sqrt(rows)
+    sum_atol = 1e-4 * (x.size // x.shape[-1]) ** 0.5
+    want = ref.layer_norm_backward(dy, x, gamma, 1e-5)
+    for got, w, atol in zip(backward, want, (1e-4, sum_atol, sum_atol), strict=True):
+        np.testing.assert_allclose(to_np(got), w, rtol=1e-4, atol=atol)
+
+
+@gpu
+@pytest.mark.parametrize("C", [40, 80, 512, 1024])
+@pytest.mark.parametrize("N", [4096, 10007])
+def test_layer_norm_realistic_sizes_against_float64(rng, N, C):
+    """Thousands of rows (the backward's parameter gradients reduce over many row chunks, a
+    last chunk partly filled at N = 10007) and C = 40, 80 (a partly filled second 32-column
+    tile), against the float64 reference; the parameter gradients are the same bits twice."""
+    x = randn(rng, N, C) * 3 + 5
+    gamma, beta, dy = randn(rng, C), randn(rng, C), randn(rng, N, C)
+    gx, gg, gdy = to_gpu(x), to_gpu(gamma), to_gpu(dy)
+    forward = cuda.layer_norm(gx, gg, to_gpu(beta), 1e-5, return_stats=True)
+    backward = cuda.layer_norm_backward(gdy, gx, gg, forward[1], forward[2])
+    check_layer_norm_against_float64(x, gamma, beta, dy, forward, backward)
+    again = cuda.layer_norm_backward(gdy, gx, gg, forward[1], forward[2])
+    for first, second in zip(backward, again, strict=True):
+        assert to_np(first).tobytes() == to_np(second).tobytes()
+
+
+@gpu
+@pytest.mark.parametrize("naive", [False, True])
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_k0_gives_bias(rng, naive, batch, accumulate):
+    """K = 0: a and b are empty (null pointers from torch and CuPy); out = act(bias), or
+    out + bias when accumulating."""
+    lead = () if batch is None else (batch,)
+    a, b = np.zeros((*lead, 37, 0), np.float32), np.zeros((*lead, 0, 70), np.float32)
+    bias, start = randn(rng, 70), randn(rng, *lead, 37, 70)
+    for activation in [None] if accumulate else [None, "relu", "gelu"]:
+        out = to_gpu(start) if accumulate else None
+        got = cuda.matmul(to_gpu(a), to_gpu(b), bias=to_gpu(bias), activation=activation,
+                          out=out, accumulate=accumulate, naive=naive)  # fmt: skip
+        want = ref.matmul(a, b, bias=bias, activation=activation, out=start if accumulate else None)
+        np.testing.assert_allclose(to_np(got), want, rtol=1e-6, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("naive", [False, True])
+def test_relu_keeps_nan(rng, naive):
+    """NaN through the ReLU epilogue stays NaN (as on the CPU), it does not become 0."""
+    a, b, bias = randn(rng, 70, 33), randn(rng, 33, 65), randn(rng, 65)
+    a[3, 5] = np.nan  # row 3 of the product
+    bias[7] = np.nan  # column 7
+    got = to_np(cuda.matmul(to_gpu(a), to_gpu(b), bias=to_gpu(bias), activation="relu",
+                            naive=naive))  # fmt: skip
+    want = ref.matmul(a, b, bias=bias, activation="relu")
+    assert np.isnan(want).sum() == 70 + 65 - 1
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.isnan(ops.matmul(a, b, bias=bias, activation="relu")),
+                                  np.isnan(want))  # fmt: skip
 
 
 @gpu
@@ -449,7 +554,7 @@ def test_matmul_shapes_property(batch, M, N, K, trans_a, trans_b):
     lead = () if batch is None else (batch,)
     a = randn(rng, *lead, *((K, M) if trans_a else (M, K)))
     b = randn(rng, *lead, *((N, K) if trans_b else (K, N)))
-    want = ops.matmul(a, b, trans_a=trans_a, trans_b=trans_b)
+    want = ref.matmul(a, b, trans_a, trans_b)
     got = cuda.matmul(to_gpu(a), to_gpu(b), trans_a=trans_a, trans_b=trans_b)
     np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-4 * max(1, K) ** 0.5)
 
@@ -462,29 +567,53 @@ def fused_qkv(rng, B, Lq, Lk, H, D):
     return q, kv[:, :, 0], kv[:, :, 1], to_gpu(q), tkv[:, :, 0], tkv[:, :, 1]
 
 
+def check_attention(rng, B, Lq, Lk, H, D, kw, against_cpu=True) -> None:
+    """GPU forward and backward against the float64 reference (and the CPU ops when asked)."""
+    q, k, v, gq, gk, gv = fused_qkv(rng, B, Lq, Lk, H, D)
+    dout = randn(rng, B, Lq, H, D)
+    gout, glse = cuda.attention(gq, gk, gv, return_lse=True, **kw)
+    grads = cuda.attention_backward(to_gpu(dout), gq, gk, gv, gout, glse, **kw)
+    assert all(c_contiguous(g) for g in grads)
+    got = [to_np(t) for t in (gout, glse, *grads)]
+    wants = [(*ref.attention(q, k, v, **kw), *ref.attention_backward(dout, q, k, v, **kw))]
+    if against_cpu:
+        out, lse = ops.attention(q, k, v, return_lse=True, **kw)
+        wants.append((out, lse, *ops.attention_backward(dout, q, k, v, out, lse, **kw)))
+    tolerances = [(1e-4, 1e-5), (1e-5, 1e-5)] + [(1e-3, 1e-4)] * 3
+    for want in wants:
+        for g, w, (rtol, atol) in zip(got, want, tolerances, strict=True):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+
+
+def key_lengths(rng, B, Lk):
+    lengths = rng.integers(0, Lk + 1, size=B)
+    lengths[0] = 0  # a fully masked batch item: zeros out, -inf lse, zero grads
+    return lengths
+
+
 @gpu
 @pytest.mark.parametrize(
     ("B", "Lq", "Lk", "H", "D"),
-    [(1, 1, 1, 1, 1), (2, 7, 9, 3, 16), (2, 33, 70, 2, 64), (1, 5, 40, 1, 128)],
-)
+    [(1, 1, 1, 1, 1), (2, 7, 9, 3, 16), (2, 33, 70, 2, 40), (2, 33, 70, 2, 64), (2, 9, 45, 3, 80),
+     (1, 5, 40, 1, 128)],
+)  # fmt: skip
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(("causal", "query_offset"), [(False, 0), (True, 0), (True, 3)])
-def test_attention_matches_cpu(rng, B, Lq, Lk, H, D, masked, causal, query_offset):
-    q, k, v, gq, gk, gv = fused_qkv(rng, B, Lq, Lk, H, D)
-    lengths = rng.integers(0, Lk + 1, size=B) if masked else None
-    if masked:
-        lengths[0] = 0  # a fully masked batch item: zeros out, -inf lse, zero grads
+def test_attention_matches_float64_and_cpu(rng, B, Lq, Lk, H, D, masked, causal, query_offset):
+    # D = 40 and 80: the accumulators' second (or third) 32-lane chunk is partly filled
+    lengths = key_lengths(rng, B, Lk) if masked else None
     kw = dict(key_lengths=lengths, causal=causal, query_offset=query_offset)
-    out, lse = ops.attention(q, k, v, return_lse=True, **kw)
-    gout, glse = cuda.attention(gq, gk, gv, return_lse=True, **kw)
-    np.testing.assert_allclose(to_np(gout), out, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(to_np(glse), lse, rtol=1e-5, atol=1e-5)
-    dout = randn(rng, B, Lq, H, D)
-    want = ops.attention_backward(dout, q, k, v, out, lse, **kw)
-    got = cuda.attention_backward(to_gpu(dout), gq, gk, gv, gout, glse, **kw)
-    for g, w in zip(got, want, strict=True):
-        assert c_contiguous(g)
-        np.testing.assert_allclose(to_np(g), w, rtol=1e-3, atol=1e-4)
+    check_attention(rng, B, Lq, Lk, H, D, kw)
+
+
+@gpu
+@pytest.mark.parametrize("D", [40, 64, 80])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_realistic_sizes_against_float64(rng, D, causal):
+    """Hundreds of queries and keys over many 32-key tiles, several heads, padded batch items."""
+    B, Lq, Lk, H = 4, 256, 300, 4
+    kw = dict(key_lengths=key_lengths(rng, B, Lk), causal=causal, query_offset=Lk - Lq)
+    check_attention(rng, B, Lq, Lk, H, D, kw, against_cpu=False)
 
 
 @gpu
@@ -504,6 +633,9 @@ def test_softmax_cross_entropy_matches_cpu(rng, N, V, smoothing, dtype, inplace)
     assert (grad is glogits) == inplace
     assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(to_np(grad), want_grad, rtol=1e-4, atol=1e-7)
+    exact_loss, exact_grad = ref.softmax_cross_entropy(logits, targets, smoothing)
+    assert loss == pytest.approx(exact_loss, rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(to_np(grad), exact_grad, rtol=1e-4, atol=1e-7)
 
 
 @gpu
@@ -524,8 +656,75 @@ def test_adam_step_matches_cpu(rng, decoupled, n):
     m, v = randn(rng, n) * 0.1, np.abs(randn(rng, n)) * 0.01
     gp, gg, gm, gv = (to_gpu(x) for x in (param, grad, m, v))
     kw = dict(lr=1e-2, weight_decay=0.05, decoupled=decoupled)
+    exact = (param, m, v)
     for step in (1, 2, 3):
+        exact = ref.adam_step(*exact[:1], grad, *exact[1:], beta1=0.9, beta2=0.98, eps=1e-9,
+                              step=step, **kw)  # fmt: skip
         ops.adam_step(param, grad, m, v, step=step, **kw)
         cuda.adam_step(gp, gg, gm, gv, step=step, **kw)
-    for g, w in ((gp, param), (gm, m), (gv, v)):
+    for g, w, e in zip((gp, gm, gv), (param, m, v), exact, strict=True):
         np.testing.assert_allclose(to_np(g), w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(to_np(g), e, rtol=1e-4, atol=1e-5)  # as the CPU's fuzz test
+
+
+# ---------------------------------------------------------------- streams and the scratch pool
+
+
+def side_stream():
+    """(context that makes a new non-default stream current, its cudaStream_t handle)."""
+    if GPU_LIB == "torch":
+        s = torch.cuda.Stream()
+        return torch.cuda.stream(s), s.cuda_stream
+    import cupy
+
+    s = cupy.cuda.Stream(non_blocking=True)
+    return s, s.ptr
+
+
+@gpu
+def test_key_lengths_are_copied_on_the_callers_stream(rng):
+    """Thirty calls queued back to back on a side stream, each with its own key lengths and no
+    wait in between: every result matches the float64 reference for its own lengths, so no
+    call read lengths staged for another (the pinned staging block outlives its copy)."""
+    B, Lq, Lk, H, D = 3, 17, 40, 2, 40
+    q, k, v = randn(rng, B, Lq, H, D), randn(rng, B, Lk, H, D), randn(rng, B, Lk, H, D)
+    all_lengths = [rng.integers(0, Lk + 1, size=B) for _ in range(30)]
+    context, handle = side_stream()
+    with context:
+        gq, gk, gv = to_gpu(q), to_gpu(k), to_gpu(v)
+        outs = [cuda.attention(gq, gk, gv, key_lengths=n, stream=handle) for n in all_lengths]
+    for n, got in zip(all_lengths, outs, strict=True):
+        want, _ = ref.attention(q, k, v, key_lengths=n)
+        np.testing.assert_allclose(to_np(got), want, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+def test_scratch_pool_reuses_its_blocks(rng):
+    """After a warm-up call, repeated calls of the same sizes take their scratch (device blocks
+    and pinned staging) from the pool: no new allocation, nothing left lent."""
+    B, Lq, Lk, H, D = 2, 33, 70, 2, 64
+    q, k, v, gq, gk, gv = fused_qkv(rng, B, Lq, Lk, H, D)
+    lengths = np.array([70, 31])
+    logits, targets = to_gpu(randn(rng, 64, 100)), to_gpu(rng.integers(0, 100, 64))
+    x, gamma = to_gpu(randn(rng, 300, 80)), to_gpu(randn(rng, 80))
+    _, mean, rstd = cuda.layer_norm(x, gamma, gamma, return_stats=True)
+
+    def calls():
+        out, lse = cuda.attention(gq, gk, gv, key_lengths=lengths, return_lse=True)
+        cuda.synchronize()  # the forward's pinned staging block is free again: it is reused
+        cuda.attention_backward(out, gq, gk, gv, out, lse, key_lengths=lengths)
+        cuda.softmax_cross_entropy(logits, targets)
+        cuda.layer_norm_backward(x, x, gamma, mean, rstd)
+        cuda.synchronize()
+
+    calls()
+    before = cuda.memory_pool_stats()
+    for _ in range(20):
+        calls()
+    after = cuda.memory_pool_stats()
+    for kind in ("device", "pinned_host"):
+        assert after[kind]["allocations"] == before[kind]["allocations"], kind
+        assert after[kind]["reuses"] >= before[kind]["reuses"] + 20, kind
+        assert after[kind]["lent_blocks"] == 0, kind
+    cuda.empty_memory_pool()
+    assert cuda.memory_pool_stats()["device"]["cached_bytes"] == 0

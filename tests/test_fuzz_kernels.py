@@ -384,9 +384,9 @@ def test_fuzz_softmax_cross_entropy(isa, data):
             args, _ = break_one(draw, args, ["logits", "targets"], axes={"logits": [0]})
         elif choice == "target":
             t = np.ones(max(N, 1), np.int64)
-            t[0] = draw(st.sampled_from([-1, V, 2**40, -(2**40)]))
-            if t[0] == ignore:
-                t[0] = V
+            # out of range and not the ignored id (ignore_index may equal V, or -1)
+            bad = [b for b in (-1, V, V + 1, 2**40, -(2**40)) if b != ignore]
+            t[0] = draw(st.sampled_from(bad))
             args["targets"] = t
             args["logits"] = draw_values(draw, (t.size, V))
         elif choice == "smoothing":

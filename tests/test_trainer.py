@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -170,6 +171,22 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     assert state["step"] == 7 and state["tokens_seen"] == tr.tokens_seen
     assert state["data"] == tr.train_data.state_dict()
     assert state["schedule"] == {"name": "noam", "d_model": 16, "warmup": 4, "factor": 0.5}
+
+
+def test_saves_remove_what_killed_saves_left_behind(tmp_path):
+    """A save or a pruning killed part-way leaves a hidden .step-* directory named after its
+    process; the next save removes those of processes that are gone, and only those."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    names = [f".step-00000001.tmp-{dead_pid}", f".step-00000002.del-{dead_pid}",
+             f".step-00000003.tmp-{live_pid}"]  # fmt: skip
+    for name in names:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    tr = make_trainer(tmp_path, checkpoint_every=1, keep_checkpoints=1)
+    tr.fit(3)
+    assert sorted(os.listdir(tmp_path)) == [names[2], "log.jsonl", "step-00000003"]
 
 
 def test_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):

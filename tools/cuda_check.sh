@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build with the CUDA target on, run the CUDA tests (GPU kernels
-# against the CPU ops), then time the kernels (GFLOP/s for SGEMM and attention, GB/s for layer
-# norm) against PyTorch CUDA. Needs nvcc, a CUDA device, and torch with CUDA (or CuPy) in $PYTHON.
+# One call on a GPU machine: build with the CUDA target on, run every CUDA test (the GPU kernels
+# against the float64 references of tests/reference.py and against the CPU ops, at small and
+# realistic sizes; streams and the scratch pool), then time the kernels (GFLOP/s for SGEMM and
+# attention, GB/s for layer norm) against PyTorch CUDA. Needs nvcc, a CUDA device, and torch with
+# CUDA (or CuPy) in $PYTHON. With a device present, a GPU test that would skip fails instead.
 # Usage: PYTHON=/path/to/python tools/cuda_check.sh [extra cmake -D options, e.g.
 #        -DCMAKE_CUDA_ARCHITECTURES=90]
 # Env: BUILD_DIR (default build/cuda), WRITE=1 to record the timings in bench/RESULTS.md.
@@ -25,6 +27,7 @@ export PYTHONPATH=$PWD
 if nvidia-smi -L >/dev/null 2>&1; then
   # A device is there: the GPU tests must run, not skip.
   "$PY" -c "import pytransformer.cuda as c, sys; sys.exit(0 if c.is_available() else 'device present but pytransformer.cuda.is_available() is False')"
+  export PYTRANSFORMER_REQUIRE_GPU=1
 fi
 "$PY" -m pytest -q -rs tests/test_cuda.py
 if [ "${WRITE:-0}" = 1 ]; then

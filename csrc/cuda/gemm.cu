@@ -12,7 +12,8 @@ constexpr int TM = 64, TN = 64, TK = 16;   // block tile of C and depth of one s
 constexpr int THREADS = 256;               // 16 x 16 threads, 4 x 4 outputs each
 
 __device__ __forceinline__ float apply_act(float x, Activation act) {
-  if (act == Activation::relu) return x > 0.0f ? x : 0.0f;
+  // As the CPU kernel (maxps(0, x)): the second operand wins unless 0 > x, so NaN and -0 pass.
+  if (act == Activation::relu) return 0.0f > x ? 0.0f : x;
   if (act == Activation::gelu) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
   return x;
 }

@@ -21,7 +21,8 @@ enum class Activation : int { none = 0, relu = 1, gelu = 2 };
 // A[z] starts at a + z*stride_a: (M,K) with lda = K, or (K,M) with lda = M when trans_a.
 // B[z] starts at b + z*stride_b: (K,N) with ldb = N, or (N,K) with ldb = K when trans_b.
 // stride_b = 0 broadcasts one B over the batch. bias may be null. accumulate requires act = none.
-// K = 0 is allowed (C = bias / C unchanged). Overwrites c only.
+// K = 0 is allowed (C = act(bias), or C + bias when accumulating); a and b are then never read
+// and may be null. Overwrites c only. ReLU keeps NaN, as the CPU kernel does.
 cudaError_t sgemm_forward(float* c, const float* a, const float* b, const float* bias, int batch, int M, int N,
                           int K, std::int64_t stride_a, std::int64_t stride_b, bool trans_a, bool trans_b,
                           bool accumulate, Activation act, cudaStream_t stream);
@@ -35,10 +36,12 @@ cudaError_t sgemm_forward_naive(float* c, const float* a, const float* b, const 
 cudaError_t layer_norm_forward(float* y, float* mean, float* rstd, const float* x, const float* gamma,
                                const float* beta, std::int64_t N, int C, float eps, cudaStream_t stream);
 // dy, x, dx (N,C); mean, rstd (N,) from the forward; dgamma, dbeta (C,) overwritten (not accumulated).
-// dx may alias dy. Deterministic: dgamma/dbeta sum rows in a fixed order.
-cudaError_t layer_norm_backward(float* dx, float* dgamma, float* dbeta, const float* dy, const float* x,
-                                const float* gamma, const float* mean, const float* rstd, std::int64_t N, int C,
-                                cudaStream_t stream);
+// dx may alias dy. `scratch` holds layer_norm_backward_scratch(N, C) floats (per-chunk partial sums
+// of dgamma and dbeta). Deterministic: dgamma/dbeta sum rows in a fixed order that depends on N only.
+std::int64_t layer_norm_backward_scratch(std::int64_t N, int C);
+cudaError_t layer_norm_backward(float* dx, float* dgamma, float* dbeta, float* scratch, const float* dy,
+                                const float* x, const float* gamma, const float* mean, const float* rstd,
+                                std::int64_t N, int C, cudaStream_t stream);
 
 // Strided view of a (B, L, H, D) tensor, strides in elements.
 struct AttnView {

@@ -6,14 +6,17 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "kernels.h"
+#include "pool.h"
 
 namespace py = pybind11;
 using pt::cuda::Activation;
+using pt::cuda::MemoryKind;
 using std::int64_t;
 
 namespace {
@@ -65,40 +68,59 @@ T* optional_ptr(std::uintptr_t ptr, const char* name) {
 
 cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// Device copy of the host key lengths for the duration of one call.
-struct DeviceInts {
-  int* p = nullptr;
-  explicit DeviceInts(const std::vector<int>& host) {
-    if (host.empty()) return;
-    check(cudaMalloc(reinterpret_cast<void**>(&p), host.size() * sizeof(int)), "cudaMalloc");
-    const cudaError_t err = cudaMemcpy(p, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice);
-    if (err != cudaSuccess) {
-      cudaFree(p);
-      raise_cuda(err, "cudaMemcpy");
-    }
+// A pool block (pool.h) for the duration of one call: given back at scope exit, after the
+// kernels that use it were queued on `stream`, so its next user is ordered after them. A size
+// of 0 holds no block.
+class Scratch {
+ public:
+  Scratch(MemoryKind kind, size_t bytes, cudaStream_t stream) : kind_(kind), stream_(stream) {
+    if (bytes > 0) check(pt::cuda::pool_acquire(kind, bytes, stream, &block_), "scratch allocation");
   }
-  ~DeviceInts() {
-    if (p) cudaFree(p);  // cudaFree waits for the kernels that read it
+  ~Scratch() { pt::cuda::pool_release(kind_, block_, stream_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(block_.p);
   }
-  DeviceInts(const DeviceInts&) = delete;
-  DeviceInts& operator=(const DeviceInts&) = delete;
+
+ private:
+  MemoryKind kind_;
+  cudaStream_t stream_;
+  pt::cuda::PoolBlock block_;
 };
 
-// Scratch device buffer freed at scope exit.
-struct DeviceBuffer {
-  void* p = nullptr;
-  explicit DeviceBuffer(size_t bytes) { check(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc"); }
-  ~DeviceBuffer() { cudaFree(p); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+// The key lengths on the device for one call. They are staged in pinned host memory and copied
+// with cudaMemcpyAsync on the caller's stream: the copy is ordered with the kernel that reads
+// the lengths and waits for nothing else (a plain cudaMemcpy runs on the legacy stream and
+// blocks). The host buffer must outlive the copy: the pool lends a pinned block again only once
+// the event recorded at its release (after the copy and the kernel) has completed.
+class DeviceLengths {
+ public:
+  DeviceLengths(const std::vector<int>& lengths, cudaStream_t stream)
+      : host_(MemoryKind::pinned_host, lengths.size() * sizeof(int), stream),
+        device_(MemoryKind::device, lengths.size() * sizeof(int), stream) {
+    if (lengths.empty()) return;
+    std::memcpy(host_.as<int>(), lengths.data(), lengths.size() * sizeof(int));
+    check(cudaMemcpyAsync(device_.as<int>(), host_.as<int>(), lengths.size() * sizeof(int),
+                          cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync of key_lengths");
+  }
+  const int* get() const { return device_.as<const int>(); }  // null without lengths
+
+ private:
+  Scratch host_, device_;  // destroyed device first, then host: both after the kernel is queued
 };
 
 void matmul(std::uintptr_t c, std::uintptr_t a, std::uintptr_t b, std::uintptr_t bias, int batch, int M, int N,
             int K, int64_t stride_a, int64_t stride_b, bool trans_a, bool trans_b, bool accumulate, int act,
             bool naive, std::uintptr_t stream) {
   float* pc = device_ptr<float>(c, "out");
-  const float* pa = device_ptr<const float>(a, "a");
-  const float* pb = device_ptr<const float>(b, "b");
+  // With K = 0, a and b hold no elements and the kernel never reads them (C = bias, or C left
+  // as it is plus bias when accumulating). CuPy and PyTorch give an empty array a null pointer,
+  // so demanding device memory here would refuse the documented case.
+  const float* pa = K == 0 ? nullptr : device_ptr<const float>(a, "a");
+  const float* pb = K == 0 ? nullptr : device_ptr<const float>(b, "b");
   const float* pbias = optional_ptr<const float>(bias, "bias");
   cudaError_t err;
   {
@@ -140,7 +162,10 @@ void layer_norm_backward(std::uintptr_t dx, std::uintptr_t dgamma, std::uintptr_
   cudaError_t err;
   {
     py::gil_scoped_release release;
-    err = pt::cuda::layer_norm_backward(pdx, pdg, pdb, pdy, px, pg, pm, pr, N, C, as_stream(stream));
+    const size_t floats = static_cast<size_t>(pt::cuda::layer_norm_backward_scratch(N, C));
+    const Scratch partial(MemoryKind::device, floats * sizeof(float), as_stream(stream));
+    err = pt::cuda::layer_norm_backward(pdx, pdg, pdb, partial.as<float>(), pdy, px, pg, pm, pr, N, C,
+                                        as_stream(stream));
   }
   check(err, "layer_norm_backward kernel launch");
 }
@@ -150,10 +175,10 @@ pt::cuda::AttnView view(std::uintptr_t ptr, const std::vector<int64_t>& strides,
   return {device_ptr<const float>(ptr, name), strides[0], strides[1], strides[2], strides[3]};
 }
 
-// key_lengths arrive as a host list (checked in [0, Lk] by the Python layer), copied to the device.
+// key_lengths arrive as a host list (checked in [0, Lk] by the Python layer).
 pt::cuda::AttnShape attn_shape(int B, int Lq, int Lk, int H, int D, bool causal, int64_t query_offset, float scale,
-                               const DeviceInts& lengths) {
-  return {B, Lq, Lk, H, D, causal, query_offset, scale, lengths.p};
+                               const DeviceLengths& lengths) {
+  return {B, Lq, Lk, H, D, causal, query_offset, scale, lengths.get()};
 }
 
 void attention(std::uintptr_t out, std::uintptr_t lse, std::uintptr_t q, std::vector<int64_t> sq, std::uintptr_t k,
@@ -165,7 +190,7 @@ void attention(std::uintptr_t out, std::uintptr_t lse, std::uintptr_t q, std::ve
   cudaError_t err;
   {
     py::gil_scoped_release release;
-    DeviceInts lengths(key_lengths);
+    const DeviceLengths lengths(key_lengths, as_stream(stream));
     err = pt::cuda::attention_forward(pout, plse, vq, vk, vv,
                                       attn_shape(B, Lq, Lk, H, D, causal, query_offset, scale, lengths),
                                       as_stream(stream));
@@ -188,9 +213,9 @@ void attention_backward(std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv,
   cudaError_t err;
   {
     py::gil_scoped_release release;
-    DeviceInts lengths(key_lengths);
-    DeviceBuffer delta(static_cast<size_t>(B) * H * Lq * sizeof(float));
-    err = pt::cuda::attention_backward(pdq, pdk, pdv, static_cast<float*>(delta.p), pdout, pout, plse, vq, vk, vv,
+    const DeviceLengths lengths(key_lengths, as_stream(stream));
+    const Scratch delta(MemoryKind::device, static_cast<size_t>(B) * H * Lq * sizeof(float), as_stream(stream));
+    err = pt::cuda::attention_backward(pdq, pdk, pdv, delta.as<float>(), pdout, pout, plse, vq, vk, vv,
                                        attn_shape(B, Lq, Lk, H, D, causal, query_offset, scale, lengths),
                                        as_stream(stream));
   }
@@ -210,10 +235,10 @@ py::tuple softmax_cross_entropy(std::uintptr_t dlogits, std::uintptr_t logits, s
   cudaError_t err;
   {
     py::gil_scoped_release release;
-    DeviceBuffer row_loss(static_cast<size_t>(N) * sizeof(float));
-    DeviceBuffer stats(2 * sizeof(int64_t));
-    err = pt::cuda::softmax_xent_forward_backward(&loss, &bad_row, pd, static_cast<float*>(row_loss.p),
-                                                  static_cast<int64_t*>(stats.p), pl, pt_, is64, N, V,
+    const Scratch row_loss(MemoryKind::device, static_cast<size_t>(N) * sizeof(float), as_stream(stream));
+    const Scratch stats(MemoryKind::device, 2 * sizeof(int64_t), as_stream(stream));
+    err = pt::cuda::softmax_xent_forward_backward(&loss, &bad_row, pd, row_loss.as<float>(),
+                                                  stats.as<int64_t>(), pl, pt_, is64, N, V,
                                                   label_smoothing, ignore_index, as_stream(stream));
   }
   check(err, "softmax_cross_entropy");
@@ -245,6 +270,40 @@ void synchronize() {
   check(err, "cudaDeviceSynchronize");
 }
 
+int current_device() {
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  return dev;
+}
+
+py::dict as_dict(const pt::cuda::PoolStats& s) {
+  py::dict d;
+  d["allocations"] = s.allocations;
+  d["reuses"] = s.reuses;
+  d["cached_bytes"] = s.cached_bytes;
+  d["lent_blocks"] = s.lent_blocks;
+  return d;
+}
+
+// The scratch pool of the current device: {"device": {...}, "pinned_host": {...}}.
+py::dict memory_pool_stats() {
+  const int dev = current_device();
+  py::dict d;
+  d["device"] = as_dict(pt::cuda::pool_stats(MemoryKind::device, dev));
+  d["pinned_host"] = as_dict(pt::cuda::pool_stats(MemoryKind::pinned_host, dev));
+  return d;
+}
+
+void empty_memory_pool() {
+  const int dev = current_device();
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = pt::cuda::pool_empty(dev);
+  }
+  check(err, "emptying the scratch pool");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -258,5 +317,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("attention_backward", &attention_backward);
   m.def("softmax_cross_entropy", &softmax_cross_entropy);
   m.def("adam_step", &adam_step);
+  m.def("memory_pool_stats", &memory_pool_stats);
+  m.def("empty_memory_pool", &empty_memory_pool);
   m.attr("ATTN_MAX_D") = pt::cuda::kAttnMaxD;
 }

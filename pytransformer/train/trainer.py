@@ -15,7 +15,8 @@ Checkpoint layout (one directory per saved step under ``checkpoint_dir``)::
     log.jsonl                            the training log (default location)
 
 Each step directory is written under a temporary name and renamed into place when complete, so
-a crash never leaves a half-written checkpoint that looks finished.
+a crash never leaves a half-written checkpoint that looks finished. The temporary directory of a
+save killed part-way is removed by the next save in that root (once its process is gone).
 
 Log records (one JSON object per line): every ``log_every`` updates
 ``{"step", "epoch", "train_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "elapsed_s"}``
@@ -47,6 +48,8 @@ from .optim import Adam
 __all__ = ["Trainer", "DataSource", "TrainBatch", "latest_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+# A save (tmp) or a removal (del) in progress, named with the id of the process doing it.
+_TMP_STEP_DIR = re.compile(r"^\.step-\d{8,}\.(?:tmp|del)-(\d+)$")
 _MASK64 = (1 << 64) - 1
 _FORMAT = "pytransformer-trainer"
 _OPT_FILE, _STATE_FILE, _LOG_FILE = "optimizer.safetensors", "trainer.json", "log.jsonl"
@@ -119,6 +122,30 @@ def _step_dirs(root: str) -> list[tuple[int, str]]:
         if m and os.path.isdir(os.path.join(root, name)):
             found.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(found)
+
+
+def _process_running(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned_saves(root: str) -> None:
+    """Removes the temporary step directories of saves and removals whose process is gone
+    (killed part-way: nothing else would ever remove them, and each can be as large as a
+    checkpoint). None of them is a checkpoint any more or yet, so nothing is lost; one whose
+    process still runs is left alone."""
+    for name in os.listdir(root):
+        m = _TMP_STEP_DIR.match(name)
+        if m and not _process_running(int(m.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> str | None:
@@ -460,8 +487,14 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
-        for _, path in _step_dirs(self.checkpoint_dir)[: -self.keep_checkpoints]:
-            shutil.rmtree(path, ignore_errors=True)
+        root = self.checkpoint_dir
+        for step, path in _step_dirs(root)[: -self.keep_checkpoints]:
+            # Renamed out of the step-* names first: a removal killed part-way must not leave a
+            # directory that still looks like a complete checkpoint with half its files gone.
+            doomed = os.path.join(root, f".step-{step:08d}.del-{os.getpid()}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        _remove_abandoned_saves(self.checkpoint_dir)
 
     def load_checkpoint(self, path: str | os.PathLike) -> str:
         """Restores model weights, optimizer moments and step, data order and counters from a
