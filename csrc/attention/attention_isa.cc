@@ -108,9 +108,21 @@ void pack_transposed(float* xt, index_t ld, index_t ncols, const float* x, index
 }
 
 // Keeps s[j*ld + i] where key j0 + j is visible to query i (nfirst[i] <= j0 + j < nvis[i]),
-// else sets fill.
+// else sets fill. nfirst null: no window, every query's range starts at key 0 (one select less
+// per score on the causal diagonal, which is most of the masking work).
 void mask_tile(float* s, index_t ld, index_t kn, index_t ncols, index_t j0, const float* nfirst,
                const float* nvis, float fill) {
+  if (nfirst == nullptr) {
+    for (index_t i = 0; i < ncols; i += 8) {
+      const Vec hi = Vec::load(nvis + i);
+      for (index_t j = 0; j < kn; ++j) {
+        const Vec row = Vec::load(s + j * ld + i);
+        Vec::select(Vec::less(Vec(static_cast<float>(j0 + j)), hi), row, Vec(fill))
+            .store(s + j * ld + i);
+      }
+    }
+    return;
+  }
   for (index_t i = 0; i < ncols; i += 8) {
     const Vec lo = Vec::load(nfirst + i), hi = Vec::load(nvis + i);
     for (index_t j = 0; j < kn; ++j) {
@@ -235,7 +247,7 @@ void attention_forward_tile(float* out, float* lse, const AttnView& q, const Att
         gemm_panel<1, false>(s + lo * LD + jc, LD, kt + lo * k.sl, k.sl, 1, qt + jc, LD, hi - lo,
                              D, nullptr);
     }
-    mask_tile(s, LD, kn, ncols, j0, nfirst, nvis, -kInf);
+    mask_tile(s, LD, kn, ncols, j0, c.window < 0 ? nullptr : nfirst, nvis, -kInf);
     softmax_update(s, LD, kn, ncols, m, l, alpha);
     for (index_t r = 0; r < mq; r += 6) {
       const index_t mr = imin(6, mq - r);
@@ -406,7 +418,7 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
             exp2(Vec::load(pt + j * LD + i) - lv).store(pt + j * LD + i);
         }
         if (j0 < klast || j0 + kn > kfull)
-          mask_tile(pt, LD, kn, ncols, j0, nfirst + i0, nvis + i0, 0.0f);
+          mask_tile(pt, LD, kn, ncols, j0, c.window < 0 ? nullptr : nfirst + i0, nvis + i0, 0.0f);
         // dV += P^T dOut
         small_gemm<true>(dvt, D, pt, LD, 1, dor + i0 * RS, RS, kn, D, mq);
         // dS^T = P^T * (V dOut^T - delta)
