@@ -27,7 +27,9 @@ class TransformerEncoderModel(Model):
             raise ValueError("TransformerEncoderModel needs num_encoder_layers >= 1")
         check_source_pad(cfg)
         self.src_embed = self._make_embedding("src_embed", cfg.src_vocab_size, None)
-        self.encoder = Encoder(self.store, "encoder", cfg, self.ctx)
+        self.encoder = Encoder(
+            self.store, "encoder", cfg, self.ctx, window=cfg.encoder_attention_window
+        )
         tied = None
         if cfg.tie_embeddings == "all":
             check_same_vocabularies(cfg)

@@ -27,7 +27,9 @@ class TransformerLM(Model):
         if cfg.num_decoder_layers < 1:
             raise ValueError("TransformerLM needs num_decoder_layers >= 1")
         self.tgt_embed = self._make_embedding("tgt_embed", cfg.tgt_vocab_size, None)
-        self.decoder = Decoder(self.store, "decoder", cfg, self.ctx, cross=False)
+        self.decoder = Decoder(
+            self.store, "decoder", cfg, self.ctx, cross=False, window=cfg.decoder_attention_window
+        )
         tied = self.tgt_embed.weight if cfg.tie_embeddings != "none" else None
         self.output = self._make_output(cfg.tgt_vocab_size, tied)
         self._finish(seed)

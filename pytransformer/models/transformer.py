@@ -64,8 +64,12 @@ class Transformer(Model):
             out_w = tgt_w if cfg.tie_embeddings == "decoder" else None
         self.src_embed = self._make_embedding("src_embed", cfg.src_vocab_size, src_w)
         self.tgt_embed = self._make_embedding("tgt_embed", cfg.tgt_vocab_size, tgt_w)
-        self.encoder = Encoder(self.store, "encoder", cfg, self.ctx)
-        self.decoder = Decoder(self.store, "decoder", cfg, self.ctx)
+        self.encoder = Encoder(
+            self.store, "encoder", cfg, self.ctx, window=cfg.encoder_attention_window
+        )
+        self.decoder = Decoder(
+            self.store, "decoder", cfg, self.ctx, window=cfg.decoder_attention_window
+        )
         self.output = self._make_output(cfg.tgt_vocab_size, out_w)
         self._finish(seed)
 

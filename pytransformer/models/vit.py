@@ -71,12 +71,6 @@ class ViTConfig(JsonConfig):
         return self.num_layers
 
     @property
-    def encoder_attention_window(self) -> None:
-        """The encoder stack's window: none (a patch attends to every patch and the class token;
-        a band over the flattened grid would not be a 2-D neighbourhood)."""
-        return None
-
-    @property
     def norm_first(self) -> bool:
         return True
 

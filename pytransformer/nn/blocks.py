@@ -63,11 +63,19 @@ def _self_attention(
     )
 
 
+def _final_norm(store: ParamStore, name: str, cfg: Any, ctx: Context) -> LayerNorm | None:
+    """The LayerNorm that ends a pre-norm stack (post-norm stacks end normalised already)."""
+    if not cfg.norm_first:
+        return None
+    return LayerNorm(store, f"{name}.norm", cfg.d_model, cfg.layer_norm_eps, ctx)
+
+
 class EncoderLayer:
     """Self-attention (keys masked by length) then FFN, each in a residual block."""
 
-    def __init__(self, store: ParamStore, name: str, cfg: Any, ctx: Context) -> None:
-        window = cfg.encoder_attention_window
+    def __init__(
+        self, store: ParamStore, name: str, cfg: Any, ctx: Context, window: int | None = None
+    ) -> None:
         self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx, window)
         self.attn_block = _residual(store, f"{name}.norm1", cfg, ctx)
         self.ffn = FeedForward(store, f"{name}.ffn", cfg.d_model, cfg.d_ff, cfg.activation, ctx)
@@ -89,9 +97,14 @@ class DecoderLayer:
     forcing); `step` runs one position of incremental decoding against caches."""
 
     def __init__(
-        self, store: ParamStore, name: str, cfg: Any, ctx: Context, cross: bool = True
+        self,
+        store: ParamStore,
+        name: str,
+        cfg: Any,
+        ctx: Context,
+        cross: bool = True,
+        window: int | None = None,
     ) -> None:
-        window = cfg.decoder_attention_window
         self.self_attn = _self_attention(store, f"{name}.self_attn", cfg, ctx, window)
         self.attn_block = _residual(store, f"{name}.norm1", cfg, ctx)
         self.cross_attn: CrossAttention | None = None
@@ -148,16 +161,15 @@ class DecoderLayer:
 class Encoder:
     """A stack of encoder layers (plus the final LayerNorm of pre-norm)."""
 
-    def __init__(self, store: ParamStore, name: str, cfg: Any, ctx: Context) -> None:
+    def __init__(
+        self, store: ParamStore, name: str, cfg: Any, ctx: Context, window: int | None = None
+    ) -> None:
+        """window: restricted self-attention (see SelfAttention); None attends everywhere."""
         self.layers = [
-            EncoderLayer(store, f"{name}.layers.{i}", cfg, ctx)
+            EncoderLayer(store, f"{name}.layers.{i}", cfg, ctx, window)
             for i in range(cfg.num_encoder_layers)
         ]
-        self.norm = (
-            LayerNorm(store, f"{name}.norm", cfg.d_model, cfg.layer_norm_eps, ctx)
-            if cfg.norm_first
-            else None
-        )
+        self.norm = _final_norm(store, name, cfg, ctx)
 
     def forward(self, x: np.ndarray, layout: Layout) -> np.ndarray:
         """x (N, C) packed rows of `layout` -> the memory (N, C)."""
@@ -177,17 +189,20 @@ class Decoder:
     """A stack of decoder layers (plus the final LayerNorm of pre-norm)."""
 
     def __init__(
-        self, store: ParamStore, name: str, cfg: Any, ctx: Context, cross: bool = True
+        self,
+        store: ParamStore,
+        name: str,
+        cfg: Any,
+        ctx: Context,
+        cross: bool = True,
+        window: int | None = None,
     ) -> None:
+        """cross: layers attend to an encoder memory; window: as for Encoder (self-attention)."""
         self.layers = [
-            DecoderLayer(store, f"{name}.layers.{i}", cfg, ctx, cross)
+            DecoderLayer(store, f"{name}.layers.{i}", cfg, ctx, cross, window)
             for i in range(cfg.num_decoder_layers)
         ]
-        self.norm = (
-            LayerNorm(store, f"{name}.norm", cfg.d_model, cfg.layer_norm_eps, ctx)
-            if cfg.norm_first
-            else None
-        )
+        self.norm = _final_norm(store, name, cfg, ctx)
 
     def forward(
         self,
