@@ -197,15 +197,14 @@ class SelfAttention:
         """Incremental causal decoding: x (B*L, C) holds B rows at positions [pos, pos+L); their
         keys/values are written into kv_cache (B, max_steps, 2, H, D) at those positions and the
         queries attend to positions [0, pos+L), or with a window to the last window + 1 of them
-        (only those cache entries are read)."""
+        (the kernel reads only those cache entries)."""
         B, C = kv_cache.shape[0], x.shape[-1]
         L = x.shape[0] // B
         qkv = self.qkv.forward(x).reshape(B, L, 3, self.core.H, self.core.D)
         kv_cache[:, pos : pos + L] = qkv[:, :, 1:]
-        start = 0 if self.window is None else max(0, pos - self.window)
-        k, v = kv_cache[:, start : pos + L, 0], kv_cache[:, start : pos + L, 1]
+        k, v = kv_cache[:, : pos + L, 0], kv_cache[:, : pos + L, 1]
         ctx = ops.attention(
-            qkv[:, :, 0], k, v, causal=L > 1, query_offset=pos - start, window=self.window
+            qkv[:, :, 0], k, v, causal=L > 1, query_offset=pos, window=self.window
         )
         return self.out.forward(ctx.reshape(B * L, C))
 
