@@ -28,6 +28,7 @@ target tokens per second of training time); after each validation
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,12 +46,13 @@ from ..checks import check_float, check_int
 from .data import TokenBatcher
 from .optim import Adam
 
-__all__ = ["Trainer", "DataSource", "TrainBatch", "latest_checkpoint"]
+__all__ = ["Trainer", "DataSource", "TrainBatch", "GradientReducer", "latest_checkpoint"]
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # A save (tmp) or a removal (del) in progress, named with the id of the process doing it.
 _TMP_STEP_DIR = re.compile(r"^\.step-\d{8,}\.(?:tmp|del)-(\d+)$")
 _MASK64 = (1 << 64) - 1
+_RANKS_HINT = " (accumulate counts the batches of an update over all ranks: accumulate x ranks)"
 _FORMAT = "pytransformer-trainer"
 _OPT_FILE, _STATE_FILE, _LOG_FILE = "optimizer.safetensors", "trainer.json", "log.jsonl"
 
@@ -89,6 +91,57 @@ class DataSource(Protocol):
 
 
 _SOURCE_METHODS = ("next_batch", "state_dict", "load_state_dict")
+
+# finish(k, lo, hi): completes the local gradient of grads[k][lo:hi] (see Trainer.train_step).
+Finish = Callable[[int, int, int], None]
+
+
+class GradientReducer(Protocol):
+    """How the processes of a data-parallel run combine their work (one process: nothing to
+    combine; ``distributed.MPIReducer`` under mpiexec). Rank 0 alone writes logs and
+    checkpoints. Every method is collective: all ranks call it in the same order."""
+
+    rank: int
+    size: int
+
+    def reducing(self, model: Any, grads: list[np.ndarray], finish: Finish) -> Any:
+        """A context around the last local backward pass of an update. ``finish(k, lo, hi)``
+        must be called once on every element of ``grads`` (buckets may be finished while the
+        backward still runs); on exit ``grads`` holds the sum over ranks in rank order."""
+        ...
+
+    def sum_in_rank_order(self, values: np.ndarray) -> np.ndarray:
+        """The float64 ``values`` of every rank added in rank order."""
+        ...
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` (JSON-serialisable) on every rank: stop decisions are made once."""
+        ...
+
+    def barrier(self) -> None:
+        """Waits for every rank (after rank 0 wrote a checkpoint)."""
+        ...
+
+
+class _OneProcess:
+    """The reducer of a run in one process."""
+
+    rank, size = 0, 1
+
+    @contextlib.contextmanager
+    def reducing(self, model: Any, grads: list[np.ndarray], finish: Finish) -> Iterator[None]:
+        yield
+        for k, g in enumerate(grads):
+            finish(k, 0, g.size)
+
+    def sum_in_rank_order(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, np.float64)
+
+    def agree(self, value: Any) -> Any:
+        return value
+
+    def barrier(self) -> None:
+        pass
 
 
 def _check_data_source(train_data: Any) -> None:
@@ -173,6 +226,18 @@ def _dropout_seed(seed: int, step: int, micro: int) -> int:
     return _mix64(h ^ (micro + 0x632BE59BD9B4E019)) >> 1
 
 
+def _check_reducer(reducer: Any) -> GradientReducer:
+    names = ("reducing", "sum_in_rank_order", "agree", "barrier")
+    missing = [m for m in names if not callable(getattr(reducer, m, None))]
+    rank, size = getattr(reducer, "rank", None), getattr(reducer, "size", None)
+    if missing or not (isinstance(rank, int) and isinstance(size, int) and 0 <= rank < size):
+        raise TypeError(
+            f"reducer: expected a GradientReducer (distributed.MPIReducer), got "
+            f"{type(reducer).__name__}"
+        )
+    return reducer
+
+
 def _check_optimizer_holds(model: Any, optimizer: Adam) -> None:
     """The optimizer must update the model's own arrays (not copies such as a state_dict)."""
     params = model.parameters()
@@ -197,12 +262,22 @@ class Trainer:
     train_data: a ``DataSource`` (TokenBatcher, ImageBatcher; its state is checkpointed).
     valid_data: a batcher or any iterable of batches the model takes (each with ``n_targets``),
     evaluated every ``valid_every`` updates (0: only when asked) and at the end.
-    accumulate: batches per update; the gradient is that of the mean loss over all their targets.
+    accumulate: batches per update (per rank under MPI: an update then takes ``accumulate x
+    ranks`` batches); the gradient is that of the mean loss over all their targets.
     checkpoint_dir: where checkpoints go (None: no checkpoints); ``checkpoint_every`` updates
     (0: only at the end of ``fit``); the newest ``keep_checkpoints`` are kept.
     log_path: the JSON-lines log (default ``checkpoint_dir/log.jsonl``; None without a
     checkpoint_dir means no log file). progress: show a tqdm bar when tqdm is importable, plain
     lines on stderr every ``log_every`` updates otherwise; False for silence.
+    reducer: how data-parallel processes combine gradients (``distributed.MPIReducer``; None:
+    one process). Give every rank the same model, optimizer and settings, and as train_data its
+    ``distributed.RankShare`` of one global stream; rank 0 alone logs, shows progress and writes
+    checkpoints.
+
+    The gradient of an update is a sum in a fixed order: each batch's gradient of its loss sum
+    (mean-loss gradient x its target count), added one after the other, divided by the total
+    count once. Across ranks the per-rank sums are added in rank order, so N ranks taking one
+    batch each give the same bits as one process accumulating the same N batches.
     """
 
     def __init__(
@@ -222,6 +297,7 @@ class Trainer:
         log_path: str | os.PathLike | None = None,
         log_every: int = 50,
         progress: bool = True,
+        reducer: GradientReducer | None = None,
     ):
         for attr in ("loss_and_grad", "evaluate_loss", "zero_grad", "gradients", "save", "train"):
             if not callable(getattr(model, attr, None)):
@@ -246,7 +322,10 @@ class Trainer:
         if log_path is None and self.checkpoint_dir is not None:
             log_path = os.path.join(self.checkpoint_dir, _LOG_FILE)
         self.log_path = None if log_path is None else os.fspath(log_path)
-        self.progress = bool(progress)
+        self.reducer = _OneProcess() if reducer is None else _check_reducer(reducer)
+        self.is_writer = self.reducer.rank == 0
+        self.progress = bool(progress) and self.is_writer
+        self._accumulator: list[np.ndarray] | None = None
         self._valid = None if valid_data is None else list(valid_data)
         if self._valid is not None and not all(hasattr(b, "n_targets") for b in self._valid):
             raise TypeError(
@@ -263,48 +342,94 @@ class Trainer:
     # -- one update -------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer update on ``accumulate`` batches. Returns {"loss" (mean label-smoothed
-        loss per target token), "tokens", "lr", "grad_norm", "seconds"}."""
+        """One optimizer update on ``accumulate`` batches (per rank). Returns {"loss" (mean
+        label-smoothed loss per target token), "tokens", "lr", "grad_norm", "seconds"}.
+
+        The gradient is sum_j n_j g_j / N in a fixed order (g_j: batch j's mean-loss gradient,
+        n_j its target count, N the update's total): every batch's backward runs on a zeroed
+        buffer, is scaled by n_j and added to the running sum; the ranks' sums are added in rank
+        order by the reducer, and the division by N comes last. What that costs over scaling
+        in place: one multiply per batch over the gradient, and with ``accumulate`` > 1 one
+        add per batch and an extra buffer the size of the gradients."""
         t0 = time.perf_counter()
         self.model.train()
-        self.model.zero_grad()
         batches = [self.train_data.next_batch() for _ in range(self.accumulate)]
         counts = [b.n_targets for b in batches]
-        total = sum(counts)
+        if self.reducer.size == 1 and sum(counts) == 0:
+            raise ValueError(f"update {self.step + 1}: the batches hold no target tokens")
+        grads = self._gradient_arrays()
+        acc = self._accumulator_arrays(grads) if len(batches) > 1 else None
+        rank, size = self.reducer.rank, self.reducer.size
+        loss_sum, last = 0.0, len(batches) - 1
+        for i, batch in enumerate(batches):
+            self.model.zero_grad()
+            step: Any = contextlib.nullcontext()
+            if i == last:
+                fold = self._fold_last(grads, acc, np.float32(counts[i]), first=i == 0)
+                step = self.reducer.reducing(self.model, grads, fold)
+            with step:
+                s, _ = self.model.loss_and_grad(
+                    batch,
+                    label_smoothing=self.label_smoothing,
+                    dropout_seed=_dropout_seed(self.seed, self.step + 1, i * size + rank),
+                )
+            loss_sum += s
+            if i < last:
+                self._fold_into(acc, grads, np.float32(counts[i]), first=i == 0)
+        loss_sum, total = self.reducer.sum_in_rank_order(np.array([loss_sum, sum(counts)]))
+        total = int(total)
         if total == 0:
             raise ValueError(f"update {self.step + 1}: the batches hold no target tokens")
-        loss_sum = 0.0
-        for micro, batch in enumerate(batches):
-            if micro:  # keep the sum weighted so the result is sum_j n_j g_j / N (see _rescale)
-                self._rescale(counts[micro - 1] / counts[micro] if counts[micro] else 1.0)
-            s, _ = self.model.loss_and_grad(
-                batch,
-                label_smoothing=self.label_smoothing,
-                dropout_seed=_dropout_seed(self.seed, self.step + 1, micro),
-            )
-            loss_sum += s
-        if len(batches) > 1:
-            self._rescale(counts[-1] / total)
-        loss = loss_sum / total
+        loss = float(loss_sum) / total
         if not math.isfinite(loss):
             raise FloatingPointError(f"update {self.step + 1}: the loss is {loss}")
+        for g in grads:
+            np.divide(g, np.float32(total), out=g)
         info = self.optimizer.step(self.model.gradients())
         self.step += 1
         self.tokens_seen += total
         seconds = time.perf_counter() - t0
         return {"loss": loss, "tokens": total, "seconds": seconds, **info}
 
-    def _rescale(self, factor: float) -> None:
-        """Multiplies every gradient by factor (one pass over the flat buffer when there is one).
-
-        Accumulating mean-loss gradients g_j of batches with n_j tokens: scaling the running sum
-        by n_{j-1}/n_j before adding g_j and by n_last/N at the end leaves sum_j n_j g_j / N."""
-        if factor == 1.0:
-            return
+    def _gradient_arrays(self) -> list[np.ndarray]:
+        """The gradients as 1-D views: the flat buffer when the model has one."""
         flat = getattr(self.model, "grad_buffer", None)
-        arrays = [flat] if isinstance(flat, np.ndarray) else self.model.gradients().values()
-        for g in arrays:
-            g *= np.float32(factor)
+        if isinstance(flat, np.ndarray):
+            return [flat]
+        return [g.reshape(-1) for g in self.model.gradients().values()]
+
+    def _accumulator_arrays(self, grads: list[np.ndarray]) -> list[np.ndarray]:
+        acc = self._accumulator
+        if acc is None or [a.shape for a in acc] != [g.shape for g in grads]:
+            acc = self._accumulator = [np.empty_like(g) for g in grads]
+        return acc
+
+    @staticmethod
+    def _fold_into(
+        acc: list[np.ndarray], grads: list[np.ndarray], n: np.float32, first: bool
+    ) -> None:
+        """acc (+)= n x grads, for a batch before the last of an update."""
+        for a, g in zip(acc, grads, strict=True):
+            if first:
+                np.multiply(g, n, out=a)
+            else:
+                g *= n
+                a += g
+
+    @staticmethod
+    def _fold_last(
+        grads: list[np.ndarray], acc: list[np.ndarray] | None, n: np.float32, first: bool
+    ) -> Finish:
+        """finish(k, lo, hi) for the last batch: grads = n x grads (+ acc), slice by slice (the
+        reducer may call it bucket by bucket while the backward still runs)."""
+
+        def finish(k: int, lo: int, hi: int) -> None:
+            g = grads[k][lo:hi]
+            g *= n
+            if not first:
+                g += acc[k][lo:hi]  # addition commutes bit for bit: the same as acc + n g
+
+        return finish
 
     # -- validation -------------------------------------------------------------------------------
 
@@ -338,7 +463,7 @@ class Trainer:
         bar = self._progress_bar(max_steps)
         last: dict[str, float] = {}
         try:
-            while self.step < max_steps:
+            while self._agree(self._stop_reason(max_steps)) is None:
                 last = self.train_step()
                 self._account(last, bar)
                 if (
@@ -366,6 +491,15 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             **(self.last_valid or {}),
         }
+
+    def _stop_reason(self, max_steps: int) -> str | None:
+        """Why training stops now (None: it goes on)."""
+        return "max_steps" if self.step >= max_steps else None
+
+    def _agree(self, reason: str | None) -> str | None:
+        """Rank 0's stop decision, on every rank (each rank's clock and signals differ; one
+        process: the reason itself)."""
+        return self.reducer.agree(reason)
 
     def _progress_bar(self, max_steps: int):
         if not self.progress:
@@ -419,7 +553,7 @@ class Trainer:
         self._interval = {"loss": 0.0, "tokens": 0, "time": 0.0}
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.log_path is None:
+        if self.log_path is None or not self.is_writer:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as f:
@@ -435,7 +569,8 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "seed": self.seed,
-            "accumulate": self.accumulate,
+            "accumulate": self.accumulate * self.reducer.size,  # batches per update, all ranks
+            "ranks": self.reducer.size,
             "label_smoothing": self.label_smoothing,
             "model_class": type(self.model).__name__,
             "data": self.train_data.state_dict(),
@@ -449,12 +584,18 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Writes the current state to ``checkpoint_dir/step-XXXXXXXX`` atomically; prunes old
-        ones. Returns the directory."""
+        ones. Returns the directory. Under MPI rank 0 writes and every rank waits for it."""
         if self.checkpoint_dir is None:
             raise ValueError("save_checkpoint: no checkpoint_dir was given")
+        final = os.path.join(self.checkpoint_dir, f"step-{self.step:08d}")
+        if self.is_writer:
+            self._write_checkpoint(final)
+        self.reducer.barrier()
+        return final
+
+    def _write_checkpoint(self, final: str) -> None:
         root = self.checkpoint_dir
         os.makedirs(root, exist_ok=True)
-        final = os.path.join(root, f"step-{self.step:08d}")
         tmp = os.path.join(root, f".step-{self.step:08d}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -472,7 +613,6 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._prune()
-        return final
 
     @staticmethod
     def _put_in_place(tmp: str, final: str) -> None:
@@ -530,7 +670,8 @@ class Trainer:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.last_valid = state.get("last_valid")
         self._interval = {"loss": 0.0, "tokens": 0, "time": 0.0}
-        self._truncate_log()
+        if self.is_writer:
+            self._truncate_log()
         return path
 
     def _read_state(self, path: str) -> dict[str, Any]:
@@ -560,11 +701,17 @@ class Trainer:
                 diff = sorted(k for k in set(saved) | set(config.to_dict())
                               if saved.get(k) != config.to_dict().get(k))  # fmt: skip
                 raise io.CheckpointError(f"{path}: the model config differs in {diff}")
-        for key in ("seed", "accumulate", "label_smoothing"):
-            if state.get(key) != getattr(self, key):
+        have = {
+            "seed": self.seed,
+            "accumulate": self.accumulate * self.reducer.size,
+            "label_smoothing": self.label_smoothing,
+        }
+        for key, value in have.items():
+            if state.get(key) != value:
                 raise io.CheckpointError(
-                    f"{path}: saved with {key}={state.get(key)!r}, this trainer has "
-                    f"{getattr(self, key)!r} (the resumed run would not match the original)"
+                    f"{path}: saved with {key}={state.get(key)!r}, this trainer has {value!r}"
+                    + _RANKS_HINT * (key == "accumulate")
+                    + " (the resumed run would not match the original)"
                 )
         return state
 

@@ -1,0 +1,94 @@
+"""The program tests/test_mpi.py runs under ``mpiexec``: a tiny Transformer trained data-parallel
+(``train``) and a rank that fails on purpose (``--fail-rank``). ``build_trainer`` is also what the
+test calls in its own process for the one-process reference."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from pytransformer import Transformer, TransformerConfig
+from pytransformer.train import distributed
+from pytransformer.train.data import TokenBatcher, synthetic_pairs
+from pytransformer.train.optim import Adam
+from pytransformer.train.trainer import Trainer
+
+PAD, BOS, EOS, VOCAB = 0, 1, 2, 13
+
+
+def build_trainer(checkpoint_dir, accumulate, w=None, dropout=0.1, **kw) -> Trainer:
+    """The same model, data and optimizer on every rank; under MPI the rank's share."""
+    cfg = TransformerConfig(
+        src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=16, num_heads=2, d_ff=24,
+        num_encoder_layers=2, num_decoder_layers=2, max_len=16, dropout=dropout,
+        pad_id=PAD, bos_id=BOS, eos_id=EOS,
+    )
+    model = Transformer(cfg, seed=3)
+    pairs = synthetic_pairs("reverse", 64, VOCAB, 2, 9, seed=5)
+    data = TokenBatcher(pairs, 40, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=7)
+    opt = Adam(model.parameters(), lr=3e-3, max_grad_norm=0.5)
+    reducer = None
+    if w is not None and w.size > 1:
+        data = distributed.RankShare(data, w.rank, w.size)
+        reducer = distributed.MPIReducer(w, bucket_mb=kw.pop("bucket_mb", 25.0))
+    return Trainer(
+        model, opt, data, seed=11, accumulate=accumulate, checkpoint_dir=checkpoint_dir,
+        log_every=1, progress=False, reducer=reducer, **kw,
+    )
+
+
+def state_arrays(trainer: Trainer) -> dict[str, np.ndarray]:
+    """Parameters and Adam moments, by name."""
+    out = {f"p/{k}": v.copy() for k, v in trainer.model.parameters().items()}
+    out.update({f"m/{k}": v.copy() for k, v in trainer.optimizer.m.items()})
+    out.update({f"v/{k}": v.copy() for k, v in trainer.optimizer.v.items()})
+    return out
+
+
+class _Fail(Trainer):
+    """Raises on one rank at one update (the other ranks wait for it in the reduction)."""
+
+    fail_rank = fail_step = -1
+
+    def train_step(self):
+        if self.reducer.rank == self.fail_rank and self.step + 1 == self.fail_step:
+            raise RuntimeError(f"injected failure at update {self.fail_step}")
+        return super().train_step()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--fail-step", type=int, default=-1)
+    p.add_argument("--bucket-mb", type=float, default=25.0)
+    args = p.parse_args()
+    w = distributed.world()
+    with distributed.guard(w):
+        tr = build_trainer(
+            os.path.join(args.out, "ckpt"), args.accumulate, w,
+            checkpoint_every=args.checkpoint_every, bucket_mb=args.bucket_mb,
+        )
+        if args.fail_rank >= 0:
+            tr.__class__ = _Fail
+            _Fail.fail_rank, _Fail.fail_step = args.fail_rank, args.fail_step
+        if args.resume:
+            tr.load_checkpoint(os.path.join(args.out, "ckpt"))
+        tr.fit(args.steps)
+        if w.is_root:
+            np.savez(os.path.join(args.out, "state.npz"), **state_arrays(tr))
+            hooked = sum(h for _, _, h in getattr(tr.reducer, "buckets", []))
+            print(f"buckets {len(getattr(tr.reducer, 'buckets', []))} hooked {hooked}",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
