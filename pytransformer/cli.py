@@ -1,7 +1,9 @@
 """The ``pytransformer`` command (also ``python -m pytransformer``).
 
 Subcommands: train, translate, evaluate, demo, plot. Errors a user can cause end with one line on
-stderr and a non-zero exit status, never a traceback.
+stderr and a non-zero exit status, never a traceback. Under ``mpiexec -n N`` train is
+data-parallel and translate is sharded over the ranks (docs/SCALING.md); an error on one rank
+ends every rank, with a message naming it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import IO, Any
 from ._native import set_num_threads
 from .io import CheckpointError, split_lines
 from .text.metrics import score_translations
+from .train import distributed
 
 
 class UserError(Exception):
@@ -126,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .translator import TrainOptions, train_translator
 
     config = _load_config(args.config)
-    for key in ("tokenizer", "vocab_size", "steps", "max_tokens", "seed"):
+    for key in ("tokenizer", "vocab_size", "steps", "max_tokens", "accumulate", "seed"):
         value = getattr(args, key)
         if value is not None:
             config[key] = value
@@ -149,7 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: checkpoint saved under {args.out}/checkpoints", file=sys.stderr)
         return 130
-    print(f"model saved in {args.out}", file=sys.stderr)
+    if distributed.world().is_root:
+        print(f"model saved in {args.out}", file=sys.stderr)
     return 0
 
 
@@ -176,6 +180,8 @@ _TRANSLATE_BLOCK = 1000
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    if distributed.world().size > 1:
+        return _translate_sharded(args, distributed.world())
     _set_threads(args.threads)
     with _output(args.output, "--output") as out:  # a bad path fails before the model loads
         translator = _load_translator(args.model, "--model")
@@ -195,6 +201,45 @@ def cmd_translate(args: argparse.Namespace) -> int:
                 print(f"translated {done}/{len(sentences)} lines ({rate:.1f} lines/s)",
                       file=sys.stderr, flush=True)
     return 0
+
+
+def _translate_sharded(args: argparse.Namespace, w: distributed.World) -> int:
+    """translate under MPI: rank k translates blocks k, k+N, ... (the blocks of a one-process
+    run, so the same translations); rank 0 writes them in input order, the file only once all
+    are in (a failed rank leaves no output file behind)."""
+    _set_threads(args.threads)
+    if args.input == "-":  # Open MPI's launcher did not pass EOF on to rank 0's stdin here
+        raise UserError("--input: under mpiexec give a file that every rank can read, not stdin")
+    if w.is_root and args.output != "-":
+        _check_output_file(args.output, "--output")
+    translator = _load_translator(args.model, "--model")
+    lines = _read_lines(args.input, "--input")
+    done = [0]
+
+    def translate(block: Sequence[str]) -> list[Any]:
+        return translator.translate(block, n_best=args.n_best, **_decode_options(args))
+
+    def written(start: int, hyps: list[Any]) -> None:
+        text = "".join(f"{line}\n" for line in _nbest_lines(start, hyps, args.n_best))
+        if args.output == "-":
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        done[0] = start + len(hyps)
+        if len(lines) > _TRANSLATE_BLOCK:
+            print(f"translated {done[0]}/{len(lines)} lines ({w.size} ranks)", file=sys.stderr,
+                  flush=True)
+
+    hyps = distributed.map_blocks(w, lines, translate, _TRANSLATE_BLOCK, on_block=written)
+    if w.is_root and args.output != "-":
+        with _output(args.output, "--output") as out:
+            out.write("".join(f"{line}\n" for line in _nbest_lines(0, hyps, args.n_best)))
+    return 0
+
+
+def _nbest_lines(start: int, hyps: list[Any], n_best: int) -> list[str]:
+    if n_best == 1:
+        return hyps
+    return [f"{start + i}\t{h}" for i, nbest in enumerate(hyps) for h in nbest]
 
 
 @contextlib.contextmanager
@@ -291,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-vocab", action="store_true")
     p.add_argument("--steps", type=int)
     p.add_argument("--max-tokens", type=int)
+    p.add_argument("--accumulate", type=int,
+                   help="batches per update (on each rank under mpiexec)")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -340,19 +387,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        w = distributed.world()
+    except ImportError as exc:
+        print(f"pytransformer: error: {exc}", file=sys.stderr)
+        return 2
+    if w.size == 1:
+        return _run(args)
+    if args.command not in ("train", "translate"):
+        if w.is_root:
+            print(f"pytransformer: error: {args.command} runs in one process; under mpiexec "
+                  "only train and translate use several ranks", file=sys.stderr, flush=True)
+        w.barrier()
+        return 2
+    with distributed.guard(w):  # an exception on one rank ends every rank
+        code = _run(args, f"pytransformer: rank {w.rank} of {w.size}")
+        if code:  # the others would wait for this rank in their next collective
+            w.comm.Abort(code)
+    return code
+
+
+def _run(args: argparse.Namespace, prog: str = "pytransformer") -> int:
+    try:
         return args.func(args)
     except (UserError, OSError, CheckpointError, ImportError) as exc:
         if os.environ.get("PYTRANSFORMER_DEBUG"):
             raise
-        print(f"pytransformer: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, IndexError) as exc:
         if os.environ.get("PYTRANSFORMER_DEBUG"):
             raise
-        print(f"pytransformer: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("pytransformer: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

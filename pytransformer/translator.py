@@ -21,6 +21,7 @@ import numpy as np
 
 from .models import Transformer, TransformerConfig
 from .text.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
+from .train import distributed
 from .train.data import TokenBatcher, make_batch
 from .train.optim import Adam
 from .train.schedule import Noam
@@ -109,6 +110,7 @@ class TrainOptions:
     shared_vocab: bool = False
     steps: int = 2000
     max_tokens: int = 4096
+    accumulate: int = 1  # batches per update on each rank (fairseq's update_freq)
     lr: float = 1e-3  # peak learning rate, reached after `warmup` steps (the paper's schedule)
     warmup: int = 400
     label_smoothing: float = 0.1
@@ -173,9 +175,16 @@ def train_translator(
     With ``resume=True`` the tokenizers and the newest checkpoint in ``out_dir`` are reused and
     training continues where it stopped, bit-identically to an uninterrupted run.
     A KeyboardInterrupt saves a checkpoint before it propagates.
+
+    Launched under MPI (``mpiexec -n N``), the N ranks train one model data-parallel: an update
+    takes ``accumulate`` batches of ``max_tokens`` on each rank; rank 0 trains the tokenizers and
+    writes everything (``out_dir`` must be on a file system every rank sees); a checkpoint
+    resumes under any N with the same ``accumulate`` x N. Wrap the call in
+    ``distributed.guard()`` so that an error on one rank ends all of them at once.
     """
     opts = options or TrainOptions()
     _check_parallel(train_src, train_tgt, "training data")
+    w = distributed.world()
     root = pathlib.Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     ckpt_dir = root / "checkpoints"
@@ -185,10 +194,14 @@ def train_translator(
     if latest is not None:
         src_tok = load_tokenizer(root / "src_tokenizer.json")
         tgt_tok = load_tokenizer(root / "tgt_tokenizer.json")
-    else:
+    elif w.is_root:
         src_tok, tgt_tok = _make_tokenizers(train_src, train_tgt, opts)
         src_tok.save(root / "src_tokenizer.json")
         tgt_tok.save(root / "tgt_tokenizer.json")
+    w.barrier("waiting for rank 0's tokenizers")
+    if latest is None and not w.is_root:
+        src_tok = load_tokenizer(root / "src_tokenizer.json")
+        tgt_tok = load_tokenizer(root / "tgt_tokenizer.json")
     pairs = _encode_pairs(src_tok, tgt_tok, train_src, train_tgt)
     longest = max(max(len(s), len(t) + 1) for s, t in pairs)
     model_cfg = {"max_len": max(256, longest), **opts.model}
@@ -200,7 +213,11 @@ def train_translator(
     )
     model = Transformer(config, seed=opts.seed)
     ids = dict(pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
-    batcher = TokenBatcher(pairs, max(opts.max_tokens, longest), seed=opts.seed, **ids)
+    batcher: Any = TokenBatcher(pairs, max(opts.max_tokens, longest), seed=opts.seed, **ids)
+    reducer = None
+    if w.size > 1:
+        batcher = distributed.RankShare(batcher, w.rank, w.size)
+        reducer = distributed.MPIReducer(w)
     valid = None
     if valid_src is not None and valid_tgt is not None:
         _check_parallel(valid_src, valid_tgt, "validation data")
@@ -213,7 +230,8 @@ def train_translator(
     trainer = Trainer(
         model, optimizer, batcher, valid_data=valid, label_smoothing=opts.label_smoothing,
         seed=opts.seed, checkpoint_dir=ckpt_dir, checkpoint_every=opts.checkpoint_every,
-        valid_every=opts.valid_every, progress=progress,
+        valid_every=opts.valid_every, progress=progress, accumulate=opts.accumulate,
+        reducer=reducer,
     )
     if latest is not None:
         trainer.load_checkpoint(latest)
@@ -223,5 +241,7 @@ def train_translator(
         trainer.save_checkpoint()
         raise
     translator = Translator(model, src_tok, tgt_tok)
-    model.save(root / "model")
+    if w.is_root:
+        model.save(root / "model")
+    w.barrier("waiting for rank 0 to save the model")
     return translator

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 
 import numpy as np
 
@@ -52,9 +54,14 @@ class _Fail(Trainer):
     """Raises on one rank at one update (the other ranks wait for it in the reduction)."""
 
     fail_rank = fail_step = -1
+    fail_how = "raise"
 
     def train_step(self):
         if self.reducer.rank == self.fail_rank and self.step + 1 == self.fail_step:
+            if self.fail_how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.fail_how == "hang":
+                time.sleep(600)
             raise RuntimeError(f"injected failure at update {self.fail_step}")
         return super().train_step()
 
@@ -68,6 +75,7 @@ def main() -> int:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--fail-rank", type=int, default=-1)
     p.add_argument("--fail-step", type=int, default=-1)
+    p.add_argument("--fail-how", choices=["raise", "kill", "hang"], default="raise")
     p.add_argument("--bucket-mb", type=float, default=25.0)
     args = p.parse_args()
     w = distributed.world()
@@ -79,6 +87,7 @@ def main() -> int:
         if args.fail_rank >= 0:
             tr.__class__ = _Fail
             _Fail.fail_rank, _Fail.fail_step = args.fail_rank, args.fail_step
+            _Fail.fail_how = args.fail_how
         if args.resume:
             tr.load_checkpoint(os.path.join(args.out, "ckpt"))
         tr.fit(args.steps)
