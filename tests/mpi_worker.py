@@ -1,6 +1,7 @@
-"""The program tests/test_mpi.py runs under ``mpiexec``: a tiny Transformer trained data-parallel
-(``train``) and a rank that fails on purpose (``--fail-rank``). ``build_trainer`` is also what the
-test calls in its own process for the one-process reference."""
+"""The program tests/test_mpi.py runs under ``mpiexec``: a tiny Transformer trained data-parallel,
+a rank that fails on purpose (``--fail-rank``), or (``cli ...``) the pytransformer command.
+``build_trainer`` is also what the test calls in its own process for the one-process reference.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +67,24 @@ class _Fail(Trainer):
         return super().train_step()
 
 
+def run_cli(argv: list[str]) -> int:
+    """``pytransformer`` itself; with MPI_WORKER_FAIL_RANK=r, rank r's translate raises."""
+    fail = int(os.environ.get("MPI_WORKER_FAIL_RANK", "-1"))
+    if distributed.world().rank == fail:
+        from pytransformer.translator import Translator
+
+        def broken(self, *args, **kwargs):
+            raise RuntimeError("injected translate failure")
+
+        Translator.translate = broken
+    from pytransformer.cli import main as cli_main
+
+    return cli_main(argv)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["cli"]:
+        return run_cli(sys.argv[2:])
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--accumulate", type=int, default=1)

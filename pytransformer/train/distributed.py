@@ -56,6 +56,8 @@ _LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 _TIMEOUT_VAR = "PYTRANSFORMER_MPI_TIMEOUT"
 _DEFAULT_TIMEOUT = 600.0
 _AGREE_BYTES = 4096  # the largest JSON value agree() carries
+_ROLL_CALL, _ROLL_REPLY = 7001, 7002  # tags on World.roll, the communicator of the roll call
+_ROLL_GRACE = 2.0  # seconds the ranks that timed out wait for the others to answer
 
 
 def launched_under_mpi() -> bool:
@@ -85,6 +87,8 @@ class World:
     comm: Any = None
     timeout: float = _DEFAULT_TIMEOUT
     _mpi: Any = field(default=None, repr=False)
+    roll: Any = field(default=None, repr=False)
+    _sent: list = field(default_factory=list, repr=False)
 
     @property
     def is_root(self) -> bool:
@@ -106,6 +110,34 @@ class World:
         if self.size > 1:
             self.wait([self.comm.Ibarrier()], what)
 
+    def answer_roll_calls(self) -> None:
+        """Tells the ranks that timed out that this one is alive and waiting (called while
+        polling, so only a rank stuck outside MPI stays silent)."""
+        if self.roll is None:
+            return
+        status = self._mpi.Status()
+        while self.roll.Iprobe(source=self._mpi.ANY_SOURCE, tag=_ROLL_CALL, status=status):
+            self.roll.recv(source=status.Get_source(), tag=_ROLL_CALL)
+            self._sent.append(self.roll.isend(self.rank, dest=status.Get_source(),
+                                              tag=_ROLL_REPLY))
+
+    def silent_ranks(self) -> list[int]:
+        """Asks every other rank whether it is waiting too; the ones that do not answer within
+        a grace period are the ones the job waits for."""
+        others = [r for r in range(self.size) if r != self.rank]
+        if self.roll is None:
+            return others
+        self._sent += [self.roll.isend(None, dest=r, tag=_ROLL_CALL) for r in others]
+        answered: set[int] = set()
+        status = self._mpi.Status()
+        end = time.monotonic() + _ROLL_GRACE
+        while time.monotonic() < end and len(answered) < len(others):
+            while self.roll.Iprobe(source=self._mpi.ANY_SOURCE, tag=_ROLL_REPLY, status=status):
+                answered.add(self.roll.recv(source=status.Get_source(), tag=_ROLL_REPLY))
+            self.answer_roll_calls()
+            time.sleep(0.01)
+        return [r for r in others if r not in answered]
+
 
 _WORLD: World | None = None
 
@@ -126,7 +158,8 @@ def world(force: bool = False, timeout: float | None = None) -> World:
                 "launched under MPI but mpi4py is not installed: pip install 'pytransformer[mpi]'"
             ) from None
         comm = MPI.COMM_WORLD
-        _WORLD = World(comm.Get_rank(), comm.Get_size(), comm, _timeout_from_env(), MPI)
+        _WORLD = World(comm.Get_rank(), comm.Get_size(), comm, _timeout_from_env(), MPI,
+                       comm.Dup())
     if timeout is not None:
         _WORLD.timeout = timeout
     return _WORLD
@@ -141,14 +174,22 @@ class _Poller:
 
     def until(self, done: Callable[[], bool]) -> None:
         spins = 0
+        w = self.world
         while not done():
             spins += 1
             if spins > 100:  # spin briefly for latency, then yield the core to the other ranks
                 time.sleep(min(0.005, 1e-5 * spins))
+                if spins % 20 == 0:
+                    w.answer_roll_calls()
             if time.monotonic() > self.deadline:
-                self.world.abort(
-                    f"no answer from the other ranks for {self.world.timeout:g} s in "
-                    f"{self.what} (a rank hung or left; {_TIMEOUT_VAR} sets the limit)"
+                silent = w.silent_ranks()
+                who = (
+                    f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not answer"
+                    if silent else "every rank answered"
+                )
+                w.abort(
+                    f"no answer from the other ranks for {w.timeout:g} s in {self.what} "
+                    f"({who}: hung, or busy outside MPI; {_TIMEOUT_VAR} sets the limit)"
                 )
 
 
