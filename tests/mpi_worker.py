@@ -33,12 +33,15 @@ def build_trainer(checkpoint_dir, accumulate, w=None, dropout=0.1, **kw) -> Trai
     pairs = synthetic_pairs("reverse", 64, VOCAB, 2, 9, seed=5)
     data = TokenBatcher(pairs, 40, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=7)
     opt = Adam(model.parameters(), lr=3e-3, max_grad_norm=0.5)
+    valid_pairs = synthetic_pairs("reverse", 12, VOCAB, 2, 9, seed=6)
+    valid = TokenBatcher(valid_pairs, 30, pad_id=PAD, bos_id=BOS, eos_id=EOS, shuffle=False)
     reducer = None
     if w is not None and w.size > 1:
         data = distributed.RankShare(data, w.rank, w.size)
         reducer = distributed.MPIReducer(w, bucket_mb=kw.pop("bucket_mb", 25.0))
     return Trainer(
-        model, opt, data, seed=11, accumulate=accumulate, checkpoint_dir=checkpoint_dir,
+        model, opt, data, valid_data=valid, valid_every=2, seed=11, accumulate=accumulate,
+        checkpoint_dir=checkpoint_dir,
         log_every=1, progress=False, reducer=reducer, **kw,
     )
 

@@ -7,6 +7,7 @@ mpiexec is missing (``pip install ".[mpi]"`` provides both); the rest run everyw
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -203,8 +204,13 @@ def test_ranks_give_the_bits_of_one_process_accumulating_their_batches(tmp_path,
     if bucket_mb < 1:
         assert "hooked 4" in proc.stdout  # each layer's bucket started from its backward hook
     assert_same_bits(one_process(tmp_path, ranks, 3), tmp_path / "state.npz")
-    log = (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 3 + 0  # rank 0 alone logs: one record per update
+    # rank 0 alone logs (one record per update, validation at 2 and at the end), and the
+    # validation sharded over the ranks sums to the one-process loss exactly
+    log = [json.loads(x) for x in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 2, 3, 3]
+    keys = ("train_loss", "grad_norm", "valid_loss", "valid_tokens")
+    assert [{k: r.get(k) for k in keys} for r in log] == [{k: r.get(k) for k in keys} for r in ref]
 
 
 @needs_mpi

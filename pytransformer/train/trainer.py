@@ -438,10 +438,9 @@ class Trainer:
         if self._valid is None:
             raise ValueError("evaluate: no valid_data was given")
         loss_sum, tokens = 0.0, 0
-        for batch in self._valid:
-            s, n = self.model.evaluate_loss(batch)
+        for s, n in self._valid_sums():
             loss_sum += s
-            tokens += n
+            tokens += int(n)
         loss = loss_sum / tokens
         result = {
             "valid_loss": loss,
@@ -451,6 +450,16 @@ class Trainer:
         self.last_valid = result
         self._log({"step": self.step, **result})
         return result
+
+    def _valid_sums(self) -> np.ndarray:
+        """(loss sum, tokens) of every validation batch, in order. Under MPI rank r evaluates
+        batches r, r+N, ...; the others' entries are zeros, so the sum over ranks is each
+        batch's own numbers and the totals add up as in one process."""
+        rank, size = self.reducer.rank, self.reducer.size
+        sums = np.zeros((len(self._valid), 2), np.float64)
+        for i in range(rank, len(self._valid), size):
+            sums[i] = self.model.evaluate_loss(self._valid[i])
+        return self.reducer.sum_in_rank_order(sums).reshape(-1, 2)
 
     # -- the loop ---------------------------------------------------------------------------------
 
