@@ -114,9 +114,9 @@ def main() -> int:
         tr.fit(args.steps)
         if w.is_root:
             np.savez(os.path.join(args.out, "state.npz"), **state_arrays(tr))
-            hooked = sum(h for _, _, h in getattr(tr.reducer, "buckets", []))
-            print(f"buckets {len(getattr(tr.reducer, 'buckets', []))} hooked {hooked}",
-                  flush=True)
+            r = tr.reducer
+            print(f"buckets {len(getattr(r, 'buckets', []))} "
+                  f"hooked {getattr(r, 'hooked_modules', 0)}", flush=True)
     return 0
 
 

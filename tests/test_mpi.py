@@ -152,15 +152,30 @@ def test_buckets_cover_the_buffer_once_in_backward_order(bucket_bytes):
     for b in buckets:
         covered[b.lo : b.hi] += 1
     assert (covered == 1).all()
-    assert len(hooked) == 4  # 2 encoder + 2 decoder layers, each one slice of the buffer
-    layer_buckets = [b for b in buckets if b.layers]
-    assert layer_buckets and all(b.hi - b.lo <= max(bucket_bytes // 4, 1) or len(b.layers) == 1
-                                 for b in layer_buckets)
-    # backward order: later buckets lie lower in the buffer (the decoder is declared last)
-    assert all(a.lo >= b.hi for a, b in zip(layer_buckets, layer_buckets[1:], strict=False))
-    names = {name for name, lo, hi in distributed._param_regions(tr.model, flat)
-             if any(b.lo <= lo < b.hi for b in layer_buckets)}
-    assert names and all(".layers." in n for n in names)
+    # 2 decoder layers, the target embedding (tied to the output layer, which runs first), 2
+    # encoder layers; the source embedding runs last and is reduced after the backward
+    assert [j for j, _ in hooked] == [0, 1, 2, 3, 4]
+    assert hooked[2][1] is tr.model.tgt_embed
+    assert all(b.hi - b.lo <= max(bucket_bytes // 4, 1) for b in buckets)
+    # buckets start in backward order: those of module j before those of j + 1, the rest last
+    order = [min(b.layers) if b.layers else len(hooked) for b in buckets]
+    assert order == sorted(order)
+    regions = distributed._param_regions(tr.model, flat)
+    names = {name for name, lo, hi in regions
+             if any(b.lo <= lo < b.hi and b.layers for b in buckets)}
+    assert "src_embed.weight" not in names and "tgt_embed.weight" in names
+    assert {n for n in names if ".layers." not in n} == {"tgt_embed.weight"}
+
+
+def test_a_table_shared_with_the_source_embedding_waits_for_the_backward():
+    from pytransformer import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(src_vocab_size=9, tgt_vocab_size=9, d_model=8, num_heads=2, d_ff=8,
+                            num_encoder_layers=1, num_decoder_layers=1, max_len=8,
+                            tie_embeddings="all")
+    model = Transformer(cfg)
+    _, hooked = distributed.plan_buckets(model, model.grad_buffer, 1 << 20)
+    assert [layer for _, layer in hooked] == [model.decoder.layers[0], model.encoder.layers[0]]
 
 
 def test_reducer_and_world_check_arguments(monkeypatch):
@@ -202,7 +217,7 @@ def test_ranks_give_the_bits_of_one_process_accumulating_their_batches(tmp_path,
     proc, _ = launch(ranks, str(tmp_path), "--steps", "3", "--bucket-mb", str(bucket_mb))
     assert proc.returncode == 0, proc.stderr[-3000:]
     if bucket_mb < 1:
-        assert "hooked 4" in proc.stdout  # each layer's bucket started from its backward hook
+        assert "hooked 5" in proc.stdout  # buckets started from the layers' backward hooks
     assert_same_bits(one_process(tmp_path, ranks, 3), tmp_path / "state.npz")
     # rank 0 alone logs (one record per update, validation at 2 and at the end), and the
     # validation sharded over the ranks sums to the one-process loss exactly

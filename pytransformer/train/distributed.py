@@ -297,13 +297,20 @@ def _shards(n: int, size: int) -> tuple[list[int], list[int]]:
 
 
 def _layers_in_backward_order(model: Any) -> list[tuple[str, Any]]:
-    """(parameter-name prefix, layer) of the encoder/decoder layers, in the order their backward
-    finishes: the decoder's last layer first, the encoder's first layer last."""
+    """(parameter-name prefix, module) of the modules whose gradients are final when their
+    backward returns, in the order it returns: the decoder's layers from the last, the target
+    embedding (when the source embedding does not share its table: with the output layer it
+    may, which runs first), then the encoder's layers from the last."""
     found = []
     for stack in ("decoder", "encoder"):
         layers = getattr(getattr(model, stack, None), "layers", None) or []
         for i in reversed(range(len(layers))):
             found.append((f"{stack}.layers.{i}.", layers[i]))
+        tgt, src = getattr(model, "tgt_embed", None), getattr(model, "src_embed", None)
+        if stack == "decoder" and tgt is not None and hasattr(tgt, "backward") and (
+            src is None or getattr(src, "weight", None) is not getattr(tgt, "weight", None)
+        ):
+            found.append(("tgt_embed.", tgt))
     return found
 
 
@@ -346,6 +353,11 @@ def plan_buckets(model: Any, flat: np.ndarray, bucket_bytes: int) -> tuple[list[
             last.layers.add(j)
         else:
             buckets.append(_Bucket(lo, hi, {j}))
+    buckets = [  # a layer larger than a bucket (an embedding table) goes in several
+        _Bucket(a, min(b.hi, a + limit), b.layers)
+        for b in buckets
+        for a in range(b.lo, b.hi, limit)
+    ]
     rest = np.flatnonzero(owner == -1)
     if rest.size:
         cuts = np.flatnonzero(np.diff(rest) != 1)
@@ -445,6 +457,11 @@ class MPIReducer:
     @property
     def buckets(self) -> list[tuple[int, int, bool]]:
         return [] if self._plan is None else [(b.lo, b.hi, bool(b.layers)) for b in self._plan[2]]
+
+    @property
+    def hooked_modules(self) -> int:
+        """How many modules of the last plan start buckets from their backward."""
+        return 0 if self._plan is None else len(self._plan[1])
 
     def _buckets_for(self, model: Any, flat: np.ndarray) -> tuple[list[_Bucket], list]:
         key = (id(model), flat.ctypes.data, flat.size)
