@@ -326,3 +326,29 @@ def test_sharded_translate_writes_the_one_process_output(tmp_path):
     assert proc.returncode != 0 and seconds < 60
     assert "rank 1 of 2: error: RuntimeError: injected translate failure" in proc.stderr
     assert (tmp_path / "old.txt").read_text() == "keep me\n"
+
+
+@needs_mpi
+def test_cli_train_on_two_ranks_writes_the_one_process_model(tmp_path):
+    """`mpiexec -n 2 pytransformer train` == `pytransformer train --accumulate 2`: the same
+    model file, byte for byte (rank 0 trained the tokenizers, wrote the checkpoints and log)."""
+    from pytransformer.cli import main
+
+    rng = np.random.default_rng(1)
+    src = ["".join(rng.choice(list("abcdef "), rng.integers(1, 8))) for _ in range(120)]
+    (tmp_path / "s.txt").write_text("\n".join(src) + "\n")
+    (tmp_path / "t.txt").write_text("\n".join(x[::-1] for x in src) + "\n")
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "model": {"d_model": 16, "num_heads": 2, "d_ff": 16, "num_encoder_layers": 1,
+                  "num_decoder_layers": 1}, "checkpoint_every": 2, "valid_every": 0, "warmup": 2,
+    }))
+    common = ["train", "--src", str(tmp_path / "s.txt"), "--tgt", str(tmp_path / "t.txt"),
+              "--config", str(tmp_path / "cfg.json"), "--tokenizer", "char", "--steps", "4",
+              "--max-tokens", "80"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--accumulate", "2"]) == 0
+    proc, _ = launch(2, "cli", *common, "--out", str(tmp_path / "two"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("model/model.safetensors", "src_tokenizer.json",
+                 "checkpoints/step-00000002/optimizer.safetensors"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert proc.stderr.count("model saved in") == 1
