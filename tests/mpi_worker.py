@@ -22,14 +22,14 @@ from pytransformer.train.trainer import Trainer
 PAD, BOS, EOS, VOCAB = 0, 1, 2, 13
 
 
-def build_trainer(checkpoint_dir, accumulate, w=None, dropout=0.1, **kw) -> Trainer:
+def build_trainer(checkpoint_dir, accumulate, w=None, dropout=0.1, model_seed=3, **kw):
     """The same model, data and optimizer on every rank; under MPI the rank's share."""
     cfg = TransformerConfig(
         src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=16, num_heads=2, d_ff=24,
         num_encoder_layers=2, num_decoder_layers=2, max_len=16, dropout=dropout,
         pad_id=PAD, bos_id=BOS, eos_id=EOS,
     )
-    model = Transformer(cfg, seed=3)
+    model = Transformer(cfg, seed=model_seed)
     pairs = synthetic_pairs("reverse", 64, VOCAB, 2, 9, seed=5)
     data = TokenBatcher(pairs, 40, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=7)
     opt = Adam(model.parameters(), lr=3e-3, max_grad_norm=0.5)
@@ -98,12 +98,14 @@ def main() -> int:
     p.add_argument("--fail-step", type=int, default=-1)
     p.add_argument("--fail-how", choices=["raise", "kill", "hang"], default="raise")
     p.add_argument("--bucket-mb", type=float, default=25.0)
+    p.add_argument("--seed-per-rank", action="store_true", help="a different model on each rank")
     args = p.parse_args()
     w = distributed.world()
     with distributed.guard(w):
         tr = build_trainer(
             os.path.join(args.out, "ckpt"), args.accumulate, w,
             checkpoint_every=args.checkpoint_every, bucket_mb=args.bucket_mb,
+            model_seed=3 + w.rank * args.seed_per_rank,
         )
         if args.fail_rank >= 0:
             tr.__class__ = _Fail

@@ -289,6 +289,14 @@ def test_a_failing_rank_ends_every_rank_quickly(tmp_path, how):
     assert tr.step == 2
 
 
+@needs_mpi
+def test_ranks_with_different_models_are_refused(tmp_path):
+    proc, _ = launch(2, str(tmp_path), "--steps", "1", "--seed-per-rank")
+    assert proc.returncode != 0
+    assert "the parameters of rank(s) [1] differ from rank 0's" in proc.stderr
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("step-*"))
+
+
 def _tiny_translator(directory: pathlib.Path) -> None:
     from pytransformer import Transformer, TransformerConfig
     from pytransformer.text.tokenizer import CharTokenizer

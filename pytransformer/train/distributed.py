@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -383,6 +384,8 @@ class _Reduction:
         self.phase2: list[Any] = []
 
     def layer_done(self, j: int) -> None:
+        if j in self.done_layers:  # its buckets may be on their way: a second pass would be lost
+            raise RuntimeError("a hooked module's backward ran twice in one pass")
         self.done_layers.add(j)
         self._start_ready(all_ready=False)
         self.progress()
@@ -466,9 +469,25 @@ class MPIReducer:
     def _buckets_for(self, model: Any, flat: np.ndarray) -> tuple[list[_Bucket], list]:
         key = (id(model), flat.ctypes.data, flat.size)
         if self._plan is None or self._plan[0] != key:
+            self._check_same_model(model, flat)
             buckets, hooks = plan_buckets(model, flat, self.bucket_bytes)
             self._plan = (key, hooks, buckets)
         return self._plan[2], self._plan[1]
+
+    def _check_same_model(self, model: Any, flat: np.ndarray) -> None:
+        """Every rank must start from the same parameters (same seed or checkpoint): checked
+        once, by a checksum of the parameters and the buffer's size."""
+        params = getattr(model, "param_buffer", None)
+        data = params if isinstance(params, np.ndarray) else flat
+        mine = np.array([zlib.crc32(memoryview(data).cast("B")), flat.size], np.float64)
+        rows = np.empty((self.size, 2), np.float64)
+        self.world.wait([self.ctl_comm.Iallgather(mine, rows)], "comparing the models")
+        differ = [r for r in range(self.size) if not np.array_equal(rows[r], rows[0])]
+        if differ:
+            raise ValueError(
+                f"model: the parameters of rank(s) {differ} differ from rank 0's (build the model "
+                "with the same seed, or load the same checkpoint, on every rank)"
+            )
 
     @contextlib.contextmanager
     def reducing(self, model: Any, grads: list[np.ndarray], finish) -> Iterator[None]:
