@@ -117,6 +117,34 @@ def test_rank_shares_interleave_into_the_one_process_stream(size):
     assert shares[0].pad_id == 0  # the source's attributes show through
 
 
+class _NoSkip:
+    """A DataSource without skip(): RankShare takes and drops the other ranks' batches."""
+
+    def __init__(self, source):
+        self.source = source
+
+    @property
+    def epoch(self):
+        return self.source.epoch
+
+    def __getattr__(self, name):
+        if name == "skip":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_skipping_equals_taking_and_dropping(size):
+    fast = [distributed.RankShare(_batcher(), r, size) for r in range(size)]
+    slow = [distributed.RankShare(_NoSkip(_batcher()), r, size) for r in range(size)]
+    for i in range(40):  # several epochs of 8-ish batches
+        a, b = fast[i % size].next_batch(), slow[i % size].next_batch()
+        assert _ids(a) == _ids(b)
+    assert [s.state_dict() for s in fast] == [s.source.state_dict() for s in slow]
+    with pytest.raises(ValueError, match="n"):
+        _batcher().skip(-1)
+
+
 def test_rank_share_state_resumes_at_another_rank_count():
     two = [distributed.RankShare(_batcher(), r, 2) for r in range(2)]
     for _ in range(7):

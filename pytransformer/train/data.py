@@ -229,6 +229,19 @@ class EpochBatcher:
         self._pos += 1
         return out
 
+    def skip(self, n: int) -> None:
+        """Moves past the next ``n`` batches without building them (as ``n`` calls of
+        ``next_batch`` would, epochs included): how a data-parallel rank passes over the
+        other ranks' batches."""
+        n = check_int("n", n, 0)
+        while n:
+            if self._pos == len(self._batches):
+                self.epoch += 1
+                self._start_epoch()
+            step = min(n, len(self._batches) - self._pos)
+            self._pos += step
+            n -= step
+
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current epoch (a whole epoch when none has been taken from it yet);
         iterating again after the end starts the next epoch."""
