@@ -4,7 +4,9 @@ Both run the same global update: two batches of 32 sentence pairs (lengths unifo
 the copy task), the 1-rank run accumulating the two, each rank of the 2-rank run taking one
 (``distributed.RankShare`` + ``MPIReducer``; the parameters come out bit-identical). Rows:
 
-- ``2 ranks x 1 thread``: the bucketed reduction, buckets started from the layers' backward;
+- ``2 ranks x 1 thread``: the bucketed reduction, buckets started from the layers' backward
+  and driven by the progress thread;
+- ``2 ranks x 1 thread, no progress thread``: the buckets move on only at the layer hooks;
 - ``2 ranks x 1 thread, no overlap``: every bucket started after the backward;
 - ``1 rank x 2 threads``: no communication at all.
 
@@ -46,7 +48,8 @@ SIZES = {
 BATCH, MIN_LEN, MAX_LEN = 32, 16, 48
 
 
-def worker(size: str, threads: int, accumulate: int, steps: int, overlap: bool) -> None:
+def worker(size: str, threads: int, accumulate: int, steps: int, overlap: bool,
+           progress_thread: bool) -> None:
     """One rank: trains ``steps`` timed updates after one warm-up; rank 0 prints a JSON line."""
     from pytransformer import Transformer, TransformerConfig, set_num_threads
     from pytransformer.train import distributed
@@ -66,7 +69,8 @@ def worker(size: str, threads: int, accumulate: int, steps: int, overlap: bool) 
         reducer = None
         if w.size > 1:
             data = distributed.RankShare(data, w.rank, w.size)
-            reducer = distributed.MPIReducer(w, overlap=overlap)
+            reducer = distributed.MPIReducer(w, overlap=overlap,
+                                             progress_thread=progress_thread)
         opt = Adam(model.parameters(), lr=1e-4, max_grad_norm=1.0)
         tr = Trainer(model, opt, data, accumulate=accumulate, progress=False, reducer=reducer)
         tr.train_step()  # warm-up: allocations, the bucket plan
@@ -96,12 +100,11 @@ def _mpiexec() -> list[str]:
     return [exe, "--oversubscribe"] if "Open MPI" in text else [exe]
 
 
-def run(ranks: int, threads: int, size: str, steps: int, overlap: bool = True) -> dict:
+def run(ranks: int, threads: int, size: str, steps: int, *flags: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     args = [sys.executable, __file__, "--worker", "--size", size, "--threads", str(threads),
             "--accumulate", str(2 // ranks), "--steps", str(steps)]
-    if not overlap:
-        args.append("--no-overlap")
+    args += flags
     cmd = [*_mpiexec(), "-n", str(ranks), *args] if ranks > 1 else args
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -120,9 +123,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--accumulate", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--no-overlap", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-progress-thread", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.size, args.threads, args.accumulate, args.steps, not args.no_overlap)
+        worker(args.size, args.threads, args.accumulate, args.steps, not args.no_overlap,
+               not args.no_progress_thread)
         return
     sizes = ["tiny"] if args.quick else args.sizes.split(",")
     steps = 2 if args.quick else args.steps
@@ -133,7 +138,9 @@ def main() -> None:
             sys.exit(f"--sizes: unknown size {size!r} (choose from {', '.join(SIZES)})")
         runs = {
             "2 ranks x 1 thread": run(2, 1, size, steps),
-            "2 ranks x 1 thread, no overlap": run(2, 1, size, steps, overlap=False),
+            "2 ranks x 1 thread, no progress thread": run(2, 1, size, steps,
+                                                          "--no-progress-thread"),
+            "2 ranks x 1 thread, no overlap": run(2, 1, size, steps, "--no-overlap"),
             "1 rank x 2 threads": run(1, 2, size, steps),
         }
         for name, r in runs.items():

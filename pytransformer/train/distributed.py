@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import zlib
@@ -382,13 +383,41 @@ class _Reduction:
         self.next_gather = 0  # buckets[:next_gather] in phase 2
         self.phase1: list[Any] = []
         self.phase2: list[Any] = []
+        self.lock = threading.Lock()  # the backward's hooks and the progress thread
+        self.error: BaseException | None = None
 
     def layer_done(self, j: int) -> None:
         if j in self.done_layers:  # its buckets may be on their way: a second pass would be lost
             raise RuntimeError("a hooked module's backward ran twice in one pass")
-        self.done_layers.add(j)
-        self._start_ready(all_ready=False)
-        self.progress()
+        with self.lock:
+            self.done_layers.add(j)
+            self._start_ready(all_ready=False)
+            self.progress()
+
+    def drive(self, period: float) -> Callable[[], None]:
+        """Calls progress() from a thread every ``period`` seconds while the backward computes
+        (MPI moves a large message on only inside an MPI call, and the kernels release the GIL);
+        returns the function that stops the thread."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(period):
+                with self.lock:
+                    if self.error is not None:
+                        return
+                    try:
+                        self.progress()
+                    except BaseException as exc:  # reported by complete() on the main thread
+                        self.error = exc
+
+        thread = threading.Thread(target=loop, name="pytransformer-mpi-progress", daemon=True)
+        thread.start()
+
+        def halt() -> None:
+            stop.set()
+            thread.join()
+
+        return halt
 
     def _start_ready(self, all_ready: bool) -> None:
         r = self.r
@@ -428,6 +457,8 @@ class _Reduction:
         return all(q.Test() for q in self.phase2)
 
     def complete(self) -> None:
+        if self.error is not None:
+            raise self.error
         self._start_ready(all_ready=True)
         t0 = time.perf_counter()
         _Poller(self.r.world, "the gradient reduction").until(self.progress)
@@ -438,18 +469,33 @@ class MPIReducer:
     """The Trainer's ``reducer`` under MPI (see the module docstring): a deterministic bucketed
     gradient sum, rank-order sums of scalars, rank 0's stop decisions, barriers, each with the
     world's deadline. ``bucket_mb``: the size of a bucket (PyTorch DDP's default, 25 MB);
-    ``overlap``: start buckets during the backward (False: all after it).
+    ``overlap``: start buckets during the backward (False: all after it); ``progress_thread``:
+    a thread drives the started buckets every ``progress_ms`` while the backward computes (when
+    MPI was initialised with MPI_THREAD_MULTIPLE, mpi4py's default request); without it they
+    move on only at the layer hooks.
 
     ``comm_seconds`` adds up the time spent waiting for other ranks (what the backward did not
     hide); ``buckets`` is the last plan, as (lo, hi, hooked) triples."""
 
-    def __init__(self, w: World | None = None, *, bucket_mb: float = 25.0, overlap: bool = True):
+    def __init__(
+        self,
+        w: World | None = None,
+        *,
+        bucket_mb: float = 25.0,
+        overlap: bool = True,
+        progress_thread: bool = True,
+        progress_ms: float = 1.0,
+    ):
         w = world() if w is None else w
         if not isinstance(w, World):
             raise TypeError(f"world: expected a distributed.World, got {type(w).__name__}")
         self.world, self.rank, self.size = w, w.rank, w.size
         self.bucket_bytes = int(check_float("bucket_mb", bucket_mb, positive=True) * 2**20)
         self.overlap = bool(overlap)
+        self.progress_period = check_float("progress_ms", progress_ms, positive=True) / 1000.0
+        self.progress_thread = bool(progress_thread) and self.overlap and (
+            w._mpi is not None and w._mpi.Query_thread() >= w._mpi.THREAD_MULTIPLE
+        )
         self.comm_seconds = 0.0
         self._plan: tuple[Any, ...] | None = None
         if w.comm is not None:
@@ -502,9 +548,11 @@ class MPIReducer:
         buckets, hooks = self._buckets_for(model, flat)
         run = _Reduction(self, flat, buckets, finish)
         restore = _hook_layers(hooks, run.layer_done) if self.overlap else (lambda: None)
+        halt = run.drive(self.progress_period) if self.progress_thread else (lambda: None)
         try:
             yield
         finally:
+            halt()
             restore()
         run.complete()
 
