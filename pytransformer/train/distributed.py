@@ -15,8 +15,9 @@ gradients and take the same optimizer step, so the parameters stay identical eve
   in rank order) and all-gathered back, so the sum is (((g_0 + g_1) + g_2) + ...) whatever the
   network does, bit for bit what one process accumulating the same batches computes. It moves
   2(N-1)/N x the buffer per rank, as a ring all-reduce does. Buckets start as soon as the
-  backward of their layers is done (a hook on each encoder/decoder layer's ``backward``) and
-  are progressed at every later hook, so communication overlaps the rest of the backward.
+  backward of their layers is done (a hook on each encoder/decoder layer's ``backward``, and
+  the target embedding's) and are driven by a progress thread and every later hook, so
+  communication overlaps the rest of the backward.
 - Faults: ``guard()`` turns an exception on any rank into a message naming the rank and an
   ``MPI_Abort`` of the whole job (the launcher itself ends the job when a rank dies); every
   wait on other ranks polls with a deadline (``PYTRANSFORMER_MPI_TIMEOUT``, default 600 s)
