@@ -190,6 +190,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             flag = "--" + given[0].replace("_", "-")
             raise UserError(f"--data: the corpus comes from DATA; drop {flag}")
         _check_input_dir(args.data, "--data")
+        from .train.shards import DataError, open_data
+
+        try:
+            open_data(args.data)  # checked before any work
+        except DataError as exc:
+            raise UserError(f"--data: {exc}") from None
         run = lambda: train_translator_on_data(  # noqa: E731
             args.data, args.out, options=options, resume=args.resume
         )

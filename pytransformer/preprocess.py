@@ -126,10 +126,21 @@ def _pairs(src: str, tgt: str) -> Iterator[tuple[str, str]]:
         raise ValueError(f"{src}: no lines")
 
 
-def _sample_lines(paths: list[str], limit: int) -> list[str]:
+def _check_aligned(src: str, tgt: str) -> int:
+    """The number of lines of both files (one streaming pass that also checks UTF-8), before
+    any work: a ValueError when the counts differ or the files are empty."""
+    n_src, n_tgt = (sum(1 for _ in read_lines(p)) for p in (src, tgt))
+    if n_src != n_tgt:
+        raise ValueError(f"{src} has {n_src} lines but {tgt} has {n_tgt}")
+    if n_src == 0:
+        raise ValueError(f"{src}: no lines")
+    return n_src
+
+
+def _sample_lines(paths: list[str], limit: int, per_file: int) -> list[str]:
     """Up to ``limit`` non-empty lines drawn evenly from the files (every k-th line), so the
     vocabulary sees the whole corpus, not its beginning, in bounded memory."""
-    total = sum(1 for p in paths for _ in read_lines(p))
+    total = per_file * len(paths)
     step = max(1, -(-total // limit))
     lines = []
     for p in paths:
@@ -168,11 +179,12 @@ def _char_tokenizer(paths: list[str]) -> CharTokenizer:
     return CharTokenizer.train(["".join(sorted(chars))])
 
 
-def _tokenizers(src: str, tgt: str, opts: PreprocessOptions, log: Callable[[str], None]):
+def _tokenizers(src: str, tgt: str, n_lines: int, opts: PreprocessOptions,
+                log: Callable[[str], None]):
     def build(paths: list[str]):
         if opts.tokenizer == "char":
             return _char_tokenizer(paths)
-        lines = _sample_lines(paths, opts.vocab_sample * len(paths))
+        lines = _sample_lines(paths, opts.vocab_sample, n_lines)
         log(f"training SentencePiece (vocab {opts.vocab_size}) on {len(lines)} lines")
         return _train_sentencepiece(lines, opts.vocab_size)
 
@@ -254,8 +266,11 @@ def preprocess(
     src, tgt, out_dir = os.fspath(src), os.fspath(tgt), os.fspath(out_dir)
     if (valid_src is None) != (valid_tgt is None):
         raise ValueError("valid_src/valid_tgt: give both or neither")
+    n_lines = _check_aligned(src, tgt)
+    if valid_src is not None and valid_tgt is not None:
+        _check_aligned(os.fspath(valid_src), os.fspath(valid_tgt))
     begin_data_dir(out_dir)
-    src_tok, tgt_tok = _tokenizers(src, tgt, opts, log)
+    src_tok, tgt_tok = _tokenizers(src, tgt, n_lines, opts, log)
     src_tok.save(os.path.join(out_dir, "src_tokenizer.json"))
     tgt_tok.save(os.path.join(out_dir, "tgt_tokenizer.json"))
     encoders = (_encoder(src_tok), _encoder(tgt_tok))
