@@ -46,9 +46,10 @@ class PreprocessOptions:
 
     tokenizer: "sentencepiece" (unigram) or "char"; vocab_size: SentencePiece pieces per model
     (shrunk when the text is too small for it); joint: one vocabulary for both languages
-    (needed for tied source/target embeddings); vocab_sample: at most this many sentences
-    (sampled uniformly from the whole corpus) train each SentencePiece model, which bounds its
-    memory; max_len: pairs with more tokens than this on either side are dropped; max_ratio:
+    (needed for tied source/target embeddings); vocab_sample, vocab_sample_bytes: at most this
+    many sentences, and about this many bytes of text, sampled evenly from the whole corpus,
+    train each SentencePiece model (its training holds some 25 bytes per character: the byte
+    budget is what bounds preprocess's peak memory, about 0.5 GB at the default); max_len: pairs with more tokens than this on either side are dropped; max_ratio:
     pairs whose longer side has more than this many times the tokens of the shorter are dropped
     (Moses' clean-corpus-n uses 9); shard_size: sentence pairs per shard.
     """
@@ -57,6 +58,7 @@ class PreprocessOptions:
     vocab_size: int = 8000
     joint: bool = True
     vocab_sample: int = 1_000_000
+    vocab_sample_bytes: int = 16_000_000
     max_len: int = 250
     max_ratio: float = 9.0
     shard_size: int = 1_000_000
@@ -68,6 +70,7 @@ class PreprocessOptions:
             )
         check_int("vocab_size", self.vocab_size, 8)
         check_int("vocab_sample", self.vocab_sample, 1)
+        check_int("vocab_sample_bytes", self.vocab_sample_bytes, 1)
         check_int("max_len", self.max_len, 1)
         check_float("max_ratio", self.max_ratio, 1.0)
         check_int("shard_size", self.shard_size, 1)
@@ -137,11 +140,13 @@ def _check_aligned(src: str, tgt: str) -> int:
     return n_src
 
 
-def _sample_lines(paths: list[str], limit: int, per_file: int) -> list[str]:
-    """Up to ``limit`` non-empty lines drawn evenly from the files (every k-th line), so the
-    vocabulary sees the whole corpus, not its beginning, in bounded memory."""
+def _sample_lines(paths: list[str], limit: int, limit_bytes: int, per_file: int) -> list[str]:
+    """Up to ``limit`` non-empty lines (and about ``limit_bytes`` of text) drawn evenly from the
+    files (every k-th line), so the vocabulary sees the whole corpus, not its beginning, in
+    bounded memory."""
     total = per_file * len(paths)
-    step = max(1, -(-total // limit))
+    size = sum(os.path.getsize(p) for p in paths)
+    step = max(1, -(-total // limit), -(-size // limit_bytes))
     lines = []
     for p in paths:
         lines += [line for i, line in enumerate(read_lines(p)) if i % step == 0 and line.strip()]
@@ -184,7 +189,7 @@ def _tokenizers(src: str, tgt: str, n_lines: int, opts: PreprocessOptions,
     def build(paths: list[str]):
         if opts.tokenizer == "char":
             return _char_tokenizer(paths)
-        lines = _sample_lines(paths, opts.vocab_sample, n_lines)
+        lines = _sample_lines(paths, opts.vocab_sample, opts.vocab_sample_bytes, n_lines)
         log(f"training SentencePiece (vocab {opts.vocab_size}) on {len(lines)} lines")
         return _train_sentencepiece(lines, opts.vocab_size)
 

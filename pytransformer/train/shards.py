@@ -23,6 +23,7 @@ batches touch them); only the per-sentence lengths are held (8 bytes per sentenc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -112,13 +113,13 @@ class ShardWriter:
         self.max_length = {s: 0 for s in _SIDES}
         self._shards: list[dict[str, Any]] = []
         self._files: dict[str, _HashedFile] | None = None
-        self._offsets: dict[str, list[int]] = {}
+        self._offsets: dict[str, list[np.ndarray]] = {}
         self._in_shard = 0
 
     def _open_shard(self) -> None:
         stem = os.path.join(self.directory, f"{self.split}-{len(self._shards):05d}")
         self._files = {f"{s}.ids": _HashedFile(f"{stem}.{s}.ids") for s in _SIDES}
-        self._offsets = {s: [0] for s in _SIDES}
+        self._offsets = {s: [np.zeros(1, _OFF_DTYPE)] for s in _SIDES}
         self._in_shard = 0
 
     def _close_shard(self) -> None:
@@ -127,7 +128,7 @@ class ShardWriter:
             off = self._files[f"{s}.off"] = _HashedFile(
                 self._files[f"{s}.ids"].path[: -len("ids")] + "off"
             )
-            off.write(np.asarray(self._offsets[s], _OFF_DTYPE).tobytes())
+            off.write(np.concatenate(self._offsets[s]).astype(_OFF_DTYPE).tobytes())
         files = {kind: f.close() for kind, f in self._files.items()}
         self._shards.append({"n_pairs": self._in_shard, "files": files})
         self._files = None
@@ -150,17 +151,19 @@ class ShardWriter:
                 self._close_shard()
 
     def _append(self, side: str, seqs: Sequence[Sequence[int]]) -> None:
-        lengths = [len(s) for s in seqs]
-        flat = np.fromiter((t for s in seqs for t in s), np.int64, sum(lengths))
+        if not len(seqs):
+            return
+        lengths = np.fromiter(map(len, seqs), np.int64, len(seqs))
+        flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, int(lengths.sum()))
         if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(np.int32).max):
             raise ValueError(f"{side}: token ids must lie in [0, 2^31)")
         assert self._files is not None
         self._files[f"{side}.ids"].write(flat.astype(_ID_DTYPE).tobytes())
         offsets = self._offsets[side]
-        base = offsets[-1]
-        offsets.extend((base + np.cumsum(lengths)).tolist())
+        offsets.append(offsets[-1][-1] + np.cumsum(lengths))
         self.n_tokens[side] += int(flat.size)
-        self.max_length[side] = max([self.max_length[side], *lengths])
+        if lengths.size:
+            self.max_length[side] = max(self.max_length[side], int(lengths.max()))
 
     def close(self) -> dict[str, Any]:
         """Finishes the split; returns its manifest entry."""
