@@ -49,7 +49,8 @@ class PreprocessOptions:
     (needed for tied source/target embeddings); vocab_sample, vocab_sample_bytes: at most this
     many sentences, and about this many bytes of text, sampled evenly from the whole corpus,
     train each SentencePiece model (its training holds some 25 bytes per character: the byte
-    budget is what bounds preprocess's peak memory, about 0.5 GB at the default); max_len: pairs with more tokens than this on either side are dropped; max_ratio:
+    budget is what bounds preprocess's peak memory, about 0.5 GB at the default); max_len:
+    pairs with more tokens than this on either side are dropped; max_ratio:
     pairs whose longer side has more than this many times the tokens of the shorter are dropped
     (Moses' clean-corpus-n uses 9); shard_size: sentence pairs per shard.
     """

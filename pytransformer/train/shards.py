@@ -16,8 +16,10 @@ A data directory (written by ``pytransformer preprocess``, read by ``pytransform
 leaves a directory that ``open_data`` accepts with half-written shards. ``open_data`` checks every
 file's size (cheap); ``verify=True`` also checks the SHA-256 of every byte.
 
-Reading keeps memory flat in the corpus size: the ids stay on disk (memory-mapped, paged in as
-batches touch them); only the per-sentence lengths are held (8 bytes per sentence and side).
+Reading keeps memory flat in the corpus size: the ids stay on disk (read per sentence with
+positioned reads as batches need them; the files are plain arrays, so ``np.memmap`` maps them
+too), the offsets are memory-mapped, and only the per-sentence lengths are held (4 bytes per
+sentence and side, plus about 30 bytes per sentence for an epoch's plan).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import numpy as np
 
 from .. import io
 from ..checks import check_int
-from .data import TokenBatcher
+from .data import Batch, TokenBatcher
 
 __all__ = [
     "DataError",
@@ -202,47 +204,82 @@ def _sha256(path: str) -> str:
 
 
 class _Side:
-    """One side (source or target) of a split over its shards: lengths in memory, ids mapped."""
+    """One side (source or target) of a split over its shards.
+
+    Held in memory: the sentence lengths (int32). The offsets are memory-mapped; the token ids
+    are read per sentence with positioned reads (``os.pread``), so the corpus sits in the page
+    cache, not in the process: its resident memory stays flat however much of it an epoch reads.
+    """
 
     def __init__(self, directory: str, shards: list[dict[str, Any]], side: str):
-        self._ids, self._offsets = [], []
-        for shard in shards:
-            for kind, store in (("ids", self._ids), ("off", self._offsets)):
-                entry = shard["files"][f"{side}.{kind}"]
-                path = os.path.join(directory, entry["name"])
-                dtype = _ID_DTYPE if kind == "ids" else _OFF_DTYPE
-                store.append(_map(path, dtype))
-        counts = [len(o) - 1 for o in self._offsets]
-        self.starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self.lengths = (
-            np.concatenate([np.diff(o) for o in self._offsets]).astype(np.int64)
-            if self._offsets else np.zeros(0, np.int64)
-        )
-        self.n_tokens = [int(o[-1]) for o in self._offsets]
-        for k, (ids, off) in enumerate(zip(self._ids, self._offsets, strict=True)):
-            if off[0] != 0 or off[-1] != len(ids) or (np.diff(off) < 0).any():
+        self._files, self._offsets, lengths = [], [], []
+        for k, shard in enumerate(shards):
+            ids_path = os.path.join(directory, shard["files"][f"{side}.ids"]["name"])
+            off_path = os.path.join(directory, shard["files"][f"{side}.off"]["name"])
+            n_lengths = _shard_lengths(off_path, os.path.getsize(ids_path) // _ID_DTYPE.itemsize)
+            if n_lengths is None:
                 raise DataError(f"{directory}: shard {k} ({side}): offsets do not fit its ids")
+            lengths.append(n_lengths)
+            self._offsets.append(_map(off_path, _OFF_DTYPE))
+            self._files.append(open(ids_path, "rb", buffering=0))  # noqa: SIM115 - held open
+        counts = [len(n) for n in lengths]
+        self.starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+
+    def _read(self, k: int, j: int) -> np.ndarray:
+        """Sentence j of shard k (int32)."""
+        off = self._offsets[k]
+        begin, end = int(off[j]), int(off[j + 1])
+        size = _ID_DTYPE.itemsize
+        blob = os.pread(self._files[k].fileno(), (end - begin) * size, begin * size)
+        if len(blob) != (end - begin) * size:
+            raise DataError(f"{self._files[k].name}: shorter than its offsets (truncated?)")
+        return np.frombuffer(blob, _ID_DTYPE)
+
+    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        shard = np.searchsorted(self.starts, indices, "right") - 1
+        return shard, indices - self.starts[shard]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        k = int(np.searchsorted(self.starts, i, "right")) - 1
-        j = i - int(self.starts[k])
-        off = self._offsets[k]
-        return np.asarray(self._ids[k][off[j] : off[j + 1]], np.int64)
+        shard, local = self._locate(np.asarray([i], np.int64))
+        return self._read(int(shard[0]), int(local[0])).astype(np.int64)
 
     def scatter(self, indices: np.ndarray, out: np.ndarray, shift: int) -> np.ndarray:
         """Writes sentence indices[b] into out[b, shift : shift + len]; returns the lengths
-        (the interface of data._Packed, so TokenBatcher.batch builds batches from shards)."""
-        lengths = self.lengths[indices]
-        shard = np.searchsorted(self.starts, indices, "right") - 1
-        for k in np.unique(shard):
-            rows = np.flatnonzero(shard == k)
-            local = indices[rows] - self.starts[k]
-            n = lengths[rows]
-            r = np.repeat(rows, n)
-            cols = np.arange(r.size) - np.repeat(np.cumsum(n) - n, n)
-            starts = np.asarray(self._offsets[k][local])
-            out[r, cols + shift] = self._ids[k][np.repeat(starts, n) + cols]
+        (int64; the interface of data._Packed, so TokenBatcher.batch builds batches here)."""
+        shard, local = self._locate(indices)
+        lengths = self.lengths[indices].astype(np.int64)
+        for b, (k, j) in enumerate(zip(shard.tolist(), local.tolist(), strict=True)):
+            out[b, shift : shift + lengths[b]] = self._read(k, j)
         return lengths
+
+
+def _shard_lengths(off_path: str, n_ids: int) -> np.ndarray | None:
+    """The sentence lengths (int32) of a shard's offsets file, read in chunks (not mapped, so
+    they leave no resident pages behind); None when the offsets do not describe n_ids ids."""
+    size = os.path.getsize(off_path)
+    if size % _OFF_DTYPE.itemsize or size < _OFF_DTYPE.itemsize:
+        return None
+    n = size // _OFF_DTYPE.itemsize - 1
+    lengths = np.empty(n, np.int32)
+    chunk, done, prev = 1 << 20, 0, None
+    with open(off_path, "rb") as f:
+        while True:
+            block = np.fromfile(f, _OFF_DTYPE, chunk)
+            if block.size == 0:
+                break
+            if prev is None:
+                if block[0] != 0:
+                    return None
+                diffs = np.diff(block)
+            else:
+                diffs = np.diff(block, prepend=prev)
+            if diffs.size and (diffs.min() < 0 or diffs.max() > np.iinfo(np.int32).max):
+                return None
+            lengths[done : done + diffs.size] = diffs
+            done += diffs.size
+            prev = block[-1]
+    return lengths if prev == n_ids and done == n else None
 
 
 def _map(path: str, dtype: np.dtype) -> np.ndarray:
@@ -399,6 +436,13 @@ class ShardBatcher(TokenBatcher):
                 open_start = k
                 k = min(int(b), k + fit)
         return np.split(order, bounds)
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """The Batch of the given data-set positions (as TokenBatcher.batch)."""
+        out = super().batch(indices)
+        if out.src_lengths is not None:
+            out.src_lengths = out.src_lengths.astype(np.int64)
+        return out
 
     def _identity(self) -> dict[str, Any]:
         return {**super()._identity(), "corpus": self._corpus_id}
