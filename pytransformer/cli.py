@@ -248,6 +248,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         )
     except DataError as exc:
         raise UserError(str(exc)) from None
+    except ValueError as exc:
+        if str(exc).startswith("out_dir:"):
+            raise UserError(f"--out: {str(exc)[len('out_dir: '):]}") from None
+        raise
     print(f"{args.out}: {report.summary()}", file=sys.stderr)
     return 0
 

@@ -38,6 +38,7 @@ from .train.shards import ShardWriter, begin_data_dir, open_data, write_manifest
 __all__ = ["PreprocessOptions", "FilterReport", "preprocess", "read_lines"]
 
 _BLOCK = 10_000  # lines encoded and written together
+_OWN_FILES = ("src_tokenizer.json", "tgt_tokenizer.json", "valid.src.txt", "valid.tgt.txt")
 
 
 @dataclass
@@ -275,7 +276,7 @@ def preprocess(
     n_lines = _check_aligned(src, tgt)
     if valid_src is not None and valid_tgt is not None:
         _check_aligned(os.fspath(valid_src), os.fspath(valid_tgt))
-    begin_data_dir(out_dir)
+    begin_data_dir(out_dir, _OWN_FILES)
     src_tok, tgt_tok = _tokenizers(src, tgt, n_lines, opts, log)
     src_tok.save(os.path.join(out_dir, "src_tokenizer.json"))
     tgt_tok.save(os.path.join(out_dir, "tgt_tokenizer.json"))

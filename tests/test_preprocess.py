@@ -178,6 +178,13 @@ def test_misaligned_and_bad_input_files(corpus, tmp_path, capsys):
     assert "--src" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_ratio"):
         PreprocessOptions(max_ratio=0.5)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    assert main(["preprocess", "--src", corpus["src"], "--tgt", corpus["tgt"], "--tokenizer",
+                 "char", "--out", str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "thesis.tex" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path / "mine") == ["thesis.tex"]
 
 
 @settings(max_examples=25, deadline=None)
@@ -259,6 +266,9 @@ def test_preprocess_train_translate_evaluate_cli(corpus, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--hyp", str(out), "--ref", corpus["valid_tgt"]]) == 0
     assert "bleu" in json.loads(capsys.readouterr().out)
+    png = tmp_path / "curve.png"
+    assert main(["plot", "curve", str(run), "-o", str(png)]) == 0  # with the BLEU panel
+    assert png.stat().st_size > 1000
 
 
 def test_train_data_argument_errors(corpus, tmp_path, capsys):

@@ -63,12 +63,24 @@ class DataError(ValueError):
     """A data directory is missing, unfinished, truncated or corrupt."""
 
 
-def begin_data_dir(directory: str | os.PathLike) -> str:
+def begin_data_dir(directory: str | os.PathLike, own_files: Sequence[str] = ()) -> str:
     """Makes ``directory`` ready for a new corpus: creates it, removes an old manifest first
     (durably, so a crash from here on leaves a directory ``open_data`` refuses) and then the old
-    shard files. Other files are left alone. Returns the path."""
+    shard files. A directory holding anything but a data directory's files (the manifest,
+    shards, ``own_files`` the caller writes, temporary files) is refused with ValueError rather
+    than written into. Returns the path."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    foreign = [
+        name for name in os.listdir(directory)
+        if not (name == MANIFEST or name in own_files or _SHARD_FILE.match(name)
+                or name.startswith("."))
+    ]  # fmt: skip
+    if foreign:
+        raise ValueError(
+            f"out_dir: {directory} holds files that are not a data directory's "
+            f"({', '.join(sorted(foreign)[:3])}); give a new or empty directory"
+        )
     manifest = os.path.join(directory, MANIFEST)
     if os.path.exists(manifest):
         os.unlink(manifest)
