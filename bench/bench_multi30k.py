@@ -47,6 +47,7 @@ from pytransformer.io import split_lines  # noqa: E402
 from pytransformer.models import Transformer, TransformerConfig  # noqa: E402
 from pytransformer.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from pytransformer.text.tokenizer import load_tokenizer  # noqa: E402
+from pytransformer.train.allocator import reuse_freed_memory  # noqa: E402
 from pytransformer.train.data import make_batch  # noqa: E402
 from pytransformer.train.optim import Adam  # noqa: E402
 from pytransformer.train.presets import get_preset  # noqa: E402
@@ -249,6 +250,7 @@ def main() -> int:
     if not set(chosen) <= set(systems):
         ap.error(f"--systems: choose from {sorted(systems)}")
     pt.set_num_threads(args.threads)
+    reuse_freed_memory()  # process-wide: both systems train with the same allocator settings
     if "torch" in chosen:
         import torch
 

@@ -25,6 +25,7 @@ from .io import split_lines
 from .models import Transformer, TransformerConfig
 from .text.metrics import score_translations
 from .text.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
+from .train.allocator import reuse_freed_memory
 from .train.average import average_checkpoints, last_checkpoints
 from .train.data import TokenBatcher, make_batch
 from .train.optim import Adam
@@ -253,6 +254,7 @@ def _fit(root: pathlib.Path, run: _Run, opts: TrainOptions, resume: bool,
          progress: bool) -> Translator:
     """Builds the model, optimizer and Trainer, trains, and saves the final model."""
     opts.check()
+    reuse_freed_memory()  # steps reuse the previous step's memory (see train.allocator)
     model_fields, max_tokens, lr, warmup = opts.recipe()
     ckpt_dir = root / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if resume else None

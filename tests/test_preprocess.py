@@ -187,27 +187,27 @@ def test_misaligned_and_bad_input_files(corpus, tmp_path, capsys):
     assert os.listdir(tmp_path / "mine") == ["thesis.tex"]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     max_tokens=st.integers(10, 300), max_sentences=st.one_of(st.none(), st.integers(1, 40)),
-    seed=st.integers(0, 2**31), shard_size=st.integers(1, 90), shuffle=st.booleans(),
+    seed=st.integers(0, 2**31), shard_size=st.integers(1, 60), shuffle=st.booleans(),
 )
 def test_shard_batcher_equals_token_batcher(tmp_path_factory, max_tokens, max_sentences, seed,
                                             shard_size, shuffle):
     """The run-wise cut over memory-mapped shards gives TokenBatcher's batches, epoch after
     epoch (its greedy per-sentence cut is the reference)."""
-    pairs = synthetic_pairs("random", 150, 50, 1, 9, seed=seed % 1000)
+    pairs = synthetic_pairs("random", 100, 50, 1, 9, seed=seed % 1000)
     d = tmp_path_factory.mktemp("shards")
     writer = ShardWriter(d, "train", shard_size)
-    writer.add_pairs([s.tolist() for s, _ in pairs[:70]], [t.tolist() for _, t in pairs[:70]])
-    writer.add_pairs([s.tolist() for s, _ in pairs[70:]], [t.tolist() for _, t in pairs[70:]])
+    writer.add_pairs([s.tolist() for s, _ in pairs[:45]], [t.tolist() for _, t in pairs[:45]])
+    writer.add_pairs([s.tolist() for s, _ in pairs[45:]], [t.tolist() for _, t in pairs[45:]])
     write_manifest(d, {"train": writer.close()}, {})
     split = open_data(d).split("train")
     kw = dict(pad_id=0, bos_id=1, eos_id=2, seed=seed, max_sentences=max_sentences,
               shuffle=shuffle, skip_long=True)
     ours, ref = ShardBatcher(split, max_tokens, **kw), TokenBatcher(pairs, max_tokens, **kw)
     assert len(ours) == len(ref)
-    for _ in range(2 * len(ref)):
+    for _ in range(len(ref) + 3):  # an epoch and the start of the next (reshuffled)
         a, b = ours.next_batch(), ref.next_batch()
         for field in ("src", "src_lengths", "tgt_in", "tgt_out", "tgt_lengths", "indices"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
