@@ -1,9 +1,9 @@
 """The ``pytransformer`` command (also ``python -m pytransformer``).
 
-Subcommands: train, translate, evaluate, demo, plot. Errors a user can cause end with one line on
-stderr and a non-zero exit status, never a traceback. Under ``mpiexec -n N`` train is
-data-parallel and translate is sharded over the ranks (docs/SCALING.md); an error on one rank
-ends every rank, with a message naming it.
+Subcommands: preprocess, train, average, translate, evaluate, demo, plot. Errors a user can
+cause end with one line on stderr and a non-zero exit status, never a traceback. Under
+``mpiexec -n N`` train is data-parallel and translate is sharded over the ranks
+(docs/SCALING.md); an error on one rank ends every rank, with a message naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -125,36 +126,163 @@ def _set_threads(n: int | None) -> None:
         set_num_threads(n)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .translator import TrainOptions, train_translator
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?$")
+
+
+def parse_duration(text: str, arg: str = "--max-time") -> float:
+    """Seconds in "90", "90s", "45m", "1h30m", "1.5h" (a positive duration)."""
+    text = text.strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        m = _DURATION.match(text)
+        if not text or m is None:
+            raise UserError(f"{arg}: {text!r} is not a duration (e.g. 90s, 45m, 1h30m)") from None
+        h, mins, sec = (float(g) if g else 0.0 for g in m.groups())
+        seconds = 3600 * h + 60 * mins + sec
+    if not seconds > 0 or seconds == float("inf"):
+        raise UserError(f"{arg}: must be a positive duration, got {text!r}")
+    return seconds
+
+
+# flag -> TrainOptions key, for the flags that override a --config file as they are
+_TRAIN_FLAGS = {
+    "tokenizer": "tokenizer", "vocab_size": "vocab_size", "max_tokens": "max_tokens",
+    "seed": "seed", "preset": "preset", "max_epochs": "max_epochs", "accum": "accumulate",
+    "valid_every": "valid_every", "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints", "patience": "patience",
+    "average_last": "average_last", "lr": "lr", "warmup": "warmup", "final": "final",
+}
+
+
+def _train_options(args: argparse.Namespace):
+    from .translator import TrainOptions
 
     config = _load_config(args.config)
-    for key in ("tokenizer", "vocab_size", "steps", "max_tokens", "accumulate", "seed"):
-        value = getattr(args, key)
+    for flag, key in _TRAIN_FLAGS.items():
+        value = getattr(args, flag)
         if value is not None:
             config[key] = value
     if args.shared_vocab:
         config["shared_vocab"] = True
-    options = TrainOptions.from_dict(config)
-    src, tgt = _read_lines(args.src, "--src"), _read_lines(args.tgt, "--tgt")
-    if len(src) != len(tgt):
-        raise UserError(f"{args.src} has {len(src)} lines but {args.tgt} has {len(tgt)}")
-    valid = {}
-    if args.valid_src or args.valid_tgt:
-        if not (args.valid_src and args.valid_tgt):
-            raise UserError("--valid-src and --valid-tgt go together")
-        valid = dict(valid_src=_read_lines(args.valid_src, "--valid-src"),
-                     valid_tgt=_read_lines(args.valid_tgt, "--valid-tgt"))
+    if args.no_valid_bleu:
+        config["valid_bleu"] = False
+    if args.max_time is not None:
+        config["max_time"] = parse_duration(args.max_time)
+    if args.steps is not None:
+        config["steps"] = args.steps
+    elif "steps" not in config and ("max_time" in config or "max_epochs" in config):
+        config["steps"] = None  # a time or epoch budget alone: no default step limit
+    if config.get("average_last") and "final" not in config:
+        config["final"] = "average"
+    try:
+        options = TrainOptions.from_dict(config)
+        options.check()
+    except TypeError as exc:
+        raise UserError(f"--config: {exc}") from None
+    return options
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .translator import train_translator, train_translator_on_data
+
+    options = _train_options(args)
+    if args.data is not None:
+        given = [f for f in ("src", "tgt", "valid_src", "valid_tgt") if getattr(args, f)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UserError(f"--data: the corpus comes from DATA; drop {flag}")
+        _check_input_dir(args.data, "--data")
+        from .train.shards import DataError, open_data
+
+        try:
+            open_data(args.data)  # checked before any work
+        except DataError as exc:
+            raise UserError(f"--data: {exc}") from None
+        run = lambda: train_translator_on_data(  # noqa: E731
+            args.data, args.out, options=options, resume=args.resume
+        )
+    else:
+        if not (args.src and args.tgt):
+            raise UserError("train needs --data DATA, or --src and --tgt")
+        src, tgt = _read_lines(args.src, "--src"), _read_lines(args.tgt, "--tgt")
+        if len(src) != len(tgt):
+            raise UserError(f"{args.src} has {len(src)} lines but {args.tgt} has {len(tgt)}")
+        valid = {}
+        if args.valid_src or args.valid_tgt:
+            if not (args.valid_src and args.valid_tgt):
+                raise UserError("--valid-src and --valid-tgt go together")
+            valid = dict(valid_src=_read_lines(args.valid_src, "--valid-src"),
+                         valid_tgt=_read_lines(args.valid_tgt, "--valid-tgt"))
+        run = lambda: train_translator(  # noqa: E731
+            src, tgt, args.out, options=options, resume=args.resume, **valid
+        )
     _check_output_dir(args.out, "--out")
     _set_threads(args.threads)
     try:
-        train_translator(src, tgt, args.out, options=options, resume=args.resume, **valid)
+        run()
     except KeyboardInterrupt:
         print(f"interrupted: checkpoint saved under {args.out}/checkpoints", file=sys.stderr)
         return 130
     if distributed.world().is_root:
         print(f"model saved in {args.out}", file=sys.stderr)
     return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from .preprocess import PreprocessOptions, preprocess
+    from .train.shards import DataError
+
+    for arg, path in (("--src", args.src), ("--tgt", args.tgt), ("--valid-src", args.valid_src),
+                      ("--valid-tgt", args.valid_tgt)):
+        if path is not None:
+            _check_input_file(path, arg)
+    if bool(args.valid_src) != bool(args.valid_tgt):
+        raise UserError("--valid-src and --valid-tgt go together")
+    _check_output_dir(args.out, "--out")
+    options = PreprocessOptions(
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, joint=args.joint,
+        vocab_sample=args.vocab_sample, max_len=args.max_len, max_ratio=args.max_ratio,
+        shard_size=args.shard_size,
+    )
+    try:
+        report = preprocess(
+            args.src, args.tgt, args.out, valid_src=args.valid_src, valid_tgt=args.valid_tgt,
+            options=options, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        if str(exc).startswith("out_dir:"):
+            raise UserError(f"--out: {str(exc)[len('out_dir: '):]}") from None
+        raise
+    print(f"{args.out}: {report.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from .train.average import average_checkpoints
+
+    for path in args.checkpoints:
+        _check_input_dir(path, "checkpoints")
+    try:
+        out = average_checkpoints(args.checkpoints, args.out)
+    except ValueError as exc:
+        raise UserError(f"--out: {exc}" if str(exc).startswith("out_dir") else str(exc)) from None
+    print(f"averaged {len(args.checkpoints)} checkpoints into {out}", file=sys.stderr)
+    return 0
+
+
+def _check_input_file(path: str, arg: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{arg}: {path}: does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{arg}: {path}: is a directory")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise _path_error(arg, path, exc) from None
 
 
 def _load_translator(directory: str, arg: str):
@@ -324,24 +452,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pytransformer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a translation model on parallel text files")
+    p = sub.add_parser(
+        "preprocess", help="binarize a parallel corpus: tokenizers, filters, memory-mapped shards"
+    )
     p.add_argument("--src", required=True, help="source sentences, one per line")
     p.add_argument("--tgt", required=True, help="target sentences, one per line")
+    p.add_argument("--valid-src", help="validation sources (kept unfiltered)")
+    p.add_argument("--valid-tgt", help="validation references")
+    p.add_argument("--out", required=True, help="the data directory to write (DATA)")
+    p.add_argument("--tokenizer", choices=["sentencepiece", "char"], default="sentencepiece")
+    p.add_argument("--vocab-size", type=int, default=8000, help="pieces per SentencePiece model")
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument("--joint", dest="joint", action="store_true", default=True,
+                       help="one vocabulary for both languages (default; tied embeddings)")
+    vocab.add_argument("--separate", dest="joint", action="store_false",
+                       help="a vocabulary per language")
+    p.add_argument("--vocab-sample", type=int, default=1_000_000,
+                   help="sentences (sampled evenly) a SentencePiece model trains on")
+    p.add_argument("--max-len", type=int, default=250,
+                   help="drop pairs with more tokens on a side (default 250)")
+    p.add_argument("--max-ratio", type=float, default=9.0,
+                   help="drop pairs whose token-length ratio exceeds this (default 9)")
+    p.add_argument("--shard-size", type=int, default=1_000_000, help="sentence pairs per shard")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train a translation model on parallel text files")
+    p.add_argument("--data", help="a data directory from `preprocess` (instead of --src/--tgt)")
+    p.add_argument("--src", help="source sentences, one per line")
+    p.add_argument("--tgt", help="target sentences, one per line")
     p.add_argument("--valid-src")
     p.add_argument("--valid-tgt")
     p.add_argument("--out", required=True, help="output directory (model, tokenizers, checkpoints)")
     p.add_argument("--config", help="JSON/YAML file of TrainOptions (model: {...})")
+    p.add_argument("--preset", choices=["tiny", "small", "base", "big"],
+                   help="model and batch recipe (default: small)")
     p.add_argument("--tokenizer", choices=["sentencepiece", "char"])
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--shared-vocab", action="store_true")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--max-tokens", type=int)
-    p.add_argument("--accumulate", type=int,
-                   help="batches per update (on each rank under mpiexec)")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int,
+                   help="stop after this many updates (default 2000 unless a time or epoch "
+                        "budget is given)")
+    p.add_argument("--max-time", help="stop after this much training time: 90s, 45m, 1h30m")
+    p.add_argument("--max-epochs", type=int, help="stop after this many passes over the data")
+    p.add_argument("--max-tokens", type=int, help="padded tokens per batch")
+    p.add_argument("--accum", "--accumulate", dest="accum", type=int,
+                   help="batches per update (gradient accumulation; on each rank under mpiexec)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup", type=int, help="warm-up updates")
+    p.add_argument("--valid-every", type=int, help="updates between validations")
+    p.add_argument("--no-valid-bleu", action="store_true",
+                   help="validate by loss only (no greedy-decoding BLEU)")
+    p.add_argument("--patience", type=int,
+                   help="stop after this many validations without a better BLEU (or loss)")
+    p.add_argument("--checkpoint-every", type=int, help="updates between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept (default 3)")
+    p.add_argument("--average-last", type=int,
+                   help="the final model is the mean of the newest N checkpoints")
+    p.add_argument("--final", choices=["best", "last", "average"],
+                   help="weights of DIR/model: best validation (default), last, or average")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("average", help="average the parameters of checkpoints into one model")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint (step-*) or model directories")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("translate", help="translate sentences with a trained model")
     p.add_argument("--model", required=True, help="a directory written by `train`")

@@ -50,13 +50,24 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 
 def plot_training_curve(log_path: str | os.PathLike, out_png: str | os.PathLike) -> str:
-    """Train and validation loss (left axis) and learning rate (right axis) against step."""
+    """Train and validation loss (left axis) and learning rate (right axis) against step; when
+    the log has validation BLEU (``valid_bleu``), a second panel of it against training time."""
     records = read_log(log_path)
     steps, train = _series(records, "train_loss")
     if not steps:
         raise ValueError(f"log: {log_path} has no training records")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    bleu = [(r["elapsed_s"] / 60.0, r["valid_bleu"]) for r in records
+            if "valid_bleu" in r and "elapsed_s" in r]  # fmt: skip
+    if bleu:
+        fig, (ax, bleu_ax) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=120)
+        bleu_ax.plot([t for t, _ in bleu], [b for _, b in bleu], "o-", color="tab:green")
+        bleu_ax.set_xlabel("training time (minutes)")
+        bleu_ax.set_ylabel("validation BLEU (greedy)")
+        bleu_ax.grid(alpha=0.3)
+        bleu_ax.set_title("validation BLEU against time")
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax.plot(steps, train, label="train loss (label-smoothed)", color="tab:blue")
     vsteps, valid = _series(records, "valid_loss")
     if vsteps:

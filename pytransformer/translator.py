@@ -6,6 +6,7 @@ A translator directory holds::
     src_tokenizer.json, tgt_tokenizer.json   the tokenizers (the same file twice when shared)
     model/                                   config.json + model.safetensors (the final model)
     checkpoints/step-*/                      resumable training checkpoints
+    checkpoints/best/                        the model of the best validation (BLEU, or loss)
     checkpoints/log.jsonl                    the training log (``pytransformer plot`` reads it)
 """
 
@@ -19,15 +20,22 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_float, check_int
+from .io import split_lines
 from .models import Transformer, TransformerConfig
+from .text.metrics import score_translations
 from .text.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 from .train import distributed
+from .train.allocator import reuse_freed_memory
+from .train.average import average_checkpoints, last_checkpoints
 from .train.data import TokenBatcher, make_batch
 from .train.optim import Adam
+from .train.presets import DEFAULT_PRESET, Preset, get_preset
 from .train.schedule import Noam
-from .train.trainer import Trainer, latest_checkpoint
+from .train.shards import ShardBatcher, open_data
+from .train.trainer import BEST_DIR, Trainer, latest_checkpoint
 
-__all__ = ["Translator", "TrainOptions", "train_translator"]
+__all__ = ["Translator", "TrainOptions", "train_translator", "train_translator_on_data"]
 
 
 class Translator:
@@ -102,21 +110,42 @@ class Translator:
 
 @dataclass
 class TrainOptions:
-    """Settings of ``train_translator`` (the CLI's --config file holds the same keys)."""
+    """Settings of ``train_translator`` and ``train_translator_on_data`` (the CLI's --config
+    file holds the same keys; flags override them).
+
+    preset: a recipe of ``train.presets`` (tiny, small, base, big) giving the model shape,
+    ``max_tokens``, ``lr`` and ``warmup`` where those are not set here; ``model`` entries override
+    the preset's. Limits (training stops at the first reached; at least one is needed): ``steps``
+    updates, ``max_time`` seconds, ``max_epochs`` passes over the data, early stopping after
+    ``patience`` validations without a better ``valid_bleu`` (or ``valid_loss`` without BLEU).
+    accumulate: batches per update (gradient accumulation). valid_every: updates between
+    validations (loss, and greedy-decoding BLEU/chrF against the raw references when
+    ``valid_bleu`` and sacrebleu is installed). final: which weights go to ``out/model``:
+    "best" (of the validations; the last weights when there was none), "last", or "average"
+    (the mean of the newest ``average_last`` checkpoints; ``average_last`` > 0 implies it).
+    """
 
     model: dict[str, Any] = field(default_factory=dict)  # TransformerConfig fields
+    preset: str | None = DEFAULT_PRESET
     tokenizer: str = "sentencepiece"  # or "char"
     vocab_size: int = 8000
     shared_vocab: bool = False
-    steps: int = 2000
-    max_tokens: int = 4096
-    accumulate: int = 1  # batches per update on each rank (fairseq's update_freq)
-    lr: float = 1e-3  # peak learning rate, reached after `warmup` steps (the paper's schedule)
-    warmup: int = 400
+    steps: int | None = 2000
+    max_time: float | None = None
+    max_epochs: int | None = None
+    max_tokens: int | None = None  # None: the preset's
+    accumulate: int = 1
+    lr: float | None = None  # peak learning rate, reached after `warmup` steps (the paper's)
+    warmup: int | None = None
     label_smoothing: float = 0.1
     max_grad_norm: float | None = 1.0
     checkpoint_every: int = 500
+    keep_checkpoints: int = 3
     valid_every: int = 250
+    valid_bleu: bool = True
+    patience: int | None = None
+    average_last: int = 0
+    final: str = "best"
     seed: int = 0
 
     @classmethod
@@ -125,6 +154,33 @@ class TrainOptions:
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}")
         return cls(**d)
+
+    def recipe(self) -> tuple[dict[str, Any], int, float, int]:
+        """(model fields, max_tokens, lr, warmup): the preset's, with what is set here on top."""
+        preset = get_preset(self.preset) if self.preset is not None else None
+        model = {**(preset.model if preset else {}), **self.model}
+        if preset is None:
+            preset = Preset("none", max_tokens=4096, lr=1e-3, warmup=400)
+        return (
+            model,
+            preset.max_tokens if self.max_tokens is None else self.max_tokens,
+            preset.lr if self.lr is None else self.lr,
+            preset.warmup if self.warmup is None else self.warmup,
+        )
+
+    def check(self) -> None:
+        """Raises ValueError naming the first setting out of range."""
+        if self.steps is None and self.max_time is None and self.max_epochs is None:
+            raise ValueError("steps/max_time/max_epochs: give at least one training limit")
+        if self.final not in ("best", "last", "average"):
+            raise ValueError(f"final: expected 'best', 'last' or 'average', got {self.final!r}")
+        check_int("accumulate", self.accumulate, 1)
+        check_int("average_last", self.average_last, 0)
+        if self.final == "average" and self.average_last == 0:
+            raise ValueError("final: 'average' needs average_last > 0")
+        if self.max_time is not None:
+            check_float("max_time", self.max_time, 0.0, positive=True)
+        self.recipe()
 
 
 def _make_tokenizers(src: Sequence[str], tgt: Sequence[str], opts: TrainOptions):
@@ -159,6 +215,116 @@ def _encode_pairs(src_tok, tgt_tok, src: Sequence[str], tgt: Sequence[str]) -> l
     return [(src_tok.encode(s), tgt_tok.encode(t)) for s, t in zip(src, tgt, strict=True)]
 
 
+def _bleu_available() -> bool:
+    try:
+        import sacrebleu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _bleu_metric(sources: list, references: list[str], tgt_tok: Any):
+    """Validation BLEU/chrF: greedy decoding, detokenised, against the raw references."""
+    longest = max((len(s) for s in sources), default=0)
+    max_len = 2 * longest + 10
+
+    def metric(model: Transformer) -> dict[str, float]:
+        model.eval()
+        results = model.translate(sources, beam_size=1, max_decoding_length=max_len,
+                                  max_batch_size=128)
+        hyps = [tgt_tok.decode(r.hypotheses[0]) for r in results]
+        scores = score_translations(hyps, references)
+        return {"valid_bleu": scores["bleu"], "valid_chrf": scores["chrf"]}
+
+    return metric
+
+
+@dataclass
+class _Run:
+    """What a training run needs beyond its options: tokenizers, data and validation."""
+
+    src_tok: Any
+    tgt_tok: Any
+    make_batcher: Any  # (ids dict, max_tokens, seed) -> DataSource
+    longest: int  # the longest sentence cost in training and validation data
+    valid_pairs: list | None = None
+    valid_refs: list[str] | None = None
+
+
+def _fit(root: pathlib.Path, run: _Run, opts: TrainOptions, resume: bool,
+         progress: bool) -> Translator:
+    """Builds the model, optimizer and Trainer, trains, and saves the final model."""
+    opts.check()
+    reuse_freed_memory()  # steps reuse the previous step's memory (see train.allocator)
+    model_fields, max_tokens, lr, warmup = opts.recipe()
+    ckpt_dir = root / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir) if resume else None
+    if resume and latest is None:
+        raise FileNotFoundError(f"resume: no checkpoint under {ckpt_dir}")
+    model_cfg = {"max_len": max(256, run.longest), **model_fields}
+    if run.src_tok is run.tgt_tok or opts.shared_vocab:
+        model_cfg.setdefault("tie_embeddings", "all")
+    config = TransformerConfig(
+        src_vocab_size=run.src_tok.vocab_size, tgt_vocab_size=run.tgt_tok.vocab_size,
+        pad_id=run.src_tok.pad_id, bos_id=run.tgt_tok.bos_id, eos_id=run.tgt_tok.eos_id,
+        **model_cfg,
+    )
+    model = Transformer(config, seed=opts.seed)
+    ids = dict(pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
+    batcher = run.make_batcher(ids, max(max_tokens, run.longest), opts.seed)
+    w, reducer = distributed.world(), None
+    if w.size > 1:
+        batcher = distributed.RankShare(batcher, w.rank, w.size)
+        reducer = distributed.MPIReducer(w)
+    valid = metric = None
+    if run.valid_pairs:
+        vp = run.valid_pairs
+        valid = [make_batch(vp[i : i + 64], **ids) for i in range(0, len(vp), 64)]
+        if opts.valid_bleu and run.valid_refs is not None and _bleu_available():
+            metric = _bleu_metric([s for s, _ in vp], run.valid_refs, run.tgt_tok)
+    best = None if valid is None else "valid_bleu" if metric is not None else "valid_loss"
+    optimizer = Adam(
+        model.parameters(), lr=_paper_schedule(config.d_model, warmup, lr),
+        max_grad_norm=opts.max_grad_norm,
+    )
+    trainer = Trainer(
+        model, optimizer, batcher, valid_data=valid, label_smoothing=opts.label_smoothing,
+        seed=opts.seed, accumulate=opts.accumulate, checkpoint_dir=ckpt_dir,
+        checkpoint_every=opts.checkpoint_every,
+        keep_checkpoints=max(opts.keep_checkpoints, opts.average_last),
+        valid_every=opts.valid_every, progress=progress, valid_metrics=metric,
+        best_metric=best, patience=opts.patience if best else None, reducer=reducer,
+    )
+    if latest is not None:
+        trainer.load_checkpoint(latest)
+    try:
+        trainer.fit(opts.steps, max_time=opts.max_time, max_epochs=opts.max_epochs)
+    except KeyboardInterrupt:
+        trainer.save_checkpoint()
+        raise
+    if w.is_root:
+        model = _final_model(root, model, trainer, opts)
+    w.barrier("waiting for rank 0 to save the model")
+    if not w.is_root:
+        model = Transformer.load(root / "model")
+    return Translator(model, run.src_tok, run.tgt_tok)
+
+
+def _final_model(root: pathlib.Path, model: Transformer, trainer: Trainer,
+                 opts: TrainOptions) -> Transformer:
+    """Writes ``root/model`` (the last, best or averaged weights) and returns that model."""
+    ckpt_dir, out = root / "checkpoints", root / "model"
+    if opts.average_last > 0:
+        paths = last_checkpoints(ckpt_dir, opts.average_last)
+        average_checkpoints(paths, out)
+        return Transformer.load(out)
+    best_dir = ckpt_dir / BEST_DIR
+    if opts.final == "best" and trainer.best is not None and best_dir.is_dir():
+        model = Transformer.load(best_dir)
+    model.save(out)
+    return model
+
+
 def train_translator(
     train_src: Sequence[str],
     train_tgt: Sequence[str],
@@ -170,7 +336,9 @@ def train_translator(
     resume: bool = False,
     progress: bool = True,
 ) -> Translator:
-    """Trains tokenizers and a Transformer on parallel text and saves everything in ``out_dir``.
+    """Trains tokenizers and a Transformer on parallel text held in memory (lists of sentences)
+    and saves everything in ``out_dir``. For corpora too large for memory, binarize them with
+    ``preprocess`` and use ``train_translator_on_data``.
 
     With ``resume=True`` the tokenizers and the newest checkpoint in ``out_dir`` are reused and
     training continues where it stopped, bit-identically to an uninterrupted run.
@@ -183,15 +351,12 @@ def train_translator(
     ``distributed.guard()`` so that an error on one rank ends all of them at once.
     """
     opts = options or TrainOptions()
+    opts.check()
     _check_parallel(train_src, train_tgt, "training data")
     w = distributed.world()
     root = pathlib.Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = root / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir) if resume else None
-    if resume and latest is None:
-        raise FileNotFoundError(f"resume: no checkpoint under {ckpt_dir}")
-    if latest is not None:
+    if resume:
         src_tok = load_tokenizer(root / "src_tokenizer.json")
         tgt_tok = load_tokenizer(root / "tgt_tokenizer.json")
     elif w.is_root:
@@ -199,49 +364,61 @@ def train_translator(
         src_tok.save(root / "src_tokenizer.json")
         tgt_tok.save(root / "tgt_tokenizer.json")
     w.barrier("waiting for rank 0's tokenizers")
-    if latest is None and not w.is_root:
+    if not resume and not w.is_root:
         src_tok = load_tokenizer(root / "src_tokenizer.json")
         tgt_tok = load_tokenizer(root / "tgt_tokenizer.json")
+    if opts.shared_vocab:
+        tgt_tok = src_tok
     pairs = _encode_pairs(src_tok, tgt_tok, train_src, train_tgt)
     longest = max(max(len(s), len(t) + 1) for s, t in pairs)
-    model_cfg = {"max_len": max(256, longest), **opts.model}
-    if opts.shared_vocab:
-        model_cfg.setdefault("tie_embeddings", "all")
-    config = TransformerConfig(
-        src_vocab_size=src_tok.vocab_size, tgt_vocab_size=tgt_tok.vocab_size,
-        pad_id=src_tok.pad_id, bos_id=tgt_tok.bos_id, eos_id=tgt_tok.eos_id, **model_cfg,
-    )
-    model = Transformer(config, seed=opts.seed)
-    ids = dict(pad_id=config.pad_id, bos_id=config.bos_id, eos_id=config.eos_id)
-    batcher: Any = TokenBatcher(pairs, max(opts.max_tokens, longest), seed=opts.seed, **ids)
-    reducer = None
-    if w.size > 1:
-        batcher = distributed.RankShare(batcher, w.rank, w.size)
-        reducer = distributed.MPIReducer(w)
-    valid = None
+    run = _Run(src_tok, tgt_tok, lambda ids, mt, seed: TokenBatcher(pairs, mt, seed=seed, **ids),
+               longest)
     if valid_src is not None and valid_tgt is not None:
         _check_parallel(valid_src, valid_tgt, "validation data")
-        vpairs = _encode_pairs(src_tok, tgt_tok, valid_src, valid_tgt)
-        valid = [make_batch(vpairs[i : i + 64], **ids) for i in range(0, len(vpairs), 64)]
-    optimizer = Adam(
-        model.parameters(), lr=_paper_schedule(config.d_model, opts.warmup, opts.lr),
-        max_grad_norm=opts.max_grad_norm,
+        run.valid_pairs = _encode_pairs(src_tok, tgt_tok, valid_src, valid_tgt)
+        run.valid_refs = list(valid_tgt)
+        run.longest = max(longest, *(max(len(s), len(t) + 1) for s, t in run.valid_pairs))
+    return _fit(root, run, opts, resume, progress)
+
+
+def train_translator_on_data(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    options: TrainOptions | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> Translator:
+    """Trains a Transformer on a data directory written by ``preprocess`` (memory-mapped shards:
+    memory does not grow with the corpus) and saves it in ``out_dir`` with the data's
+    tokenizers. Validation uses the data's "valid" split when it has one. ``options`` as for
+    ``train_translator`` (its tokenizer settings are the data's and are ignored here)."""
+    opts = options or TrainOptions()
+    opts.check()
+    data = open_data(data_dir)
+    meta = data.meta
+    root = pathlib.Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    src_tok = load_tokenizer(data.path(meta["src_tokenizer"]))
+    joint = meta["src_tokenizer"] == meta["tgt_tokenizer"] or (
+        pathlib.Path(data.path(meta["src_tokenizer"])).read_bytes()
+        == pathlib.Path(data.path(meta["tgt_tokenizer"])).read_bytes()
     )
-    trainer = Trainer(
-        model, optimizer, batcher, valid_data=valid, label_smoothing=opts.label_smoothing,
-        seed=opts.seed, checkpoint_dir=ckpt_dir, checkpoint_every=opts.checkpoint_every,
-        valid_every=opts.valid_every, progress=progress, accumulate=opts.accumulate,
-        reducer=reducer,
-    )
-    if latest is not None:
-        trainer.load_checkpoint(latest)
-    try:
-        trainer.fit(opts.steps)
-    except KeyboardInterrupt:
-        trainer.save_checkpoint()
-        raise
-    translator = Translator(model, src_tok, tgt_tok)
-    if w.is_root:
-        model.save(root / "model")
-    w.barrier("waiting for rank 0 to save the model")
-    return translator
+    tgt_tok = src_tok if joint else load_tokenizer(data.path(meta["tgt_tokenizer"]))
+    if distributed.world().is_root:
+        src_tok.save(root / "src_tokenizer.json")
+        tgt_tok.save(root / "tgt_tokenizer.json")
+    train = data.split("train")
+    lengths = data.manifest["splits"]
+    longest = max(max(e["max_length"]["src"], e["max_length"]["tgt"] + 1)
+                  for e in lengths.values())
+    run = _Run(src_tok, tgt_tok, lambda ids, mt, seed: ShardBatcher(
+        train, mt, seed=seed, corpus_id=data.id, **ids), longest)
+    if "valid" in data.splits:
+        run.valid_pairs = data.split("valid").pairs()
+        text = meta.get("valid_text")
+        if text:
+            run.valid_refs = split_lines(
+                pathlib.Path(data.path(text["tgt"])).read_text(encoding="utf-8")
+            )
+    return _fit(root, run, opts, resume, progress)

@@ -247,11 +247,12 @@ def test_ranks_give_the_bits_of_one_process_accumulating_their_batches(tmp_path,
     if bucket_mb < 1:
         assert "hooked 5" in proc.stdout  # buckets started from the layers' backward hooks
     assert_same_bits(one_process(tmp_path, ranks, 3), tmp_path / "state.npz")
-    # rank 0 alone logs (one record per update, validation at 2 and at the end), and the
-    # validation sharded over the ranks sums to the one-process loss exactly
+    # rank 0 alone logs (one record per update, validation at 2 and at the end, the stop
+    # record), and the validation sharded over the ranks sums to the one-process loss exactly
     log = [json.loads(x) for x in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (tmp_path / "ref" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 2, 3, 3]
+    assert [r["step"] for r in log] == [1, 2, 2, 3, 3, 3]
+    assert log[-1]["stop"] == ref[-1]["stop"] == "max_steps"
     keys = ("train_loss", "grad_norm", "valid_loss", "valid_tokens")
     assert [{k: r.get(k) for k in keys} for r in log] == [{k: r.get(k) for k in keys} for r in ref]
 

@@ -311,15 +311,8 @@ class TokenBatcher(EpochBatcher):
         lm: bool = False,
         skip_long: bool = False,
     ):
-        _check_special(pad_id, bos_id, eos_id)
-        check_int("max_tokens", max_tokens, 1)
-        check_optional_int("max_sentences", max_sentences, 1)
         if len(data) == 0:
             raise ValueError("data: empty data set")
-        self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)
-        self.max_tokens = int(max_tokens)
-        self.max_sentences = None if max_sentences is None else int(max_sentences)
-        self.shuffle, self.lm, self.seed = shuffle, lm, seed
         if lm:
             self._src = None
             self._tgt = _Packed([_as_ids(s, f"data[{i}]") for i, s in enumerate(data)])
@@ -328,6 +321,22 @@ class TokenBatcher(EpochBatcher):
             srcs, tgts = _split_pairs(data, "data", " (lm=False)")
             self._src, self._tgt = _Packed(srcs), _Packed(tgts)
             cost = np.maximum(self._src.lengths, self._tgt.lengths + 1)
+        self._setup(cost, max_tokens, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, seed=seed,
+                    shuffle=shuffle, max_sentences=max_sentences, lm=lm, skip_long=skip_long)
+
+    def _setup(
+        self, cost: np.ndarray, max_tokens: int, *, pad_id: int, bos_id: int, eos_id: int,
+        seed: int, shuffle: bool, max_sentences: int | None, lm: bool, skip_long: bool,
+    ) -> None:
+        """Checks the settings, leaves out (or refuses) sentences over the budget and plans the
+        first epoch; ``cost`` holds each sentence's cost (``self._src``/``_tgt`` are set)."""
+        _check_special(pad_id, bos_id, eos_id)
+        check_int("max_tokens", max_tokens, 1)
+        check_optional_int("max_sentences", max_sentences, 1)
+        self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)
+        self.max_tokens = int(max_tokens)
+        self.max_sentences = None if max_sentences is None else int(max_sentences)
+        self.shuffle, self.lm, self.seed = shuffle, lm, seed
         self._cost = cost
         too_long = np.flatnonzero(cost > max_tokens)
         if too_long.size and not skip_long:

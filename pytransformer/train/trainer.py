@@ -22,7 +22,10 @@ Log records (one JSON object per line): every ``log_every`` updates
 ``{"step", "epoch", "train_loss", "lr", "grad_norm", "tokens_per_s", "tokens", "elapsed_s"}``
 (train_loss: mean label-smoothed loss per target token over the interval; tokens/s: non-pad
 target tokens per second of training time); after each validation
-``{"step", "valid_loss", "valid_ppl", "valid_tokens"}`` (loss without smoothing, per token).
+``{"step", "valid_loss", "valid_ppl", "valid_tokens", "elapsed_s", ...}`` (loss without
+smoothing, per token; plus what ``valid_metrics`` returns, such as ``valid_bleu``, and
+``"best": true`` when ``best_metric`` improved); at the end of ``fit`` ``{"step", "stop"}``
+(why it stopped: max_steps, max_time, max_epochs or early_stopping).
 "Tokens" are the batches' ``n_targets``: target tokens for token batches, images for images.
 """
 
@@ -50,11 +53,12 @@ __all__ = ["Trainer", "DataSource", "TrainBatch", "GradientReducer", "latest_che
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # A save (tmp) or a removal (del) in progress, named with the id of the process doing it.
-_TMP_STEP_DIR = re.compile(r"^\.step-\d{8,}\.(?:tmp|del)-(\d+)$")
+_TMP_STEP_DIR = re.compile(r"^\.(?:step-\d{8,}|best)\.(?:tmp|del)-(\d+)$")
 _MASK64 = (1 << 64) - 1
 _RANKS_HINT = " (accumulate counts the batches of an update over all ranks: accumulate x ranks)"
 _FORMAT = "pytransformer-trainer"
 _OPT_FILE, _STATE_FILE, _LOG_FILE = "optimizer.safetensors", "trainer.json", "log.jsonl"
+BEST_DIR = "best"  # under checkpoint_dir: the model of the best validation so far
 
 
 class TrainBatch(Protocol):
@@ -278,6 +282,12 @@ class Trainer:
     (mean-loss gradient x its target count), added one after the other, divided by the total
     count once. Across ranks the per-rank sums are added in rank order, so N ranks taking one
     batch each give the same bits as one process accumulating the same N batches.
+    valid_metrics: called with the model after each validation loss; the numbers it returns
+    (e.g. ``{"valid_bleu": ...}``) join the validation record.
+    best_metric: a key of the validation record (``"valid_loss"``, ``"valid_bleu"``, ...); each
+    improvement (lower for names ending in loss/ppl, higher otherwise) saves the model to
+    ``checkpoint_dir/best``. patience: stop after this many validations in a row without an
+    improvement of best_metric (early stopping; None: never).
     """
 
     def __init__(
@@ -298,6 +308,9 @@ class Trainer:
         log_every: int = 50,
         progress: bool = True,
         reducer: GradientReducer | None = None,
+        valid_metrics: Callable[[Any], dict[str, float]] | None = None,
+        best_metric: str | None = None,
+        patience: int | None = None,
     ):
         for attr in ("loss_and_grad", "evaluate_loss", "zero_grad", "gradients", "save", "train"):
             if not callable(getattr(model, attr, None)):
@@ -333,9 +346,22 @@ class Trainer:
             )
         if self._valid is not None and sum(b.n_targets for b in self._valid) == 0:
             raise ValueError("valid_data: holds no target tokens")
+        if valid_metrics is not None and not callable(valid_metrics):
+            raise TypeError("valid_metrics: expected a callable taking the model")
+        if best_metric is not None and not isinstance(best_metric, str):
+            raise TypeError(f"best_metric: expected a str, got {type(best_metric).__name__}")
+        if patience is not None and best_metric is None:
+            raise ValueError("patience: early stopping needs a best_metric to watch")
+        self.valid_metrics, self.best_metric = valid_metrics, best_metric
+        self.patience = None if patience is None else _positive_int("patience", patience)
         self.step = 0  # updates done
         self.tokens_seen = 0  # non-pad target tokens trained on
+        self.elapsed = 0.0  # seconds spent in fit, over every run that led to this state
+        self.best: dict[str, Any] | None = None  # {"step", "value"} of the best validation
+        self.bad_validations = 0  # validations since the best one
         self.last_valid: dict[str, float] | None = None
+        self.clock: Callable[[], float] = time.perf_counter  # what max_time is measured with
+        self._limits: dict[str, Any] = {}
         self._interval = {"loss": 0.0, "tokens": 0, "time": 0.0}
         self._started = time.perf_counter()
 
@@ -442,13 +468,18 @@ class Trainer:
             loss_sum += s
             tokens += int(n)
         loss = loss_sum / tokens
-        result = {
+        result: dict[str, Any] = {
             "valid_loss": loss,
             "valid_ppl": math.exp(min(loss, 700.0)),
             "valid_tokens": tokens,
         }
+        if self.valid_metrics is not None:
+            result.update(self.valid_metrics(self.model))
         self.last_valid = result
-        self._log({"step": self.step, **result})
+        record = {"step": self.step, **result, "elapsed_s": self.elapsed}
+        if self._track_best(result):
+            record["best"] = True
+        self._log(record)
         return result
 
     def _valid_sums(self) -> np.ndarray:
@@ -460,29 +491,90 @@ class Trainer:
         for i in range(rank, len(self._valid), size):
             sums[i] = self.model.evaluate_loss(self._valid[i])
         return self.reducer.sum_in_rank_order(sums).reshape(-1, 2)
+    def _track_best(self, result: dict[str, Any]) -> bool:
+        """Updates the best validation (saving its model) and the early-stopping count."""
+        name = self.best_metric
+        if name is None or name not in result:
+            return False
+        value = float(result[name])
+        lower = name.endswith(("loss", "ppl"))
+        if self.best is not None and not (
+            value < self.best["value"] if lower else value > self.best["value"]
+        ):
+            self.bad_validations += 1
+            return False
+        self.best = {"step": self.step, "value": value, "metric": name}
+        self.bad_validations = 0
+        if self.checkpoint_dir is not None:
+            if self.is_writer:
+                self._save_model_dir(os.path.join(self.checkpoint_dir, BEST_DIR))
+            self.reducer.barrier()
+        return True
+
+    def _save_model_dir(self, final: str) -> None:
+        """Saves the model (config.json + model.safetensors) to ``final`` atomically."""
+        root = os.path.dirname(final)
+        os.makedirs(root, exist_ok=True)
+        tmp = os.path.join(root, f".{os.path.basename(final)}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.model.save(tmp)
+            io.fsync_dir(tmp)
+            self._put_in_place(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def fit(self, max_steps: int) -> dict[str, Any]:
-        """Trains until ``self.step == max_steps`` (an absolute count, so a resumed run is given
-        the same number). Validates every ``valid_every`` updates and at the end (when there is
-        validation data), checkpoints every ``checkpoint_every`` updates and at the end.
-        Returns {"step", "train_loss" (of the last update), "tokens_seen", **last validation}."""
-        max_steps = _positive_int("max_steps", max_steps, allow_zero=True)
+    def fit(
+        self,
+        max_steps: int | None = None,
+        *,
+        max_time: float | None = None,
+        max_epochs: int | None = None,
+    ) -> dict[str, Any]:
+        """Trains until the first limit is reached: ``self.step == max_steps`` (an absolute count,
+        so a resumed run is given the same number), ``max_time`` seconds spent in ``fit`` (over
+        every run that led here, resumed ones included; checked before each update, so it stops
+        within one update of the budget), ``max_epochs`` passes over the data, or early
+        stopping (``patience``). At least one of the three limits is needed.
+
+        Validates every ``valid_every`` updates and at the end (when there is validation data),
+        checkpoints every ``checkpoint_every`` updates and at the end. Returns {"step",
+        "train_loss" (of the last update), "tokens_seen", "elapsed_s", "stop" (the reason),
+        "best" (step and value of the best validation, or None), **last validation}."""
+        if max_steps is None and max_time is None and max_epochs is None:
+            raise ValueError("fit: give max_steps, max_time or max_epochs (else it never ends)")
+        self._limits = {
+            "max_steps": None if max_steps is None
+            else _positive_int("max_steps", max_steps, allow_zero=True),
+            "max_time": None if max_time is None else check_float("max_time", max_time, 0.0),
+            "max_epochs": None if max_epochs is None
+            else _positive_int("max_epochs", max_epochs, allow_zero=True),
+        }
         bar = self._progress_bar(max_steps)
         last: dict[str, float] = {}
+        base, started = self.elapsed, self.clock()
+
+        def tick() -> None:
+            self.elapsed = base + (self.clock() - started)
+
         try:
-            while self._agree(self._stop_reason(max_steps)) is None:
+            while (reason := self._agree(self._stop_reason())) is None:
                 last = self.train_step()
                 self._account(last, bar)
+                tick()
                 if (
                     self.valid_every
                     and self._valid is not None
                     and self.step % self.valid_every == 0
                 ):
                     self.evaluate()
+                    tick()
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
+                    tick()
         finally:
             if bar is not None:
                 bar.close()
@@ -490,6 +582,8 @@ class Trainer:
             self._flush_interval(None)
         if self._valid is not None and (not self.valid_every or self.step % self.valid_every):
             self.evaluate()
+            tick()
+        self._log({"step": self.step, "stop": reason, "elapsed_s": self.elapsed})
         if self.checkpoint_dir is not None and (
             not self.checkpoint_every or self.step % self.checkpoint_every
         ):
@@ -498,19 +592,42 @@ class Trainer:
             "step": self.step,
             "train_loss": last.get("loss", math.nan),
             "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed,
+            "stop": reason,
+            "best": self.best,
             **(self.last_valid or {}),
         }
 
-    def _stop_reason(self, max_steps: int) -> str | None:
-        """Why training stops now (None: it goes on)."""
-        return "max_steps" if self.step >= max_steps else None
+    def _epochs_done(self) -> int:
+        """Whole passes over the training data so far (a source that exposes its position within
+        the epoch, as the batchers do, counts an epoch whose last batch was taken as done)."""
+        data = self.train_data
+        done = int(data.epoch)
+        position, size = getattr(data, "position", None), getattr(data, "__len__", None)
+        if position is not None and size is not None and position == size():
+            done += 1
+        return done
+
+    def _stop_reason(self) -> str | None:
+        """Why training stops now, or None to go on: every stop decision of ``fit`` is taken here
+        (one place to make collective when several processes train together)."""
+        limits = self._limits
+        if limits.get("max_steps") is not None and self.step >= limits["max_steps"]:
+            return "max_steps"
+        if limits.get("max_time") is not None and self.elapsed >= limits["max_time"]:
+            return "max_time"
+        if limits.get("max_epochs") is not None and self._epochs_done() >= limits["max_epochs"]:
+            return "max_epochs"
+        if self.patience is not None and self.bad_validations >= self.patience:
+            return "early_stopping"
+        return None
 
     def _agree(self, reason: str | None) -> str | None:
         """Rank 0's stop decision, on every rank (each rank's clock and signals differ; one
         process: the reason itself)."""
         return self.reducer.agree(reason)
 
-    def _progress_bar(self, max_steps: int):
+    def _progress_bar(self, max_steps: int | None):
         if not self.progress:
             return None
         try:
@@ -589,6 +706,9 @@ class Trainer:
             if not callable(lr)
             else None,
             "last_valid": self.last_valid,
+            "elapsed_s": self.elapsed,
+            "best": self.best,
+            "bad_validations": self.bad_validations,
         }
 
     def save_checkpoint(self) -> str:
@@ -678,6 +798,9 @@ class Trainer:
             ) from None
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.last_valid = state.get("last_valid")
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.best = state.get("best")
+        self.bad_validations = int(state.get("bad_validations", 0))
         self._interval = {"loss": 0.0, "tokens": 0, "time": 0.0}
         if self.is_writer:
             self._truncate_log()

@@ -1,0 +1,286 @@
+"""The yardstick: Multi30k English->German BLEU at fixed wall-clock training budgets, pytransformer
+beside a PyTorch eager peer with the same architecture, data, tokenizer and schedule.
+
+    PYTHONPATH=$PWD python bench/bench_multi30k.py /path/to/multi30k [--budgets 15,30,60]
+        [--preset small] [--systems ours,torch] [--threads 2] [--work DIR] [--write]
+
+DATA_DIR holds train.{en,de}, val.{en,de} and test_2016_flickr.{en,de} (raw text, a sentence a
+line). Steps:
+
+1. ``preprocess`` (joint SentencePiece vocabulary, --vocab-size, default 8,000) into WORK/data,
+   reused when it is already there.
+2. Each system in turn (never both at once: they would share the cores) trains from the same
+   initial weights on the same batches (``ShardBatcher``, the same seed), with the preset's
+   warm-up / inverse-sqrt schedule, Adam (0.9, 0.98, 1e-9), clipping at norm 1, label smoothing
+   0.1. Ours is ``pytransformer.train.Trainer``; the peer is tests/torch_reference.py's
+   post-norm model (tied embeddings) with ``torch.optim.Adam``. Only training counts against a
+   budget: the clock stops while the snapshots below are evaluated.
+3. Every --curve-every minutes of training: validation BLEU (greedy) for the curve; at each
+   budget: BLEU and chrF on test_2016_flickr (sacrebleu, detokenised, beam 4, length penalty
+   0.6). Both systems' weights are decoded by pytransformer's beam search, so the comparison is
+   of training alone.
+
+Writes WORK/multi30k.json, the picture WORK/multi30k_bleu.png (validation BLEU against training
+time) and, with --write, the table into bench/RESULTS.md (section "multi30k"). A full run
+(budgets 15, 30, 60 and both systems) takes about 2 x 60 minutes of training plus the
+evaluations (about 2 x 10 minutes on two cores). ``--budgets 1 --preset tiny`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+from _common import markdown_table, update_results  # noqa: E402
+
+import pytransformer as pt  # noqa: E402
+from pytransformer.io import split_lines  # noqa: E402
+from pytransformer.models import Transformer, TransformerConfig  # noqa: E402
+from pytransformer.preprocess import PreprocessOptions, preprocess  # noqa: E402
+from pytransformer.text.tokenizer import load_tokenizer  # noqa: E402
+from pytransformer.train.allocator import reuse_freed_memory  # noqa: E402
+from pytransformer.train.data import make_batch  # noqa: E402
+from pytransformer.train.optim import Adam  # noqa: E402
+from pytransformer.train.presets import get_preset  # noqa: E402
+from pytransformer.train.schedule import Noam  # noqa: E402
+from pytransformer.train.shards import DataError, ShardBatcher, open_data  # noqa: E402
+from pytransformer.train.trainer import Trainer  # noqa: E402
+
+IDS = dict(pad_id=0, bos_id=1, eos_id=2)
+LABEL_SMOOTHING, CLIP, SEED = 0.1, 1.0, 0
+
+
+def read(path: pathlib.Path) -> list[str]:
+    return split_lines(path.read_text(encoding="utf-8"))
+
+
+def prepare_data(data_dir: pathlib.Path, work: pathlib.Path, vocab_size: int):
+    out = work / "data"
+    try:
+        data = open_data(out)
+        if data.meta["options"]["vocab_size"] == vocab_size:
+            return data
+    except (DataError, KeyError):
+        pass
+    report = preprocess(
+        data_dir / "train.en", data_dir / "train.de", out, valid_src=data_dir / "val.en",
+        valid_tgt=data_dir / "val.de", options=PreprocessOptions(vocab_size=vocab_size),
+        log=lambda m: print(m, flush=True),
+    )
+    print(report.summary(), flush=True)
+    return open_data(out)
+
+
+class Evaluator:
+    """Decodes sources with a pytransformer model (greedy for validation, beam 4 for test)."""
+
+    def __init__(self, data, data_dir: pathlib.Path):
+        self.tok = load_tokenizer(data.path("tgt_tokenizer.json"))
+        src_tok = load_tokenizer(data.path("src_tokenizer.json"))
+        self.valid_src = [src_tok.encode(s) for s in read(data_dir / "val.en")]
+        self.valid_ref = read(data_dir / "val.de")
+        self.test_src = [src_tok.encode(s) for s in read(data_dir / "test_2016_flickr.en")]
+        self.test_ref = read(data_dir / "test_2016_flickr.de")
+
+    def score(self, model: Transformer, test: bool) -> dict[str, float]:
+        import sacrebleu
+
+        src, ref = (self.test_src, self.test_ref) if test else (self.valid_src, self.valid_ref)
+        model.eval()
+        out = model.translate(src, beam_size=4 if test else 1, length_penalty=0.6,
+                              max_decoding_length=2 * max(map(len, src)) + 10,
+                              max_batch_size=64)  # fmt: skip
+        hyps = [self.tok.decode(r.hypotheses[0]) for r in out]
+        return {"bleu": sacrebleu.corpus_bleu(hyps, [ref]).score,
+                "chrf": sacrebleu.corpus_chrf(hyps, [ref]).score}  # fmt: skip
+
+
+def build(data, preset: str) -> tuple[Transformer, ShardBatcher, Noam, list]:
+    p = get_preset(preset)
+    lengths = data.manifest["splits"]
+    longest = max(max(e["max_length"]["src"], e["max_length"]["tgt"] + 1)
+                  for e in lengths.values())  # fmt: skip
+    cfg = TransformerConfig(
+        src_vocab_size=data.meta["src_vocab_size"], tgt_vocab_size=data.meta["tgt_vocab_size"],
+        tie_embeddings="all", max_len=max(256, longest), **IDS, **p.model,
+    )
+    model = Transformer(cfg, seed=SEED)
+    batcher = ShardBatcher(data.split("train"), max(p.max_tokens, longest), seed=SEED,
+                           corpus_id=data.id, **IDS)  # fmt: skip
+    schedule = Noam(cfg.d_model, p.warmup, factor=p.lr * (cfg.d_model * p.warmup) ** 0.5)
+    vp = data.split("valid").pairs()
+    valid = [make_batch(vp[i : i + 64], **IDS) for i in range(0, len(vp), 64)]
+    return model, batcher, schedule, valid
+
+
+class Ours:
+    name = "pytransformer"
+
+    def __init__(self, data, preset: str):
+        self.model, batcher, schedule, _ = build(data, preset)
+        opt = Adam(self.model.parameters(), lr=schedule, max_grad_norm=CLIP)
+        self.trainer = Trainer(self.model, opt, batcher, label_smoothing=LABEL_SMOOTHING,
+                               seed=SEED, progress=False)  # fmt: skip
+
+    def train_until(self, seconds: float) -> None:
+        self.trainer.fit(max_time=seconds)
+
+    @property
+    def steps(self) -> int:
+        return self.trainer.step
+
+    def snapshot(self) -> Transformer:
+        return self.model
+
+
+class Torch:
+    name = "pytorch"
+
+    def __init__(self, data, preset: str):
+        import torch
+        from torch_reference import build_torch_model
+
+        self.torch = torch
+        self.ours, self.batcher, self.schedule, _ = build(data, preset)
+        self.model = build_torch_model(self.ours.config, self.ours.state_dict(), "transformer")
+        self.model.train()
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+        self.step_count, self.elapsed = 0, 0.0
+
+    def train_until(self, seconds: float) -> None:
+        torch = self.torch
+        while self.elapsed < seconds:
+            t0 = time.perf_counter()
+            b = self.batcher.next_batch()
+            self.step_count += 1
+            for group in self.opt.param_groups:
+                group["lr"] = self.schedule(self.step_count)
+            self.model.train()
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.model.loss(b.src, b.src_lengths, b.tgt_in, b.tgt_out,
+                                   label_smoothing=LABEL_SMOOTHING)  # fmt: skip
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+            self.opt.step()
+            self.elapsed += time.perf_counter() - t0
+
+    @property
+    def steps(self) -> int:
+        return self.step_count
+
+    def snapshot(self) -> Transformer:
+        """Our model holding the torch weights (the names are ours, see torch_reference)."""
+        from torch_reference import _our_name
+
+        self.ours.load_state_dict({_our_name(n): p.detach().numpy().copy()
+                                   for n, p in self.model.named_parameters()})  # fmt: skip
+        return self.ours
+
+
+def run_system(cls, data, evaluator: Evaluator, preset: str, budgets: list[float],
+               curve_every: float) -> dict[str, Any]:
+    system = cls(data, preset)
+    marks = sorted({*budgets, *np.arange(curve_every, max(budgets) + 1e-9, curve_every)})
+    curve, table = [], []
+    for minutes in marks:
+        system.train_until(60.0 * minutes)
+        model = system.snapshot()
+        valid = evaluator.score(model, test=False)
+        curve.append({"minutes": float(minutes), "steps": system.steps,
+                      "valid_bleu": valid["bleu"]})  # fmt: skip
+        line = (f"{system.name}: {minutes:g} min, {system.steps} updates, "
+                f"valid BLEU {valid['bleu']:.2f}")
+        if minutes in budgets:
+            test = evaluator.score(model, test=True)
+            table.append({"minutes": float(minutes), "steps": system.steps, **test})
+            line += f", test BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f}"
+        print(line, flush=True)
+    return {"curve": curve, "budgets": table}
+
+
+def plot(results: dict[str, Any], path: pathlib.Path) -> None:
+    from pytransformer.plot import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, res in results.items():
+        ax.plot([c["minutes"] for c in res["curve"]], [c["valid_bleu"] for c in res["curve"]],
+                "o-", label=name)  # fmt: skip
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("validation BLEU (greedy)")
+    ax.set_title("Multi30k en-de: validation BLEU against training time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("data_dir", type=pathlib.Path)
+    ap.add_argument("--budgets", default="15,30,60", help="training minutes, comma-separated")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--systems", default="ours,torch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--curve-every", type=float, default=None,
+                    help="minutes between validation points (default: the smallest budget / 3)")
+    ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("bench-multi30k"))
+    ap.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
+    args = ap.parse_args()
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    if not budgets or budgets[0] <= 0:
+        ap.error("--budgets: positive minutes")
+    for name in ("train.en", "train.de", "val.en", "val.de", "test_2016_flickr.en",
+                 "test_2016_flickr.de"):  # fmt: skip
+        if not (args.data_dir / name).is_file():
+            ap.error(f"data_dir: {args.data_dir / name} is missing")
+    systems = {"ours": Ours, "torch": Torch}
+    chosen = [s.strip() for s in args.systems.split(",")]
+    if not set(chosen) <= set(systems):
+        ap.error(f"--systems: choose from {sorted(systems)}")
+    pt.set_num_threads(args.threads)
+    reuse_freed_memory()  # process-wide: both systems train with the same allocator settings
+    if "torch" in chosen:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(args.data_dir, args.work, args.vocab_size)
+    evaluator = Evaluator(data, args.data_dir)
+    curve_every = args.curve_every or budgets[0] / 3
+    results = {}
+    for key in chosen:
+        cls = systems[key]
+        results[cls.name] = run_system(cls, data, evaluator, args.preset, budgets, curve_every)
+    record = {"preset": args.preset, "threads": args.threads, "vocab_size": args.vocab_size,
+              "budgets_min": budgets, "results": results}  # fmt: skip
+    (args.work / "multi30k.json").write_text(json.dumps(record, indent=1))
+    plot(results, args.work / "multi30k_bleu.png")
+    rows = []
+    for name, res in results.items():
+        for b in res["budgets"]:
+            rows.append([name, f"{b['minutes']:g}", b["steps"], f"{b['bleu']:.1f}",
+                         f"{b['chrf']:.1f}"])  # fmt: skip
+    table = markdown_table(["system", "minutes", "updates", "BLEU", "chrF"], rows)
+    print(table)
+    if args.write:
+        cmd = " ".join(["python bench/bench_multi30k.py DATA_DIR", *sys.argv[2:]])
+        update_results("multi30k", f"`{cmd}` (preset {args.preset}, {args.threads} threads; "
+                                   f"test_2016_flickr, beam 4, sacrebleu)\n\n{table}")
+    print(f"wrote {args.work / 'multi30k.json'} and {args.work / 'multi30k_bleu.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
