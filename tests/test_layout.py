@@ -20,7 +20,7 @@ LAYERS = [
     {"decode"},
     {"models"},
     {"train", "text"},
-    {"translator", "cli", "demo", "vision_demo", "plot", "numbers", "cuda", "__init__",
+    {"translator", "interop", "cli", "demo", "vision_demo", "plot", "numbers", "cuda", "__init__",
      "__main__"},
 ]
 
