@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sentencepiece")
 
-from pytransformer.translator import Translator  # noqa: E402
 from pytransformer.interop import from_marian  # noqa: E402
 from pytransformer.io import CheckpointError  # noqa: E402
+from pytransformer.translator import Translator  # noqa: E402
 
 VARIANTS = {
     "shared-swish": dict(share=True, tie=True, enc=2, dec=1),

@@ -48,7 +48,9 @@ def write_directory(out: Any, fill: Callable[[pathlib.Path], None]) -> pathlib.P
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise FileExistsError(f"out: {target} already exists (choose a new directory)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = pathlib.Path(
+        tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    )
     try:
         fill(tmp)
         for sub in sorted(tmp.rglob("*"), reverse=True):

@@ -319,12 +319,13 @@ def _tokenizers(conf: dict, src_tokens: list[str], tgt_tokens: list[str], extra:
     if start is None:
         raise CheckpointError(f"{files['target']}: decoder_start_token null is not supported")
     made = []
-    for side, tokens, bos, append in (("source", src_tokens, None, bool(conf.get("add_source_eos"))),
+    add_eos = bool(conf.get("add_source_eos"))
+    for side, tokens, bos, append in (("source", src_tokens, None, add_eos),
                                       ("target", tgt_tokens, start, False)):
         pad = next((t for t in ("<blank>", "<pad>") if t in tokens), unk)
         try:
             made.append(VocabTokenizer(tokens, blob, pad=pad, eos=eos, unk=unk, bos=bos,
-                                       append_eos=append, skip=(eos, bos) if bos else (eos,)))
+                                       append_eos=append, skip=(eos,)))
         except ValueError as exc:
             raise CheckpointError(f"{files[side]}: {exc}") from None
     return made[0], made[1]

@@ -32,7 +32,6 @@ from .base import Model, batch_field, dense_rows, target_layout
 from .config import TransformerConfig, check_same_vocabularies, check_source_pad
 from .state import DecoderState, attention_capture, check_max_steps, decode_step, new_state
 
-
 SUPPRESSED_LOGIT = -1e30  # decode_step's logit for config.suppress_ids
 
 

@@ -1,0 +1,80 @@
+"""The model features imported models need: gradients of the new variants against finite
+differences, the position tables against their formulas, suppress_ids, old configs loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from model_cases import check_gradients, random_batch, tiny_config
+
+import pytransformer as pt
+from pytransformer.nn.layers import position_table, swish, swish_backward
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(activation="swish", positional_encoding="halves", scale_embedding=False),
+    dict(activation="swish", tie_embeddings="embeddings", tgt_vocab_size=19, norm_first=True,
+         positional_encoding="tensor2tensor"),
+], ids=["swish-halves-noscale", "swish-embeddings-tie-prenorm"])
+def test_new_variants_gradients(overrides, threads):
+    threads(1)
+    cfg = tiny_config(num_encoder_layers=1, num_decoder_layers=1, **overrides)
+    model = pt.Transformer(cfg, seed=1)
+    batch = random_batch(cfg, np.random.default_rng(2), B=2, S=5, T=4)
+    check_gradients(model, batch)
+
+
+def test_swish_against_float64():
+    x = np.linspace(-30, 30, 601, dtype=np.float32)
+    x64 = x.astype(np.float64)
+    s = 1 / (1 + np.exp(-x64))
+    np.testing.assert_allclose(swish(x), x64 * s, rtol=1e-6, atol=1e-7)
+    dy = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(swish_backward(dy, x), dy * (s + x64 * s * (1 - s)),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("C", [6, 7, 16])
+def test_position_tables(C):
+    pos = np.arange(9, dtype=np.float64)[:, None]
+    h = (C + 1) // 2
+    rate = 10000.0 ** (-2 * np.arange(h) / C)
+    halves = position_table("halves", 9, C)
+    np.testing.assert_allclose(halves[:, :h], np.sin(pos * rate), atol=1e-6)
+    np.testing.assert_allclose(halves[:, h:], np.cos(pos * rate)[:, : C - h], atol=1e-6)
+    inter = position_table("interleaved", 9, C)
+    np.testing.assert_allclose(inter[:, 0::2], np.sin(pos * rate), atol=1e-6)
+    t2t = position_table("tensor2tensor", 9, C)
+    rate2 = np.exp(-np.log(10000.0) * np.arange(h) / max(C // 2 - 1, 1))
+    np.testing.assert_allclose(t2t[:, :h], np.sin(pos * rate2), atol=1e-6)
+
+
+def test_suppress_ids_validated_and_never_emitted():
+    with pytest.raises(ValueError, match="suppress_ids"):
+        tiny_config(suppress_ids=(99,))
+    with pytest.raises(TypeError, match="suppress_ids"):
+        tiny_config(suppress_ids="3")
+    cfg = tiny_config()
+    model = pt.Transformer(cfg, seed=0)
+    srcs = [[3, 4, 5], [6, 7]]
+    free = model.translate(srcs, beam_size=1, max_decoding_length=12)
+    emitted = {t for r in free for t in r.hypotheses[0]}
+    banned = tuple(sorted(emitted))[:2]
+    cfg2 = tiny_config(suppress_ids=banned)
+    model2 = pt.Transformer(cfg2, seed=0)
+    for beam in (1, 3):
+        res = model2.translate(srcs, beam_size=beam, max_decoding_length=12)
+        assert not {t for r in res for t in r.hypotheses[0]} & set(banned)
+
+
+def test_old_config_loads_with_defaults(tmp_path):
+    model = pt.Transformer(tiny_config(), seed=0)
+    model.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key in ("positional_encoding", "scale_embedding", "suppress_ids"):
+        del cfg[key]
+    old = pt.TransformerConfig.from_dict(cfg)
+    assert old.positional_encoding == "interleaved" and old.scale_embedding
+    assert old.suppress_ids == ()
