@@ -82,15 +82,33 @@ def _ct2(path, batch, **kw):
 
 
 CASES = {
-    # One sentence of this case diverges at step 4 by 0.12 in log-probability (CTranslate2's
-    # score_batch): not a tie, not yet explained (the int8 post-norm ReLU case agrees).
-    "post-relu-f32": pytest.param(dict(pre_norm=False), marks=pytest.mark.xfail(
-        reason="one of 12 sentences diverges; under investigation", strict=False)),
+    "post-relu-f32": dict(pre_norm=False),
     "pre-swish-f32": dict(pre_norm=True, activation="swish", layers=(1, 2)),
     "pre-gelu-f16": dict(pre_norm=True, activation="gelu", quantization="float16"),
     "post-int8": dict(pre_norm=False, quantization="int8", shared=False),
     "pre-int16": dict(pre_norm=True, quantization="int16", heads=4),
 }
+
+
+def _log_probs(tr, src, tgt):
+    """Our teacher-forced log-probabilities of tgt's tokens and the final EOS (float64)."""
+    s = np.array([tr.src_tokenizer.encode_tokens(src)])
+    t = tr.tgt_tokenizer.encode_tokens(tgt)
+    cfg = tr.model.config
+    logits = tr.model.forward(s, np.array([s.shape[1]]), np.array([[cfg.bos_id] + t]))[0]
+    logits = logits.astype(np.float64)
+    m = logits.max(1, keepdims=True)
+    ls = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
+    return ls[np.arange(len(t) + 1), t + [cfg.eos_id]]
+
+
+def _assert_scores_close(path, tr, batch, targets):
+    """CTranslate2's score_batch (its own forward) and ours agree on every token's
+    log-probability within 1e-4: the models are the same, not only their argmax."""
+    ct = ctranslate2.Translator(str(path), device="cpu", compute_type="float32")
+    for src, tgt in zip(batch, targets, strict=True):
+        ref = np.array(ct.score_batch([src], [tgt])[0].log_probs)
+        np.testing.assert_allclose(_log_probs(tr, src, tgt), ref, atol=1e-4)
 
 
 def _assert_greedy_equal(path, batch, ours, ref):
@@ -117,6 +135,8 @@ def test_imported_greedy_matches_translate_batch(tmp_path, case):
     ours = tr.translate_tokens(batch, beam_size=1, max_decoding_length=16)
     _assert_greedy_equal(tmp_path, batch, ours, ref)
     assert sum(a == r.hypotheses[0] for a, r in zip(ours, ref, strict=True)) >= len(batch) - 1
+    _assert_scores_close(tmp_path, tr, batch[:4], [r.hypotheses[0] for r in ref[:4]])
+    _assert_scores_close(tmp_path, tr, batch[:2], [["w5", "w9", "w7"], batch[3]])
 
 
 def test_imported_beam_matches_translate_batch(tmp_path):
@@ -128,7 +148,7 @@ def test_imported_beam_matches_translate_batch(tmp_path):
     ref = _ct2(tmp_path, batch, beam_size=4, length_penalty=0.0)
     ours = tr.translate_tokens(batch, beam_size=4, length_penalty=0.0, max_decoding_length=16)
     same = sum(a == r.hypotheses[0] for a, r in zip(ours, ref, strict=True))
-    assert same >= len(batch) // 2, f"{same}/{len(batch)}"
+    assert same >= len(batch) - 2, f"{same}/{len(batch)}"  # measured: 22/24 and 24/24
 
 
 def test_export_round_trip_matches_ctranslate2(tmp_path):
@@ -149,6 +169,7 @@ def test_export_round_trip_matches_ctranslate2(tmp_path):
     ours = Translator.load(tmp_path / "ours").translate_tokens(batch, beam_size=1,
                                                                max_decoding_length=16)
     assert ours == [r.hypotheses[0] for r in ref]
+    _assert_scores_close(out, Translator.load(tmp_path / "ours"), batch[:3], ours[:3])
     back = from_ctranslate2(out)
     assert back.translate_tokens(batch, beam_size=1, max_decoding_length=16) == ours
     with pytest.raises(FileExistsError):
@@ -167,8 +188,10 @@ def test_old_binary_version_reads(tmp_path):
                     {a: t for a, t in mb.aliases.items() if t in keep}, version=3)
     batch = _batch(toks, seed=6)
     ref = _ct2(old, batch, beam_size=1)
-    ours = from_ctranslate2(old).translate_tokens(batch, beam_size=1, max_decoding_length=16)
+    imported = from_ctranslate2(old)
+    ours = imported.translate_tokens(batch, beam_size=1, max_decoding_length=16)
     assert ours == [r.hypotheses[0] for r in ref]
+    _assert_scores_close(old, imported, batch[:3], [["w5", "w6"], batch[0], batch[1]])
 
 
 def test_hugging_face_marian_through_ct2_converter(tmp_path):
@@ -191,6 +214,7 @@ def test_hugging_face_marian_through_ct2_converter(tmp_path):
     ref = ct2.translate_batch(batch, beam_size=1, max_decoding_length=16)
     got = ours.translate_tokens(batch, beam_size=1, max_decoding_length=16)
     assert got == [r.hypotheses[0] for r in ref]
+    _assert_scores_close(tmp_path / "ct2", ours, batch[:4], [batch[4], batch[5], *got[:2]])
 
 
 def test_bad_ct2_inputs(tmp_path):

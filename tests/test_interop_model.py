@@ -48,7 +48,7 @@ def test_position_tables(C):
     np.testing.assert_allclose(inter[:, 0::2], np.sin(pos * rate), atol=1e-6)
     t2t = position_table("tensor2tensor", 9, C)
     rate2 = np.exp(-np.log(10000.0) * np.arange(h) / max(C // 2 - 1, 1))
-    np.testing.assert_allclose(t2t[:, :h], np.sin(pos * rate2), atol=1e-6)
+    np.testing.assert_allclose(t2t[:, :h], np.sin((pos + 1) * rate2), atol=1e-6)  # from 1
 
 
 def test_suppress_ids_validated_and_never_emitted():

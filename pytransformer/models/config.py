@@ -12,8 +12,8 @@ ACTIVATIONS = ("relu", "gelu", "swish")
 TIES = ("decoder", "all", "none", "embeddings")
 # Sinusoidal position tables (nn.layers.position_table): "interleaved" (ours, the paper's
 # sin/cos pairs), "halves" (sines in the first half of each vector, cosines in the second:
-# Hugging Face Marian, fairseq), "tensor2tensor" (halves with the timescales of tensor2tensor,
-# what CTranslate2 computes when a model stores no table).
+# Hugging Face Marian, fairseq), "tensor2tensor" (halves with the timescales of tensor2tensor and
+# positions counted from 1: what CTranslate2 computes when a model stores no table).
 POSITIONAL_ENCODINGS = ("interleaved", "halves", "tensor2tensor")
 
 

@@ -202,10 +202,10 @@ def position_table(kind: str, max_len: int, d_model: int) -> np.ndarray:
 
     "interleaved" (the paper): PE[pos, 2i] = sin, PE[pos, 2i+1] = cos, rate_i = 10000^(-2i/C);
     "halves" (Marian, fairseq): PE[pos, :h] = sin, PE[pos, h:] = cos, the same rates;
-    "tensor2tensor" (CTranslate2's table when a model stores none): halves, with
-    rate_i = 10000^(-i/(C/2 - 1)).
+    "tensor2tensor" (CTranslate2's table when a model stores none, from OpenNMT-tf): halves,
+    with rate_i = 10000^(-i/(C/2 - 1)), and row p holding position p + 1 (those count from 1).
     """
-    pos = np.arange(max_len, dtype=np.float64)[:, None]
+    pos = np.arange(max_len, dtype=np.float64)[:, None] + (kind == "tensor2tensor")
     half = (d_model + 1) // 2
     i = np.arange(half, dtype=np.float64)
     if kind == "tensor2tensor":
