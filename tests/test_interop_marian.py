@@ -89,19 +89,21 @@ def test_greedy_and_text_match_generate(marian):
 
 
 def test_beam4_against_generate(marian):
-    """Beam search differs in its stopping rule and length normalisation (ours: GNMT's
-    length_penalty, CTranslate2-style finished hypotheses; Hugging Face: score / length^1
-    with early_stopping=False heuristics). With the length penalty off on both sides the best
-    hypotheses agree on most sentences (measured 9-16 of 16 across the variants); we require
-    half, the rest depends on the stopping rules (see the interop report)."""
+    """Beam 4, length penalty off on both sides, Hugging Face with early_stopping=True: every
+    sentence whose two best hypotheses both end with EOS is identical. Hypotheses that reach
+    max_decoding_length unfinished may differ: the engines rank unfinished beams at the length
+    limit differently (measured: 16/16 equal in three variants, 9/16 in "separate-untied", all
+    seven differences 20-token unfinished hypotheses, sum log-probabilities within 0.4)."""
     d, model, tok = marian
     tr = from_marian(d)
     sents = sentences(16, seed=7)
     ref = _hf_generate(model, tok, sents, num_beams=4, length_penalty=0.0, early_stopping=True)
     res = tr.model.translate([tr.src_tokenizer.encode(s) for s in sents], beam_size=4,
                              length_penalty=0.0, max_decoding_length=20)
-    same = sum(r.hypotheses[0] == h for r, h in zip(res, ref, strict=True))
-    assert same >= 8, f"{same}/16 beam-4 hypotheses equal"
+    ours = [r.hypotheses[0] for r in res]
+    finished = [(a, b) for a, b in zip(ours, ref, strict=True) if len(a) < 20 and len(b) < 20]
+    assert all(a == b for a, b in finished)
+    assert sum(a == b for a, b in zip(ours, ref, strict=True)) >= 8
 
 
 def test_saved_translator_needs_no_hugging_face(marian, tmp_path):

@@ -78,3 +78,43 @@ def test_old_config_loads_with_defaults(tmp_path):
     old = pt.TransformerConfig.from_dict(cfg)
     assert old.positional_encoding == "interleaved" and old.scale_embedding
     assert old.suppress_ids == ()
+
+
+def test_vocab_tokenizer_round_trip(tmp_path):
+    from pytransformer.text.tokenizer import load_tokenizer
+    from pytransformer.text.vocab import VocabTokenizer
+
+    toks = ["</s>", "<unk>", "a", "b", ">>de<<", "<pad>"]
+    tok = VocabTokenizer(toks, append_eos=True)
+    assert tok.tokens(">>de<< a  b c") == [">>de<<", "a", "b", "c"]
+    assert tok.encode(">>de<< a b c") == [4, 2, 3, 1, 0]
+    assert tok.decode([2, 1, 3, 0, 5]) == "a b"  # unk, eos, pad left out of text
+    assert tok.decode_tokens([2, 1, 3, 0, 5]) == ["a", "<unk>", "b"]
+    tok.save(tmp_path / "t.json")
+    again = load_tokenizer(tmp_path / "t.json")
+    assert again.encode("a b") == tok.encode("a b") and again.itos == toks
+    with pytest.raises(ValueError, match="appears twice"):
+        VocabTokenizer(["a", "a", "</s>", "<unk>", "<pad>"])
+    with pytest.raises(ValueError, match="special token"):
+        VocabTokenizer(["a", "</s>", "<unk>"])
+
+
+def test_translate_tokens_checks_its_input():
+    from pytransformer.text.tokenizer import CharTokenizer
+    from pytransformer.text.vocab import VocabTokenizer
+    from pytransformer.translator import Translator
+
+    toks = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, 23)]
+    cfg = tiny_config()
+    src = VocabTokenizer(toks[:19], bos="<s>")
+    tr = Translator(pt.Transformer(cfg, seed=0), src, VocabTokenizer(toks, bos="<s>"))
+    out = tr.translate_tokens([["w4", "w5"], ["nope"]], beam_size=1, max_decoding_length=5)
+    assert len(out) == 2 and all(isinstance(t, str) for h in out for t in h)
+    with pytest.raises(TypeError, match="batch"):
+        tr.translate_tokens("w4 w5")
+    with pytest.raises(TypeError, match=r"batch\[0\]"):
+        tr.translate_tokens([[4, 5]])
+    chars = Translator(pt.Transformer(tiny_config(src_vocab_size=7, tgt_vocab_size=7), seed=0),
+                       CharTokenizer(list("abc")), CharTokenizer(list("abc")))
+    with pytest.raises(TypeError, match="VocabTokenizer"):
+        chars.translate_tokens([["a"]])

@@ -115,6 +115,13 @@ class TransformerConfig(JsonConfig):
         for name in ("encoder_attention_window", "decoder_attention_window"):
             setattr(self, name, check_optional_int(name, getattr(self, name), 0))
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (suppress_ids as a list: what JSON gives back, so a
+        config read from a file compares equal to the one it was written from)."""
+        d = super().to_dict()
+        d["suppress_ids"] = list(self.suppress_ids)
+        return d
+
     def _check_special_ids(self) -> None:
         """pad, bos and eos are target tokens (fed, predicted, padded); EOS must differ from PAD
         or it drops out of the loss with the padding, and the model never learns to stop."""
