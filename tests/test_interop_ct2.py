@@ -14,7 +14,7 @@ import pytest
 ctranslate2 = pytest.importorskip("ctranslate2")
 
 import pytransformer as pt  # noqa: E402
-from pytransformer.interop import export_ctranslate2, from_ctranslate2  # noqa: E402
+from pytransformer.interop import export_ctranslate2, from_ctranslate2, from_marian  # noqa: E402
 from pytransformer.interop.ct2_format import read_model_bin, write_model_bin  # noqa: E402
 from pytransformer.io import CheckpointError  # noqa: E402
 from pytransformer.text.vocab import VocabTokenizer  # noqa: E402
@@ -176,16 +176,22 @@ def test_export_round_trip_matches_ctranslate2(tmp_path):
         export_ctranslate2(tmp_path / "ours", out)
 
 
-def test_old_binary_version_reads(tmp_path):
-    """Version 3 (item sizes, not type ids) written from the documented layout, and a
-    TransformerBase spec name (8 heads, pre-norm, ReLU): CTranslate2 and we agree."""
+@pytest.mark.parametrize("version,spec", [(1, ""), (2, "TransformerBase"), (3, "TransformerBase")])
+def test_old_binary_version_reads(tmp_path, version, spec):
+    """Versions 1-3 (item sizes, not type ids; aliases only from 3; no spec name in 1) written
+    from the documented layout, as TransformerBase (8 heads, pre-norm, ReLU): CTranslate2 and
+    we agree on tokens and log-probabilities."""
     toks = _spec_model(tmp_path / "new", pre_norm=True, heads=8)
     mb = read_model_bin(tmp_path / "new" / "model.bin")
     old = tmp_path / "old"
     shutil.copytree(tmp_path / "new", old)
-    keep = {k: v for k, v in mb.variables.items() if k not in mb.aliases and v.ndim > 0}
-    write_model_bin(old / "model.bin", "TransformerBase", 1, keep,
-                    {a: t for a, t in mb.aliases.items() if t in keep}, version=3)
+    if version >= 3:
+        keep = {k: v for k, v in mb.variables.items() if k not in mb.aliases and v.ndim > 0}
+        aliases = {a: t for a, t in mb.aliases.items() if t in keep}
+    else:
+        keep = {k: v for k, v in mb.variables.items() if v.ndim > 0}
+        aliases = {}
+    write_model_bin(old / "model.bin", spec, 1, keep, aliases, version=version)
     batch = _batch(toks, seed=6)
     ref = _ct2(old, batch, beam_size=1)
     imported = from_ctranslate2(old)
@@ -209,7 +215,7 @@ def test_hugging_face_marian_through_ct2_converter(tmp_path):
     ours = from_ctranslate2(tmp_path / "ct2")
     vocab = json.loads((tmp_path / "hf" / "vocab.json").read_text())
     itos = sorted(vocab, key=vocab.get)
-    marian = pt.interop.from_marian(tmp_path / "hf")
+    marian = from_marian(tmp_path / "hf")
     batch = [[itos[i] for i in marian.src_tokenizer.encode(s)] for s in sentences(16, seed=8)]
     ref = ct2.translate_batch(batch, beam_size=1, max_decoding_length=16)
     got = ours.translate_tokens(batch, beam_size=1, max_decoding_length=16)
@@ -276,3 +282,25 @@ def test_cli_convert_translate_export(tmp_path, capsys):
     assert main(["convert", "--from", "marian", str(tmp_path / "nowhere"),
                  "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_exported_marian_import_loads_in_ctranslate2(tmp_path):
+    """A Marian import exported again: CTranslate2 starts from the pad token (our bos_id) and
+    adds our "halves" position table; with the pad suppressed there as here, same tokens and
+    per-token log-probabilities."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from interop_cases import make_marian, sentences
+
+    make_marian(tmp_path / "hf", share=False, tie=False, activation="gelu")
+    marian = from_marian(tmp_path / "hf")
+    marian.save(tmp_path / "ours")
+    out = export_ctranslate2(tmp_path / "ours", tmp_path / "ct2")
+    assert json.loads((out / "config.json").read_text())["add_source_eos"]  # as Marian's
+    src = [marian.src_tokenizer.decode_tokens(marian.src_tokenizer.encode(s))
+           for s in sentences(8, seed=2)]
+    ct = ctranslate2.Translator(str(out), device="cpu", compute_type="float32")
+    ref = ct.translate_batch(src, beam_size=1, max_decoding_length=12,
+                             suppress_sequences=[["<pad>"]])
+    got = marian.translate_tokens(src, beam_size=1, max_decoding_length=12)
+    assert got == [r.hypotheses[0] for r in ref]

@@ -176,3 +176,25 @@ def test_pytorch_bin_without_torch_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(ImportError, match="pip install torch.*safetensors"):
         from_marian(d)
+
+
+def test_cli_convert_and_translate_text(tmp_path, capsys):
+    from pytransformer.cli import main
+
+    make_marian(tmp_path / "hf")
+    model = transformers.MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.MarianTokenizer.from_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from", "marian", str(tmp_path / "hf"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    sents = sentences(5, seed=11)
+    (tmp_path / "in.txt").write_text("".join(s + "\n" for s in sents))
+    assert main(["translate", "--model", str(tmp_path / "ours"), "--input",
+                 str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt"),
+                 "--beam-size", "1", "--max-decoding-length", "20"]) == 0
+    ref = _hf_generate(model, tok, sents, num_beams=1)
+    texts = tok.batch_decode([[model.config.pad_token_id, *r] for r in ref],
+                             skip_special_tokens=True)
+    assert (tmp_path / "out.txt").read_text().splitlines() == texts
+    assert main(["convert", "--from", "marian", str(tmp_path / "in.txt"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "DIR" in capsys.readouterr().err and not (tmp_path / "x").exists()

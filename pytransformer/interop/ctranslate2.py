@@ -34,7 +34,8 @@ from .ct2_format import ModelBin, read_model_bin, write_model_bin
 # CTranslate2's Activation enum (python/ctranslate2/specs/common_spec.py).
 _ACTIVATIONS = {0: "relu", 2: "swish", 3: "gelu"}
 _ACTIVATION_IDS = {v: k for k, v in _ACTIVATIONS.items()}
-_OLD_SPECS = {"TransformerBase": 8, "TransformerBig": 16}
+# Binary version 1 names no spec: CTranslate2 reads such files as TransformerBase.
+_OLD_SPECS = {"TransformerBase": 8, "TransformerBig": 16, "": 8}
 _INT16_GLOBAL_SCALE = 1000.0  # int16 weights of old models carry no scale
 _START_TOKEN = "<ct2_zero_start>"
 _NEVER = -1e9  # output bias of the zero start token: never emitted
@@ -150,7 +151,7 @@ def _settings(mb: ModelBin, v: _Vars, conf: dict, path: pathlib.Path) -> dict[st
             raise CheckpointError(f"{path}: no num_heads variable")
     else:
         raise CheckpointError(
-            f"{path}: architecture {mb.spec or '(unnamed, binary version 1)'!r} is not supported "
+            f"{path}: architecture {mb.spec!r} is not supported "
             "(supported: TransformerSpec, TransformerBase, TransformerBig)"
         )
     if int(act) not in _ACTIVATIONS:
