@@ -304,3 +304,19 @@ def test_exported_marian_import_loads_in_ctranslate2(tmp_path):
                              suppress_sequences=[["<pad>"]])
     got = marian.translate_tokens(src, beam_size=1, max_decoding_length=12)
     assert got == [r.hypotheses[0] for r in ref]
+
+
+def test_separate_text_vocabularies(tmp_path):
+    """source_vocabulary.txt and target_vocabulary.txt (the older text form), different
+    target tokens: read as CTranslate2 reads them."""
+    toks = _spec_model(tmp_path, pre_norm=True, shared=False)
+    os.remove(tmp_path / "shared_vocabulary.json")
+    tgt = toks[:4] + [f"t{i}" for i in range(4, len(toks))]
+    (tmp_path / "source_vocabulary.txt").write_text("".join(t + "\n" for t in toks))
+    (tmp_path / "target_vocabulary.txt").write_text("".join(t + "\n" for t in tgt))
+    batch = _batch(toks, seed=9)
+    ref = _ct2(tmp_path, batch, beam_size=1)
+    tr = from_ctranslate2(tmp_path)
+    assert tr.translate_tokens(batch, beam_size=1, max_decoding_length=16) == [
+        r.hypotheses[0] for r in ref]
+    _assert_scores_close(tmp_path, tr, batch[:2], [["t5", "t9"], ["t7", "w5"]])

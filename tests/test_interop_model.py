@@ -88,7 +88,7 @@ def test_vocab_tokenizer_round_trip(tmp_path):
     tok = VocabTokenizer(toks, append_eos=True)
     assert tok.tokens(">>de<< a  b c") == [">>de<<", "a", "b", "c"]
     assert tok.encode(">>de<< a b c") == [4, 2, 3, 1, 0]
-    assert tok.decode([2, 1, 3, 0, 5]) == "a b"  # unk, eos, pad left out of text
+    assert tok.decode([2, 1, 3, 0, 5]) == "a <unk> b"  # tokens: eos, pad left out
     assert tok.decode_tokens([2, 1, 3, 0, 5]) == ["a", "<unk>", "b"]
     tok.save(tmp_path / "t.json")
     again = load_tokenizer(tmp_path / "t.json")
@@ -118,3 +118,23 @@ def test_translate_tokens_checks_its_input():
                        CharTokenizer(list("abc")), CharTokenizer(list("abc")))
     with pytest.raises(TypeError, match="VocabTokenizer"):
         chars.translate_tokens([["a"]])
+
+
+def test_output_directory_is_never_half_written(tmp_path):
+    from pytransformer.interop._files import write_directory
+
+    def fail(tmp):
+        (tmp / "model.bin").write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_directory(tmp_path / "out", fail)
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor the temporary directory
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "data.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_directory(tmp_path / "keep", lambda tmp: None)
+    assert (tmp_path / "keep" / "data.txt").read_text() == "user data"
+    (tmp_path / "empty").mkdir()
+    out = write_directory(tmp_path / "empty", lambda tmp: (tmp / "f").write_text("x"))
+    assert (out / "f").read_text() == "x"

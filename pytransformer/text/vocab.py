@@ -103,12 +103,13 @@ class VocabTokenizer:
         return [self.itos[i] for i in map(int, ids) if 0 <= i < n and i not in self._control_ids]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Detokenised text; the special tokens, unk included, left out (as Hugging Face's
-        skip_special_tokens)."""
+        """With a SentencePiece model: detokenised text, the special tokens, unk included, left
+        out (as Hugging Face's skip_special_tokens). Without: the `decode_tokens` joined by
+        spaces (unk kept, as CTranslate2 writes it)."""
+        if self.sp is None:
+            return " ".join(self.decode_tokens(ids))
         unk = self.itos[self.unk_id]
         pieces = [p for p in self.decode_tokens(ids) if p != unk]
-        if self.sp is None:
-            return " ".join(pieces)
         return self.sp.decode_pieces(pieces).replace("\u2581", " ").strip()
 
     def to_dict(self) -> dict[str, Any]:
