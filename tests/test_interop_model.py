@@ -26,14 +26,27 @@ def test_new_variants_gradients(overrides, threads):
     check_gradients(model, batch)
 
 
-def test_swish_against_float64():
-    x = np.linspace(-30, 30, 601, dtype=np.float32)
+@pytest.mark.parametrize("n", [1, 7, 8, 601, 20011])
+def test_swish_kernels_against_float64(n, isa):
+    """Each ISA's kernel (and the scalar sibling) against float64 numpy, sizes not multiples of
+    the vector width, saturated tails included."""
+    from pytransformer import _C
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 12).astype(np.float32)
+    x[: min(n, 4)] = [-100.0, 100.0, 0.0, -1e-3][: min(n, 4)]
     x64 = x.astype(np.float64)
     s = 1 / (1 + np.exp(-x64))
-    np.testing.assert_allclose(swish(x), x64 * s, rtol=1e-6, atol=1e-7)
-    dy = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
-    np.testing.assert_allclose(swish_backward(dy, x), dy * (s + x64 * s * (1 - s)),
-                               rtol=1e-5, atol=1e-6)
+    dy = rng.standard_normal(n).astype(np.float32)
+    grad = dy * s * (1 + x64 * (1 - s))
+    for fwd, bwd in ((swish, swish_backward), (_C._naive.swish, _C._naive.swish_backward)):
+        np.testing.assert_allclose(fwd(x), x64 * s, rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(bwd(dy, x), grad, rtol=2e-5, atol=1e-6)
+    y = x.copy()
+    assert pt.ops.swish(y, out=y) is y
+    np.testing.assert_allclose(y, x64 * s, rtol=2e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="x"):
+        pt.ops.swish(x.astype(np.float64))
 
 
 @pytest.mark.parametrize("C", [6, 7, 16])

@@ -311,7 +311,7 @@ class LayerNorm:
 
 class FeedForward:
     """FFN(x) = act(x W1^T + b1) W2^T + b2; ReLU and GELU are fused into the first GEMM's
-    epilogue, swish (SiLU, x * sigmoid(x)) runs after it."""
+    epilogue, swish (SiLU, x * sigmoid(x)) is a kernel of its own after it."""
 
     def __init__(
         self, store: ParamStore, name: str, d_model: int, d_ff: int, activation: str, ctx: Context
@@ -325,9 +325,10 @@ class FeedForward:
     def forward(self, x: np.ndarray) -> np.ndarray:
         if self.activation == "swish":
             a = self.fc1.forward(x)
-            h = swish(a)
-            if not self.ctx.cache:
-                a = None
+            if self.ctx.cache:
+                h = swish(a)  # the backward needs the pre-activation a
+            else:
+                h, a = ops.swish(a, out=a), None
         elif self.activation == "gelu" and self.ctx.cache:
             # GELU's derivative needs the pre-activation, so keep it beside the activation.
             a = self.fc1.forward(x)
@@ -353,23 +354,11 @@ class FeedForward:
         return self.fc1.backward(dh, x)
 
 
-def _sigmoid(a: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-a)) in float32, without overflow warnings for large |a|."""
-    e = np.exp(-np.abs(a))
-    pos = 1.0 / (1.0 + e)
-    return np.where(a >= 0, pos, e * pos).astype(np.float32, copy=False)
-
-
 def swish(a: np.ndarray) -> np.ndarray:
-    """SiLU: a * sigmoid(a) (a fresh float32 array)."""
-    return a * _sigmoid(a)
+    """SiLU: a * sigmoid(a) (a fresh float32 array; the native kernel)."""
+    return ops.swish(a)
 
 
 def swish_backward(dy: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """d swish(a) = sigmoid(a) * (1 + a * (1 - sigmoid(a))), times dy."""
-    s = _sigmoid(a)
-    g = a * (1.0 - s)
-    g += 1.0
-    g *= s
-    g *= dy
-    return g
+    """dy * swish'(a) = dy * sigmoid(a) * (1 + a * (1 - sigmoid(a)))."""
+    return ops.swish_backward(dy, a)
