@@ -164,10 +164,12 @@ def _load_translator(directory: str, arg: str):
 
 
 def _decode_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
+    """The decoding options given on the command line (unset ones are left out)."""
+    given = dict(
         beam_size=args.beam_size, length_penalty=args.length_penalty,
         max_decoding_length=args.max_decoding_length, max_batch_size=args.batch_size,
     )
+    return {k: v for k, v in given.items() if v is not None}
 
 
 # Lines translated per block: each block's translations are written (stdout: at once) before
@@ -268,9 +270,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam-size", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=0.6)
-    p.add_argument("--max-decoding-length", type=int, default=256)
+    # Unset options fall back to the model's options.json (an imported model's generation
+    # settings), then to translate()'s defaults: beam 4, length penalty 0.6, 256 tokens.
+    p.add_argument("--beam-size", type=int, default=None, help="default 4")
+    p.add_argument("--length-penalty", type=float, default=None, help="default 0.6")
+    p.add_argument("--max-decoding-length", type=int, default=None, help="default 256")
     p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
     p.add_argument("--threads", type=int, default=None)
 

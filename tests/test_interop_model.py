@@ -151,3 +151,24 @@ def test_output_directory_is_never_half_written(tmp_path):
     (tmp_path / "empty").mkdir()
     out = write_directory(tmp_path / "empty", lambda tmp: (tmp / "f").write_text("x"))
     assert (out / "f").read_text() == "x"
+
+
+def test_cli_translate_uses_the_models_options(tmp_path):
+    """An imported model's defaults (options.json) apply unless the command line sets them."""
+    from pytransformer.cli import main
+    from pytransformer.text.vocab import VocabTokenizer
+    from pytransformer.translator import Translator
+
+    toks = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, 23)]
+    tr = Translator(pt.Transformer(tiny_config(), seed=0), VocabTokenizer(toks[:19], bos="<s>"),
+                    VocabTokenizer(toks, bos="<s>"))
+    tr.options = {"max_decoding_length": 2, "beam_size": 1}
+    tr.save(tmp_path / "m")
+    (tmp_path / "in.txt").write_text("w4 w5 w6\nw7\n")
+    for extra, most in (([], 2), (["--max-decoding-length", "5"], 5)):
+        out = tmp_path / f"out{most}.txt"
+        assert main(["translate", "--model", str(tmp_path / "m"), "--input",
+                     str(tmp_path / "in.txt"), "--output", str(out), *extra]) == 0
+        lines = out.read_text().splitlines()
+        assert len(lines) == 2 and all(len(line.split()) <= most for line in lines)
+    assert any(len(line.split()) > 2 for line in (tmp_path / "out5.txt").read_text().splitlines())
