@@ -296,10 +296,12 @@ def _load_translator(directory: str, arg: str):
 
 
 def _decode_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
+    """The decoding options given on the command line (unset ones are left out)."""
+    given = dict(
         beam_size=args.beam_size, length_penalty=args.length_penalty,
         max_decoding_length=args.max_decoding_length, max_batch_size=args.batch_size,
     )
+    return {k: v for k, v in given.items() if v is not None}
 
 
 # Lines translated per block: each block's translations are written (stdout: at once) before
@@ -441,11 +443,48 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beam-size", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=0.6)
-    p.add_argument("--max-decoding-length", type=int, default=256)
+    # Unset options fall back to the model's options.json (an imported model's generation
+    # settings), then to translate()'s defaults: beam 4, length penalty 0.6, 256 tokens.
+    p.add_argument("--beam-size", type=int, default=None, help="default 4")
+    p.add_argument("--length-penalty", type=float, default=None, help="default 0.6")
+    p.add_argument("--max-decoding-length", type=int, default=None, help="default 256")
     p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
     p.add_argument("--threads", type=int, default=None)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """An imported model written as a translator directory (`translate --model OUT`)."""
+    from .interop import from_ctranslate2, from_marian
+    from .interop._files import write_directory
+
+    _check_input_dir(args.dir, "DIR")
+    if args.sentencepiece is not None and args.source != "ctranslate2":
+        raise UserError("--sentencepiece: only for --from ctranslate2 (Marian brings its own)")
+    if args.source == "marian":
+        translator = from_marian(args.dir)
+    else:
+        if args.sentencepiece is not None and not os.path.isfile(args.sentencepiece):
+            raise UserError(f"--sentencepiece: {args.sentencepiece}: does not exist")
+        translator = from_ctranslate2(args.dir, sentencepiece=args.sentencepiece)
+    try:
+        out = write_directory(args.out, translator.save)
+    except FileExistsError as exc:
+        raise UserError(f"--out: {exc}") from None
+    print(f"converted {args.source} model saved in {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A translator directory written as a CTranslate2 model directory."""
+    from .interop import export_ctranslate2
+
+    _check_input_dir(args.model_dir, "MODEL_DIR")
+    try:
+        out = export_ctranslate2(args.model_dir, args.out)
+    except FileExistsError as exc:
+        raise UserError(f"OUT: {exc}") from None
+    print(f"CTranslate2 model saved in {out}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -548,6 +587,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the number of training steps")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="import a Hugging Face Marian or CTranslate2 model")
+    p.add_argument("--from", dest="source", required=True, choices=["marian", "ctranslate2"])
+    p.add_argument("dir", metavar="DIR", help="the model directory to import")
+    p.add_argument("--out", required=True, help="new translator directory (must not exist)")
+    p.add_argument("--sentencepiece", help="ctranslate2: a SentencePiece model for both sides "
+                   "(default: whitespace-separated tokens in and out)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a translator directory in another format")
+    p.add_argument("--to", dest="target", required=True, choices=["ctranslate2"])
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a translator directory")
+    p.add_argument("out", metavar="OUT", help="new CTranslate2 model directory (must not exist)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="training curve or attention heatmap as PNG")
     p.add_argument("what", choices=["curve", "attention"])

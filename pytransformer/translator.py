@@ -5,6 +5,7 @@ A translator directory holds::
 
     src_tokenizer.json, tgt_tokenizer.json   the tokenizers (the same file twice when shared)
     model/                                   config.json + model.safetensors (the final model)
+    options.json                             default translate() options (imported models)
     checkpoints/step-*/                      resumable training checkpoints
     checkpoints/best/                        the model of the best validation (BLEU, or loss)
     checkpoints/log.jsonl                    the training log (``pytransformer plot`` reads it)
@@ -12,6 +13,7 @@ A translator directory holds::
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .checks import check_float, check_int
-from .io import split_lines
+from .io import atomic_write_text, split_lines
 from .models import Transformer, TransformerConfig
 from .text.metrics import score_translations
 from .text.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
@@ -53,6 +55,9 @@ class Translator:
                 )
         self.model = model.eval()
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
+        # Defaults for translate()'s options (beam_size, max_decoding_length, ...): an imported
+        # model brings its own (a Marian generation_config.json); saved as options.json.
+        self.options: dict[str, Any] = {}
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Translator:
@@ -67,8 +72,11 @@ class Translator:
                 raise FileNotFoundError(f"directory: no model or checkpoint under {root}")
             model_dir = pathlib.Path(latest)
         model = Transformer.load(model_dir)
-        return cls(model, load_tokenizer(root / "src_tokenizer.json"),
-                   load_tokenizer(root / "tgt_tokenizer.json"))
+        translator = cls(model, load_tokenizer(root / "src_tokenizer.json"),
+                         load_tokenizer(root / "tgt_tokenizer.json"))
+        if (root / "options.json").is_file():
+            translator.options = _load_options(root / "options.json")
+        return translator
 
     def save(self, directory: str | os.PathLike) -> None:
         root = pathlib.Path(directory)
@@ -76,6 +84,8 @@ class Translator:
         self.src_tokenizer.save(root / "src_tokenizer.json")
         self.tgt_tokenizer.save(root / "tgt_tokenizer.json")
         self.model.save(root / "model")
+        if self.options:
+            atomic_write_text(root / "options.json", json.dumps(self.options, indent=2) + "\n")
 
     def encode_sources(self, sentences: Sequence[str]) -> list[list[int]]:
         if isinstance(sentences, str):
@@ -87,10 +97,36 @@ class Translator:
         ``n_best`` > 1. ``options`` go to ``Transformer.translate`` (beam_size,
         length_penalty, max_decoding_length, max_batch_size, ...)."""
         results = self.model.translate(
-            self.encode_sources(sentences), num_hypotheses=n_best, **options
+            self.encode_sources(sentences), num_hypotheses=n_best, **{**self.options, **options}
         )
         texts = [[self.tgt_tokenizer.decode(h) for h in r.hypotheses] for r in results]
         return texts if n_best > 1 else [t[0] for t in texts]
+
+    def translate_tokens(
+        self, batch: Sequence[Sequence[str]], *, n_best: int = 1, **options: Any
+    ) -> list[Any]:
+        """Translates pre-tokenized sentences (lists of token strings, as CTranslate2's
+        translate_batch takes them): returns lists of target tokens, or n_best such lists per
+        sentence when n_best > 1. Needs tokenizers over a token list (`text.VocabTokenizer`:
+        the imported models have them); unknown tokens map to the unknown token."""
+        for name, tok in (("src_tokenizer", self.src_tokenizer),
+                          ("tgt_tokenizer", self.tgt_tokenizer)):
+            if not hasattr(tok, "encode_tokens"):
+                raise TypeError(
+                    f"{name}: a {type(tok).__name__} has no token list (translate_tokens needs "
+                    "a VocabTokenizer; use translate() for text)"
+                )
+        if isinstance(batch, str) or not isinstance(batch, Sequence):
+            raise TypeError("batch: expected a list of token lists")
+        for i, tokens in enumerate(batch):
+            if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
+                raise TypeError(f"batch[{i}]: expected a list of token strings")
+        sources = [self.src_tokenizer.encode_tokens(list(t)) for t in batch]
+        results = self.model.translate(
+            sources, num_hypotheses=n_best, **{**self.options, **options}
+        )
+        out = [[self.tgt_tokenizer.decode_tokens(h) for h in r.hypotheses] for r in results]
+        return out if n_best > 1 else [t[0] for t in out]
 
     def attention(
         self, sentence: str, **options: Any
@@ -181,6 +217,16 @@ class TrainOptions:
         if self.max_time is not None:
             check_float("max_time", self.max_time, 0.0, positive=True)
         self.recipe()
+
+
+def _load_options(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        options = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable options file ({exc})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: expected a JSON object of translate() options")
+    return options
 
 
 def _make_tokenizers(src: Sequence[str], tgt: Sequence[str], opts: TrainOptions):

@@ -20,8 +20,8 @@ LAYERS = [
     {"decode"},
     {"models"},
     {"train", "text"},
-    {"translator", "preprocess", "cli", "demo", "vision_demo", "plot", "numbers", "cuda",
-     "__init__", "__main__"},
+    {"translator", "preprocess", "interop", "cli", "demo", "vision_demo", "plot", "numbers",
+     "cuda", "__init__", "__main__"},
 ]
 
 

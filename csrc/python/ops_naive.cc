@@ -104,11 +104,12 @@ py::array unary_naive(const py::object& x, Kernel k) {
   return std::move(y);
 }
 
-py::array gelu_backward_naive_py(const py::object& dout, const py::object& x) {
+template <void (*Kernel)(float*, const float*, const float*, index_t)>
+py::array activation_backward_naive_py(const py::object& dout, const py::object& x) {
   const F32In D = f32_in(dout, "dout"), X = f32_in(x, "x");
   require_same_shape(X.shape, "x", D.shape);
   auto dx = new_f32(D.shape);
-  gelu_backward_naive(dx.mutable_data(), D.data, X.data, D.size);
+  Kernel(dx.mutable_data(), D.data, X.data, D.size);
   return std::move(dx);
 }
 
@@ -142,7 +143,10 @@ void register_naive_ops(py::module_& m) {
   n.def("dropout", &dropout_naive, py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("offset") = 0);
   n.def(
       "gelu", [](const py::object& x) { return unary_naive(x, &gelu_forward_naive); }, py::arg("x"));
-  n.def("gelu_backward", &gelu_backward_naive_py, py::arg("dout"), py::arg("x"));
+  n.def("gelu_backward", &activation_backward_naive_py<&gelu_backward_naive>, py::arg("dout"), py::arg("x"));
+  n.def(
+      "swish", [](const py::object& x) { return unary_naive(x, &swish_forward_naive); }, py::arg("x"));
+  n.def("swish_backward", &activation_backward_naive_py<&swish_backward_naive>, py::arg("dout"), py::arg("x"));
   n.def("adam_step", &adam_naive, py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::arg("lr"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
         py::arg("decoupled"));

@@ -29,13 +29,15 @@ py::array_t<float> output_like(const py::object& out, const std::vector<std::int
   return py::reinterpret_borrow<py::array_t<float>>(out);
 }
 
-py::array gelu_py(const py::object& x, const py::object& out) {
+// An elementwise activation x -> y (y may be a given `out`, which may be x).
+template <void (*Kernel)(float*, const float*, index_t)>
+py::array activation_py(const py::object& x, const py::object& out) {
   const F32In X = f32_in(x, "x");
   float* y;
   auto r = output_like(out, X.shape, &y);
   {
     py::gil_scoped_release nogil;
-    gelu_forward(y, X.data, X.size);
+    Kernel(y, X.data, X.size);
   }
   return std::move(r);
 }
@@ -186,7 +188,12 @@ double clip_grad_norm_py(const py::object& arrays, double max_norm) {
 }  // namespace
 
 void register_train_ops(py::module_& m) {
-  m.def("gelu", &gelu_py, py::arg("x"), py::kw_only(), py::arg("out") = py::none());
+  m.def("gelu", &activation_py<&gelu_forward>, py::arg("x"), py::kw_only(), py::arg("out") = py::none());
+  m.def("swish", &activation_py<&swish_forward>, py::arg("x"), py::kw_only(), py::arg("out") = py::none());
+  m.def(
+      "swish_backward",
+      [](const py::object& dout, const py::object& x) { return backward_py(dout, x, "x", &swish_backward); },
+      py::arg("dout"), py::arg("x"));
   m.def(
       "gelu_backward",
       [](const py::object& dout, const py::object& x) { return backward_py(dout, x, "x", &gelu_backward); },

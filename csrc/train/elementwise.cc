@@ -27,6 +27,16 @@ void gelu_backward(float* dinp, const float* dout, const float* inp, index_t n) 
   blocks(n, [&](index_t i0, index_t i1) { k(dinp, dout, inp, i0, i1); });
 }
 
+void swish_forward(float* out, const float* inp, index_t n) {
+  auto k = PT_DISPATCH(swish_forward_range);
+  blocks(n, [&](index_t i0, index_t i1) { k(out, inp, i0, i1); });
+}
+
+void swish_backward(float* dinp, const float* dout, const float* inp, index_t n) {
+  auto k = PT_DISPATCH(swish_backward_range);
+  blocks(n, [&](index_t i0, index_t i1) { k(dinp, dout, inp, i0, i1); });
+}
+
 void relu_backward(float* dinp, const float* dout, const float* out, index_t n) {
   auto k = PT_DISPATCH(relu_backward_range);
   blocks(n, [&](index_t i0, index_t i1) { k(dinp, dout, out, i0, i1); });
@@ -67,6 +77,21 @@ void gelu_backward_naive(float* dinp, const float* dout, const float* inp, index
     const double cdf = 0.5 * (1.0 + std::erf(x / std::sqrt(2.0)));
     const double pdf = std::exp(-0.5 * x * x) / std::sqrt(2.0 * M_PI);
     dinp[i] = static_cast<float>(dout[i] * (cdf + x * pdf));
+  }
+}
+
+void swish_forward_naive(float* out, const float* inp, index_t n) {
+  for (index_t i = 0; i < n; ++i) {
+    const double x = inp[i];
+    out[i] = static_cast<float>(x / (1.0 + std::exp(-x)));
+  }
+}
+
+void swish_backward_naive(float* dinp, const float* dout, const float* inp, index_t n) {
+  for (index_t i = 0; i < n; ++i) {
+    const double x = inp[i];
+    const double s = 1.0 / (1.0 + std::exp(-x));
+    dinp[i] = static_cast<float>(dout[i] * s * (1.0 + x * (1.0 - s)));
   }
 }
 

@@ -11,6 +11,10 @@ namespace pt {
 void gelu_forward(float* out, const float* inp, index_t n);
 // dinp = dout * gelu'(inp), inp the pre-activation; dinp may alias dout.
 void gelu_backward(float* dinp, const float* dout, const float* inp, index_t n);
+// out = swish(inp) = inp * sigmoid(inp) (SiLU); out may alias inp.
+void swish_forward(float* out, const float* inp, index_t n);
+// dinp = dout * swish'(inp), inp the pre-activation; dinp may alias dout.
+void swish_backward(float* dinp, const float* dout, const float* inp, index_t n);
 // dinp = dout where out > 0 else 0, out the ReLU output; dinp may alias dout.
 void relu_backward(float* dinp, const float* dout, const float* out, index_t n);
 
@@ -42,6 +46,8 @@ inline std::uint32_t dropout_hash(DropoutKey key, std::uint64_t i) {
 // Naive siblings (scalar): fallback and test oracle.
 void gelu_forward_naive(float* out, const float* inp, index_t n);
 void gelu_backward_naive(float* dinp, const float* dout, const float* inp, index_t n);
+void swish_forward_naive(float* out, const float* inp, index_t n);
+void swish_backward_naive(float* dinp, const float* dout, const float* inp, index_t n);
 void dropout_forward_naive(float* out, const float* inp, index_t n, float p, std::uint64_t seed,
                            std::uint64_t offset);
 
@@ -50,6 +56,8 @@ void dropout_forward_naive(float* out, const float* inp, index_t n, float p, std
   void gelu_forward_range(float* out, const float* inp, index_t i0, index_t i1);                  \
   void gelu_backward_range(float* dinp, const float* dout, const float* inp, index_t i0, index_t i1); \
   void relu_backward_range(float* dinp, const float* dout, const float* out, index_t i0, index_t i1); \
+  void swish_forward_range(float* out, const float* inp, index_t i0, index_t i1);                 \
+  void swish_backward_range(float* dinp, const float* dout, const float* inp, index_t i0, index_t i1); \
   void dropout_range(float* out, const float* inp, index_t i0, index_t i1, std::uint32_t threshold,  \
                      float scale, DropoutKey key, std::uint64_t offset);
 namespace generic {

@@ -34,6 +34,22 @@ void gelu_backward_range(float* dinp, const float* dout, const float* inp, index
   map2(dinp, dout, inp, i0, i1, [](Vec g, Vec x) { return g * gelu_grad(x); });
 }
 
+// sigmoid(x) = 1 / (1 + e^-x): e^-x saturates to +inf-free large values or 0 (exp clamps), so
+// the quotient is exact at both ends (1 and 0).
+inline Vec sigmoid(Vec x) { return Vec(1.0f) / (Vec(1.0f) + exp(Vec::zero() - x)); }
+
+void swish_forward_range(float* out, const float* inp, index_t i0, index_t i1) {
+  map1(out, inp, i0, i1, [](Vec x) { return x * sigmoid(x); });
+}
+
+// d swish / dx = s (1 + x (1 - s)), s = sigmoid(x).
+void swish_backward_range(float* dinp, const float* dout, const float* inp, index_t i0, index_t i1) {
+  map2(dinp, dout, inp, i0, i1, [](Vec g, Vec x) {
+    const Vec s = sigmoid(x);
+    return g * s * fma(x, Vec(1.0f) - s, Vec(1.0f));
+  });
+}
+
 void relu_backward_range(float* dinp, const float* dout, const float* out, index_t i0, index_t i1) {
   map2(dinp, dout, out, i0, i1, [](Vec g, Vec y) { return Vec::select(Vec::less(Vec::zero(), y), g, Vec::zero()); });
 }

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import io, ops
 from ..checks import check_float, check_ids, check_int, check_lengths
-from ..nn.layers import Context, Embedding, Linear, sinusoidal_positions
+from ..nn.layers import Context, Embedding, Linear, position_table
 from ..nn.layout import Layout
 from ..nn.params import ParamStore
 from .config import TransformerConfig
@@ -49,7 +49,9 @@ class Model:
         self.ctx = Context()
         self.store = ParamStore()
         if isinstance(config, TransformerConfig):
-            self.positions = sinusoidal_positions(config.max_len, config.d_model)
+            self.positions = position_table(
+                config.positional_encoding, config.max_len, config.d_model
+            )
         self._saved: tuple | None = None
 
     def _finish(self, seed: int) -> None:
@@ -271,7 +273,7 @@ class Model:
         cfg = self.config
         return Embedding(
             self.store, name, vocab_size, cfg.d_model, self.positions, cfg.dropout, self.ctx,
-            weight=weight,
+            weight=weight, scale=None if cfg.scale_embedding else 1.0,
         )
 
     def _embed(self, embedding: Embedding, ids: np.ndarray, layout: Layout) -> np.ndarray:

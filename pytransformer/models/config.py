@@ -8,8 +8,13 @@ from typing import Any
 
 from ..checks import check_bool, check_float, check_int, check_optional_int
 
-ACTIVATIONS = ("relu", "gelu")
-TIES = ("decoder", "all", "none")
+ACTIVATIONS = ("relu", "gelu", "swish")
+TIES = ("decoder", "all", "none", "embeddings")
+# Sinusoidal position tables (nn.layers.position_table): "interleaved" (ours, the paper's
+# sin/cos pairs), "halves" (sines in the first half of each vector, cosines in the second:
+# Hugging Face Marian, fairseq), "tensor2tensor" (halves with the timescales of tensor2tensor and
+# positions counted from 1: what CTranslate2 computes when a model stores no table).
+POSITIONAL_ENCODINGS = ("interleaved", "halves", "tensor2tensor")
 
 
 class JsonConfig:
@@ -46,7 +51,13 @@ class TransformerConfig(JsonConfig):
 
     tie_embeddings: "decoder" — the target embedding is the output projection (the paper);
     "all" — source embedding, target embedding and output projection are one matrix (needs
-    src_vocab_size == tgt_vocab_size); "none" — three separate matrices.
+    src_vocab_size == tgt_vocab_size); "embeddings" — source and target embeddings are one
+    matrix, the output projection another; "none" — three separate matrices.
+    activation: the FFN's "relu", "gelu" or "swish" (SiLU, x * sigmoid(x)).
+    positional_encoding: which sinusoidal table is added to the embeddings (see
+    POSITIONAL_ENCODINGS); scale_embedding: multiply the token embeddings by sqrt(d_model)
+    before adding it (the paper; Marian's `scale_embedding`).
+    output_bias: the output projection has a bias (Marian's `final_logits_bias`).
     norm_first: False = post-norm (the paper); True = pre-norm with a final LayerNorm per stack.
     encoder_attention_window, decoder_attention_window: restricted self-attention in that stack,
     position i attending only to the positions j with |i - j| <= window (in the decoder, with
@@ -55,6 +66,9 @@ class TransformerConfig(JsonConfig):
     Layer counts may be 0 for a stack a variant does not use (TransformerLM has no encoder).
     pad_id, bos_id and eos_id are target tokens (< tgt_vocab_size), pad_id != eos_id; the models
     that embed a source (Transformer, TransformerEncoderModel) also need pad_id < src_vocab_size.
+    bos_id is the decoder start token: the first token fed to the decoder, in training and in
+    decoding (Marian models start from their pad token: bos_id == pad_id is allowed).
+    suppress_ids: target tokens decoding never emits (Marian's `bad_words_ids`, its pad token).
     """
 
     src_vocab_size: int
@@ -77,6 +91,9 @@ class TransformerConfig(JsonConfig):
     layer_norm_eps: float = 1e-5
     encoder_attention_window: int | None = None
     decoder_attention_window: int | None = None
+    positional_encoding: str = "interleaved"
+    scale_embedding: bool = True
+    suppress_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
@@ -86,11 +103,24 @@ class TransformerConfig(JsonConfig):
         check_layer_settings(self)
         if self.tie_embeddings not in TIES:
             raise ValueError(f"tie_embeddings must be one of {TIES}, got {self.tie_embeddings!r}")
-        for name in ("norm_first", "output_bias"):
+        for name in ("norm_first", "output_bias", "scale_embedding"):
             check_bool(name, getattr(self, name))
+        if self.positional_encoding not in POSITIONAL_ENCODINGS:
+            raise ValueError(
+                f"positional_encoding must be one of {POSITIONAL_ENCODINGS}, "
+                f"got {self.positional_encoding!r}"
+            )
         self._check_special_ids()
+        self.suppress_ids = check_token_ids("suppress_ids", self.suppress_ids, self.tgt_vocab_size)
         for name in ("encoder_attention_window", "decoder_attention_window"):
             setattr(self, name, check_optional_int(name, getattr(self, name), 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (suppress_ids as a list: what JSON gives back, so a
+        config read from a file compares equal to the one it was written from)."""
+        d = super().to_dict()
+        d["suppress_ids"] = list(self.suppress_ids)
+        return d
 
     def _check_special_ids(self) -> None:
         """pad, bos and eos are target tokens (fed, predicted, padded); EOS must differ from PAD
@@ -103,6 +133,22 @@ class TransformerConfig(JsonConfig):
                 )
         if self.pad_id == self.eos_id:
             raise ValueError(f"pad_id and eos_id: must differ, both are {self.pad_id}")
+
+
+def check_token_ids(name: str, ids: Any, vocab_size: int) -> tuple[int, ...]:
+    """A list or tuple of distinct token ids below vocab_size, as a sorted tuple (JSON stores
+    the tuple as a list: this turns it back)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name}: expected a tuple of token ids, got {type(ids).__name__}")
+    out = []
+    for i, value in enumerate(ids):
+        value = check_int(f"{name}[{i}]", value, 0)
+        if value >= vocab_size:
+            raise ValueError(
+                f"{name}[{i}]: {value} is outside the target vocabulary of {vocab_size}"
+            )
+        out.append(value)
+    return tuple(sorted(set(out)))
 
 
 def check_layer_settings(cfg: Any) -> None:
@@ -120,10 +166,11 @@ def check_layer_settings(cfg: Any) -> None:
 
 
 def check_same_vocabularies(cfg: TransformerConfig) -> None:
-    """tie_embeddings="all" makes the source and target vocabularies one matrix."""
+    """tie_embeddings "all" and "embeddings" make the source and target vocabularies one
+    matrix."""
     if cfg.src_vocab_size != cfg.tgt_vocab_size:
         raise ValueError(
-            'tie_embeddings="all" needs src_vocab_size == tgt_vocab_size, got '
+            f'tie_embeddings="{cfg.tie_embeddings}" needs src_vocab_size == tgt_vocab_size, got '
             f"{cfg.src_vocab_size} and {cfg.tgt_vocab_size}"
         )
 

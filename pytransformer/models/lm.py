@@ -30,7 +30,8 @@ class TransformerLM(Model):
         self.decoder = Decoder(
             self.store, "decoder", cfg, self.ctx, cross=False, window=cfg.decoder_attention_window
         )
-        tied = self.tgt_embed.weight if cfg.tie_embeddings != "none" else None
+        # "embeddings" ties the two input embeddings; an LM has one, so its output is separate.
+        tied = self.tgt_embed.weight if cfg.tie_embeddings not in ("none", "embeddings") else None
         self.output = self._make_output(cfg.tgt_vocab_size, tied)
         self._finish(seed)
 

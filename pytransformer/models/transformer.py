@@ -32,13 +32,16 @@ from .base import Model, batch_field, dense_rows, target_layout
 from .config import TransformerConfig, check_same_vocabularies, check_source_pad
 from .state import DecoderState, attention_capture, check_max_steps, decode_step, new_state
 
+SUPPRESSED_LOGIT = -1e30  # decode_step's logit for config.suppress_ids
+
 
 class Transformer(Model):
     """The encoder-decoder Transformer.
 
     Parameter names: `src_embed.weight`, `tgt_embed.weight` (also the output projection when
-    tie_embeddings="decoder"), `embed.weight` (all three when "all"), `output.weight` (only when
-    "none"), `output.bias` (when output_bias), `encoder.layers.{i}.*`, `decoder.layers.{i}.*`,
+    tie_embeddings="decoder"), `embed.weight` (all three when "all", both embeddings when
+    "embeddings"), `output.weight` (when "none" or "embeddings"), `output.bias` (when
+    output_bias), `encoder.layers.{i}.*`, `decoder.layers.{i}.*`,
     `encoder.norm.*` / `decoder.norm.*` (pre-norm). Each layer: `self_attn.qkv` (3C, C) rows
     [q; k; v], `self_attn.out`, `cross_attn.q`, `cross_attn.kv` (2C, C) rows [k; v],
     `cross_attn.out`, `ffn.fc1`, `ffn.fc2`, `norm1`, `norm2`, (decoder) `norm3`; Linear weights are
@@ -54,10 +57,11 @@ class Transformer(Model):
             )
         check_source_pad(cfg)
         C = cfg.d_model
-        if cfg.tie_embeddings == "all":
+        if cfg.tie_embeddings in ("all", "embeddings"):
             check_same_vocabularies(cfg)
             shared = self.store.add("embed.weight", (cfg.src_vocab_size, C), embedding_init)
-            src_w = tgt_w = out_w = shared
+            src_w = tgt_w = shared
+            out_w = shared if cfg.tie_embeddings == "all" else None
         else:
             src_w = self.store.add("src_embed.weight", (cfg.src_vocab_size, C), embedding_init)
             tgt_w = self.store.add("tgt_embed.weight", (cfg.tgt_vocab_size, C), embedding_init)
@@ -199,12 +203,20 @@ class Transformer(Model):
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Feeds tokens (B,) at position state.step; returns (logits (B, V), attention or None).
         With need_attention: the cross-attention of decoder layer `attention_layer` (negative:
-        from the last), (B, S) averaged over heads, or (B, H, S) with attention_heads."""
+        from the last), (B, S) averaged over heads, or (B, H, S) with attention_heads. The
+        logits of config.suppress_ids are SUPPRESSED_LOGIT, so decoding never emits them."""
         if not need_attention:
-            return decode_step(self, state, tokens, None), None
+            return self._suppress(decode_step(self, state, tokens, None)), None
         capture = attention_capture(attention_layer, attention_heads, len(self.decoder.layers))
-        logits = decode_step(self, state, tokens, capture)
+        logits = self._suppress(decode_step(self, state, tokens, capture))
         return logits, capture.probs[:, :, 0] if capture.per_head else capture.probs[:, 0]
+
+    def _suppress(self, logits: np.ndarray) -> np.ndarray:
+        """config.suppress_ids get a logit no search picks (a large finite value, so scores
+        stay finite arithmetic)."""
+        if self.config.suppress_ids:
+            logits[:, list(self.config.suppress_ids)] = SUPPRESSED_LOGIT
+        return logits
 
     def translate(self, sources: Any, **kwargs: Any) -> Any:
         """Decodes a list of source id sequences: see `pytransformer.decode.translate`."""

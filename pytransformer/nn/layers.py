@@ -193,17 +193,40 @@ class Linear:
 
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
     """(max_len, C): PE[pos, 2i] = sin(pos / 10000^(2i/C)), PE[pos, 2i+1] = cos(same angle)."""
-    pos = np.arange(max_len, dtype=np.float64)[:, None]
-    two_i = np.arange(0, d_model, 2, dtype=np.float64)
-    angle = pos / np.power(10000.0, two_i / d_model)
+    return position_table("interleaved", max_len, d_model)
+
+
+def position_table(kind: str, max_len: int, d_model: int) -> np.ndarray:
+    """(max_len, C) float32 sinusoidal positions of one of three layouts, angle(pos, i) =
+    pos * rate_i for the h = ceil(C/2) rates i < h:
+
+    "interleaved" (the paper): PE[pos, 2i] = sin, PE[pos, 2i+1] = cos, rate_i = 10000^(-2i/C);
+    "halves" (Marian, fairseq): PE[pos, :h] = sin, PE[pos, h:] = cos, the same rates;
+    "tensor2tensor" (CTranslate2's table when a model stores none, from OpenNMT-tf): halves,
+    with rate_i = 10000^(-i/(C/2 - 1)), and row p holding position p + 1 (those count from 1).
+    """
+    pos = np.arange(max_len, dtype=np.float64)[:, None] + (kind == "tensor2tensor")
+    half = (d_model + 1) // 2
+    i = np.arange(half, dtype=np.float64)
+    if kind == "tensor2tensor":
+        rates = np.exp(-math.log(10000.0) * i / max(d_model // 2 - 1, 1))
+    elif kind in ("interleaved", "halves"):
+        rates = np.power(10000.0, -2.0 * i / d_model)
+    else:
+        raise ValueError(f"positional_encoding: unknown kind {kind!r}")
+    angle = pos * rates
     pe = np.empty((max_len, d_model), np.float64)
-    pe[:, 0::2] = np.sin(angle)
-    pe[:, 1::2] = np.cos(angle[:, : d_model // 2])
+    if kind == "interleaved":
+        pe[:, 0::2] = np.sin(angle)
+        pe[:, 1::2] = np.cos(angle[:, : d_model // 2])
+    else:
+        pe[:, :half] = np.sin(angle)
+        pe[:, half:] = np.cos(angle[:, : d_model - half])
     return pe.astype(np.float32)
 
 
 class Embedding:
-    """Token embedding x sqrt(C) plus sinusoidal positions, then dropout."""
+    """Token embedding x scale (default sqrt(C)) plus sinusoidal positions, then dropout."""
 
     def __init__(
         self,
@@ -215,6 +238,7 @@ class Embedding:
         dropout: float,
         ctx: Context,
         weight: Param | None = None,
+        scale: float | None = None,
     ) -> None:
         self.weight = (
             weight
@@ -222,7 +246,7 @@ class Embedding:
             else store.add(f"{name}.weight", (vocab_size, d_model), embedding_init)
         )
         self.positions = positions
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale is None else float(scale)
         self.dropout = Dropout(dropout, ctx)
         self.ctx = ctx
         self.ids: np.ndarray | None = None
@@ -286,7 +310,8 @@ class LayerNorm:
 
 
 class FeedForward:
-    """FFN(x) = act(x W1^T + b1) W2^T + b2, activation fused into the first GEMM's epilogue."""
+    """FFN(x) = act(x W1^T + b1) W2^T + b2; ReLU and GELU are fused into the first GEMM's
+    epilogue, swish (SiLU, x * sigmoid(x)) is a kernel of its own after it."""
 
     def __init__(
         self, store: ParamStore, name: str, d_model: int, d_ff: int, activation: str, ctx: Context
@@ -298,7 +323,13 @@ class FeedForward:
         self.saved: tuple | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        if self.activation == "gelu" and self.ctx.cache:
+        if self.activation == "swish":
+            a = self.fc1.forward(x)
+            if self.ctx.cache:
+                h = swish(a)  # the backward needs the pre-activation a
+            else:
+                h, a = ops.swish(a, out=a), None
+        elif self.activation == "gelu" and self.ctx.cache:
             # GELU's derivative needs the pre-activation, so keep it beside the activation.
             a = self.fc1.forward(x)
             h = ops.gelu(a)
@@ -315,7 +346,19 @@ class FeedForward:
         dh = self.fc2.backward(dy, h)
         if self.activation == "relu":
             dh = ops.relu_backward(dh, h)
+        elif self.activation == "swish":
+            dh = swish_backward(dh, a)
         else:
             dh = ops.gelu_backward(dh, a)
         del a, h
         return self.fc1.backward(dh, x)
+
+
+def swish(a: np.ndarray) -> np.ndarray:
+    """SiLU: a * sigmoid(a) (a fresh float32 array; the native kernel)."""
+    return ops.swish(a)
+
+
+def swish_backward(dy: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """dy * swish'(a) = dy * sigmoid(a) * (1 + a * (1 - sigmoid(a)))."""
+    return ops.swish_backward(dy, a)

@@ -19,6 +19,8 @@ __all__ = [
     "gelu",
     "gelu_backward",
     "relu_backward",
+    "swish",
+    "swish_backward",
     "embedding",
     "embedding_backward",
     "dropout",
@@ -52,6 +54,16 @@ def gelu(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
 def gelu_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``dout * gelu'(x)`` where x is the pre-activation the forward saw."""
     return _C.gelu_backward(dout, x)
+
+
+def swish(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """SiLU ``x * sigmoid(x)`` (Marian's "swish"). ``out`` as for `gelu`."""
+    return _C.swish(x, out=out)
+
+
+def swish_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``dout * swish'(x)`` where x is the pre-activation the forward saw."""
+    return _C.swish_backward(dout, x)
 
 
 def relu_backward(dout: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from ..io import atomic_write_text
+from .vocab import VocabTokenizer
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -125,7 +126,9 @@ class SentencePieceTokenizer:
         atomic_write_text(path, json.dumps({"type": "sentencepiece", "model": blob}))
 
 
-def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | SentencePieceTokenizer:
+def load_tokenizer(
+    path: str | os.PathLike,
+) -> CharTokenizer | SentencePieceTokenizer | VocabTokenizer:
     """Loads a tokenizer written by ``save``."""
     try:
         data = json.loads(pathlib.Path(path).read_text())
@@ -136,6 +139,11 @@ def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | SentencePieceToke
         return CharTokenizer(data["chars"])
     if kind == "sentencepiece":
         return SentencePieceTokenizer(base64.b64decode(data["model"]))
+    if kind == "vocab":  # an imported model's vocabulary (text.vocab)
+        try:
+            return VocabTokenizer.from_dict(data)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"path: {path} is not a valid vocab tokenizer ({exc})") from exc
     raise ValueError(f"path: unknown tokenizer type {kind!r} in {path}")
 
 
