@@ -1,0 +1,123 @@
+// int8 GEMM op logic: weight packing, activation quantisation and widening, ISA dispatch. The
+// multiply-adds run in qgemm_isa.cc.
+#include "qgemm/qgemm.h"
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+
+#include "core/isa.h"
+#include "core/threading.h"
+#include "qgemm/qgemm_kernels.h"
+
+namespace pt {
+
+namespace {
+
+index_t even(index_t k) { return (k + 1) / 2 * 2; }
+
+// Scratch for the widened activations (M x Kp int16) and the row factors (M floats), from the
+// calling thread's scratch memory (the kernel is done with it before the thread's next call).
+struct Widened {
+  std::int16_t* a;
+  float* row_inv;
+};
+
+Widened widened_scratch(index_t M, index_t Kp) {
+  const index_t a_floats = (M * Kp + 1) / 2;
+  float* s = thread_scratch(static_cast<size_t>(a_floats + M + 16));
+  return {reinterpret_cast<std::int16_t*>(s), s + a_floats};
+}
+
+// Quantises one row: q[k] = round(x[k] * s) with s = 127 / max|x| (round half to even); returns s,
+// NaN for a row holding inf or NaN (then q is all zero).
+template <class Out>
+float quantize_row(Out* q, const float* x, index_t K) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (index_t k = 0; k < K; ++k) {
+    const float v = std::fabs(x[k]);
+    finite = finite && std::isfinite(v);
+    amax = v > amax ? v : amax;
+  }
+  if (!finite) {
+    for (index_t k = 0; k < K; ++k) q[k] = 0;
+    return std::nanf("");
+  }
+  const float s = amax > 0.0f ? 127.0f / amax : 1.0f;
+  for (index_t k = 0; k < K; ++k) {
+    float r = std::nearbyint(x[k] * s);
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);  // x * s may round just past 127
+    q[k] = static_cast<Out>(r);
+  }
+  return s;
+}
+
+}  // namespace
+
+index_t qpacked_size(index_t N, index_t K) { return (N + kQNR - 1) / kQNR * kQNR * even(K); }
+
+void qpack_weight(std::int8_t* dst, const std::int8_t* w, index_t ldw, index_t N, index_t K) {
+  const index_t panels = (N + kQNR - 1) / kQNR, pairs = even(K) / 2;
+  std::memset(dst, 0, static_cast<size_t>(qpacked_size(N, K)));
+  parallel_for(panels, [&](std::int64_t q) {
+    std::int8_t* panel = dst + q * pairs * 2 * kQNR;
+    const index_t cols = N - q * kQNR < kQNR ? N - q * kQNR : kQNR;
+    for (index_t j = 0; j < cols; ++j) {
+      const std::int8_t* row = w + (q * kQNR + j) * ldw;
+      for (index_t k = 0; k < K; ++k) panel[(k / 2) * 2 * kQNR + 2 * j + (k & 1)] = row[k];
+    }
+  });
+}
+
+void qgemm_s32(std::int32_t* c, index_t ldc, const std::int8_t* a, index_t lda, const std::int8_t* packed,
+               index_t M, index_t N, index_t K) {
+  if (M <= 0 || N <= 0) return;
+  const index_t Kp = even(K);
+  const Widened wide = widened_scratch(M, Kp);
+  for (index_t m = 0; m < M; ++m) {
+    std::int16_t* row = wide.a + m * Kp;
+    for (index_t k = 0; k < K; ++k) row[k] = a[m * lda + k];
+    for (index_t k = K; k < Kp; ++k) row[k] = 0;
+  }
+  QRun run;
+  run.a = wide.a, run.lda = Kp, run.b = packed;
+  run.M = M, run.N = N, run.Kp = Kp;
+  run.c32 = c, run.ldc32 = ldc;
+  PT_DISPATCH(qgemm_run)(run);
+}
+
+void quantize_rows(std::int8_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M, index_t K) {
+  for (index_t m = 0; m < M; ++m) scale[m] = quantize_row(q + m * ldq, x + m * ldx, K);
+}
+
+void qlinear_forward(const QLinearArgs& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  const index_t Kp = even(p.K);
+  const Widened wide = widened_scratch(p.M, Kp);
+  for (index_t m = 0; m < p.M; ++m) {
+    std::int16_t* row = wide.a + m * Kp;
+    const float s = quantize_row(row, p.x + m * p.ldx, p.K);
+    for (index_t k = p.K; k < Kp; ++k) row[k] = 0;
+    wide.row_inv[m] = 1.0f / s;
+  }
+  // 1 / w_scale per column, on the stack for the usual widths (one division per column, not per
+  // element); wider outputs use a heap buffer.
+  float stack_inv[4096];
+  float* col_inv = stack_inv;
+  std::unique_ptr<float[]> heap_inv;
+  if (p.N > 4096) {
+    heap_inv.reset(new float[static_cast<size_t>(p.N)]);
+    col_inv = heap_inv.get();
+  }
+  for (index_t n = 0; n < p.N; ++n) col_inv[n] = 1.0f / p.w_scale[n];
+  QRun run;
+  run.a = wide.a, run.lda = Kp, run.b = p.packed;
+  run.M = p.M, run.N = p.N, run.Kp = Kp;
+  run.c = p.c, run.ldc = p.ldc;
+  run.row_inv = wide.row_inv, run.col_inv = col_inv;
+  run.bias = p.bias, run.act = p.act;
+  PT_DISPATCH(qgemm_run)(run);
+}
+
+}  // namespace pt

@@ -1,0 +1,133 @@
+// The int8 GEMM kernel, per ISA: register tiles of up to kQMR rows x 16 columns over the packed
+// weight panels, int32 accumulation, then the write-back (raw int32, or dequantised floats with
+// bias and activation). AVX2 widens each 16-byte half of a weight k-pair row with vpmovsxbw and
+// multiplies it by a broadcast activation pair with vpmaddwd; the generic build runs the same sums
+// as plain integer loops. Integer sums are exact, so both give identical int32 results.
+#include <cstring>
+
+#include "core/isa_unit.h"
+#include "core/threading.h"
+#include "gemm/epilogue.h"
+#include "qgemm/qgemm_kernels.h"
+
+#if defined(PT_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace pt {
+namespace PT_ISA_NS {
+namespace {
+
+// Rows per register tile: 6 x 2 int32 accumulators + 2 weight vectors + 1 broadcast = 15 of the
+// 16 ymm registers. Decoding products (M = 1..64) run the same tiles with fewer rows, so a small M
+// reads each weight panel once per 6 rows and never packs anything but its own activations.
+constexpr int kQMR = 6;
+// Rows per block of tasks: a thread's tasks sweep the panels of one block of rows at a time, so the
+// block's activations (kQMC x Kp int16, 96 KiB at K = 512) stay in L2 while the panels stream by.
+constexpr index_t kQMC = 96;
+constexpr int NR = static_cast<int>(kQNR);
+
+#if defined(PT_ISA_AVX2)
+
+template <int R>
+void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (index_t p = 0; p < pairs; ++p) {
+    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p)));
+    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p + 16)));
+    for (int r = 0; r < R; ++r) {
+      std::int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
+      const __m256i av = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR), acc[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR + 8), acc[r][1]);
+  }
+}
+
+#else
+
+template <int R>
+void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
+  std::int32_t acc[R][kQNR] = {};
+  for (index_t p = 0; p < pairs; ++p) {
+    const std::int8_t* bp = b + 32 * p;
+    for (int r = 0; r < R; ++r) {
+      const std::int32_t a0 = a[r * lda + 2 * p], a1 = a[r * lda + 2 * p + 1];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a0 * bp[2 * j] + a1 * bp[2 * j + 1];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j) out[r * NR + j] = acc[r][j];
+}
+
+#endif
+
+void run_tile(int rows, const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs,
+              std::int32_t* out) {
+  switch (rows) {
+    case 1: return tile<1>(a, lda, b, pairs, out);
+    case 2: return tile<2>(a, lda, b, pairs, out);
+    case 3: return tile<3>(a, lda, b, pairs, out);
+    case 4: return tile<4>(a, lda, b, pairs, out);
+    case 5: return tile<5>(a, lda, b, pairs, out);
+    default: return tile<6>(a, lda, b, pairs, out);
+  }
+}
+
+// Writes rows [m0, m0 + rows) x columns [n0, n0 + cols) of the result from the tile's sums.
+void write_tile(const QRun& q, const std::int32_t* acc, index_t m0, int rows, index_t n0, int cols) {
+  if (q.c32) {
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < cols; ++j) q.c32[(m0 + r) * q.ldc32 + n0 + j] = acc[r * NR + j];
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* row = q.c + (m0 + r) * q.ldc + n0;
+    const float ra = q.row_inv[m0 + r];
+    for (int j = 0; j < cols; ++j) row[j] = static_cast<float>(acc[r * NR + j]) * (ra * q.col_inv[n0 + j]);
+  }
+  if (q.bias || q.act != Activation::none)
+    epilogue_rows(q.c + m0 * q.ldc + n0, q.ldc, rows, cols, true, q.bias ? q.bias + n0 : nullptr, q.act);
+}
+
+// Threads worth using: one per 256k multiply-adds, as the float GEMM.
+int useful_threads(const QRun& q) {
+  const double work = static_cast<double>(q.M) * static_cast<double>(q.N) * static_cast<double>(q.Kp);
+  const int nt = num_threads();
+  const double cap = work / (1 << 18);
+  return cap < 1.0 ? 1 : (cap < nt ? static_cast<int>(cap) : nt);
+}
+
+}  // namespace
+
+// Tasks are (row block, panel) pairs in row-block-major order; each thread takes one contiguous
+// range. Every output element is one exact integer sum and one fixed float expression, so the
+// split (and the thread count) never changes a bit.
+void qgemm_run(const QRun& q) {
+  const index_t panels = (q.N + kQNR - 1) / kQNR, blocks = (q.M + kQMC - 1) / kQMC;
+  const index_t tasks = panels * blocks, pairs = q.Kp / 2;
+  run_team(useful_threads(q), [&](int t, int team) {
+    alignas(32) std::int32_t acc[kQMR * kQNR];
+    const index_t t1 = tasks * (t + 1) / team;
+    for (index_t task = tasks * t / team; task < t1; ++task) {
+      const index_t blk = task / panels, panel = task % panels;
+      const index_t n0 = panel * kQNR, m_end = blk * kQMC + kQMC < q.M ? blk * kQMC + kQMC : q.M;
+      const int cols = static_cast<int>(q.N - n0 < kQNR ? q.N - n0 : kQNR);
+      const std::int8_t* b = q.b + panel * pairs * 2 * kQNR;
+      for (index_t m0 = blk * kQMC; m0 < m_end; m0 += kQMR) {
+        const int rows = static_cast<int>(m_end - m0 < kQMR ? m_end - m0 : kQMR);
+        run_tile(rows, q.a + m0 * q.lda, q.lda, b, pairs, acc);
+        write_tile(q, acc, m0, rows, n0, cols);
+      }
+    }
+  });
+}
+
+}  // namespace PT_ISA_NS
+}  // namespace pt
