@@ -46,8 +46,9 @@ class Translator:
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Translator:
-        """Loads ``directory/model`` (or, before training finished, the newest checkpoint)."""
+    def load(cls, directory: str | os.PathLike, compute_type: str = "float32") -> Translator:
+        """Loads ``directory/model`` (or, before training finished, the newest checkpoint);
+        compute_type "int8" runs its Linear layers in int8 (see `Transformer.load`)."""
         root = pathlib.Path(directory)
         if not root.is_dir():
             raise FileNotFoundError(f"directory: {root} does not exist")
@@ -57,7 +58,7 @@ class Translator:
             if latest is None:
                 raise FileNotFoundError(f"directory: no model or checkpoint under {root}")
             model_dir = pathlib.Path(latest)
-        model = Transformer.load(model_dir)
+        model = Transformer.load(model_dir, compute_type=compute_type)
         return cls(model, load_tokenizer(root / "src_tokenizer.json"),
                    load_tokenizer(root / "tgt_tokenizer.json"))
 

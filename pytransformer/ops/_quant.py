@@ -44,7 +44,8 @@ def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     w = _float_matrix("weight", weight)
     amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 1).astype(np.float32)
+    safe = np.where(amax > 0, amax, 1)
+    scale = np.where(amax > 0, np.float32(127.0) / safe, 1).astype(np.float32)
     q = np.rint(w * scale[:, None])
     np.clip(q, -127, 127, out=q)
     return q.astype(np.int8), scale
@@ -116,7 +117,8 @@ class QuantizedWeight:
         """The int8 rows q (out_features, in_features) the panels were packed from."""
         panels, pairs, _ = self.data.shape
         rows = self.data.reshape(panels, pairs, 16, 2).transpose(0, 2, 1, 3)
-        return np.ascontiguousarray(rows.reshape(panels * 16, pairs * 2)[: self.out_features, : self.in_features])
+        rows = rows.reshape(panels * 16, pairs * 2)[: self.out_features, : self.in_features]
+        return np.ascontiguousarray(rows)
 
     def dequantize(self) -> np.ndarray:
         """The float32 W this weight approximates: ``q / scale[:, None]``."""
@@ -160,7 +162,9 @@ def qlinear(
             the wrong shape, or activation is unknown.
     """
     _check_weight(weight)
-    return _C.qlinear(x, weight.data, weight.out_features, weight.scale, bias=bias, activation=activation)
+    return _C.qlinear(
+        x, weight.data, weight.out_features, weight.scale, bias=bias, activation=activation
+    )
 
 
 def _check_weight(weight: object) -> None:
