@@ -40,15 +40,19 @@ void check_k(std::int64_t K, const char* name) {
                           ", past which the int32 sums could overflow");
 }
 
-// The packed array of qpack_weight for n rows, checked against the inner dimension K.
-const std::int8_t* checked_packed(const py::array_t<std::int8_t>& pk, std::int64_t n, std::int64_t K) {
+// The packed array of qpack_weight for an (n, k) weight, checked against the operand's K.
+const std::int8_t* checked_packed(const py::array_t<std::int8_t>& pk, std::int64_t n, std::int64_t k,
+                                  std::int64_t K) {
   const std::int64_t panels = (n + kQNR - 1) / kQNR;
   if (n < 1 || pk.shape(0) != panels || pk.shape(2) != 2 * kQNR)
     throw py::value_error("packed: expected the (ceil(n / 16), ceil(K / 2), 32) array of qpack_weight for n=" +
                           std::to_string(n) + ", got shape " + shape_str(pk));
-  if (pk.shape(1) != (K + 1) / 2)
-    throw py::value_error("a: inner dimension K=" + std::to_string(K) + " does not fit the packed weight's " +
-                          std::to_string(pk.shape(1)) + " k-pairs");
+  if (k < 1 || pk.shape(1) != (k + 1) / 2)
+    throw py::value_error("packed: " + std::to_string(pk.shape(1)) + " k-pairs do not hold k=" + std::to_string(k) +
+                          " columns");
+  if (K != k)
+    throw py::value_error("a: inner dimension K=" + std::to_string(K) + " differs from the weight's " +
+                          std::to_string(k) + " columns");
   return pk.data();
 }
 
@@ -76,12 +80,12 @@ py::object qpack_weight_py(const py::object& w_obj) {
   return out;
 }
 
-py::object qgemm_s32_py(const py::object& a_obj, const py::object& packed_obj, std::int64_t n) {
+py::object qgemm_s32_py(const py::object& a_obj, const py::object& packed_obj, std::int64_t n, std::int64_t k) {
   const py::array_t<std::int8_t> a = int8_array(a_obj, "a", 2);
   const py::array_t<std::int8_t> pk = int8_array(packed_obj, "packed", 3);
   const std::int64_t M = a.shape(0), K = a.shape(1);
   check_k(K, "a");
-  const std::int8_t* b = checked_packed(pk, n, K);
+  const std::int8_t* b = checked_packed(pk, n, k, K);
   py::array_t<std::int32_t> out(std::vector<py::ssize_t>{M, n});
   std::int32_t* c = out.mutable_data();
   {
@@ -106,7 +110,7 @@ py::tuple quantize_rows_py(const py::object& x_obj) {
   return py::make_tuple(q, scale);
 }
 
-py::object qlinear_py(const py::object& x_obj, const py::object& packed_obj, std::int64_t n,
+py::object qlinear_py(const py::object& x_obj, const py::object& packed_obj, std::int64_t n, std::int64_t k,
                       const py::object& scale_obj, const py::object& bias_obj, const py::object& activation) {
   const py::array_t<float> x = f32_rows(x_obj, "x");
   const py::array_t<std::int8_t> pk = int8_array(packed_obj, "packed", 3);
@@ -114,7 +118,7 @@ py::object qlinear_py(const py::object& x_obj, const py::object& packed_obj, std
   const std::int64_t K = x.shape(x.ndim() - 1);
   const std::int64_t M = x.ndim() == 3 ? x.shape(0) * x.shape(1) : x.shape(0);
   check_k(K, "x");
-  const std::int8_t* b = checked_packed(pk, n, K);
+  const std::int8_t* b = checked_packed(pk, n, k, K);
   const auto vec_n = [n](const py::object& obj, const char* name) {
     py_helpers::F32View v = py_helpers::f32_view(obj, name, {1});
     if (v.dim(0) != n) py_helpers::shape_error(name, {n}, v.shape);
@@ -145,11 +149,11 @@ py::object qlinear_py(const py::object& x_obj, const py::object& packed_obj, std
 void register_qgemm(py::module_& m) {
   m.def("qpack_weight", &qpack_weight_py, py::arg("weight"),
         "int8 W (N, K) -> the (ceil(N / 16), ceil(K / 2), 32) int8 panels; see pytransformer.ops.QuantizedWeight");
-  m.def("qgemm_s32", &qgemm_s32_py, py::arg("a"), py::arg("packed"), py::arg("n"),
+  m.def("qgemm_s32", &qgemm_s32_py, py::arg("a"), py::arg("packed"), py::arg("n"), py::arg("k"),
         "Exact int32 a (M, K) int8 @ W^T with W packed by qpack_weight; see pytransformer.ops.qmatmul_s32");
   m.def("quantize_rows", &quantize_rows_py, py::arg("x"),
         "float32 x (M, K) -> (int8 q, float32 scale (M,)), q = round(x * scale), scale = 127 / max|row|");
-  m.def("qlinear", &qlinear_py, py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("scale"),
+  m.def("qlinear", &qlinear_py, py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("k"), py::arg("scale"),
         py::arg("bias") = py::none(), py::arg("activation") = py::none(),
         "act(dequant(quantize_rows(x) @ W^T) + bias); see pytransformer.ops.qlinear");
 }

@@ -18,6 +18,7 @@ import numpy as np
 from .._native import _C
 
 __all__ = [
+    "QMAX_K",
     "QuantizedWeight",
     "dequantize_int8",
     "qlinear",
@@ -138,7 +139,7 @@ def qmatmul_s32(a: np.ndarray, weight: QuantizedWeight) -> np.ndarray:
         ValueError: a is not 2-D or its K differs from weight.in_features.
     """
     _check_weight(weight)
-    return _C.qgemm_s32(a, weight.data, weight.out_features)
+    return _C.qgemm_s32(a, weight.data, weight.out_features, weight.in_features)
 
 
 def qlinear(
@@ -163,7 +164,8 @@ def qlinear(
     """
     _check_weight(weight)
     return _C.qlinear(
-        x, weight.data, weight.out_features, weight.scale, bias=bias, activation=activation
+        x, weight.data, weight.out_features, weight.in_features, weight.scale, bias=bias,
+        activation=activation,
     )
 
 
