@@ -73,8 +73,8 @@ def test_quantize_validation():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A random 2+2-layer model saved float32 and int8 (tie_embeddings='none', so every
-    Linear weight, the output projection's included, leaves the float buffer)."""
+    """A random 2+2-layer model saved float32 and int8 (tie_embeddings='none': the embeddings
+    and the output projection are separate weights)."""
     cfg = small_config(61, 64, layers=2, max_len=40, tie_embeddings="none", dropout=0.0)
     model = pt.Transformer(cfg, seed=5).eval()
     d = tmp_path_factory.mktemp("q")
@@ -88,6 +88,11 @@ def sources(rng, n=6, vocab=61, max_len=14):
     return [list(rng.integers(3, vocab, int(length))) for length in lengths]
 
 
+# Decoder inputs of step_logits: fixed, so both models see the same prefix (their own argmax
+# would part at a near-tie, and the logits after that compare different prefixes).
+FORCED = np.random.default_rng(7).integers(3, 37, (6, 6))
+
+
 def step_logits(model, src, steps=6):
     lengths = np.array([len(s) for s in src])
     ids = np.zeros((len(src), lengths.max()), np.int64)
@@ -97,10 +102,10 @@ def step_logits(model, src, steps=6):
     state = model.init_decoder_state(mem, lengths, steps)
     tokens = np.full(len(src), model.config.bos_id)
     out = []
-    for _ in range(steps):
+    for step in range(steps):
         logits, _ = model.decode_step(state, tokens)
         out.append(logits)
-        tokens = logits.argmax(1)  # the same prefix for both models: the float32 one's
+        tokens = FORCED[step, : len(src)]
     return np.stack(out)
 
 
@@ -121,14 +126,15 @@ def test_int8_checkpoint_is_smaller_and_loads(saved, rng):
     f32_file, int8_file = d / "f32" / "model.safetensors", d / "int8" / "model.safetensors"
     header = io.read_safetensors_header(int8_file)
     tensors = header[0] if isinstance(header, tuple) else header
-    linears = quantize.model_linears(model)
-    for layer in linears:
-        assert tensors[layer.weight.name][0] == "I8"
-        assert tensors[layer.weight.name + "_scale"][0] == "F32"
+    weights = [param for param, _ in quantize.quantized_params(model).values()]
+    assert len(weights) == 2 + 2 * 4 + 2 * 7 + 1  # embeddings, encoder, decoder, output
+    for param in weights:
+        assert tensors[param.name][0] == "I8"
+        assert tensors[param.name + "_scale"][0] == "F32"
     # Each float32 weight became int8 rows (a quarter of its bytes) plus one float32 scale per
     # row; allow 4 KiB for the longer header.
-    linear_bytes = sum(layer.weight.data.nbytes for layer in linears)
-    int8_bytes = sum(layer.weight.size + 4 * layer.weight.shape[0] for layer in linears)
+    linear_bytes = sum(param.data.nbytes for param in weights)
+    int8_bytes = sum(param.size + 4 * param.shape[0] for param in weights)
     saved_bytes = os.path.getsize(f32_file) - os.path.getsize(int8_file)
     assert saved_bytes >= linear_bytes - int8_bytes - 4096
     src = sources(rng)
@@ -145,9 +151,12 @@ def test_int8_checkpoint_is_smaller_and_loads(saved, rng):
 def test_int8_model_memory_and_training_refused(saved):
     model, d = saved
     q = pt.Transformer.load(d / "int8", compute_type="int8")
-    linear_floats = sum(layer.weight.size for layer in quantize.model_linears(model))
-    assert q.param_buffer.size <= model.param_buffer.size - linear_floats
-    assert all(np.isnan(layer.weight.data).all() for layer in quantize.model_linears(q))
+    groups = quantize.quantized_params(model)
+    released = sum(param.size for param, _ in groups.values())
+    assert q.param_buffer.size <= model.param_buffer.size - released
+    assert all(np.isnan(p.data).all() for p, _ in quantize.quantized_params(q).values())
+    with pytest.raises(RuntimeError, match="inference only"):
+        q.src_embed.backward(np.ones((1, 64), np.float32))
     with pytest.raises(RuntimeError, match="inference only"):
         q.output.backward(np.ones((1, 61), np.float32), np.ones((1, 64), np.float32))
     # saving an int8 model again gives the same file contents
@@ -158,19 +167,29 @@ def test_int8_model_memory_and_training_refused(saved):
 
 
 def test_tied_output_projection(rng, tmp_path):
-    """With tie_embeddings='decoder' the output projection runs int8 while the embedding it shares
-    stays float32 (and is saved once, as float32)."""
+    """With tie_embeddings='decoder' the target embedding and the output projection read one
+    QuantizedWeight, saved once as int8; the embedding rows it gathers are the dequantised ones."""
     cfg = small_config(37, 32, layers=1, max_len=30, tie_embeddings="decoder")
     model = pt.Transformer(cfg, seed=2).eval()
     q = quantize.quantize_model(pt.Transformer(cfg, seed=2).eval())
-    assert q.output.quantized is not None
-    np.testing.assert_array_equal(q.tgt_embed.weight.data, model.tgt_embed.weight.data)
+    assert q.output.quantized is q.tgt_embed.quantized is not None
+    w = model.tgt_embed.weight.data
+    ids = rng.integers(0, 37, (3, 5))
+    rows = q.tgt_embed.quantized.dequantize_rows(ids, scale=2.0)
+    qi, s = ops.quantize_int8(w)
+    np.testing.assert_allclose(rows, 2.0 * qi[ids] / s[ids][..., None], rtol=1e-6)
+    assert np.abs(rows - 2.0 * w[ids]).max() <= 2.0 * 0.5 / s.min() * (1 + 1e-5)
+    with pytest.raises(IndexError, match="id 37"):
+        q.tgt_embed.quantized.dequantize_rows(np.array([1, 37]))
+    with pytest.raises(TypeError, match="ids: expected an integer"):
+        q.tgt_embed.quantized.dequantize_rows(np.array([1.0]))
     q.save(tmp_path)
     tensors, _ = io.load_safetensors(tmp_path / "model.safetensors")
-    assert tensors["tgt_embed.weight"].dtype == np.float32
+    assert tensors["tgt_embed.weight"].dtype == np.int8 and "output.weight" not in tensors
     src = sources(rng, vocab=37)
-    again = step_logits(pt.Transformer.load(tmp_path, compute_type="int8"), src)
-    np.testing.assert_array_equal(again, step_logits(q, src))
+    again = pt.Transformer.load(tmp_path, compute_type="int8")
+    assert again.output.quantized is again.tgt_embed.quantized
+    np.testing.assert_array_equal(step_logits(again, src), step_logits(q, src))
 
 
 def test_bad_int8_checkpoints(saved, tmp_path):

@@ -1,16 +1,20 @@
 """int8 inference for the token models: every Linear of the encoder and decoder, the output
-projection included, as an `ops.QuantizedWeight` (symmetric per-output-row int8 with float32
-scales, CTranslate2's ``int8``), activations quantized per row before each product. Attention,
-layer norm, softmax and the embeddings stay float32.
+projection included, and the token embeddings as `ops.QuantizedWeight` (symmetric per-row int8
+with float32 scales, CTranslate2's ``int8``); activations are quantized per row before each
+product. Attention, layer norm, softmax, biases and the position table stay float32.
 
-Why the embeddings stay float32: a gather reads one row per token, so int8 tables would save
-memory but no time, and a tied output projection gets its own int8 copy anyway. The memory cost
-is in bench/bench_int8.py (resident memory of a loaded base model, int8 against float32).
+Why the embeddings are int8 too: measured on the base config (32k vocabularies, d_model 512,
+embeddings tied to the output projection), float32 embeddings held 131 MB of the 190 MB an int8
+model then kept resident (0.65x of the float32 model's 294 MB). A gather reads one row per
+token, so int8 tables cost no speed; a table tied to the output projection is one
+QuantizedWeight read by both (rows are gathered straight from its panels), so it is stored once.
+With int8 embeddings the loaded base model holds 82 MB resident (0.28x of float32; the figures
+come from `bench/bench_int8.py --configs base --memory-only`).
 
-A quantized model is for inference: its Linear weights leave the float parameter buffer (only
-their int8 panels stay), `parameters()` lists the float parameters that remain, `save` stores the
-int8 rows and scales (``<name>.weight`` int8, ``<name>.weight_scale`` float32) and training it
-raises. Load a checkpoint with ``compute_type="float32"`` to train or fine-tune.
+A quantized model is for inference: those weights leave the float parameter buffer (only their
+int8 panels stay), `parameters()` lists the float parameters that remain, `save` stores the int8
+rows and scales (``<name>.weight`` int8, ``<name>.weight_scale`` float32) and training raises.
+Load a checkpoint with ``compute_type="float32"`` to train or fine-tune.
 """
 
 from __future__ import annotations
@@ -58,6 +62,20 @@ def model_linears(model: Any) -> list[Linear]:
     return [m for m in _modules(roots) if isinstance(m, Linear)]
 
 
+def model_embeddings(model: Any) -> list[Embedding]:
+    """The token embeddings of the model."""
+    return [m for m in _modules(list(vars(model).values())) if isinstance(m, Embedding)]
+
+
+def quantized_params(model: Any) -> dict[str, tuple[Any, list[Any]]]:
+    """{parameter name: (Param, the Linear and Embedding modules reading it)}: what int8
+    inference stores as int8 (a tied weight is one entry read by several modules)."""
+    groups: dict[str, tuple[Any, list[Any]]] = {}
+    for m in [*model_linears(model), *model_embeddings(model)]:
+        groups.setdefault(m.weight.name, (m.weight, []))[1].append(m)
+    return groups
+
+
 def compute_type(model: Any) -> str:
     """"int8" once `quantize_model` ran on the model, else "float32"."""
     return getattr(model, "compute_type", "float32")
@@ -68,35 +86,29 @@ def quantize_model(
 ) -> Any:
     """Switches model to int8 inference in place and returns it.
 
-    weights: int8 rows and scales by weight name (from an int8 checkpoint), used as they are;
-    the other Linear weights are quantized from their float values. Linear weights not shared
-    with an embedding leave the parameter buffer. A model already in int8 is returned as is.
+    weights: int8 rows and scales by parameter name (from an int8 checkpoint), used as they
+    are; the other Linear and embedding weights are quantized from their float values. Those
+    weights then leave the float parameter buffer. A model already in int8 is returned as is.
     """
     if compute_type(model) == "int8":
         return model
     weights = weights or {}
-    linears = model_linears(model)
-    for layer in linears:
-        given = weights.get(layer.weight.name)
-        if given:
-            layer.quantized = ops.QuantizedWeight(*given)
-        else:
-            layer.quantized = ops.QuantizedWeight.from_float(layer.weight.data)
-    _release(model, {layer.weight.name for layer in linears})
+    groups = quantized_params(model)
+    for name, (param, modules) in groups.items():
+        given = weights.get(name)
+        qw = ops.QuantizedWeight(*given) if given else ops.QuantizedWeight.from_float(param.data)
+        for m in modules:
+            m.quantized = qw
+    _release(model, set(groups))
     model.compute_type = "int8"
     return model
 
 
-def _embedding_params(model: Any) -> set[str]:
-    return {m.weight.name for m in _modules(list(vars(model).values())) if isinstance(m, Embedding)}
-
-
 def _release(model: Any, names: set[str]) -> None:
-    """Drops the parameters `names` (but those an embedding reads) from the model's buffers: the
-    remaining ones move to new, smaller buffers; a dropped Param's views become read-only NaN so
-    any float use of it shows."""
+    """Drops the parameters `names` from the model's buffers: the remaining ones move to new,
+    smaller buffers; a dropped Param's views become read-only NaN so any float use shows."""
     store = model.store
-    names = {n for n in names if n in store.params} - _embedding_params(model)
+    names = {n for n in names if n in store.params}
     kept = {n: p.data.copy() for n, p in store.params.items() if n not in names}
     for n in names:
         p = store.params.pop(n)
@@ -109,15 +121,14 @@ def _release(model: Any, names: set[str]) -> None:
 
 def quantized_tensors(model: Any) -> dict[str, np.ndarray]:
     """What `save` adds for an int8 model: ``<weight name>`` (int8 rows) and
-    ``<weight name>_scale`` (float32) of every Linear whose float weight was released."""
+    ``<weight name>_scale`` (float32) of every weight that left the float buffer."""
     if compute_type(model) != "int8":
         return {}
     out: dict[str, np.ndarray] = {}
-    for layer in model_linears(model):
-        name = layer.weight.name
+    for name, (_, modules) in quantized_params(model).items():
         if name not in model.store.params:
-            out[name] = layer.quantized.int8_rows()
-            out[name + SCALE_SUFFIX] = layer.quantized.scale
+            out[name] = modules[0].quantized.int8_rows()
+            out[name + SCALE_SUFFIX] = modules[0].quantized.scale
     return out
 
 
@@ -158,10 +169,12 @@ def load_weights(model: Any, tensors: dict[str, np.ndarray], compute: str) -> No
         if compute == "int8":
             quantize_model(model)
         return
-    shapes = {layer.weight.name: layer.weight.shape for layer in model_linears(model)}
+    shapes = {name: param.shape for name, (param, _) in quantized_params(model).items()}
     for name, (q, _) in int8.items():
         if name not in shapes:
-            raise ValueError(f"state[{name!r}]: int8 tensor that is no Linear weight of the model")
+            raise ValueError(
+                f"state[{name!r}]: int8 tensor that is no Linear or embedding weight of the model"
+            )
         if q.shape != shapes[name]:
             raise ValueError(
                 f"state[{name!r}]: shape {q.shape} does not match the model's {shapes[name]}"

@@ -237,17 +237,26 @@ class Embedding:
         self.dropout = Dropout(dropout, ctx)
         self.ctx = ctx
         self.ids: np.ndarray | None = None
+        # Set by models.quantize for int8 inference: rows are then gathered from the int8 table.
+        self.quantized: ops.QuantizedWeight | None = None
 
     def forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """ids (...) -> x (N, C) with N = ids.size; positions: the position-table rows for ids,
         broadcastable to ids.shape + (C,) (see Layout.positional)."""
-        x = ops.embedding(self.weight.data, ids, scale=self.scale)
+        if self.quantized is not None:
+            x = self.quantized.dequantize_rows(ids, scale=self.scale)
+        else:
+            x = ops.embedding(self.weight.data, ids, scale=self.scale)
         x += positions
         if self.ctx.cache:
             self.ids = ids
         return self.dropout.forward(x.reshape(-1, x.shape[-1]))
 
     def backward(self, dx: np.ndarray) -> None:
+        if self.quantized is not None:
+            raise RuntimeError(
+                "an int8 model runs inference only: load it with compute_type='float32' to train"
+            )
         dx = self.dropout.backward(dx)
         ids, self.ids = self.ids, None
         ops.embedding_backward(

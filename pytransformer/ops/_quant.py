@@ -121,6 +121,33 @@ class QuantizedWeight:
         rows = rows.reshape(panels * 16, pairs * 2)[: self.out_features, : self.in_features]
         return np.ascontiguousarray(rows)
 
+    def dequantize_rows(self, ids: np.ndarray, *, scale: float = 1.0) -> np.ndarray:
+        """Rows ``ids`` of the float W times ``scale``: ``q[ids] * (scale / self.scale[ids])``,
+        float32 of shape ``ids.shape + (in_features,)``. Gathers the int8 bytes straight from
+        the panels, so an embedding table shared with an output projection is stored once.
+
+        Raises:
+            TypeError: ids is not an integer numpy array.
+            IndexError: an id is outside [0, out_features).
+        """
+        if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
+            what = ids.dtype if isinstance(ids, np.ndarray) else type(ids).__name__
+            raise TypeError(f"ids: expected an integer numpy array, got {what}")
+        flat = ids.reshape(-1).astype(np.int64, copy=False)
+        bad = (flat < 0) | (flat >= self.out_features)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise IndexError(
+                f"ids: id {int(flat[i])} at flat position {i} is outside [0, {self.out_features})"
+            )
+        pairs = self.data.shape[1]
+        k = np.arange(self.in_features, dtype=np.int64)
+        row_start = (flat // 16) * (pairs * 32) + 2 * (flat % 16)
+        q = self.data.reshape(-1)[row_start[:, None] + ((k // 2) * 32 + (k & 1))[None, :]]
+        out = q.astype(np.float32)
+        out *= (np.float32(scale) / self.scale[flat])[:, None]
+        return out.reshape(ids.shape + (self.in_features,))
+
     def dequantize(self) -> np.ndarray:
         """The float32 W this weight approximates: ``q / scale[:, None]``."""
         return dequantize_int8(self.int8_rows(), self.scale)
