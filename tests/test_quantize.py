@@ -42,10 +42,14 @@ def test_round_trip_within_half_a_step(rows, cols, magnitude, seed):
     assert (np.abs(q[nz]).max(1) == 127).all()
 
 
-def test_activation_quantisation_matches_the_weight_scheme(rng):
-    """The kernel's dynamic row quantisation (C++) and the numpy weight quantisation agree."""
-    x = (rng.standard_normal((33, 77)) * 3).astype(np.float32)
+@pytest.mark.parametrize("cols", [1, 8, 77, 1024])
+def test_activation_quantisation_matches_the_weight_scheme(isa, rng, cols):
+    """The kernel's dynamic row quantisation (C++, both ISAs) and the numpy weight quantisation
+    agree bit for bit, ties (x * scale exactly half-way) included."""
+    x = (rng.standard_normal((33, cols)) * 3).astype(np.float32)
     x[4] = 0.0
+    x[5] = np.float32(127.0)
+    x[5, 1::2] = np.float32(2.5)  # scale 1: 2.5 rounds to 2 (half to even)
     q, s = ops.quantize_rows(x)
     q2, s2 = ops.quantize_int8(x)
     np.testing.assert_array_equal(q, q2)

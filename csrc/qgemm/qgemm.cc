@@ -2,7 +2,6 @@
 // multiply-adds run in qgemm_isa.cc.
 #include "qgemm/qgemm.h"
 
-#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -27,30 +26,6 @@ Widened widened_scratch(index_t M, index_t Kp) {
   const index_t a_floats = (M * Kp + 1) / 2;
   float* s = thread_scratch(static_cast<size_t>(a_floats + M + 16));
   return {reinterpret_cast<std::int16_t*>(s), s + a_floats};
-}
-
-// Quantises one row: q[k] = round(x[k] * s) with s = 127 / max|x| (round half to even); returns s,
-// NaN for a row holding inf or NaN (then q is all zero).
-template <class Out>
-float quantize_row(Out* q, const float* x, index_t K) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (index_t k = 0; k < K; ++k) {
-    const float v = std::fabs(x[k]);
-    finite = finite && std::isfinite(v);
-    amax = v > amax ? v : amax;
-  }
-  if (!finite) {
-    for (index_t k = 0; k < K; ++k) q[k] = 0;
-    return std::nanf("");
-  }
-  const float s = amax > 0.0f ? 127.0f / amax : 1.0f;
-  for (index_t k = 0; k < K; ++k) {
-    float r = std::nearbyint(x[k] * s);
-    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);  // x * s may round just past 127
-    q[k] = static_cast<Out>(r);
-  }
-  return s;
 }
 
 }  // namespace
@@ -88,19 +63,20 @@ void qgemm_s32(std::int32_t* c, index_t ldc, const std::int8_t* a, index_t lda, 
 }
 
 void quantize_rows(std::int8_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M, index_t K) {
-  for (index_t m = 0; m < M; ++m) scale[m] = quantize_row(q + m * ldq, x + m * ldx, K);
+  if (M <= 0 || K <= 0) return;
+  // The kernel's own quantisation into int16 rows, narrowed (every value is in [-127, 127]).
+  const Widened wide = widened_scratch(M, K);
+  PT_DISPATCH(quantize_rows_i16)(wide.a, K, scale, x, ldx, M, K);
+  for (index_t m = 0; m < M; ++m)
+    for (index_t k = 0; k < K; ++k) q[m * ldq + k] = static_cast<std::int8_t>(wide.a[m * K + k]);
 }
 
 void qlinear_forward(const QLinearArgs& p) {
   if (p.M <= 0 || p.N <= 0) return;
   const index_t Kp = even(p.K);
   const Widened wide = widened_scratch(p.M, Kp);
-  for (index_t m = 0; m < p.M; ++m) {
-    std::int16_t* row = wide.a + m * Kp;
-    const float s = quantize_row(row, p.x + m * p.ldx, p.K);
-    for (index_t k = p.K; k < Kp; ++k) row[k] = 0;
-    wide.row_inv[m] = 1.0f / s;
-  }
+  PT_DISPATCH(quantize_rows_i16)(wide.a, Kp, wide.row_inv, p.x, p.ldx, p.M, p.K);
+  for (index_t m = 0; m < p.M; ++m) wide.row_inv[m] = 1.0f / wide.row_inv[m];
   // 1 / w_scale per column, on the stack for the usual widths (one division per column, not per
   // element); wider outputs use a heap buffer.
   float stack_inv[4096];

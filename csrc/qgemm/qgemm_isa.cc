@@ -3,9 +3,11 @@
 // bias and activation). AVX2 widens each 16-byte half of a weight k-pair row with vpmovsxbw and
 // multiplies it by a broadcast activation pair with vpmaddwd; the generic build runs the same sums
 // as plain integer loops. Integer sums are exact, so both give identical int32 results.
+#include <cmath>
 #include <cstring>
 
 #include "core/isa_unit.h"
+#include "core/vec.h"
 #include "core/threading.h"
 #include "gemm/epilogue.h"
 #include "qgemm/qgemm_kernels.h"
@@ -96,6 +98,42 @@ void write_tile(const QRun& q, const std::int32_t* acc, index_t m0, int rows, in
     epilogue_rows(q.c + m0 * q.ldc + n0, q.ldc, rows, cols, true, q.bias ? q.bias + n0 : nullptr, q.act);
 }
 
+// One row's quantisation (see quantize_rows_i16); returns its scale.
+float quantize_row(std::int16_t* q, const float* x, index_t K) {
+  // amax over |x|; `poison` turns NaN (and stays NaN) as soon as one x is inf or NaN.
+  Vec amax = Vec::zero(), poison = Vec::zero();
+  for (index_t k = 0; k < K; k += Vec::width) {
+    const int w = K - k < Vec::width ? static_cast<int>(K - k) : Vec::width;
+    const Vec v = Vec::load(x + k, w);
+    amax = max(amax, max(v, Vec::zero() - v));
+    poison = poison + v * Vec::zero();
+  }
+  if (std::isnan(poison.sum())) {
+    std::memset(q, 0, static_cast<size_t>(K) * sizeof(std::int16_t));
+    return std::nanf("");
+  }
+  const float top = amax.max();
+  const float s = top > 0.0f ? 127.0f / top : 1.0f;
+  index_t k = 0;
+#if defined(PT_ISA_AVX2)
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (; k + 8 <= K; k += 8) {
+    // cvtps rounds half to even (the default MXCSR mode), as nearbyint below.
+    __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), sv));
+    i = _mm256_max_epi32(_mm256_min_epi32(i, hi), lo);
+    const __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), p);
+  }
+#endif
+  for (; k < K; ++k) {
+    float r = std::nearbyint(x[k] * s);
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);  // x * s may round just past 127
+    q[k] = static_cast<std::int16_t>(r);
+  }
+  return s;
+}
+
 // Threads worth using: one per 256k multiply-adds, as the float GEMM.
 int useful_threads(const QRun& q) {
   const double work = static_cast<double>(q.M) * static_cast<double>(q.N) * static_cast<double>(q.Kp);
@@ -105,6 +143,19 @@ int useful_threads(const QRun& q) {
 }
 
 }  // namespace
+
+void quantize_rows_i16(std::int16_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M,
+                       index_t K) {
+  const auto row = [&](std::int64_t m) {
+    scale[m] = quantize_row(q + m * ldq, x + m * ldx, K);
+    for (index_t k = K; k < ldq; ++k) q[m * ldq + k] = 0;
+  };
+  if (M * K >= (1 << 16)) {
+    parallel_for(M, row);
+  } else {
+    for (index_t m = 0; m < M; ++m) row(m);
+  }
+}
 
 // Tasks are (row block, panel) pairs in row-block-major order; each thread takes one contiguous
 // range. Every output element is one exact integer sum and one fixed float expression, so the

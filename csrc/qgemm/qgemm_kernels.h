@@ -23,13 +23,20 @@ struct QRun {
   Activation act = Activation::none;
 };
 
+// Per-row quantisation into int16 rows of stride ldq >= K (zero past K): q = round(x * s) with
+// s = 127 / max|row| (1 for a zero row), clamped to [-127, 127]; scale[m] = s, or NaN (and q = 0)
+// for a row with inf or NaN. Both ISAs round half to even and give identical q and s.
 namespace generic {
 void qgemm_run(const QRun& run);
-}
+void quantize_rows_i16(std::int16_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M,
+                       index_t K);
+}  // namespace generic
 #if defined(PT_HAVE_AVX2) || defined(PT_ISA_AVX2)
 namespace avx2 {
 void qgemm_run(const QRun& run);
-}
+void quantize_rows_i16(std::int16_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M,
+                       index_t K);
+}  // namespace avx2
 #endif
 
 }  // namespace pt
