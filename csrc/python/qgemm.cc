@@ -124,7 +124,7 @@ py::object qlinear_py(const py::object& x_obj, const py::object& packed_obj, std
     if (v.dim(0) != n) py_helpers::shape_error(name, {n}, v.shape);
     return py::array_t<float, py::array::c_style>::ensure(obj);
   };
-  const py::array_t<float> scale = vec_n(scale_obj, "scale");
+  const py::array_t<float> inv_scale = vec_n(scale_obj, "inv_scale");
   py::array_t<float> bias;
   if (!bias_obj.is_none()) bias = vec_n(bias_obj, "bias");
   std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
@@ -133,7 +133,7 @@ py::object qlinear_py(const py::object& x_obj, const py::object& packed_obj, std
   QLinearArgs g;
   g.c = out.mutable_data(), g.ldc = n;
   g.x = x.data(), g.ldx = K;
-  g.packed = b, g.w_scale = scale.data();
+  g.packed = b, g.w_inv_scale = inv_scale.data();
   g.bias = bias_obj.is_none() ? nullptr : bias.data();
   g.act = act;
   g.M = M, g.N = n, g.K = K;
@@ -153,7 +153,7 @@ void register_qgemm(py::module_& m) {
         "Exact int32 a (M, K) int8 @ W^T with W packed by qpack_weight; see pytransformer.ops.qmatmul_s32");
   m.def("quantize_rows", &quantize_rows_py, py::arg("x"),
         "float32 x (M, K) -> (int8 q, float32 scale (M,)), q = round(x * scale), scale = 127 / max|row|");
-  m.def("qlinear", &qlinear_py, py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("k"), py::arg("scale"),
+  m.def("qlinear", &qlinear_py, py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("k"), py::arg("inv_scale"),
         py::arg("bias") = py::none(), py::arg("activation") = py::none(),
         "act(dequant(quantize_rows(x) @ W^T) + bias); see pytransformer.ops.qlinear");
 }

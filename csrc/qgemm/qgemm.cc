@@ -3,7 +3,6 @@
 #include "qgemm/qgemm.h"
 
 #include <cstring>
-#include <memory>
 
 #include "core/isa.h"
 #include "core/threading.h"
@@ -77,21 +76,11 @@ void qlinear_forward(const QLinearArgs& p) {
   const Widened wide = widened_scratch(p.M, Kp);
   PT_DISPATCH(quantize_rows_i16)(wide.a, Kp, wide.row_inv, p.x, p.ldx, p.M, p.K);
   for (index_t m = 0; m < p.M; ++m) wide.row_inv[m] = 1.0f / wide.row_inv[m];
-  // 1 / w_scale per column, on the stack for the usual widths (one division per column, not per
-  // element); wider outputs use a heap buffer.
-  float stack_inv[4096];
-  float* col_inv = stack_inv;
-  std::unique_ptr<float[]> heap_inv;
-  if (p.N > 4096) {
-    heap_inv.reset(new float[static_cast<size_t>(p.N)]);
-    col_inv = heap_inv.get();
-  }
-  for (index_t n = 0; n < p.N; ++n) col_inv[n] = 1.0f / p.w_scale[n];
   QRun run;
   run.a = wide.a, run.lda = Kp, run.b = p.packed;
   run.M = p.M, run.N = p.N, run.Kp = Kp;
   run.c = p.c, run.ldc = p.ldc;
-  run.row_inv = wide.row_inv, run.col_inv = col_inv;
+  run.row_inv = wide.row_inv, run.col_inv = p.w_inv_scale;
   run.bias = p.bias, run.act = p.act;
   PT_DISPATCH(qgemm_run)(run);
 }

@@ -37,15 +37,15 @@ void quantize_rows(std::int8_t* q, index_t ldq, float* scale, const float* x, in
 
 // The quantised Linear: C = act(dequant(quantize_rows(X) @ W^T) + bias), with
 //   dequant(acc)[m, n] = acc[m, n] * ((1 / x_scale[m]) * (1 / w_scale[n])).
-// X (M, K) float32 row stride ldx, C (M, N) row stride ldc, w_scale (N,) the weight rows' scales,
-// bias (N,) or nullptr. A row of X with inf or NaN gives a row of NaN.
+// X (M, K) float32 row stride ldx, C (M, N) row stride ldc, w_inv_scale (N,) = 1 / w_scale (one
+// division per weight row when the weight is made, not per product), bias (N,) or nullptr. A row of X with inf or NaN gives a row of NaN.
 struct QLinearArgs {
   float* c = nullptr;
   index_t ldc = 0;
   const float* x = nullptr;
   index_t ldx = 0;
   const std::int8_t* packed = nullptr;
-  const float* w_scale = nullptr;
+  const float* w_inv_scale = nullptr;
   const float* bias = nullptr;
   Activation act = Activation::none;
   index_t M = 0, N = 0, K = 0;

@@ -91,11 +91,15 @@ class QuantizedWeight:
             (out_features,) with positive finite entries.
     """
 
-    __slots__ = ("data", "scale", "out_features", "in_features")
+    __slots__ = ("data", "scale", "inv_scale", "out_features", "in_features")
 
     def __init__(self, q: np.ndarray, scale: np.ndarray) -> None:
         _check_int8("q", q, 2)
-        self.scale: np.ndarray = _check_scale(scale, q.shape[0])
+        self.scale: np.ndarray = _check_scale(scale, q.shape[0]).copy()
+        self.scale.flags.writeable = False
+        # 1 / scale, what the product's write-back multiplies by (IEEE division, as the kernel's
+        # 1 / x_scale for the activations).
+        self.inv_scale: np.ndarray = np.float32(1.0) / self.scale
         self.data: np.ndarray = _C.qpack_weight(q)
         self.out_features, self.in_features = (int(d) for d in q.shape)
 
@@ -112,7 +116,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes held: the packed panels and the scales."""
-        return int(self.data.nbytes + self.scale.nbytes)
+        return int(self.data.nbytes + self.scale.nbytes + self.inv_scale.nbytes)
 
     def int8_rows(self) -> np.ndarray:
         """The int8 rows q (out_features, in_features) the panels were packed from."""
@@ -191,7 +195,7 @@ def qlinear(
     """
     _check_weight(weight)
     return _C.qlinear(
-        x, weight.data, weight.out_features, weight.in_features, weight.scale, bias=bias,
+        x, weight.data, weight.out_features, weight.in_features, weight.inv_scale, bias=bias,
         activation=activation,
     )
 
