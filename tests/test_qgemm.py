@@ -81,10 +81,11 @@ def test_largest_k_is_exact_and_one_more_is_refused():
         weight(np.zeros((1, K + 1), np.int8))
 
 
-def test_isas_and_thread_counts_agree(threads, rng):
+@pytest.mark.parametrize("M", [1, 2, 3, 70])
+def test_isas_and_thread_counts_agree(threads, rng, M):
     """int32 sums and the dequantised floats (no activation, ReLU) are bit-identical for the
-    generic and AVX2 kernels and 1, 2 or 3 threads."""
-    x = rng.standard_normal((70, 300)).astype(np.float32)
+    generic and AVX2 kernels and 1, 2 or 3 threads (M <= 2 takes the two-panel decoding tiles)."""
+    x = rng.standard_normal((M, 300)).astype(np.float32)
     w = QuantizedWeight.from_float(rng.standard_normal((97, 300)).astype(np.float32))
     b = rng.standard_normal(97).astype(np.float32)
     a8, _ = ops.quantize_rows(x)

@@ -27,45 +27,56 @@ constexpr int kQMR = 6;
 // Rows per block of tasks: a thread's tasks sweep the panels of one block of rows at a time, so the
 // block's activations (kQMC x Kp int16, 96 KiB at K = 512) stay in L2 while the panels stream by.
 constexpr index_t kQMC = 96;
+// Products of at most kQWideM rows (greedy decoding of one sentence) take tiles two panels wide:
+// one activation broadcast then feeds four vpmaddwd, and the loop runs half as often.
+constexpr index_t kQWideM = 2;
 constexpr int NR = static_cast<int>(kQNR);
 
 #if defined(PT_ISA_AVX2)
 
-template <int R>
-void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+// R rows x P panels (16 P columns): out is R x 16 P int32; panel i of the tile starts at
+// b + i * panel_bytes.
+template <int R, int P = 1>
+void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+          std::int32_t* out) {
+  constexpr int V = 2 * P;  // 8-column accumulators per row
+  __m256i acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
   for (index_t p = 0; p < pairs; ++p) {
-    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p)));
-    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p + 16)));
+    __m256i bv[V];
+    for (int v = 0; v < V; ++v)
+      bv[v] = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (v / 2) * panel_bytes + 32 * p + 16 * (v % 2))));
     for (int r = 0; r < R; ++r) {
       std::int32_t pair;
       std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
       const __m256i av = _mm256_set1_epi32(pair);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(av, bv[v]));
     }
   }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR), acc[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR + 8), acc[r][1]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR * P + 8 * v), acc[r][v]);
 }
 
 #else
 
-template <int R>
-void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
-  std::int32_t acc[R][kQNR] = {};
-  for (index_t p = 0; p < pairs; ++p) {
-    const std::int8_t* bp = b + 32 * p;
-    for (int r = 0; r < R; ++r) {
-      const std::int32_t a0 = a[r * lda + 2 * p], a1 = a[r * lda + 2 * p + 1];
-      for (int j = 0; j < NR; ++j) acc[r][j] += a0 * bp[2 * j] + a1 * bp[2 * j + 1];
+template <int R, int P = 1>
+void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+          std::int32_t* out) {
+  std::int32_t acc[R][kQNR * P] = {};
+  for (int i = 0; i < P; ++i) {
+    for (index_t p = 0; p < pairs; ++p) {
+      const std::int8_t* bp = b + i * panel_bytes + 32 * p;
+      for (int r = 0; r < R; ++r) {
+        const std::int32_t a0 = a[r * lda + 2 * p], a1 = a[r * lda + 2 * p + 1];
+        for (int j = 0; j < NR; ++j) acc[r][i * NR + j] += a0 * bp[2 * j] + a1 * bp[2 * j + 1];
+      }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NR; ++j) out[r * NR + j] = acc[r][j];
+    for (int j = 0; j < NR * P; ++j) out[r * NR * P + j] = acc[r][j];
 }
 
 #endif
@@ -73,26 +84,27 @@ void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pair
 void run_tile(int rows, const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs,
               std::int32_t* out) {
   switch (rows) {
-    case 1: return tile<1>(a, lda, b, pairs, out);
-    case 2: return tile<2>(a, lda, b, pairs, out);
-    case 3: return tile<3>(a, lda, b, pairs, out);
-    case 4: return tile<4>(a, lda, b, pairs, out);
-    case 5: return tile<5>(a, lda, b, pairs, out);
-    default: return tile<6>(a, lda, b, pairs, out);
+    case 1: return tile<1>(a, lda, b, 0, pairs, out);
+    case 2: return tile<2>(a, lda, b, 0, pairs, out);
+    case 3: return tile<3>(a, lda, b, 0, pairs, out);
+    case 4: return tile<4>(a, lda, b, 0, pairs, out);
+    case 5: return tile<5>(a, lda, b, 0, pairs, out);
+    default: return tile<6>(a, lda, b, 0, pairs, out);
   }
 }
 
-// Writes rows [m0, m0 + rows) x columns [n0, n0 + cols) of the result from the tile's sums.
-void write_tile(const QRun& q, const std::int32_t* acc, index_t m0, int rows, index_t n0, int cols) {
+// Writes rows [m0, m0 + rows) x columns [n0, n0 + cols) of the result from the tile's sums
+// (row stride ld).
+void write_tile(const QRun& q, const std::int32_t* acc, int ld, index_t m0, int rows, index_t n0, int cols) {
   if (q.c32) {
     for (int r = 0; r < rows; ++r)
-      for (int j = 0; j < cols; ++j) q.c32[(m0 + r) * q.ldc32 + n0 + j] = acc[r * NR + j];
+      for (int j = 0; j < cols; ++j) q.c32[(m0 + r) * q.ldc32 + n0 + j] = acc[r * ld + j];
     return;
   }
   for (int r = 0; r < rows; ++r) {
     float* row = q.c + (m0 + r) * q.ldc + n0;
     const float ra = q.row_inv[m0 + r];
-    for (int j = 0; j < cols; ++j) row[j] = static_cast<float>(acc[r * NR + j]) * (ra * q.col_inv[n0 + j]);
+    for (int j = 0; j < cols; ++j) row[j] = static_cast<float>(acc[r * ld + j]) * (ra * q.col_inv[n0 + j]);
   }
   if (q.bias || q.act != Activation::none)
     epilogue_rows(q.c + m0 * q.ldc + n0, q.ldc, rows, cols, true, q.bias ? q.bias + n0 : nullptr, q.act);
@@ -157,10 +169,35 @@ void quantize_rows_i16(std::int16_t* q, index_t ldq, float* scale, const float* 
   }
 }
 
+// The decoding path for M <= kQWideM: tasks are pairs of adjacent panels (the last may be single).
+static void qgemm_wide(const QRun& q) {
+  const index_t panels = (q.N + kQNR - 1) / kQNR, units = (panels + 1) / 2;
+  const index_t pairs = q.Kp / 2, panel_bytes = pairs * 2 * kQNR;
+  const int rows = static_cast<int>(q.M);
+  run_team(useful_threads(q), [&](int t, int team) {
+    alignas(32) std::int32_t acc[kQWideM * 2 * kQNR];
+    const index_t u1 = units * (t + 1) / team;
+    for (index_t u = units * t / team; u < u1; ++u) {
+      const index_t n0 = 2 * u * kQNR;
+      const int cols = static_cast<int>(q.N - n0 < 2 * kQNR ? q.N - n0 : 2 * kQNR);
+      const std::int8_t* b = q.b + 2 * u * panel_bytes;
+      if (cols > NR) {
+        if (rows == 1) tile<1, 2>(q.a, q.lda, b, panel_bytes, pairs, acc);
+        else tile<2, 2>(q.a, q.lda, b, panel_bytes, pairs, acc);
+        write_tile(q, acc, 2 * NR, 0, rows, n0, cols);
+      } else {
+        run_tile(rows, q.a, q.lda, b, pairs, acc);
+        write_tile(q, acc, NR, 0, rows, n0, cols);
+      }
+    }
+  });
+}
+
 // Tasks are (row block, panel) pairs in row-block-major order; each thread takes one contiguous
 // range. Every output element is one exact integer sum and one fixed float expression, so the
 // split (and the thread count) never changes a bit.
 void qgemm_run(const QRun& q) {
+  if (q.M <= kQWideM) return qgemm_wide(q);
   const index_t panels = (q.N + kQNR - 1) / kQNR, blocks = (q.M + kQMC - 1) / kQMC;
   const index_t tasks = panels * blocks, pairs = q.Kp / 2;
   run_team(useful_threads(q), [&](int t, int team) {
@@ -174,7 +211,7 @@ void qgemm_run(const QRun& q) {
       for (index_t m0 = blk * kQMC; m0 < m_end; m0 += kQMR) {
         const int rows = static_cast<int>(m_end - m0 < kQMR ? m_end - m0 : kQMR);
         run_tile(rows, q.a + m0 * q.lda, q.lda, b, pairs, acc);
-        write_tile(q, acc, m0, rows, n0, cols);
+        write_tile(q, acc, NR, m0, rows, n0, cols);
       }
     }
   });
