@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_translator(directory: str, arg: str, compute_type: str = "float32"):
+def _load_translator(directory: str, arg: str, compute_type: str | None = None):
     from .translator import Translator
 
     _check_input_dir(directory, arg)
@@ -315,8 +315,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
-        "--compute-type", choices=["float32", "int8"], default="float32",
-        help="int8: run every Linear layer in int8 (weights quantized per row when loading)",
+        "--compute-type", choices=["float32", "int8"], default=None,
+        help="int8: Linear layers and embeddings in int8 (quantized per row when loading); "
+        "default: as the model is stored",
     )
 
 

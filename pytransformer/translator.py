@@ -46,9 +46,10 @@ class Translator:
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, compute_type: str = "float32") -> Translator:
+    def load(cls, directory: str | os.PathLike, compute_type: str | None = None) -> Translator:
         """Loads ``directory/model`` (or, before training finished, the newest checkpoint);
-        compute_type "int8" runs its Linear layers in int8 (see `Transformer.load`)."""
+        compute_type "int8" runs it in int8, "float32" in float32, None as stored (see
+        `Transformer.load`)."""
         root = pathlib.Path(directory)
         if not root.is_dir():
             raise FileNotFoundError(f"directory: {root} does not exist")

@@ -145,8 +145,11 @@ def test_int8_checkpoint_is_smaller_and_loads(saved, rng):
     from_f32 = step_logits(pt.Transformer.load(d / "f32", compute_type="int8"), src)
     from_int8 = step_logits(pt.Transformer.load(d / "int8", compute_type="int8"), src)
     np.testing.assert_array_equal(from_int8, from_f32)  # int8 rows kept as they are
-    # Loaded as float32 the int8 file is the dequantised model: close to, not equal to, float32.
-    deq = pt.Transformer.load(d / "int8")
+    # By default an int8 file runs int8; loaded as float32 it is the dequantised model: close
+    # to, not equal to, float32.
+    assert quantize.compute_type(pt.Transformer.load(d / "int8")) == "int8"
+    assert quantize.compute_type(pt.Transformer.load(d / "f32")) == "float32"
+    deq = pt.Transformer.load(d / "int8", compute_type="float32")
     assert quantize.compute_type(deq) == "float32"
     f32, f32_deq = step_logits(model, src), step_logits(deq, src)
     assert 0 < np.abs(f32_deq - f32).max() <= 0.03 * np.abs(f32).max()
@@ -210,7 +213,7 @@ def test_bad_int8_checkpoints(saved, tmp_path):
     bad[name + "_scale"] = -bad[name + "_scale"]
     io.save_safetensors(tmp_path / "model.safetensors", bad, metadata=meta)
     with pytest.raises(io.CheckpointError, match="positive and finite"):
-        pt.Transformer.load(tmp_path)
+        pt.Transformer.load(tmp_path, compute_type="float32")
     with pytest.raises(ValueError, match="compute_type"):
         pt.Transformer.load(d / "int8", compute_type="float16")
 
@@ -270,11 +273,14 @@ def test_cli_quantize_and_translate(demo_translator, tmp_path, capsys):
     after = os.path.getsize(tmp_path / "q" / "model" / "model.safetensors")
     assert after < 0.5 * before
     hyp = {}
-    for name, model, extra in [("f32", out, ["--compute-type", "int8"]), ("q", tmp_path / "q", [])]:
+    runs = [("f32", out, ["--compute-type", "int8"]), ("q", tmp_path / "q", []),
+            ("deq", tmp_path / "q", ["--compute-type", "float32"])]
+    for name, model, extra in runs:
         assert main(["translate", "--model", str(model), "--input", str(tmp_path / "src.txt"),
                      "--output", str(tmp_path / f"{name}.txt"), "--beam-size", "1", *extra]) == 0
         hyp[name] = (tmp_path / f"{name}.txt").read_text()
     assert hyp["f32"] == hyp["q"]  # quantizing on load and loading the quantized file agree
+    assert len(hyp["deq"].splitlines()) == 20
     assert main(["quantize", str(out), "--out", str(out)]) == 2
     assert "--out: must differ" in capsys.readouterr().err
     assert main(["quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

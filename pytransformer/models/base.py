@@ -146,13 +146,14 @@ class Model:
         io.atomic_write_text(os.path.join(directory, CONFIG_FILE), config_json + "\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, compute_type: str = "float32") -> Any:
+    def load(cls, directory: str | os.PathLike, compute_type: str | None = None) -> Any:
         """Rebuilds a model saved by `save`. A missing, corrupt or mismatched checkpoint raises
         `pytransformer.io.CheckpointError` (a ValueError) saying what is wrong.
 
         compute_type: "float32", or "int8" for int8 inference (see `models.quantize`; weights
-        stored int8 are kept as they are, float ones quantized). An int8 checkpoint loads with
-        either: "float32" dequantizes it."""
+        stored int8 are kept as they are, float ones quantized); None (the default) runs the
+        checkpoint as stored: int8 for a file `pytransformer quantize` wrote, else float32.
+        "float32" dequantizes an int8 checkpoint."""
         compute_type = quantize.check_compute_type(compute_type)
         config_path = os.path.join(directory, CONFIG_FILE)
         weights_path = os.path.join(directory, WEIGHTS_FILE)

@@ -30,8 +30,11 @@ COMPUTE_TYPES = ("float32", "int8")
 SCALE_SUFFIX = "_scale"
 
 
-def check_compute_type(value: Any) -> str:
-    """The compute type: "float32" or "int8" (TypeError / ValueError naming compute_type)."""
+def check_compute_type(value: Any) -> str | None:
+    """The compute type: "float32", "int8" or None (as stored); TypeError / ValueError naming
+    compute_type otherwise."""
+    if value is None:
+        return None
     if not isinstance(value, str):
         raise TypeError(f"compute_type: expected a str, got {type(value).__name__}")
     if value not in COMPUTE_TYPES:
@@ -158,10 +161,13 @@ def split_int8(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], d
     return floats, int8
 
 
-def load_weights(model: Any, tensors: dict[str, np.ndarray], compute: str) -> None:
+def load_weights(model: Any, tensors: dict[str, np.ndarray], compute: str | None) -> None:
     """Fills a freshly built model from a checkpoint's tensors (float32, or int8 with scales) for
-    the compute type: int8 rows are kept as they are for "int8" and dequantized for "float32"."""
+    the compute type: int8 rows are kept as they are for "int8" and dequantized for "float32";
+    None keeps the checkpoint's own type (int8 when it holds int8 weights)."""
     floats, int8 = split_int8(tensors)
+    if compute is None:
+        compute = "int8" if int8 else "float32"
     if compute == "float32" or not int8:
         for name, (q, scale) in int8.items():
             floats[name] = ops.dequantize_int8(q, scale)
