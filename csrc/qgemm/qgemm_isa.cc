@@ -21,8 +21,9 @@ namespace PT_ISA_NS {
 namespace {
 
 // Rows per register tile: 6 x 2 int32 accumulators + 2 weight vectors + 1 broadcast = 15 of the
-// 16 ymm registers. Decoding products (M = 1..64) run the same tiles with fewer rows, so a small M
-// reads each weight panel once per 6 rows and never packs anything but its own activations.
+// 16 ymm registers. Decoding products (M = 3..64) run the same tiles with fewer rows, so a small M
+// reads each weight panel once per 6 rows and packs nothing but its own activations (M <= 2 has
+// its own two-panel tiles, below).
 constexpr int kQMR = 6;
 // Rows per block of tasks: a thread's tasks sweep the panels of one block of rows at a time, so the
 // block's activations (kQMC x Kp int16, 96 KiB at K = 512) stay in L2 while the panels stream by.
