@@ -1,9 +1,9 @@
 """The ``pytransformer`` command (also ``python -m pytransformer``).
 
-Subcommands: preprocess, train, average, translate, evaluate, demo, plot. Errors a user can
-cause end with one line on stderr and a non-zero exit status, never a traceback. Under
-``mpiexec -n N`` train is data-parallel and translate is sharded over the ranks
-(docs/SCALING.md); an error on one rank ends every rank, with a message naming it.
+Subcommands: preprocess, train, average, translate, evaluate, quantize, convert, export, demo,
+plot. Errors a user can cause end with one line on stderr and a non-zero exit status, never a
+traceback. Under ``mpiexec -n N`` train is data-parallel and translate is sharded over the
+ranks (docs/SCALING.md); an error on one rank ends every rank, with a message naming it.
 """
 
 from __future__ import annotations
@@ -285,12 +285,12 @@ def _check_input_file(path: str, arg: str) -> None:
         raise _path_error(arg, path, exc) from None
 
 
-def _load_translator(directory: str, arg: str):
+def _load_translator(directory: str, arg: str, compute_type: str | None = None):
     from .translator import Translator
 
     _check_input_dir(directory, arg)
     try:
-        return Translator.load(directory)
+        return Translator.load(directory, compute_type=compute_type)
     except (OSError, CheckpointError) as exc:
         raise UserError(f"{arg}: {exc}") from None
 
@@ -314,7 +314,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
         return _translate_sharded(args, distributed.world())
     _set_threads(args.threads)
     with _output(args.output, "--output") as out:  # a bad path fails before the model loads
-        translator = _load_translator(args.model, "--model")
+        translator = _load_translator(args.model, "--model", args.compute_type)
         sentences = _read_lines(args.input, "--input")
         for start in range(0, len(sentences), _TRANSLATE_BLOCK):
             t0 = time.perf_counter()
@@ -342,7 +342,7 @@ def _translate_sharded(args: argparse.Namespace, w: distributed.World) -> int:
         raise UserError("--input: under mpiexec give a file that every rank can read, not stdin")
     if w.is_root and args.output != "-":
         _check_output_file(args.output, "--output")
-    translator = _load_translator(args.model, "--model")
+    translator = _load_translator(args.model, "--model", args.compute_type)
     lines = _read_lines(args.input, "--input")
     done = [0]
 
@@ -392,7 +392,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         hyps = _read_lines(args.hyp, "--hyp")
     elif args.model and args.src:
         _set_threads(args.threads)
-        translator = _load_translator(args.model, "--model")
+        translator = _load_translator(args.model, "--model", args.compute_type)
         hyps = translator.translate(_read_lines(args.src, "--src"), **_decode_options(args))
     else:
         raise UserError("give --hyp, or --model with --src")
@@ -402,6 +402,47 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     print(json.dumps(scores, indent=2))
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Writes an int8 copy of a model directory (a `train` output, or a bare model directory
+    with config.json and model.safetensors) to --out."""
+    src, out = args.model_dir, args.out
+    _check_input_dir(src, "MODEL_DIR")
+    if os.path.realpath(src) == os.path.realpath(out):
+        raise UserError("--out: must differ from MODEL_DIR (the float32 model is kept)")
+    bare = os.path.isfile(os.path.join(src, "config.json"))
+    if bare:
+        from .models.transformer import Transformer
+
+        try:
+            model = Transformer.load(src, compute_type="int8")
+        except (OSError, CheckpointError) as exc:
+            raise UserError(f"MODEL_DIR: {exc}") from None
+        _check_output_dir(out, "--out")
+        model.save(out)
+        before, after = (os.path.join(d, "model.safetensors") for d in (src, out))
+    else:
+        translator = _load_translator(src, "MODEL_DIR", "int8")
+        _check_output_dir(out, "--out")
+        translator.save(out)
+        before = str(_translator_weights(src))
+        after = os.path.join(out, "model", "model.safetensors")
+    old, new = os.path.getsize(before), os.path.getsize(after)
+    print(f"int8 model saved in {out}: {new:,} bytes of weights ({new / old:.2f}x of {old:,})",
+          file=sys.stderr)
+    return 0
+
+
+def _translator_weights(directory: str) -> pathlib.Path:
+    """The weights file Translator.load reads under a `train` output directory."""
+    from .train.trainer import latest_checkpoint
+
+    model = pathlib.Path(directory, "model")
+    if (model / "config.json").exists():
+        return model / "model.safetensors"
+    latest = latest_checkpoint(pathlib.Path(directory, "checkpoints"))
+    return pathlib.Path(latest, "model.safetensors")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -450,6 +491,11 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-decoding-length", type=int, default=None, help="default 256")
     p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--compute-type", choices=["float32", "int8"], default=None,
+        help="int8: Linear layers and embeddings in int8 (quantized per row when loading); "
+        "default: as the model is stored",
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -574,6 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src")
     _add_decode_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "quantize", help="write an int8 copy of a model (about 4x smaller Linear weights)"
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a directory written by `train`")
+    p.add_argument("--out", required=True, help="directory for the int8 model")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(
         "demo", help="train English -> German number words (or, --vision, digit images) and report"

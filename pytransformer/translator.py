@@ -60,8 +60,10 @@ class Translator:
         self.options: dict[str, Any] = {}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Translator:
-        """Loads ``directory/model`` (or, before training finished, the newest checkpoint)."""
+    def load(cls, directory: str | os.PathLike, compute_type: str | None = None) -> Translator:
+        """Loads ``directory/model`` (or, before training finished, the newest checkpoint);
+        compute_type "int8" runs it in int8, "float32" in float32, None as stored (see
+        `Transformer.load`)."""
         root = pathlib.Path(directory)
         if not root.is_dir():
             raise FileNotFoundError(f"directory: {root} does not exist")
@@ -71,7 +73,7 @@ class Translator:
             if latest is None:
                 raise FileNotFoundError(f"directory: no model or checkpoint under {root}")
             model_dir = pathlib.Path(latest)
-        model = Transformer.load(model_dir)
+        model = Transformer.load(model_dir, compute_type=compute_type)
         translator = cls(model, load_tokenizer(root / "src_tokenizer.json"),
                          load_tokenizer(root / "tgt_tokenizer.json"))
         if (root / "options.json").is_file():

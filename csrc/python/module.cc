@@ -6,4 +6,5 @@ PYBIND11_MODULE(_C, m) {
   pt::register_gemm(m);
   pt::register_attention(m);
   pt::register_ops(m);
+  pt::register_qgemm(m);
 }

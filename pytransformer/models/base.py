@@ -20,6 +20,7 @@ from ..checks import check_float, check_ids, check_int, check_lengths
 from ..nn.layers import Context, Embedding, Linear, position_table
 from ..nn.layout import Layout
 from ..nn.params import ParamStore
+from . import quantize
 from .config import TransformerConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -140,14 +141,22 @@ class Model:
             "format": "pytransformer",
             "model_class": type(self).__name__,
             "config": config_json,
+            "compute_type": quantize.compute_type(self),
         }
-        io.save_safetensors(os.path.join(directory, WEIGHTS_FILE), self.parameters(), metadata=meta)
+        tensors = {**self.parameters(), **quantize.quantized_tensors(self)}
+        io.save_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors, metadata=meta)
         io.atomic_write_text(os.path.join(directory, CONFIG_FILE), config_json + "\n")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> Any:
+    def load(cls, directory: str | os.PathLike, compute_type: str | None = None) -> Any:
         """Rebuilds a model saved by `save`. A missing, corrupt or mismatched checkpoint raises
-        `pytransformer.io.CheckpointError` (a ValueError) saying what is wrong."""
+        `pytransformer.io.CheckpointError` (a ValueError) saying what is wrong.
+
+        compute_type: "float32", or "int8" for int8 inference (see `models.quantize`; weights
+        stored int8 are kept as they are, float ones quantized); None (the default) runs the
+        checkpoint as stored: int8 for a file `pytransformer quantize` wrote, else float32.
+        "float32" dequantizes an int8 checkpoint."""
+        compute_type = quantize.check_compute_type(compute_type)
         config_path = os.path.join(directory, CONFIG_FILE)
         weights_path = os.path.join(directory, WEIGHTS_FILE)
         for path in (config_path, weights_path):
@@ -170,7 +179,7 @@ class Model:
             config = _stored_config(meta["config"], config, weights_path)
         model = cls._uninitialised(config)
         try:
-            model.load_state_dict(tensors)
+            quantize.load_weights(model, tensors, compute_type)
         except (TypeError, ValueError) as exc:
             raise io.CheckpointError(f"{weights_path}: does not fit the config ({exc})") from None
         return model

@@ -156,17 +156,24 @@ class Linear:
             else store.add(f"{name}.weight", (out_features, in_features), xavier_uniform_init)
         )
         self.bias = store.add(f"{name}.bias", (out_features,), zeros_init) if bias else None
+        # Set by models.quantize for int8 inference: forward then runs the int8 product.
+        self.quantized: ops.QuantizedWeight | None = None
 
     def forward(self, x: np.ndarray, activation: str | None = None) -> np.ndarray:
         """x (..., in) -> (..., out); activation "relu"/"gelu" is fused into the GEMM epilogue."""
         b = self.bias.data if self.bias is not None else None
+        if self.quantized is not None:
+            return ops.qlinear(x, self.quantized, bias=b, activation=activation)
         packed = getattr(_packed, "weights", None)
         if packed and x.size >= PACKED_MIN_ROWS * x.shape[-1] and id(self) in packed:
             return ops.matmul(x, packed[id(self)], bias=b, activation=activation)
         return ops.matmul(x, self.weight.data, trans_b=True, bias=b, activation=activation)
 
     def pack(self) -> ops.PackedWeight:
-        """The weight packed for `packed_weights` (a snapshot: it does not follow later updates)."""
+        """The weight packed for `packed_weights` (a snapshot: it does not follow later updates);
+        an int8 layer's weight is packed already."""
+        if self.quantized is not None:
+            return self.quantized
         return ops.PackedWeight(self.weight.data)
 
     def backward(
@@ -178,6 +185,10 @@ class Linear:
     ) -> np.ndarray:
         """dy (..., out), x (..., in) the forward input. Accumulates dW, db; returns dx (..., in)
         (or adds it into dx_out when given)."""
+        if self.quantized is not None:
+            raise RuntimeError(
+                "an int8 model runs inference only: load it with compute_type='float32' to train"
+            )
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         ops.matmul(dy2, x2, trans_a=True, out=self.weight.grad, accumulate=True)
@@ -250,17 +261,26 @@ class Embedding:
         self.dropout = Dropout(dropout, ctx)
         self.ctx = ctx
         self.ids: np.ndarray | None = None
+        # Set by models.quantize for int8 inference: rows are then gathered from the int8 table.
+        self.quantized: ops.QuantizedWeight | None = None
 
     def forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """ids (...) -> x (N, C) with N = ids.size; positions: the position-table rows for ids,
         broadcastable to ids.shape + (C,) (see Layout.positional)."""
-        x = ops.embedding(self.weight.data, ids, scale=self.scale)
+        if self.quantized is not None:
+            x = self.quantized.dequantize_rows(ids, scale=self.scale)
+        else:
+            x = ops.embedding(self.weight.data, ids, scale=self.scale)
         x += positions
         if self.ctx.cache:
             self.ids = ids
         return self.dropout.forward(x.reshape(-1, x.shape[-1]))
 
     def backward(self, dx: np.ndarray) -> None:
+        if self.quantized is not None:
+            raise RuntimeError(
+                "an int8 model runs inference only: load it with compute_type='float32' to train"
+            )
         dx = self.dropout.backward(dx)
         ids, self.ids = self.ids, None
         ops.embedding_backward(

@@ -1,0 +1,88 @@
+// int8 GEMM op logic: weight packing, activation quantisation and widening, ISA dispatch. The
+// multiply-adds run in qgemm_isa.cc.
+#include "qgemm/qgemm.h"
+
+#include <cstring>
+
+#include "core/isa.h"
+#include "core/threading.h"
+#include "qgemm/qgemm_kernels.h"
+
+namespace pt {
+
+namespace {
+
+index_t even(index_t k) { return (k + 1) / 2 * 2; }
+
+// Scratch for the widened activations (M x Kp int16) and the row factors (M floats), from the
+// calling thread's scratch memory (the kernel is done with it before the thread's next call).
+struct Widened {
+  std::int16_t* a;
+  float* row_inv;
+};
+
+Widened widened_scratch(index_t M, index_t Kp) {
+  const index_t a_floats = (M * Kp + 1) / 2;
+  float* s = thread_scratch(static_cast<size_t>(a_floats + M + 16));
+  return {reinterpret_cast<std::int16_t*>(s), s + a_floats};
+}
+
+}  // namespace
+
+index_t qpacked_size(index_t N, index_t K) { return (N + kQNR - 1) / kQNR * kQNR * even(K); }
+
+void qpack_weight(std::int8_t* dst, const std::int8_t* w, index_t ldw, index_t N, index_t K) {
+  const index_t panels = (N + kQNR - 1) / kQNR, pairs = even(K) / 2;
+  std::memset(dst, 0, static_cast<size_t>(qpacked_size(N, K)));
+  parallel_for(panels, [&](std::int64_t q) {
+    std::int8_t* panel = dst + q * pairs * 2 * kQNR;
+    const index_t cols = N - q * kQNR < kQNR ? N - q * kQNR : kQNR;
+    for (index_t j = 0; j < cols; ++j) {
+      const std::int8_t* row = w + (q * kQNR + j) * ldw;
+      for (index_t k = 0; k < K; ++k) panel[(k / 2) * 2 * kQNR + 2 * j + (k & 1)] = row[k];
+    }
+  });
+}
+
+void qgemm_s32(std::int32_t* c, index_t ldc, const std::int8_t* a, index_t lda, const std::int8_t* packed,
+               index_t M, index_t N, index_t K) {
+  if (M <= 0 || N <= 0) return;
+  const index_t Kp = even(K);
+  const Widened wide = widened_scratch(M, Kp);
+  for (index_t m = 0; m < M; ++m) {
+    std::int16_t* row = wide.a + m * Kp;
+    for (index_t k = 0; k < K; ++k) row[k] = a[m * lda + k];
+    for (index_t k = K; k < Kp; ++k) row[k] = 0;
+  }
+  QRun run;
+  run.a = wide.a, run.lda = Kp, run.b = packed;
+  run.M = M, run.N = N, run.Kp = Kp;
+  run.c32 = c, run.ldc32 = ldc;
+  PT_DISPATCH(qgemm_run)(run);
+}
+
+void quantize_rows(std::int8_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M, index_t K) {
+  if (M <= 0 || K <= 0) return;
+  // The kernel's own quantisation into int16 rows, narrowed (every value is in [-127, 127]).
+  const Widened wide = widened_scratch(M, K);
+  PT_DISPATCH(quantize_rows_i16)(wide.a, K, scale, x, ldx, M, K);
+  for (index_t m = 0; m < M; ++m)
+    for (index_t k = 0; k < K; ++k) q[m * ldq + k] = static_cast<std::int8_t>(wide.a[m * K + k]);
+}
+
+void qlinear_forward(const QLinearArgs& p) {
+  if (p.M <= 0 || p.N <= 0) return;
+  const index_t Kp = even(p.K);
+  const Widened wide = widened_scratch(p.M, Kp);
+  PT_DISPATCH(quantize_rows_i16)(wide.a, Kp, wide.row_inv, p.x, p.ldx, p.M, p.K);
+  for (index_t m = 0; m < p.M; ++m) wide.row_inv[m] = 1.0f / wide.row_inv[m];
+  QRun run;
+  run.a = wide.a, run.lda = Kp, run.b = p.packed;
+  run.M = p.M, run.N = p.N, run.Kp = Kp;
+  run.c = p.c, run.ldc = p.ldc;
+  run.row_inv = wide.row_inv, run.col_inv = p.w_inv_scale;
+  run.bias = p.bias, run.act = p.act;
+  PT_DISPATCH(qgemm_run)(run);
+}
+
+}  // namespace pt

@@ -1,0 +1,272 @@
+// The int8 GEMM kernel, per ISA: register tiles of up to kQMR rows x 16 columns over the packed
+// weight panels, int32 accumulation, then the write-back (raw int32, or dequantised floats with
+// bias and activation). AVX2 widens each 16-byte half of a weight k-pair row with vpmovsxbw and
+// multiplies it by a broadcast activation pair with vpmaddwd; the generic build runs the same sums
+// as plain integer loops. Integer sums are exact, so both give identical int32 results.
+#include <cmath>
+#include <cstring>
+
+#include "core/isa_unit.h"
+#include "core/vec.h"
+#include "core/threading.h"
+#include "gemm/epilogue.h"
+#include "qgemm/qgemm_kernels.h"
+
+#if defined(PT_ISA_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace pt {
+namespace PT_ISA_NS {
+namespace {
+
+// Rows per register tile: 6 x 2 int32 accumulators + 2 weight vectors + 1 broadcast = 15 of the
+// 16 ymm registers. Decoding products (M = 3..64) run the same tiles with fewer rows, so a small M
+// reads each weight panel once per 6 rows and packs nothing but its own activations (M <= 2 has
+// its own two-panel tiles, below).
+constexpr int kQMR = 6;
+// Rows per block of tasks: a thread's tasks sweep the panels of one block of rows at a time, so the
+// block's activations (kQMC x Kp int16, 96 KiB at K = 512) stay in L2 while the panels stream by.
+constexpr index_t kQMC = 96;
+// Products of at most kQWideM rows (greedy decoding of one sentence) take tiles two panels wide:
+// one activation broadcast then feeds four vpmaddwd, and the loop runs half as often.
+constexpr index_t kQWideM = 2;
+constexpr int NR = static_cast<int>(kQNR);
+// The tiles are inlined into their loop: compiled as separate functions, GCC kept the
+// accumulators in stack slots (callgrind: 1.3x the instructions at M = 32).
+#define PT_QTILE inline __attribute__((always_inline))
+
+#if defined(PT_ISA_AVX2)
+
+// R rows x 16 columns: out is R x 16 int32.
+template <int R>
+PT_QTILE void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (index_t p = 0; p < pairs; ++p) {
+    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p)));
+    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p + 16)));
+    for (int r = 0; r < R; ++r) {
+      std::int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
+      const __m256i av = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR), acc[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR + 8), acc[r][1]);
+  }
+}
+
+// R rows x 32 columns (two adjacent panels, the second at b + panel_bytes): out is R x 32 int32.
+template <int R>
+PT_QTILE void tile_wide(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+               std::int32_t* out) {
+  __m256i acc[R][4];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_si256();
+  const std::int8_t* c = b + panel_bytes;
+  for (index_t p = 0; p < pairs; ++p) {
+    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p)));
+    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p + 16)));
+    const __m256i b2 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * p)));
+    const __m256i b3 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * p + 16)));
+    for (int r = 0; r < R; ++r) {
+      std::int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
+      const __m256i av = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+      acc[r][2] = _mm256_add_epi32(acc[r][2], _mm256_madd_epi16(av, b2));
+      acc[r][3] = _mm256_add_epi32(acc[r][3], _mm256_madd_epi16(av, b3));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 2 * NR + 8 * v), acc[r][v]);
+}
+
+#else
+
+// R rows x P panels (16 P columns) as plain integer loops: out is R x 16 P int32.
+template <int R, int P>
+PT_QTILE void tile_panels(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+                 std::int32_t* out) {
+  std::int32_t acc[R][kQNR * P] = {};
+  for (int i = 0; i < P; ++i) {
+    for (index_t p = 0; p < pairs; ++p) {
+      const std::int8_t* bp = b + i * panel_bytes + 32 * p;
+      for (int r = 0; r < R; ++r) {
+        const std::int32_t a0 = a[r * lda + 2 * p], a1 = a[r * lda + 2 * p + 1];
+        for (int j = 0; j < NR; ++j) acc[r][i * NR + j] += a0 * bp[2 * j] + a1 * bp[2 * j + 1];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR * P; ++j) out[r * NR * P + j] = acc[r][j];
+}
+
+template <int R>
+PT_QTILE void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
+  tile_panels<R, 1>(a, lda, b, 0, pairs, out);
+}
+
+template <int R>
+PT_QTILE void tile_wide(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+               std::int32_t* out) {
+  tile_panels<R, 2>(a, lda, b, panel_bytes, pairs, out);
+}
+
+#endif
+
+PT_QTILE void run_tile(int rows, const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs,
+              std::int32_t* out) {
+  switch (rows) {
+    case 1: return tile<1>(a, lda, b, pairs, out);
+    case 2: return tile<2>(a, lda, b, pairs, out);
+    case 3: return tile<3>(a, lda, b, pairs, out);
+    case 4: return tile<4>(a, lda, b, pairs, out);
+    case 5: return tile<5>(a, lda, b, pairs, out);
+    default: return tile<6>(a, lda, b, pairs, out);
+  }
+}
+
+// Writes rows [m0, m0 + rows) x columns [n0, n0 + cols) of the result from the tile's sums
+// (row stride ld).
+void write_tile(const QRun& q, const std::int32_t* acc, int ld, index_t m0, int rows, index_t n0, int cols) {
+  if (q.c32) {
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < cols; ++j) q.c32[(m0 + r) * q.ldc32 + n0 + j] = acc[r * ld + j];
+    return;
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* row = q.c + (m0 + r) * q.ldc + n0;
+    const float ra = q.row_inv[m0 + r];
+    const float* cw = q.col_inv + n0;
+    const std::int32_t* sums = acc + r * ld;
+    int j = 0;
+#if defined(PT_ISA_AVX2)
+    // The same expression as the scalar loop, float(sum) * (ra * cw), eight columns at a time.
+    const __m256 rv = _mm256_set1_ps(ra);
+    for (; j + 8 <= cols; j += 8) {
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + j)));
+      _mm256_storeu_ps(row + j, _mm256_mul_ps(f, _mm256_mul_ps(rv, _mm256_loadu_ps(cw + j))));
+    }
+#endif
+    for (; j < cols; ++j) row[j] = static_cast<float>(sums[j]) * (ra * cw[j]);
+  }
+  if (q.bias || q.act != Activation::none)
+    epilogue_rows(q.c + m0 * q.ldc + n0, q.ldc, rows, cols, true, q.bias ? q.bias + n0 : nullptr, q.act);
+}
+
+// One row's quantisation (see quantize_rows_i16); returns its scale.
+float quantize_row(std::int16_t* q, const float* x, index_t K) {
+  // amax over |x|; `poison` turns NaN (and stays NaN) as soon as one x is inf or NaN.
+  Vec amax = Vec::zero(), poison = Vec::zero();
+  for (index_t k = 0; k < K; k += Vec::width) {
+    const int w = K - k < Vec::width ? static_cast<int>(K - k) : Vec::width;
+    const Vec v = Vec::load(x + k, w);
+    amax = max(amax, max(v, Vec::zero() - v));
+    poison = poison + v * Vec::zero();
+  }
+  if (std::isnan(poison.sum())) {
+    std::memset(q, 0, static_cast<size_t>(K) * sizeof(std::int16_t));
+    return std::nanf("");
+  }
+  const float top = amax.max();
+  const float s = top > 0.0f ? 127.0f / top : 1.0f;
+  index_t k = 0;
+#if defined(PT_ISA_AVX2)
+  const __m256 sv = _mm256_set1_ps(s);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (; k + 8 <= K; k += 8) {
+    // cvtps rounds half to even (the default MXCSR mode), as nearbyint below.
+    __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), sv));
+    i = _mm256_max_epi32(_mm256_min_epi32(i, hi), lo);
+    const __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), p);
+  }
+#endif
+  for (; k < K; ++k) {
+    float r = std::nearbyint(x[k] * s);
+    r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);  // x * s may round just past 127
+    q[k] = static_cast<std::int16_t>(r);
+  }
+  return s;
+}
+
+// Threads worth using: one per 256k multiply-adds, as the float GEMM.
+int useful_threads(const QRun& q) {
+  const double work = static_cast<double>(q.M) * static_cast<double>(q.N) * static_cast<double>(q.Kp);
+  const int nt = num_threads();
+  const double cap = work / (1 << 18);
+  return cap < 1.0 ? 1 : (cap < nt ? static_cast<int>(cap) : nt);
+}
+
+}  // namespace
+
+void quantize_rows_i16(std::int16_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M,
+                       index_t K) {
+  const auto row = [&](std::int64_t m) {
+    scale[m] = quantize_row(q + m * ldq, x + m * ldx, K);
+    for (index_t k = K; k < ldq; ++k) q[m * ldq + k] = 0;
+  };
+  if (M * K >= (1 << 16)) {
+    parallel_for(M, row);
+  } else {
+    for (index_t m = 0; m < M; ++m) row(m);
+  }
+}
+
+// The decoding path for M <= kQWideM: tasks are pairs of adjacent panels (the last may be single).
+static void qgemm_wide(const QRun& q) {
+  const index_t panels = (q.N + kQNR - 1) / kQNR, units = (panels + 1) / 2;
+  const index_t pairs = q.Kp / 2, panel_bytes = pairs * 2 * kQNR;
+  const int rows = static_cast<int>(q.M);
+  run_team(useful_threads(q), [&](int t, int team) {
+    // Room for run_tile's largest tile too (only 1 or 2 rows are used here).
+    alignas(32) std::int32_t acc[kQMR * kQNR];
+    static_assert(kQMR * kQNR >= kQWideM * 2 * kQNR, "two-panel tiles fit");
+    const index_t u1 = units * (t + 1) / team;
+    for (index_t u = units * t / team; u < u1; ++u) {
+      const index_t n0 = 2 * u * kQNR;
+      const int cols = static_cast<int>(q.N - n0 < 2 * kQNR ? q.N - n0 : 2 * kQNR);
+      const std::int8_t* b = q.b + 2 * u * panel_bytes;
+      if (cols > NR) {
+        if (rows == 1) tile_wide<1>(q.a, q.lda, b, panel_bytes, pairs, acc);
+        else tile_wide<2>(q.a, q.lda, b, panel_bytes, pairs, acc);
+        write_tile(q, acc, 2 * NR, 0, rows, n0, cols);
+      } else {
+        run_tile(rows, q.a, q.lda, b, pairs, acc);
+        write_tile(q, acc, NR, 0, rows, n0, cols);
+      }
+    }
+  });
+}
+
+// Tasks are (row block, panel) pairs in row-block-major order; each thread takes one contiguous
+// range. Every output element is one exact integer sum and one fixed float expression, so the
+// split (and the thread count) never changes a bit.
+void qgemm_run(const QRun& q) {
+  if (q.M <= kQWideM) return qgemm_wide(q);
+  const index_t panels = (q.N + kQNR - 1) / kQNR, blocks = (q.M + kQMC - 1) / kQMC;
+  const index_t tasks = panels * blocks, pairs = q.Kp / 2;
+  run_team(useful_threads(q), [&](int t, int team) {
+    alignas(32) std::int32_t acc[kQMR * kQNR];
+    const index_t t1 = tasks * (t + 1) / team;
+    for (index_t task = tasks * t / team; task < t1; ++task) {
+      const index_t blk = task / panels, panel = task % panels;
+      const index_t n0 = panel * kQNR, m_end = blk * kQMC + kQMC < q.M ? blk * kQMC + kQMC : q.M;
+      const int cols = static_cast<int>(q.N - n0 < kQNR ? q.N - n0 : kQNR);
+      const std::int8_t* b = q.b + panel * pairs * 2 * kQNR;
+      for (index_t m0 = blk * kQMC; m0 < m_end; m0 += kQMR) {
+        const int rows = static_cast<int>(m_end - m0 < kQMR ? m_end - m0 : kQMR);
+        run_tile(rows, q.a + m0 * q.lda, q.lda, b, pairs, acc);
+        write_tile(q, acc, NR, m0, rows, n0, cols);
+      }
+    }
+  });
+}
+
+}  // namespace PT_ISA_NS
+}  // namespace pt
