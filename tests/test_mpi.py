@@ -18,13 +18,16 @@ import time
 import numpy as np
 import pytest
 
+import pytransformer
 from pytransformer.train import distributed
 from pytransformer.train.data import TokenBatcher, synthetic_pairs
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mpi_worker as mw  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Where the pytransformer under test lives (the source tree in a development build, site-packages
+# when installed): the subprocesses must import that one, not a source tree without _C.
+PACKAGE_ROOT = pathlib.Path(pytransformer.__file__).resolve().parents[1]
 WORKER = str(pathlib.Path(__file__).with_name("mpi_worker.py"))
 
 
@@ -56,7 +59,7 @@ def launch(n: int, *args: str, timeout: float = 60, env: dict | None = None):
     """Runs ``python tests/mpi_worker.py args`` on n ranks; returns (CompletedProcess, seconds)."""
     full_env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         "OMP_NUM_THREADS": "1",
@@ -90,8 +93,9 @@ def test_one_process_without_a_launcher_imports_no_mpi():
         "import sys; from pytransformer.train import distributed as d; w = d.world(); "
         "import pytransformer.cli; print(w.rank, w.size, w.comm, 'mpi4py' in sys.modules)"
     )
-    env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+    env["PYTHONPATH"] = str(PACKAGE_ROOT)
+    # -P: the working directory (a source checkout in CI) must not shadow the tested package
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env,
                          timeout=60, check=True)
     assert out.stdout.split() == ["0", "1", "None", "False"]
 

@@ -266,7 +266,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     ckpt = tmp_path / "ckpt"
     code = _KILLED_RUN.format(tests=os.path.dirname(__file__), data=str(d), ckpt=str(ckpt))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", code], env=env, capture_output=True, timeout=300
+    )
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]
     resumed = trainer_on(batcher(), ckpt)
     assert resumed.load_checkpoint(ckpt).endswith("step-00000003")
@@ -317,7 +319,7 @@ _FAULTS = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_reusing_freed_memory_saves_the_page_faults():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    faults = [int(subprocess.run([sys.executable, "-c", _FAULTS, flag], env=env, check=True,
+    faults = [int(subprocess.run([sys.executable, "-P", "-c", _FAULTS, flag], env=env, check=True,
                                  capture_output=True, text=True).stdout)
               for flag in ("0", "1")]  # fmt: skip
     pages = 10 * 20 * (2 << 20) // 4096
