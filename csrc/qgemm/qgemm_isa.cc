@@ -38,52 +38,30 @@ constexpr int NR = static_cast<int>(kQNR);
 
 #if defined(PT_ISA_AVX2)
 
-// R rows x 16 columns: out is R x 16 int32.
-template <int R>
-PT_QTILE void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+// R rows x P adjacent panels (16 P columns; panel i at b + i * panel_bytes): out is R x 16 P int32.
+// P = 1 holds 6 x 2 accumulators + 2 weight vectors + 1 broadcast in registers; P = 2 (M <= 2)
+// feeds four vpmaddwd from one broadcast.
+template <int R, int P>
+PT_QTILE void tile_panels(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+                 std::int32_t* out) {
+  __m256i acc[R][2 * P];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_setzero_si256();
   for (index_t p = 0; p < pairs; ++p) {
-    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p)));
-    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p + 16)));
+    __m256i w[2 * P];
+    for (int v = 0; v < 2 * P; ++v)
+      w[v] = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (v / 2) * panel_bytes + 32 * p + 16 * (v % 2))));
     for (int r = 0; r < R; ++r) {
       std::int32_t pair;
       std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
       const __m256i av = _mm256_set1_epi32(pair);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR), acc[r][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR + 8), acc[r][1]);
-  }
-}
-
-// R rows x 32 columns (two adjacent panels, the second at b + panel_bytes): out is R x 32 int32.
-template <int R>
-PT_QTILE void tile_wide(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
-               std::int32_t* out) {
-  __m256i acc[R][4];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_si256();
-  const std::int8_t* c = b + panel_bytes;
-  for (index_t p = 0; p < pairs; ++p) {
-    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p)));
-    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * p + 16)));
-    const __m256i b2 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * p)));
-    const __m256i b3 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 32 * p + 16)));
-    for (int r = 0; r < R; ++r) {
-      std::int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * p, sizeof pair);
-      const __m256i av = _mm256_set1_epi32(pair);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
-      acc[r][2] = _mm256_add_epi32(acc[r][2], _mm256_madd_epi16(av, b2));
-      acc[r][3] = _mm256_add_epi32(acc[r][3], _mm256_madd_epi16(av, b3));
+      for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_madd_epi16(av, w[v]));
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * 2 * NR + 8 * v), acc[r][v]);
+    for (int v = 0; v < 2 * P; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * NR * P + 8 * v), acc[r][v]);
 }
 
 #else
@@ -106,6 +84,8 @@ PT_QTILE void tile_panels(const std::int16_t* a, index_t lda, const std::int8_t*
     for (int j = 0; j < NR * P; ++j) out[r * NR * P + j] = acc[r][j];
 }
 
+#endif
+
 template <int R>
 PT_QTILE void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
   tile_panels<R, 1>(a, lda, b, 0, pairs, out);
@@ -116,8 +96,6 @@ PT_QTILE void tile_wide(const std::int16_t* a, index_t lda, const std::int8_t* b
                std::int32_t* out) {
   tile_panels<R, 2>(a, lda, b, panel_bytes, pairs, out);
 }
-
-#endif
 
 PT_QTILE void run_tile(int rows, const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs,
               std::int32_t* out) {
