@@ -95,8 +95,8 @@ def test_one_process_without_a_launcher_imports_no_mpi():
     )
     env["PYTHONPATH"] = str(PACKAGE_ROOT)
     # -P: the working directory (a source checkout in CI) must not shadow the tested package
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, env=env,
-                         timeout=60, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         env=env, timeout=60, check=True)
     assert out.stdout.split() == ["0", "1", "None", "False"]
 
 
