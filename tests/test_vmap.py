@@ -288,3 +288,49 @@ def test_subset_state_skips_packing_the_full_output():
     assert id(m.output) not in state.packed_weights
     assert state.output_rows.packed.shape == (3, m.config.d_model)
     assert state.vocab_subset.dtype == np.int64
+
+
+def test_greedy_with_a_vmap_matches_ctranslate2_use_vmap(tmp_path):
+    """The same vmap.txt in a CTranslate2 model directory: translate_batch(use_vmap=True) and our
+    greedy decoding inside `load_vmap(...).subset(batch)` pick the same tokens (CTranslate2 adds
+    unk, bos, eos and pad itself: our `always`)."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from test_interop_ct2 import _spec_model  # a model written by ctranslate2 itself
+
+    from pytransformer.interop import from_ctranslate2
+
+    toks = _spec_model(tmp_path, pre_norm=True, V=160, seed=2)
+    rng = np.random.default_rng(3)
+    words = toks[4:]
+    lines = ["\t" + " ".join(rng.choice(words, 3, replace=False))]
+    lines += [f"{w}\t{' '.join(rng.choice(words, 4, replace=False))}" for w in words]
+    lines.append(f"{words[0]} {words[1]}\t{' '.join(rng.choice(words, 5, replace=False))}")
+    (tmp_path / VMAP_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tr = from_ctranslate2(tmp_path)
+    src_tok, tgt_tok, cfg = tr.src_tokenizer, tr.tgt_tokenizer, tr.model.config
+    vm = load_vmap(tmp_path, src_tok.stoi, tgt_tok.stoi,
+                   always=[cfg.pad_id, cfg.bos_id, cfg.eos_id, tgt_tok.unk_id],
+                   tgt_vocab_size=cfg.tgt_vocab_size, unknown="error")
+    batch = [list(rng.choice(words[:10], size=rng.integers(2, 7))) for _ in range(8)]
+    batch[0][:2] = words[:2]  # the bigram rule fires
+    ct = ctranslate2.Translator(str(tmp_path), device="cpu", compute_type="float32")
+    ref = ct.translate_batch(batch, beam_size=1, use_vmap=True, max_decoding_length=16)
+    sources = [src_tok.encode_tokens(s) for s in batch]
+    ids = vm.subset(sources)
+    assert ids.size < cfg.tgt_vocab_size / 2
+    lengths = np.array([len(s) for s in sources])
+    src = np.zeros((len(sources), lengths.max()), np.int64)
+    for r, s in enumerate(sources):
+        src[r, : len(s)] = s
+    m = tr.model
+    state = m.init_decoder_state(m.encode(src, lengths), lengths, 16, vocab_subset=ids)
+    out = np.zeros((len(batch), 12), np.int64)
+    tokens = np.full(len(batch), cfg.bos_id)
+    for t in range(12):
+        tokens = m.decode_step(state, tokens)[0].argmax(-1)
+        out[:, t] = tokens
+    for r, hyp in enumerate(ref):
+        ours = tgt_tok.decode_tokens(out[r, : list(out[r]).index(cfg.eos_id)]
+                                     if cfg.eos_id in out[r] else out[r])
+        assert ours[:12] == hyp.hypotheses[0][:12], r
+        assert set(tgt_tok.encode_tokens(hyp.hypotheses[0])) <= set(ids.tolist())

@@ -68,6 +68,7 @@ class DecoderState:
     def reserve(self, positions: int) -> None:
         """Makes room in the caches for `positions` positions (<= max_steps): doubles the
         capacity until it fits, copying the `step` filled positions into the new buffers."""
+        positions = check_int("positions", positions, 1, self.max_steps)
         if positions <= self.capacity:
             return
         cap = self.capacity

@@ -12,9 +12,10 @@ Padding costs nothing: position-wise layers run on the packed real tokens only (
 
 Decoding: `memory = model.encode(src, src_lengths)`, `state = model.init_decoder_state(memory,
 src_lengths, max_steps)`, then `logits, attn = model.decode_step(state, tokens)` per position and
-`state.reorder(rows)` to follow beams or drop finished rows; `translate` runs the searches of
-`pytransformer.decode` over those. These never write module state, so several threads may decode
-with one model.
+`state.reorder(rows)` to follow beams or drop finished rows (the state's caches grow with the
+steps; `vocab_subset=ids` restricts the output projection to a shortlist, e.g. from
+`decode.vmap.VocabMap`); `translate` runs the searches of `pytransformer.decode` over those.
+These never write module state, so several threads may decode with one model.
 """
 
 from __future__ import annotations
