@@ -7,17 +7,24 @@ from typing import Any
 
 import numpy as np
 
+from .. import ops
 from ..checks import check_bool, check_ids, check_int, check_layer_index
 from ..nn.attention import AttentionCapture
-from ..nn.layers import packed_weights, worth_packing
+from ..nn.layers import PACKED_MIN_ROWS, packed_weights, worth_packing
 from ..nn.layout import Layout
+
+# Self-attention caches start with room for this many positions and double when a step needs
+# more: memory follows the longest hypothesis, not max_steps (a batch of 256 rows preallocated for
+# 256 steps held ~400 MB for a 30 MB model), and the copies add up to less than one more cache.
+INITIAL_CAPACITY = 16
 
 
 class DecoderState:
     """Caches of incremental decoding for a batch of rows that all sit at the same position.
 
-    kv_caches: per decoder layer (B, max_steps, 2, H, D) — self-attention keys [:, :, 0] and values
-    [:, :, 1]; positions < `step` are filled. cross_kvs: per layer (G, S, 2, H, D), the encoder
+    kv_caches: per decoder layer (B, capacity, 2, H, D) — self-attention keys [:, :, 0] and values
+    [:, :, 1]; positions < `step` are filled. capacity <= max_steps grows (doubling, see
+    `reserve`) as the steps need it. cross_kvs: per layer (G, S, 2, H, D), the encoder
     memory's projected keys/values (None for a decoder-only LM) for G = B / g sources, where row r
     decodes source row r // g: the beams of a sentence sit in g consecutive rows and share one
     copy, read once per step. `memory_layout` describes those G rows; `src_lengths` is per row.
@@ -25,6 +32,8 @@ class DecoderState:
     for a new set of sources (reordering beams within a sentence copies nothing).
     packed_weights: {id(Linear): PackedWeight} of the layers each step runs, packed when the
     state was made (so they do not follow later changes to the weights), or None.
+    vocab_subset: the sorted target ids each step scores (None: all); `output_rows` holds the
+    output projection's rows for them.
     """
 
     def __init__(
@@ -34,6 +43,7 @@ class DecoderState:
         memory_layout: Layout | None,
         max_steps: int,
         packed_weights: dict | None = None,
+        output_rows: OutputRows | None = None,
     ) -> None:
         self.kv_caches = kv_caches
         self.packed_weights = packed_weights
@@ -43,6 +53,35 @@ class DecoderState:
         self.step = 0
         self.src_rows = np.arange(kv_caches[0].shape[0], dtype=np.int64)
         self._cross_sources = self.src_rows  # the original source of each cross_kvs row
+        self.output_rows = output_rows
+
+    @property
+    def vocab_subset(self) -> np.ndarray | None:
+        """The sorted target ids the steps score (None: the whole vocabulary)."""
+        return self.output_rows.ids if self.output_rows is not None else None
+
+    @property
+    def capacity(self) -> int:
+        """Positions the self-attention caches hold now (grows up to max_steps)."""
+        return self.kv_caches[0].shape[1]
+
+    def reserve(self, positions: int) -> None:
+        """Makes room in the caches for `positions` positions (<= max_steps): doubles the
+        capacity until it fits, copying the `step` filled positions into the new buffers."""
+        positions = check_int("positions", positions, 1, self.max_steps)
+        if positions <= self.capacity:
+            return
+        cap = self.capacity
+        while cap < positions:
+            cap *= 2
+        cap = min(cap, self.max_steps)
+        t = self.step
+        grown = []
+        for c in self.kv_caches:
+            new = np.empty((c.shape[0], cap) + c.shape[2:], np.float32)
+            new[:, :t] = c[:, :t]
+            grown.append(new)
+        self.kv_caches = grown
 
     @property
     def batch_size(self) -> int:
@@ -142,24 +181,99 @@ def new_state(
     max_steps: int,
     pack_weights: Any,
     cross: tuple[list[np.ndarray], Layout] | None = None,
+    vocab_subset: np.ndarray | None = None,
 ) -> DecoderState:
-    """Self-attention caches for `rows` rows and max_steps positions, the cross-attention K/V
-    (with their layout) when the model has an encoder, and the packed step weights when
-    pack_weights says so (None: `worth_packing(rows, max_steps)`)."""
+    """Self-attention caches for `rows` rows (room for INITIAL_CAPACITY positions, growing to
+    max_steps), the cross-attention K/V (with their layout) when the model has an encoder, the
+    packed step weights when pack_weights says so (None: `worth_packing(rows, max_steps)`), and
+    the output rows of vocab_subset (checked by `check_vocab_subset`) when given."""
     cfg = model.config
     H = cfg.num_heads
+    capacity = min(INITIAL_CAPACITY, max_steps)
     caches = [
-        np.empty((rows, max_steps, 2, H, cfg.d_model // H), np.float32)
+        np.empty((rows, capacity, 2, H, cfg.d_model // H), np.float32)
         for _ in model.decoder.layers
     ]
     if pack_weights is None:
         pack_weights = worth_packing(rows, max_steps)
+    pack = check_bool("pack_weights (a bool or None)", pack_weights)
     packed = None
-    if check_bool("pack_weights (a bool or None)", pack_weights):
-        layers = [*model.decoder.step_linears(), model.output]
+    if pack:
+        layers = list(model.decoder.step_linears())
+        if vocab_subset is None:
+            layers.append(model.output)
         packed = {id(layer): layer.pack() for layer in layers}
+    rows_out = None
+    if vocab_subset is not None:
+        rows_out = OutputRows(model.output, vocab_subset, pack)
     kvs, layout = cross if cross is not None else (None, None)
-    return DecoderState(caches, kvs, layout, max_steps, packed)
+    return DecoderState(caches, kvs, layout, max_steps, packed, rows_out)
+
+
+def check_vocab_subset(vocab_subset: Any, vocab_size: int, eos_id: int) -> np.ndarray | None:
+    """None, or a 1-D integer array of sorted unique target ids in [0, vocab_size) holding
+    eos_id (a search must be able to end), returned as int64."""
+    if vocab_subset is None:
+        return None
+    name = "vocab_subset"
+    if not isinstance(vocab_subset, np.ndarray):
+        kind = type(vocab_subset).__name__
+        raise TypeError(f"{name}: expected a numpy integer array, got {kind}")
+    if vocab_subset.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got dtype {vocab_subset.dtype}")
+    if vocab_subset.ndim != 1 or vocab_subset.size == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D array, got shape {vocab_subset.shape}")
+    ids = vocab_subset.astype(np.int64)
+    if (ids < 0).any() or (ids >= vocab_size).any():
+        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+        raise IndexError(f"{name}: id {bad} is out of range [0, {vocab_size})")
+    if (np.diff(ids) <= 0).any():
+        raise ValueError(f"{name}: ids must be sorted and unique (np.unique gives that)")
+    if ids[np.searchsorted(ids, eos_id) % ids.size] != eos_id:
+        raise ValueError(f"{name}: must contain the end-of-sequence id {eos_id}")
+    return ids
+
+
+class OutputRows:
+    """The output projection restricted to the target ids `ids`: its weight rows and bias
+    gathered once (and packed, or kept int8 for an int8 layer), so a step's product costs
+    len(ids) / V of the full one. `logits` returns full-width rows, -inf outside ids, so the
+    searches see an ordinary (B, V) row where the other tokens are impossible."""
+
+    def __init__(self, output: Any, ids: np.ndarray, pack: bool) -> None:
+        self.ids = ids
+        q = output.quantized
+        self.vocab_size = q.out_features if q is not None else output.weight.data.shape[0]
+        self.bias = output.bias.data[ids] if output.bias is not None else None
+        self.quantized = None
+        self.weight = None
+        self.packed = None
+        if output.quantized is not None:
+            qw = output.quantized
+            self.quantized = ops.QuantizedWeight(_int8_rows(qw, ids), qw.scale[ids])
+        else:
+            self.weight = np.ascontiguousarray(output.weight.data[ids])
+            self.packed = ops.PackedWeight(self.weight) if pack else None
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """h (B, C) -> (B, V) float32: the projection at `ids`, -inf elsewhere. Takes the same
+        kernel (packed, unpacked or int8) `Linear.forward` takes for the full layer."""
+        if self.quantized is not None:
+            sub = ops.qlinear(h, self.quantized, bias=self.bias)
+        elif self.packed is not None and h.size >= PACKED_MIN_ROWS * h.shape[-1]:
+            sub = ops.matmul(h, self.packed, bias=self.bias)
+        else:
+            sub = ops.matmul(h, self.weight, trans_b=True, bias=self.bias)
+        out = np.full((h.shape[0], self.vocab_size), -np.inf, np.float32)
+        out[:, self.ids] = sub
+        return out
+
+
+def _int8_rows(qw: ops.QuantizedWeight, ids: np.ndarray) -> np.ndarray:
+    """Rows ids of an int8 weight, read from its 16-row panels (not the whole matrix)."""
+    panels, pairs, _ = qw.data.shape
+    lanes = qw.data.reshape(panels, pairs, 16, 2)[ids // 16, :, ids % 16]  # (K, pairs, 2)
+    return np.ascontiguousarray(lanes.reshape(ids.size, pairs * 2)[:, : qw.in_features])
 
 
 def attention_capture(layer: Any, heads: Any, num_layers: int) -> AttentionCapture:
@@ -181,11 +295,15 @@ def decode_step(
     if state.step >= state.max_steps:
         raise ValueError(f"state: all {state.max_steps} steps are used (max_steps)")
     pos = state.step
+    state.reserve(pos + 1)
     with model.ctx.inference(), packed_weights(state.packed_weights):
         x = model.tgt_embed.forward(tokens[:, None], model.positions[pos : pos + 1])
         h = model.decoder.step(
             x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, capture
         )
-        logits = model.output.forward(h)
+        if state.output_rows is not None:
+            logits = state.output_rows.logits(h)
+        else:
+            logits = model.output.forward(h)
     state.step += 1
     return logits

@@ -12,9 +12,10 @@ Padding costs nothing: position-wise layers run on the packed real tokens only (
 
 Decoding: `memory = model.encode(src, src_lengths)`, `state = model.init_decoder_state(memory,
 src_lengths, max_steps)`, then `logits, attn = model.decode_step(state, tokens)` per position and
-`state.reorder(rows)` to follow beams or drop finished rows; `translate` runs the searches of
-`pytransformer.decode` over those. These never write module state, so several threads may decode
-with one model.
+`state.reorder(rows)` to follow beams or drop finished rows (the state's caches grow with the
+steps; `vocab_subset=ids` restricts the output projection to a shortlist, e.g. from
+`decode.vmap.VocabMap`); `translate` runs the searches of `pytransformer.decode` over those.
+These never write module state, so several threads may decode with one model.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from ..nn.layout import Layout
 from ..nn.params import embedding_init
 from .base import Model, batch_field, dense_rows, target_layout
 from .config import TransformerConfig, check_same_vocabularies, check_source_pad
-from .state import DecoderState, attention_capture, check_max_steps, decode_step, new_state
+from .state import (
+    DecoderState,
+    attention_capture,
+    check_max_steps,
+    check_vocab_subset,
+    decode_step,
+    new_state,
+)
 
 SUPPRESSED_LOGIT = -1e30  # decode_step's logit for config.suppress_ids
 
@@ -168,12 +176,16 @@ class Transformer(Model):
         max_steps: int,
         *,
         pack_weights: bool | None = None,
+        vocab_subset: np.ndarray | None = None,
     ) -> DecoderState:
-        """Projects the memory to each decoder layer's cross-attention K/V once and preallocates
-        the self-attention caches for max_steps positions. pack_weights: give the state packed
-        copies of the weights every step reads (`ops.PackedWeight`; about the decoder's size in
-        extra memory while the state lives, each step 10-30 % faster with 4+ rows); None decides
-        by `nn.layers.worth_packing(B, max_steps)`."""
+        """Projects the memory to each decoder layer's cross-attention K/V once and makes the
+        self-attention caches (which grow with the steps, up to max_steps positions).
+        pack_weights: give the state packed copies of the weights every step reads
+        (`ops.PackedWeight`; about the decoder's size in extra memory while the state lives,
+        each step 10-30 % faster with 4+ rows); None decides by
+        `nn.layers.worth_packing(B, max_steps)`. vocab_subset: sorted unique target ids
+        (int array holding eos_id, e.g. `decode.vmap.VocabMap.subset`): each step computes the
+        output projection for those rows only and gives -inf logits to every other token."""
         cfg = self.config
         if not isinstance(memory, np.ndarray) or memory.dtype != np.float32:
             raise TypeError("memory: expected a float32 numpy array (from encode())")
@@ -184,13 +196,14 @@ class Transformer(Model):
         B, S, _ = memory.shape
         src_lengths = check_lengths("src_lengths", src_lengths, B, S)
         max_steps = check_max_steps(max_steps, cfg.max_len)
+        vocab_subset = check_vocab_subset(vocab_subset, cfg.tgt_vocab_size, cfg.eos_id)
         layout = Layout(B, S, src_lengths.copy())
         packed = layout.pack(np.ascontiguousarray(memory))
         with self.ctx.inference():
             cross = [
                 layer.cross_attn.project_memory(packed, layout) for layer in self.decoder.layers
             ]
-        return new_state(self, B, max_steps, pack_weights, (cross, layout))
+        return new_state(self, B, max_steps, pack_weights, (cross, layout), vocab_subset)
 
     def decode_step(
         self,
