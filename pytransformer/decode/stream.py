@@ -1,0 +1,316 @@
+"""Streaming decoding over the batch API of `api`: an input of any length read lazily in blocks
+(`translate_iterable`), one sentence's tokens as they are produced (`generate_tokens`), and a
+list's batches run on worker threads (`translate_batches`).
+
+translate_iterable holds one block of sources and results at a time, so memory does not grow
+with the input. Each block goes through `api.translate` (or `translate_batches`), which sorts
+it by length and splits it into batches, so a block costs what the same call on a list costs.
+
+Options are handed to `api.translate` untouched: whatever names it takes work here, and a name
+it does not take is refused before any input is read.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import ops
+from ..checks import check_float, check_int, check_optional_int, check_sequences
+from ..nn.layers import worth_packing
+from . import api
+from .api import EncoderDecoder, TranslationResult
+from .search import greedy_choice, sampler
+
+__all__ = [
+    "translate_iterable", "translate_batches", "generate_tokens", "GenerationStepResult",
+    "read_block_size", "check_option_names", "READ_BLOCK_FACTOR",
+]
+
+# A block read by translate_iterable holds this many batches (CTranslate2's translate_iterable
+# reads max_batch_size * 16 too): enough sentences for the length sort to make batches of
+# similar lengths, few enough that a block's sources and results stay small.
+READ_BLOCK_FACTOR = 16
+
+
+def check_option_names(options: dict[str, Any], func: Callable | None = None) -> None:
+    """Raises TypeError naming the first option `func` (default: `api.translate`) does not
+    take, with the names it does take."""
+    func = api.translate if func is None else func
+    params = inspect.signature(func).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    known = sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    for name in options:
+        if name not in known:
+            raise TypeError(f"{name}: not an option of translate; the options are "
+                            f"{', '.join(known)}")
+
+
+def _batch_settings(options: dict[str, Any]) -> tuple[int, bool]:
+    """(max_batch_size, by_tokens) as `api.translate` reads them from the same options."""
+    by_tokens = options.get("batch_type", "examples") == "tokens"
+    size = options.get("max_batch_size")
+    if size is None:
+        size = api.DEFAULT_MAX_BATCH_SIZE
+    return check_int("max_batch_size", size, 1), by_tokens
+
+
+def read_block_size(read_batch_size: int | None, options: dict[str, Any]) -> tuple[int, bool]:
+    """(block size, by_tokens): what translate_iterable reads at a time, in sentences or, with
+    ``batch_type="tokens"`` in options, in source tokens. None: max_batch_size (as options
+    give it, else `api.DEFAULT_MAX_BATCH_SIZE`) x READ_BLOCK_FACTOR."""
+    max_batch, by_tokens = _batch_settings(options)
+    if read_batch_size is None:
+        return max_batch * READ_BLOCK_FACTOR, by_tokens
+    return check_int("read_batch_size", read_batch_size, 1), by_tokens
+
+
+def blocks(items: Iterable[Any], size: int, cost: Callable[[Any], int] | None = None
+           ) -> Iterator[list[Any]]:
+    """Consecutive lists of `items`, read lazily: each holds `size` items, or (with cost)
+    items whose costs sum to at most `size` (at least one item, however costly)."""
+    block: list[Any] = []
+    total = 0
+    for item in items:
+        c = 1 if cost is None else max(1, cost(item))
+        if block and total + c > size:
+            yield block
+            block, total = [], 0
+        block.append(item)
+        total += c
+    if block:
+        yield block
+
+
+def translate_iterable(
+    model: EncoderDecoder,
+    iterable: Iterable[Sequence[int]],
+    *,
+    read_batch_size: int | None = None,
+    executor: Executor | None = None,
+    **options: Any,
+) -> Iterator[TranslationResult]:
+    """Translates token-id sequences from any iterable, reading it lazily; yields one
+    `TranslationResult` per source, in input order.
+
+    The input is read in blocks of read_batch_size sources (None: max_batch_size x
+    READ_BLOCK_FACTOR; with ``batch_type="tokens"``, blocks of that many source tokens) and each
+    block is translated with `api.translate` (sorted by length and batched inside the block), or
+    with `translate_batches` on `executor`'s threads. Only one block is held at a time, so any
+    input size runs in bounded memory, and the first results come after the first block.
+    options: those of `api.translate` (beam_size, max_decoding_length, max_batch_size, ...).
+
+    Raises, before reading any input, TypeError for an option `api.translate` does not take and
+    what `api.translate` raises for a bad option value; errors in a source (TypeError,
+    IndexError, ValueError) when its block is translated, naming its index in the block.
+    """
+    check_option_names(options)
+    size, by_tokens = read_block_size(read_batch_size, options)
+    api.translate(model, [], **options)  # checks every option value, translates nothing
+    if isinstance(iterable, (str, bytes)) or not isinstance(iterable, Iterable):
+        raise TypeError(
+            f"iterable: expected an iterable of token-id sequences, got {type(iterable).__name__}"
+        )
+    return _translated_blocks(model, iterable, size, by_tokens, executor, options)
+
+
+def _translated_blocks(model, iterable, size, by_tokens, executor, options):
+    for block in blocks(iterable, size, len if by_tokens else None):
+        yield from translate_batches(model, block, executor=executor, **options)
+
+
+def translate_batches(
+    model: EncoderDecoder,
+    sources: Sequence[Sequence[int]],
+    *,
+    executor: Executor | None = None,
+    **options: Any,
+) -> list[TranslationResult]:
+    """`api.translate`, with its batches run on `executor`'s worker threads (None: in this
+    thread, one `api.translate` call).
+
+    The sources are sorted by length and cut into batches as `api.translate` does (at most
+    max_batch_size sources; with ``batch_type="tokens"``, at most max_batch_size padded source
+    tokens), and each batch is one `api.translate` call on a worker. With ``batch_type=
+    "examples"`` (the default) those are `api.translate`'s own batches, so the results are
+    identical to the one call's, bit for bit, for any number of workers; results come back in
+    input order. The kernels release the GIL, so the workers compute in parallel, each batch
+    with the process's kernel thread count (`pytransformer.set_num_threads`).
+
+    Raises what `api.translate` raises; an error in one batch cancels the batches not started.
+    """
+    if executor is None:
+        return api.translate(model, sources, **options)
+    check_option_names(options)
+    api.translate(model, [], **options)
+    srcs = check_sequences(sources, "sources", _source_vocab(model), 1 << 62, allow_empty=True)
+    results: list[TranslationResult | None] = [None] * len(srcs)
+    futures: list[tuple[list[int], Future]] = []
+    try:
+        for chunk in _plan(srcs, *_batch_settings(options)):
+            batch = [srcs[i] for i in chunk]
+            futures.append((chunk, executor.submit(api.translate, model, batch, **options)))
+        for chunk, future in futures:
+            for i, result in zip(chunk, future.result(), strict=True):
+                results[i] = result
+    finally:
+        for _, future in futures:
+            future.cancel()
+    return results  # type: ignore[return-value]
+
+
+def _source_vocab(model: EncoderDecoder) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "src_vocab_size", None) or cfg.vocab_size)
+
+
+def _plan(srcs: list[np.ndarray], max_batch: int, by_tokens: bool) -> list[list[int]]:
+    """Batches of source indices: longest first, ties in input order (api.translate's sort)."""
+    order = sorted(range(len(srcs)), key=lambda i: -srcs[i].size)
+    if not by_tokens:
+        return [order[i : i + max_batch] for i in range(0, len(order), max_batch)]
+    plan: list[list[int]] = []
+    for i in order:  # longest first: a batch's padded size is its count x its first length
+        if plan and (len(plan[-1]) + 1) * max(1, srcs[plan[-1][0]].size) <= max_batch:
+            plan[-1].append(i)
+        else:
+            plan.append([i])
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# One sentence, token by token
+
+
+@dataclass(frozen=True)
+class GenerationStepResult:
+    """One token from `generate_tokens`.
+
+    step: its index among the generated tokens (0 for the first); token_id: the target token id;
+    log_prob: its natural log-probability under the model (log-softmax of the step's logits,
+    before temperature or top-k/top-p; None unless return_log_prob=True); token: the text it
+    adds to the translation (set by `Translator.generate_tokens`; None here).
+    """
+
+    step: int
+    token_id: int
+    log_prob: float | None = None
+    token: str | None = None
+
+
+def _end_ids(end_token: Any, eos: int, vocab: int) -> list[int]:
+    if end_token is None:
+        return [eos]
+    ids = [end_token] if not isinstance(end_token, (list, tuple)) else list(end_token)
+    if not ids:
+        raise ValueError("end_token: expected a token id or a non-empty list of them")
+    out = []
+    for i, t in enumerate(ids):
+        name = "end_token" if len(ids) == 1 and not isinstance(end_token, (list, tuple)) \
+            else f"end_token[{i}]"
+        t = check_int(name, t)
+        if not 0 <= t < vocab:
+            raise IndexError(f"{name}: {t} is out of range for a vocabulary of {vocab}")
+        out.append(t)
+    return out
+
+
+def generate_tokens(
+    model: EncoderDecoder,
+    source_ids: Sequence[int],
+    *,
+    max_decoding_length: int = 256,
+    min_decoding_length: int = 0,
+    sampling_topk: int = 1,
+    sampling_topp: float = 1.0,
+    sampling_temperature: float = 1.0,
+    seed: int | None = None,
+    end_token: int | Sequence[int] | None = None,
+    return_log_prob: bool = False,
+    beam_size: int = 1,
+) -> Iterator[GenerationStepResult]:
+    """Translates one source, yielding each target token as soon as the model produces it.
+
+    The tokens are those of `api.translate(model, [source_ids], beam_size=1, ...)` (greedy
+    decoding: sampling_topk=1, the default) with the same max_decoding_length (capped at the
+    model's max_len) and min_decoding_length (the end tokens are masked before that many
+    tokens). sampling_topk=k > 1 samples from the k most likely tokens (0: from all), then from
+    the nucleus of mass sampling_topp, at sampling_temperature (0: greedy); seed makes it
+    reproducible (None: fresh randomness). Decoding ends at an end token (end_token: an id or a
+    list of ids; None: the model's EOS), which is not yielded, or after max_decoding_length
+    tokens. The model's config.suppress_ids are never produced (its decode_step masks them).
+    Beam search cannot stream (a beam's best prefix can change at any step): beam_size > 1
+    raises ValueError, as CTranslate2's generate_tokens does.
+
+    Stop early by closing the generator (or breaking out of the loop); its decoder state is
+    then dropped. Raises, before any work, TypeError/ValueError naming a bad option,
+    IndexError for a token id outside the vocabulary, ValueError for a source longer than
+    the model's max_len.
+    """
+    beam_size = check_int("beam_size", beam_size, 1)
+    if beam_size > 1:
+        raise ValueError(
+            "beam_size: generate_tokens decodes greedily or by sampling (beam_size=1); beam "
+            "search cannot stream its tokens (use translate)"
+        )
+    cfg = model.config
+    max_len = int(cfg.max_len)
+    max_dec = check_int("max_decoding_length", max_decoding_length, 1)
+    min_dec = check_int("min_decoding_length", min_decoding_length, 0)
+    if min_dec > max_dec:
+        raise ValueError(
+            f"min_decoding_length ({min_dec}) exceeds max_decoding_length ({max_dec})"
+        )
+    if min_dec > max_len:
+        raise ValueError(f"min_decoding_length ({min_dec}) exceeds the model's max_len {max_len}")
+    topk = check_int("sampling_topk", sampling_topk, 0)
+    topp = check_float("sampling_topp", sampling_topp)
+    if not 0.0 < topp <= 1.0:
+        raise ValueError(f"sampling_topp: must be in (0, 1], got {topp}")
+    temperature = check_float("sampling_temperature", sampling_temperature, 0.0)
+    seed = check_optional_int("seed", seed, 0)
+    if not isinstance(return_log_prob, bool):
+        raise TypeError(f"return_log_prob: expected a bool, got {type(return_log_prob).__name__}")
+    vocab = int(cfg.tgt_vocab_size)
+    ends = _end_ids(end_token, int(cfg.eos_id), vocab)
+    src = check_sequences([source_ids], "source_ids", _source_vocab(model), max_len,
+                          allow_empty=True)[0]
+    if topk == 1 or temperature == 0.0:
+        choose = greedy_choice
+    else:
+        choose = sampler(temperature, topk, topp, [np.random.default_rng(seed)])
+    return _token_stream(model, src, min(max_dec, max_len), min_dec, ends, choose,
+                         return_log_prob)
+
+
+def _token_stream(model, src, max_dec, min_dec, ends, choose, want_logprob):
+    cfg = model.config
+    lengths = np.array([src.size], dtype=np.int64)
+    ids = np.full((1, max(1, src.size)), int(cfg.pad_id), dtype=np.int64)
+    ids[0, : src.size] = src
+    memory = model.encode(ids, lengths)
+    # The packing decision of api.translate for this batch of one, so the products (and so
+    # the tokens) are the ones it computes.
+    steps = min(max_dec, max(min_dec, src.size + 8))
+    state = model.init_decoder_state(memory, lengths, max_dec,
+                                     pack_weights=worth_packing(1, steps))
+    token = int(cfg.bos_id)
+    sent = np.zeros(1, dtype=np.int64)
+    for step in range(max_dec):
+        logits, _ = model.decode_step(state, np.array([token], dtype=np.int64))
+        if step < min_dec:
+            logits[:, ends] = -np.inf
+        token = int(choose(logits, sent)[0])
+        if token in ends:
+            return
+        log_prob = None
+        if want_logprob:
+            logp = ops.log_softmax(np.array(logits, dtype=np.float32, order="C"))
+            log_prob = float(logp[0, token])
+        yield GenerationStepResult(step, token, log_prob)
