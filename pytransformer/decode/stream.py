@@ -74,7 +74,8 @@ def read_block_size(read_batch_size: int | None, options: dict[str, Any]) -> tup
 def blocks(items: Iterable[Any], size: int, cost: Callable[[Any], int] | None = None
            ) -> Iterator[list[Any]]:
     """Consecutive lists of `items`, read lazily: each holds `size` items, or (with cost)
-    items whose costs sum to at most `size` (at least one item, however costly)."""
+    items whose costs sum to at most `size` (at least one item, however costly). A full block
+    is handed out before the next item is read."""
     block: list[Any] = []
     total = 0
     for item in items:
@@ -84,6 +85,9 @@ def blocks(items: Iterable[Any], size: int, cost: Callable[[Any], int] | None = 
             block, total = [], 0
         block.append(item)
         total += c
+        if total >= size:
+            yield block
+            block, total = [], 0
     if block:
         yield block
 
