@@ -504,3 +504,26 @@ def test_cli_streams_in_bounded_memory(model_dir, translator, tmp_path):
 @pytest.mark.slow
 def test_cli_streams_200k_lines_in_bounded_memory(model_dir, translator, tmp_path):
     _flat_memory(model_dir, translator, tmp_path, 20_000, 200_000)
+
+
+def test_cli_answers_each_line_before_the_input_ends(model_dir, translator):
+    """With --read-batch-size 1 a translation comes out while stdin is still open."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT), "OMP_NUM_THREADS": "1"}
+    args = ["-P", "-m", "pytransformer", "translate", "--model", str(model_dir),
+            "--read-batch-size", "1", "--beam-size", "1", "--max-decoding-length", "6"]
+    proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+    watchdog = threading.Timer(60, proc.kill)  # a readline that never returns fails instead
+    watchdog.start()
+    try:
+        for line in _lines(3, seed=8):
+            proc.stdin.write(f"{line}\n".encode())
+            proc.stdin.flush()
+            answer = proc.stdout.readline().decode()  # would block forever without streaming
+            assert answer == translator.translate([line], beam_size=1,
+                                                  max_decoding_length=6)[0] + "\n"
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        watchdog.cancel()
+        proc.kill()
