@@ -2,8 +2,10 @@
 
 Subcommands: preprocess, train, average, translate, evaluate, quantize, convert, export, demo,
 plot. Errors a user can cause end with one line on stderr and a non-zero exit status, never a
-traceback. Under ``mpiexec -n N`` train is data-parallel and translate is sharded over the
-ranks (docs/SCALING.md); an error on one rank ends every rank, with a message naming it.
+traceback. translate reads its input in blocks and writes each block's translations as they
+come (stdout) or into a file replaced once all are in (--output), in bounded memory. Under
+``mpiexec -n N`` train is data-parallel and translate is sharded over the ranks
+(docs/SCALING.md); an error on one rank ends every rank, with a message naming it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import pathlib
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,12 +90,14 @@ class Translator:
         if self.intra_threads is not None:
             set_num_threads(self.intra_threads)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # two threads' first calls must not start two pools
 
     def close(self) -> None:
         """Stops the worker threads of inter_threads > 1 (started again when needed)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Translator:
         return self
@@ -105,10 +108,11 @@ class Translator:
     def _executor(self) -> ThreadPoolExecutor | None:
         if self.inter_threads == 1:
             return None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.inter_threads,
-                                            thread_name_prefix="pytransformer-translate")
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.inter_threads,
+                                                thread_name_prefix="pytransformer-translate")
+            return self._pool
 
     @classmethod
     def load(
