@@ -213,9 +213,19 @@ class Translator:
         return self._translated_lines(lines, n_best, size, by_tokens, options)
 
     def _translated_lines(self, lines, n_best, size, by_tokens, options) -> Iterator[Any]:
-        cost = (lambda s: len(self.src_tokenizer.encode(s))) if by_tokens else None
-        for block in stream.blocks(_checked_lines(lines), size, cost):
-            yield from self.translate(block, n_best=n_best, **options)
+        executor = self._executor()
+        if executor is None:
+            cost = (lambda s: len(self.src_tokenizer.encode(s))) if by_tokens else None
+            for block in stream.blocks(_checked_lines(lines), size, cost):
+                yield from self.translate(block, n_best=n_best, **options)
+            return
+        # decode.translate_iterable's blocks: the next one starts before this one is yielded.
+        opts = {**self.options, **options, "num_hypotheses": n_best}
+        ids = (self.src_tokenizer.encode(s) for s in _checked_lines(lines))
+        results = stream.translate_iterable(self.model, ids, read_batch_size=size,
+                                            executor=executor, **opts)
+        for result in results:
+            yield self._texts([result], n_best)[0]
 
     def translate_file(
         self,

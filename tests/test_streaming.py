@@ -14,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from model_cases import small_config
 
 import pytransformer
 import pytransformer.cli as cli
 from pytransformer import Transformer
 from pytransformer.decode import (
-    api,
     generate_tokens,
     translate,
     translate_batches,
@@ -123,6 +124,36 @@ def test_translate_iterable_reads_lazily_in_blocks(model, read_batch_size):
     assert [r.hypotheses for r in seen] == [
         r.hypotheses for r in translate(model, srcs, beam_size=1, max_decoding_length=6)
     ]
+
+
+@pytest.mark.parametrize("read_batch_size", [1, 5])
+def test_worker_threads_read_at_most_two_blocks_ahead(model, read_batch_size):
+    srcs = _sources(23, seed=2)
+    source = Counting(srcs)
+    with ThreadPoolExecutor(2) as pool:
+        results = translate_iterable(model, source, read_batch_size=read_batch_size,
+                                     executor=pool, beam_size=1, max_decoding_length=6)
+        seen = []
+        for r in results:
+            seen.append(r.hypotheses)
+            blocks_out = -(-len(seen) // read_batch_size)
+            assert source.taken <= min(len(srcs), (blocks_out + 1) * read_batch_size)
+        assert seen == [r.hypotheses for r in translate(model, srcs, beam_size=1,
+                                                        max_decoding_length=6)]
+        early = translate_iterable(model, iter(srcs), read_batch_size=2, executor=pool,
+                                   beam_size=1, max_decoding_length=6)
+        next(early)
+        early.close()  # the started block is cancelled or finishes; nothing hangs
+
+
+@settings(max_examples=25)
+@given(n=st.integers(0, 25), read=st.integers(1, 12), batch=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_any_blocking_gives_the_translations(model, n, read, batch, seed):
+    srcs = _sources(n, seed=seed)
+    kw = dict(beam_size=1, max_decoding_length=5, max_batch_size=batch)
+    got = [r.hypotheses for r in translate_iterable(model, srcs, read_batch_size=read, **kw)]
+    assert got == [r.hypotheses for r in translate(model, srcs, **kw)]
 
 
 def test_results_before_a_failing_input_come_out_first(model):
@@ -408,18 +439,16 @@ def model_dir(translator, tmp_path_factory) -> pathlib.Path:
 def test_cli_passes_only_the_options_given(model_dir, tmp_path, monkeypatch, capsys):
     seen = []
 
-    def recording(self, sentences, **kw):
+    def recording(self, lines, **kw):
         seen.append((self.inter_threads, kw))
-        return [s.upper() for s in sentences]
+        return (s.upper() for s in lines)
 
-    monkeypatch.setattr(Translator, "translate", recording)
-    # Options the decoding API of this tree may not take yet: the CLI's part is to hand them on.
-    monkeypatch.setattr(api, "translate", lambda model, sources, **kw: [])
+    monkeypatch.setattr(Translator, "translate_iterable", recording)
     (tmp_path / "in.txt").write_text("ab\n\ncd\n")
     base = ["translate", "--model", str(model_dir), "--input", str(tmp_path / "in.txt")]
     assert cli.main(base) == 0
     assert capsys.readouterr().out == "AB\n\nCD\n"
-    assert seen[-1] == (1, {"n_best": 1})
+    assert seen[-1] == (1, {"n_best": 1, "read_batch_size": cli._TRANSLATE_BLOCK})
     flags = ["--sampling-topk", "5", "--sampling-topp", "0.9", "--sampling-temperature", "0.7",
              "--seed", "3", "--batch-size", "8", "--batch-type", "examples",
              "--repetition-penalty", "1.2", "--no-repeat-ngram-size", "3",
@@ -429,7 +458,8 @@ def test_cli_passes_only_the_options_given(model_dir, tmp_path, monkeypatch, cap
     seen.clear()
     assert cli.main(base + flags) == 0
     assert seen[-1] == (2, {
-        "n_best": 1, "sampling_topk": 5, "sampling_topp": 0.9, "sampling_temperature": 0.7,
+        "n_best": 1, "read_batch_size": cli._TRANSLATE_BLOCK, "sampling_topk": 5,
+        "sampling_topp": 0.9, "sampling_temperature": 0.7,
         "seed": 3, "max_batch_size": 8, "batch_type": "examples", "repetition_penalty": 1.2,
         "no_repeat_ngram_size": 3, "min_decoding_length": 2, "max_decoding_length": 9,
         "max_input_length": 20, "disable_unk": True, "length_penalty": 0.5, "beam_size": 1,

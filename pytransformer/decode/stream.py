@@ -13,6 +13,7 @@ it does not take is refused before any input is read.
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -105,9 +106,12 @@ def translate_iterable(
 
     The input is read in blocks of read_batch_size sources (None: max_batch_size x
     READ_BLOCK_FACTOR; with ``batch_type="tokens"``, blocks of that many source tokens) and each
-    block is translated with `api.translate` (sorted by length and batched inside the block), or
-    with `translate_batches` on `executor`'s threads. Only one block is held at a time, so any
-    input size runs in bounded memory, and the first results come after the first block.
+    block is translated with `api.translate` (sorted by length and batched inside the block).
+    Only one block is held at a time, so any input size runs in bounded memory, and the first
+    results come after the first block. With an executor, a block's batches run on its worker
+    threads (`translate_batches`: the same results) and the next block is read and started
+    before a block's results are yielded, so that the workers never wait for the caller: two
+    blocks are held then.
     options: those of `api.translate` (beam_size, max_decoding_length, max_batch_size, ...).
 
     Raises, before reading any input, TypeError for an option `api.translate` does not take and
@@ -125,8 +129,70 @@ def translate_iterable(
 
 
 def _translated_blocks(model, iterable, size, by_tokens, executor, options):
-    for block in blocks(iterable, size, len if by_tokens else None):
-        yield from translate_batches(model, block, executor=executor, **options)
+    items = blocks(iterable, size, len if by_tokens else None)
+    if executor is None:
+        for block in items:
+            yield from api.translate(model, block, **options)
+        return
+    # The next block's batches start before this block's results are handed out, so the
+    # workers have work while the caller consumes: two blocks in memory at most.
+    queue: deque[Batches] = deque()
+    try:
+        for block in items:
+            queue.append(submit_batches(model, block, executor, **options))
+            if len(queue) > 1:
+                yield from queue.popleft().results()
+        while queue:
+            yield from queue.popleft().results()
+    finally:
+        for started in queue:
+            started.cancel()
+
+
+class Batches:
+    """The batches of one `submit_batches` call, running on an executor."""
+
+    def __init__(self, size: int, work: list[tuple[list[int], Future]]):
+        self._size, self._work = size, work
+
+    def results(self) -> list[TranslationResult]:
+        """Waits for every batch; the results in input order. Raises what a batch raised
+        (the batches not started yet are then cancelled)."""
+        out: list[TranslationResult | None] = [None] * self._size
+        try:
+            for chunk, future in self._work:
+                for i, result in zip(chunk, future.result(), strict=True):
+                    out[i] = result
+        except BaseException:
+            self.cancel()
+            raise
+        return out  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """Cancels the batches not started (those running finish, their results unused)."""
+        for _, future in self._work:
+            future.cancel()
+
+
+def submit_batches(
+    model: EncoderDecoder, sources: Sequence[Sequence[int]], executor: Executor, **options: Any
+) -> Batches:
+    """Starts the batches of `translate_batches` on `executor` and returns at once; their
+    `Batches.results()` are the results of ``translate_batches(model, sources, executor=
+    executor, **options)``. Checks options and sources (raising as `api.translate` does)
+    before anything starts."""
+    check_option_names(options)
+    api.translate(model, [], **options)
+    srcs = check_sequences(sources, "sources", _source_vocab(model), 1 << 62, allow_empty=True)
+    work: list[tuple[list[int], Future]] = []
+    try:
+        for chunk in _plan(srcs, *_batch_settings(options)):
+            batch = [srcs[i] for i in chunk]
+            work.append((chunk, executor.submit(api.translate, model, batch, **options)))
+    except BaseException:
+        Batches(len(srcs), work).cancel()
+        raise
+    return Batches(len(srcs), work)
 
 
 def translate_batches(
@@ -151,22 +217,7 @@ def translate_batches(
     """
     if executor is None:
         return api.translate(model, sources, **options)
-    check_option_names(options)
-    api.translate(model, [], **options)
-    srcs = check_sequences(sources, "sources", _source_vocab(model), 1 << 62, allow_empty=True)
-    results: list[TranslationResult | None] = [None] * len(srcs)
-    futures: list[tuple[list[int], Future]] = []
-    try:
-        for chunk in _plan(srcs, *_batch_settings(options)):
-            batch = [srcs[i] for i in chunk]
-            futures.append((chunk, executor.submit(api.translate, model, batch, **options)))
-        for chunk, future in futures:
-            for i, result in zip(chunk, future.result(), strict=True):
-                results[i] = result
-    finally:
-        for _, future in futures:
-            future.cancel()
-    return results  # type: ignore[return-value]
+    return submit_batches(model, sources, executor, **options).results()
 
 
 def _source_vocab(model: EncoderDecoder) -> int:
