@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from ._native import set_num_threads
-from .checks import check_float, check_int, check_optional_int
+from .checks import check_bool, check_float, check_int, check_optional_int
 from .decode import stream
 from .io import atomic_open, atomic_write_text, split_lines
 from .models import Transformer, TransformerConfig
@@ -258,18 +258,27 @@ class Translator:
         (so the pieces joined are ``translate([sentence], beam_size=1)[0]`` for the same
         options). options: those of `decode.generate_tokens` (max_decoding_length,
         min_decoding_length, sampling_topk, sampling_topp, sampling_temperature, seed,
-        end_token: ids or target token strings, return_log_prob), over the defaults of
+        end_token: ids or target token strings, target_prefix: ids or the text the
+        translation starts with, repetition_penalty, no_repeat_ngram_size, max_input_length,
+        return_log_prob) and disable_unk (never the unknown token), over the defaults of
         ``self.options`` that apply; beam_size > 1 raises ValueError (beam search cannot
         stream)."""
         if not isinstance(sentence, str):
             raise TypeError(f"sentence: expected a string, got {type(sentence).__name__}")
-        known = inspect.signature(stream.generate_tokens).parameters
+        known = {*inspect.signature(stream.generate_tokens).parameters, "disable_unk"}
         defaults = {k: v for k, v in self.options.items()
                     if k in known and k not in _SEARCH_ONLY}
         opts = {**defaults, **options}
+        if "suppress_tokens" in opts:
+            raise TypeError("suppress_tokens: not an option here (the text level takes "
+                            "disable_unk; decode.generate_tokens takes ids)")
+        if check_bool("disable_unk", opts.pop("disable_unk", False)):
+            opts["suppress_tokens"] = [self.tgt_tokenizer.unk_id]
         stream.check_option_names(opts, stream.generate_tokens)
         if opts.get("end_token") is not None:
             opts["end_token"] = self._end_token_ids(opts["end_token"])
+        if isinstance(opts.get("target_prefix"), str):
+            opts["target_prefix"] = self._prefix_ids(opts["target_prefix"])
         steps = stream.generate_tokens(self.model, self.src_tokenizer.encode(sentence), **opts)
         return self._with_text(steps)
 
@@ -325,6 +334,12 @@ class Translator:
         src_tokens = self.src_tokenizer.tokens(sentence)
         tgt_tokens = [self.tgt_tokenizer.decode([i]) or "·" for i in ids]
         return src_tokens, tgt_tokens, result.attention[0], self.tgt_tokenizer.decode(ids)
+
+    def _prefix_ids(self, text: str) -> list[int]:
+        """The target ids a translation starting with text starts with (no EOS)."""
+        ids = self.tgt_tokenizer.encode(text)
+        eos = getattr(self.tgt_tokenizer, "eos_id", None)
+        return ids[:-1] if ids and ids[-1] == eos else ids
 
     def _end_token_ids(self, end_token: Any) -> Any:
         """end_token with its strings (target tokens) replaced by their ids."""

@@ -4,6 +4,7 @@ generate_tokens (token by token, the greedy translation), batches on worker thre
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import pathlib
@@ -319,6 +320,16 @@ def test_generate_tokens_end_token_and_suppression(model):
     sampled = [s.token_id for seed in range(20) for s in generate_tokens(
         model, src, max_decoding_length=20, sampling_topk=0, seed=seed)]
     assert SUPPRESSED not in sampled  # its bias makes it the likeliest, yet it never comes
+    banned = sorted(set(greedy))[:2]
+    again = [s.token_id for s in generate_tokens(model, src, max_decoding_length=20,
+                                                 suppress_tokens=banned)]
+    assert again and not set(again) & set(banned)
+    long = list(range(3, VOCAB)) * 3  # longer than max_len: usable once cut
+    with pytest.raises(ValueError, match="max_len"):
+        generate_tokens(model, long)
+    cut = [s.token_id for s in generate_tokens(model, long, max_input_length=7,
+                                               max_decoding_length=8)]
+    assert cut == translate(model, [long[:7]], beam_size=1, max_decoding_length=8)[0].hypotheses[0]
 
 
 @pytest.mark.parametrize("options, error, match", [
@@ -332,6 +343,12 @@ def test_generate_tokens_end_token_and_suppression(model):
     ({"end_token": []}, ValueError, "end_token"),
     ({"seed": -1}, ValueError, "seed"),
     ({"return_log_prob": 1}, TypeError, "return_log_prob"),
+    ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty"),
+    ({"no_repeat_ngram_size": -1}, ValueError, "no_repeat_ngram_size"),
+    ({"suppress_tokens": [3, VOCAB]}, IndexError, r"suppress_tokens\[1\]"),
+    ({"target_prefix": "ab"}, TypeError, "target_prefix"),
+    ({"target_prefix": [1.5]}, TypeError, r"target_prefix\[0\]"),
+    ({"max_input_length": -1}, ValueError, "max_input_length"),
 ])
 def test_generate_tokens_checks_its_options_at_once(model, options, error, match):
     with pytest.raises(error, match=match):
@@ -557,3 +574,55 @@ def test_cli_answers_each_line_before_the_input_ends(model_dir, translator):
     finally:
         watchdog.cancel()
         proc.kill()
+
+
+# -- generate_tokens against CTranslate2 ---------------------------------------------------------
+
+CT2_OPTIONS = [
+    {}, {"repetition_penalty": 1.5}, {"repetition_penalty": 0.7}, {"no_repeat_ngram_size": 1},
+    {"no_repeat_ngram_size": 2}, {"no_repeat_ngram_size": 3, "disable_unk": True},
+    {"target_prefix": ["w5", "w6"]},
+    {"target_prefix": ["w5"], "min_decoding_length": 6, "repetition_penalty": 1.3},
+    # CTranslate2's min_decoding_length defaults to 1 (ours, as translate's, to 0)
+    {"end_token": "END", "min_decoding_length": 1},
+    {"end_token": ["END", "<s>"], "min_decoding_length": 5},
+    {"max_input_length": 2},
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generate_tokens_options_match_ctranslate2(tmp_path, seed):
+    """Each option of generate_tokens named after CTranslate2's gives CTranslate2's greedy
+    translation (translate_batch) on a CTranslate2 model with random weights; and each changes
+    some translation, so the comparison can fail."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from test_interop_ct2 import _batch, _spec_model
+
+    from pytransformer.interop import from_ctranslate2
+
+    toks = _spec_model(tmp_path, pre_norm=seed == 1, seed=seed)
+    ours_tr = from_ctranslate2(tmp_path)
+    ct = ctranslate2.Translator(str(tmp_path), device="cpu", compute_type="float32")
+    batch = _batch(toks, n=12, seed=seed)
+    plain = None
+    for options in CT2_OPTIONS:
+        if "end_token" in options:  # END: the commonest token of the plain translations
+            common = collections.Counter(t for h in plain for t in h[1:]).most_common(1)[0][0]
+            ends = options["end_token"]
+            options = {**options, "end_token": common if ends == "END" else [
+                common if t == "END" else t for t in ends]}
+        ct_options = dict(options)
+        ours_options = dict(options)
+        if "target_prefix" in options:
+            ct_options["target_prefix"] = [options["target_prefix"]] * len(batch)
+            ours_options["target_prefix"] = " ".join(options["target_prefix"])
+        ref = [r.hypotheses[0] for r in ct.translate_batch(
+            batch, beam_size=1, max_decoding_length=16, **ct_options)]
+        ours = [[s.token.strip() for s in ours_tr.generate_tokens(
+            " ".join(src), max_decoding_length=16, **ours_options)] for src in batch]
+        same = sum(a == b for a, b in zip(ours, ref, strict=True))
+        assert same >= len(batch) - 1, (options, same)  # one greedy tie allowed, as in interop
+        if plain is None:
+            plain = ours
+        else:
+            assert ours != plain, options

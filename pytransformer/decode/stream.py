@@ -247,10 +247,11 @@ def _plan(srcs: list[np.ndarray], max_batch: int, by_tokens: bool) -> list[list[
 class GenerationStepResult:
     """One token from `generate_tokens`.
 
-    step: its index among the generated tokens (0 for the first); token_id: the target token id;
-    log_prob: its natural log-probability under the model (log-softmax of the step's logits,
-    before temperature or top-k/top-p; None unless return_log_prob=True); token: the text it
-    adds to the translation (set by `Translator.generate_tokens`; None here).
+    step: its index in the target (0 for the first); token_id: the target token id; log_prob:
+    its natural log-probability (log-softmax of the step's logits after the repetition penalty
+    and the masks, before temperature or top-k/top-p; None unless return_log_prob=True);
+    token: the text it adds to the translation (set by `Translator.generate_tokens`; None
+    here).
     """
 
     step: int
@@ -287,6 +288,11 @@ def generate_tokens(
     sampling_temperature: float = 1.0,
     seed: int | None = None,
     end_token: int | Sequence[int] | None = None,
+    target_prefix: Sequence[int] | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    suppress_tokens: Sequence[int] = (),
+    max_input_length: int = 0,
     return_log_prob: bool = False,
     beam_size: int = 1,
 ) -> Iterator[GenerationStepResult]:
@@ -302,6 +308,14 @@ def generate_tokens(
     tokens. The model's config.suppress_ids are never produced (its decode_step masks them).
     Beam search cannot stream (a beam's best prefix can change at any step): beam_size > 1
     raises ValueError, as CTranslate2's generate_tokens does.
+
+    As CTranslate2's options of the same names: target_prefix tokens are forced first (and
+    yielded; they count in both decoding lengths); repetition_penalty divides a positive logit
+    of a token already in the target (prefix included) by it and multiplies a negative one
+    (> 1 penalises repeats); no_repeat_ngram_size=n > 0 bans every token that would repeat an
+    n-gram of the target; max_input_length > 0 cuts the source to that many tokens. Beyond
+    them, suppress_tokens are ids never generated (`Translator.generate_tokens` puts the
+    unknown token there for disable_unk).
 
     Stop early by closing the generator (or breaking out of the loop); its decoder state is
     then dropped. Raises, before any work, TypeError/ValueError naming a bad option,
@@ -333,18 +347,75 @@ def generate_tokens(
     if not isinstance(return_log_prob, bool):
         raise TypeError(f"return_log_prob: expected a bool, got {type(return_log_prob).__name__}")
     vocab = int(cfg.tgt_vocab_size)
-    ends = _end_ids(end_token, int(cfg.eos_id), vocab)
-    src = check_sequences([source_ids], "source_ids", _source_vocab(model), max_len,
+    rules = _Rules(
+        ends=_end_ids(end_token, int(cfg.eos_id), vocab),
+        min_dec=min_dec,
+        penalty=check_float("repetition_penalty", repetition_penalty, positive=True),
+        ngram=check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0),
+        banned=_target_ids("suppress_tokens", suppress_tokens, vocab),
+    )
+    prefix = [] if target_prefix is None else _target_ids("target_prefix", target_prefix, vocab)
+    keep = check_int("max_input_length", max_input_length, 0)
+    src = check_sequences([source_ids], "source_ids", _source_vocab(model), 1 << 62,
                           allow_empty=True)[0]
+    src = src[:keep] if keep else src
+    if src.size > max_len:
+        raise ValueError(f"source_ids: length {src.size} exceeds the model's max_len {max_len}")
     if topk == 1 or temperature == 0.0:
         choose = greedy_choice
     else:
         choose = sampler(temperature, topk, topp, [np.random.default_rng(seed)])
-    return _token_stream(model, src, min(max_dec, max_len), min_dec, ends, choose,
+    return _token_stream(model, src, min(max_dec, max_len), prefix, rules, choose,
                          return_log_prob)
 
 
-def _token_stream(model, src, max_dec, min_dec, ends, choose, want_logprob):
+def _target_ids(name: str, ids: Any, vocab: int) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise TypeError(f"{name}: expected a sequence of token ids, got {type(ids).__name__}")
+    out = []
+    for i, t in enumerate(ids):
+        t = check_int(f"{name}[{i}]", t)
+        if not 0 <= t < vocab:
+            raise IndexError(f"{name}[{i}]: {t} is out of range for a vocabulary of {vocab}")
+        out.append(t)
+    return out
+
+
+@dataclass
+class _Rules:
+    """What generate_tokens does to a step's logits before choosing (CTranslate2's order:
+    repetition penalty, banned n-grams and tokens, then the minimum length)."""
+
+    ends: list[int]
+    min_dec: int
+    penalty: float
+    ngram: int
+    banned: list[int]
+
+    def apply(self, logits: np.ndarray, target: list[int]) -> None:
+        row = logits[0]
+        if self.penalty != 1.0 and target:
+            seen = np.unique(np.array(target))
+            v = row[seen]
+            row[seen] = np.where(v > 0, v / self.penalty, v * self.penalty)
+        if self.ngram and len(target) >= self.ngram - 1:
+            row[self._repeating(target)] = -np.inf
+        if self.banned:
+            row[self.banned] = -np.inf
+        if len(target) < self.min_dec:
+            row[self.ends] = -np.inf
+
+    def _repeating(self, target: list[int]) -> list[int]:
+        """The tokens that would end an n-gram already in target."""
+        n = self.ngram
+        if n == 1:
+            return list(set(target))
+        tail = target[len(target) - (n - 1):]
+        return [target[i + n - 1] for i in range(len(target) - n + 1)
+                if target[i : i + n - 1] == tail]
+
+
+def _token_stream(model, src, max_dec, prefix, rules, choose, want_logprob):
     cfg = model.config
     lengths = np.array([src.size], dtype=np.int64)
     ids = np.full((1, max(1, src.size)), int(cfg.pad_id), dtype=np.int64)
@@ -352,20 +423,24 @@ def _token_stream(model, src, max_dec, min_dec, ends, choose, want_logprob):
     memory = model.encode(ids, lengths)
     # The packing decision of api.translate for this batch of one, so the products (and so
     # the tokens) are the ones it computes.
-    steps = min(max_dec, max(min_dec, src.size + 8))
+    steps = min(max_dec, max(rules.min_dec, src.size + 8))
     state = model.init_decoder_state(memory, lengths, max_dec,
                                      pack_weights=worth_packing(1, steps))
     token = int(cfg.bos_id)
+    target: list[int] = []
     sent = np.zeros(1, dtype=np.int64)
     for step in range(max_dec):
         logits, _ = model.decode_step(state, np.array([token], dtype=np.int64))
-        if step < min_dec:
-            logits[:, ends] = -np.inf
-        token = int(choose(logits, sent)[0])
-        if token in ends:
-            return
+        if step < len(prefix):
+            token = prefix[step]
+        else:
+            rules.apply(logits, target)
+            token = int(choose(logits, sent)[0])
+            if token in rules.ends:
+                return
         log_prob = None
         if want_logprob:
             logp = ops.log_softmax(np.array(logits, dtype=np.float32, order="C"))
             log_prob = float(logp[0, token])
+        target.append(token)
         yield GenerationStepResult(step, token, log_prob)
