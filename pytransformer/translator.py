@@ -216,8 +216,12 @@ class Translator:
         executor = self._executor()
         if executor is None:
             cost = (lambda s: len(self.src_tokenizer.encode(s))) if by_tokens else None
+            start = 0
             for block in stream.blocks(_checked_lines(lines), size, cost):
-                yield from self.translate(block, n_best=n_best, **options)
+                with stream.located(start, len(block)):
+                    texts = self.translate(block, n_best=n_best, **options)
+                start += len(block)
+                yield from texts
             return
         # decode.translate_iterable's blocks: the next one starts before this one is yielded.
         opts = {**self.options, **options, "num_hypotheses": n_best}

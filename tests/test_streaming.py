@@ -185,6 +185,13 @@ def test_bad_options_fail_before_any_input_is_read(model):
     assert source.taken == 0
     with pytest.raises(IndexError, match=r"sources\[1\]"):  # found when its block is reached
         list(translate_iterable(model, [[3], [VOCAB]], beam_size=1))
+    too_long = [[3]] * 5 + [[3] * 49]
+    with ThreadPoolExecutor(2) as pool:
+        for executor in (None, pool):
+            with pytest.raises(ValueError, match=r"sources\[1\]: length 49 exceeds the model's "
+                               r"max_len 48 \(in the block of inputs 4 to 5\)"):
+                list(translate_iterable(model, too_long, read_batch_size=2, executor=executor,
+                                        beam_size=1, max_decoding_length=3))
     assert list(translate_iterable(model, iter([]))) == []
 
 
@@ -389,6 +396,12 @@ def test_translator_streams_what_it_translates(translator):
         translator.translate_iterable("abc")
     with pytest.raises(TypeError, match=r"lines\[1\]"):
         list(translator.translate_iterable(["ab", 3]))
+    for n in (1, 3):
+        too_long = ["ab"] * 4 + ["a" * 49]
+        with Translator(translator.model, translator.src_tokenizer, translator.tgt_tokenizer,
+                        inter_threads=n) as tr:
+            with pytest.raises(ValueError, match=r"length 49 .* inputs 3 to 4\)"):
+                list(tr.translate_iterable(too_long, read_batch_size=3, **kw))
     with pytest.raises(TypeError, match="bem_size"):
         translator.translate_iterable(lines, bem_size=2)
 

@@ -2,9 +2,10 @@
 (`translate_iterable`), one sentence's tokens as they are produced (`generate_tokens`), and a
 list's batches run on worker threads (`translate_batches`).
 
-translate_iterable holds one block of sources and results at a time, so memory does not grow
-with the input. Each block goes through `api.translate` (or `translate_batches`), which sorts
-it by length and splits it into batches, so a block costs what the same call on a list costs.
+translate_iterable holds one block of sources and results at a time (two with worker threads),
+so memory does not grow with the input. Each block goes through `api.translate` (or
+`translate_batches`), which sorts it by length and splits it into batches, so a block costs
+what the same call on a list costs.
 
 Options are handed to `api.translate` untouched: whatever names it takes work here, and a name
 it does not take is refused before any input is read.
@@ -12,6 +13,7 @@ it does not take is refused before any input is read.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,8 +31,9 @@ from .api import EncoderDecoder, TranslationResult
 from .search import greedy_choice, sampler
 
 __all__ = [
-    "translate_iterable", "translate_batches", "generate_tokens", "GenerationStepResult",
-    "read_block_size", "check_option_names", "READ_BLOCK_FACTOR",
+    "translate_iterable", "translate_batches", "submit_batches", "Batches", "generate_tokens",
+    "GenerationStepResult", "blocks", "read_block_size", "check_option_names", "located",
+    "READ_BLOCK_FACTOR",
 ]
 
 # A block read by translate_iterable holds this many batches (CTranslate2's translate_iterable
@@ -49,7 +52,7 @@ def check_option_names(options: dict[str, Any], func: Callable | None = None) ->
     known = sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
     for name in options:
         if name not in known:
-            raise TypeError(f"{name}: not an option of translate; the options are "
+            raise TypeError(f"{name}: not an option of {func.__name__}; the options are "
                             f"{', '.join(known)}")
 
 
@@ -128,25 +131,51 @@ def translate_iterable(
     return _translated_blocks(model, iterable, size, by_tokens, executor, options)
 
 
+@contextlib.contextmanager
+def located(start: int, count: int) -> Iterator[None]:
+    """Re-raises an input error (TypeError, ValueError, IndexError) of a block with the place
+    of the block in the whole input added: the error names a source by its index in the
+    block."""
+    try:
+        yield
+    except (TypeError, ValueError, IndexError) as exc:
+        if type(exc) not in (TypeError, ValueError, IndexError):  # may take other arguments
+            raise
+        where = f"(in the block of inputs {start} to {start + count - 1})"
+        raise type(exc)(f"{exc} {where}") from exc
+
+
 def _translated_blocks(model, iterable, size, by_tokens, executor, options):
     items = blocks(iterable, size, len if by_tokens else None)
+    start = 0
     if executor is None:
         for block in items:
-            yield from api.translate(model, block, **options)
+            with located(start, len(block)):
+                results = api.translate(model, block, **options)
+            start += len(block)
+            yield from results
         return
     # The next block's batches start before this block's results are handed out, so the
     # workers have work while the caller consumes: two blocks in memory at most.
-    queue: deque[Batches] = deque()
+    queue: deque[tuple[int, int, Batches]] = deque()
     try:
         for block in items:
-            queue.append(submit_batches(model, block, executor, **options))
+            with located(start, len(block)):
+                queue.append((start, len(block), submit_batches(model, block, executor,
+                                                                **options)))
+            start += len(block)
             if len(queue) > 1:
-                yield from queue.popleft().results()
+                yield from _results(*queue.popleft())
         while queue:
-            yield from queue.popleft().results()
+            yield from _results(*queue.popleft())
     finally:
-        for started in queue:
+        for *_, started in queue:
             started.cancel()
+
+
+def _results(start: int, count: int, batches: Batches) -> list[TranslationResult]:
+    with located(start, count):
+        return batches.results()
 
 
 class Batches:
@@ -183,7 +212,10 @@ def submit_batches(
     before anything starts."""
     check_option_names(options)
     api.translate(model, [], **options)
-    srcs = check_sequences(sources, "sources", _source_vocab(model), 1 << 62, allow_empty=True)
+    # Checked here so that an error names the source by its index in `sources`, not in a
+    # batch; a max_input_length cuts sources, so their length is api.translate's to judge.
+    longest = 1 << 62 if options.get("max_input_length") else int(model.config.max_len)
+    srcs = check_sequences(sources, "sources", _source_vocab(model), longest, allow_empty=True)
     work: list[tuple[list[int], Future]] = []
     try:
         for chunk in _plan(srcs, *_batch_settings(options)):
