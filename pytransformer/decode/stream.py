@@ -243,7 +243,9 @@ def translate_batches(
     "examples"`` (the default) those are `api.translate`'s own batches, so the results are
     identical to the one call's, bit for bit, for any number of workers; results come back in
     input order. The kernels release the GIL, so the workers compute in parallel, each batch
-    with the process's kernel thread count (`pytransformer.set_num_threads`).
+    with the process's kernel thread count (`pytransformer.set_num_threads`). Each batch packs
+    its own copy of the step weights when packing pays (one `api.translate` call packs once
+    for all its batches): up to one copy per worker in memory at a time.
 
     Raises what `api.translate` raises; an error in one batch cancels the batches not started.
     """
