@@ -2,8 +2,10 @@
 
 Subcommands: preprocess, train, average, translate, evaluate, quantize, convert, export, demo,
 plot. Errors a user can cause end with one line on stderr and a non-zero exit status, never a
-traceback. Under ``mpiexec -n N`` train is data-parallel and translate is sharded over the
-ranks (docs/SCALING.md); an error on one rank ends every rank, with a message naming it.
+traceback. translate reads its input in blocks and writes each block's translations as they
+come (stdout) or into a file replaced once all are in (--output), in bounded memory. Under
+``mpiexec -n N`` train is data-parallel and translate is sharded over the ranks
+(docs/SCALING.md); an error on one rank ends every rank, with a message naming it.
 """
 
 from __future__ import annotations
@@ -285,52 +287,130 @@ def _check_input_file(path: str, arg: str) -> None:
         raise _path_error(arg, path, exc) from None
 
 
-def _load_translator(directory: str, arg: str, compute_type: str | None = None):
+def _load_translator(directory: str, arg: str, compute_type: str | None = None,
+                     inter_threads: int | None = None):
     from .translator import Translator
 
     _check_input_dir(directory, arg)
     try:
-        return Translator.load(directory, compute_type=compute_type)
+        return Translator.load(directory, compute_type=compute_type,
+                               inter_threads=1 if inter_threads is None else inter_threads)
     except (OSError, CheckpointError) as exc:
         raise UserError(f"{arg}: {exc}") from None
 
 
+# argparse dest -> translate() option, for the decoding flags (named as CTranslate2's
+# translate_batch options and CLI flags where the meanings match).
+_DECODE_FLAGS = {
+    "beam_size": "beam_size", "length_penalty": "length_penalty",
+    "max_decoding_length": "max_decoding_length", "min_decoding_length": "min_decoding_length",
+    "batch_size": "max_batch_size", "batch_type": "batch_type",
+    "sampling_topk": "sampling_topk", "sampling_topp": "sampling_topp",
+    "sampling_temperature": "sampling_temperature", "seed": "seed",
+    "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
+    "max_input_length": "max_input_length", "disable_unk": "disable_unk",
+}
+
+
 def _decode_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The decoding options given on the command line (unset ones are left out)."""
-    given = dict(
-        beam_size=args.beam_size, length_penalty=args.length_penalty,
-        max_decoding_length=args.max_decoding_length, max_batch_size=args.batch_size,
-    )
+    """The decoding options given on the command line; unset ones are left out, so they come
+    from the model's options.json, then from translate()'s defaults."""
+    given = {key: getattr(args, flag, None) for flag, key in _DECODE_FLAGS.items()}
     return {k: v for k, v in given.items() if v is not None}
 
 
-# Lines translated per block: each block's translations are written (stdout: at once) before
-# the next starts, with a progress line on stderr for inputs of more than one block.
+# Lines read (and translated) per block, unless --read-batch-size says otherwise: each block's
+# translations are written as they come (stdout: flushed after each block), with a progress
+# line on stderr for inputs of more than one block. The sharded run cuts the same blocks.
 _TRANSLATE_BLOCK = 1000
+# Progress lines with --batch-type tokens, where a block is counted in tokens, not lines.
+_PROGRESS_LINES = 1000
+
+
+def _count_lines(path: str) -> int:
+    """The lines of a file as split_lines counts them, read in chunks (bounded memory)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+@contextlib.contextmanager
+def _input_lines(path: str, arg: str) -> Iterator[Iterator[str]]:
+    """The lines of a file, or of stdin for "-", read lazily (see translator.iter_lines); a
+    line that is not UTF-8 is a UserError naming it."""
+    from .translator import iter_lines
+
+    def lines(stream: IO[bytes]) -> Iterator[str]:
+        try:
+            yield from iter_lines(stream, f"{arg}: {path}")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    if path == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text stream put in place of stdin (tests, embedding)
+            yield (line.rstrip("\n").removesuffix("\r") for line in sys.stdin)
+        else:
+            yield lines(stream)
+        return
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise _path_error(arg, path, exc) from None
+    with f:
+        yield lines(f)
+
+
+def _is_tty(path: str) -> bool:
+    return path == "-" and hasattr(sys.stdin, "isatty") and sys.stdin.isatty()
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
     if distributed.world().size > 1:
         return _translate_sharded(args, distributed.world())
+    from .decode import stream
+    from .translator import write_translation
+
     _set_threads(args.threads)
+    if args.input != "-":
+        _check_input_file(args.input, "--input")
     with _output(args.output, "--output") as out:  # a bad path fails before the model loads
-        translator = _load_translator(args.model, "--model", args.compute_type)
-        sentences = _read_lines(args.input, "--input")
-        for start in range(0, len(sentences), _TRANSLATE_BLOCK):
-            t0 = time.perf_counter()
-            block = sentences[start : start + _TRANSLATE_BLOCK]
-            hyps = translator.translate(block, n_best=args.n_best, **_decode_options(args))
-            lines = hyps if args.n_best == 1 else [
-                f"{start + i}\t{h}" for i, nbest in enumerate(hyps) for h in nbest
-            ]
-            out.write("".join(f"{line}\n" for line in lines))
+        translator = _load_translator(args.model, "--model", args.compute_type,
+                                      args.inter_threads)
+        options = _decode_options(args)
+        block = args.read_batch_size
+        if block is None:
+            # typed input gets its translation at once; a tokens batch type reads by tokens
+            by_tokens = {**translator.options, **options}.get("batch_type") == "tokens"
+            block = 1 if _is_tty(args.input) else None if by_tokens else _TRANSLATE_BLOCK
+        size, by_tokens = stream.read_block_size(block, {**translator.options, **options})
+        every = _PROGRESS_LINES if by_tokens else size
+        total = None if args.input == "-" else _count_lines(args.input)
+        quiet = _is_tty(args.input)
+        with _input_lines(args.input, "--input") as lines:
+            results = translator.translate_iterable(
+                lines, n_best=args.n_best, read_batch_size=block, **options
+            )
+            done, t0 = 0, time.perf_counter()
+            for done, result in enumerate(results, 1):
+                write_translation(out, done - 1, result, args.n_best)
+                if done % every == 0:
+                    out.flush()
+                    if not quiet and (total is None or total > every):
+                        _progress(done, total, every / max(time.perf_counter() - t0, 1e-9))
+                    t0 = time.perf_counter()
             out.flush()
-            done = start + len(block)
-            if len(sentences) > _TRANSLATE_BLOCK:
-                rate = len(block) / max(time.perf_counter() - t0, 1e-9)
-                print(f"translated {done}/{len(sentences)} lines ({rate:.1f} lines/s)",
-                      file=sys.stderr, flush=True)
+            if done % every and done > every and not quiet:
+                _progress(done, total, (done % every) / max(time.perf_counter() - t0, 1e-9))
     return 0
+
+
+def _progress(done: int, total: int | None, rate: float) -> None:
+    of = "" if total is None else f"/{total}"
+    print(f"translated {done}{of} lines ({rate:.1f} lines/s)", file=sys.stderr, flush=True)
 
 
 def _translate_sharded(args: argparse.Namespace, w: distributed.World) -> int:
@@ -342,8 +422,9 @@ def _translate_sharded(args: argparse.Namespace, w: distributed.World) -> int:
         raise UserError("--input: under mpiexec give a file that every rank can read, not stdin")
     if w.is_root and args.output != "-":
         _check_output_file(args.output, "--output")
-    translator = _load_translator(args.model, "--model", args.compute_type)
+    translator = _load_translator(args.model, "--model", args.compute_type, args.inter_threads)
     lines = _read_lines(args.input, "--input")
+    block = args.read_batch_size or _TRANSLATE_BLOCK
     done = [0]
 
     def translate(block: Sequence[str]) -> list[Any]:
@@ -355,11 +436,11 @@ def _translate_sharded(args: argparse.Namespace, w: distributed.World) -> int:
             sys.stdout.write(text)
             sys.stdout.flush()
         done[0] = start + len(hyps)
-        if len(lines) > _TRANSLATE_BLOCK:
+        if len(lines) > block:
             print(f"translated {done[0]}/{len(lines)} lines ({w.size} ranks)", file=sys.stderr,
                   flush=True)
 
-    hyps = distributed.map_blocks(w, lines, translate, _TRANSLATE_BLOCK, on_block=written)
+    hyps = distributed.map_blocks(w, lines, translate, block, on_block=written)
     if w.is_root and args.output != "-":
         with _output(args.output, "--output") as out:
             out.write("".join(f"{line}\n" for line in _nbest_lines(0, hyps, args.n_best)))
@@ -392,7 +473,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         hyps = _read_lines(args.hyp, "--hyp")
     elif args.model and args.src:
         _set_threads(args.threads)
-        translator = _load_translator(args.model, "--model", args.compute_type)
+        translator = _load_translator(args.model, "--model", args.compute_type,
+                                      args.inter_threads)
         hyps = translator.translate(_read_lines(args.src, "--src"), **_decode_options(args))
     else:
         raise UserError("give --hyp, or --model with --src")
@@ -485,12 +567,35 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     # Unset options fall back to the model's options.json (an imported model's generation
-    # settings), then to translate()'s defaults: beam 4, length penalty 0.6, 256 tokens.
-    p.add_argument("--beam-size", type=int, default=None, help="default 4")
+    # settings), then to translate()'s defaults: beam 4, length penalty 0.6, 256 tokens. Names
+    # follow CTranslate2's CLI; the older spellings stay as aliases.
+    p.add_argument("--beam-size", type=int, default=None, help="default 4 (1: greedy/sampling)")
     p.add_argument("--length-penalty", type=float, default=None, help="default 0.6")
     p.add_argument("--max-decoding-length", type=int, default=None, help="default 256")
-    p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-decoding-length", type=int, default=None,
+                   help="tokens before an end token is allowed (default 0)")
+    p.add_argument("--max-batch-size", "--batch-size", dest="batch_size", type=int,
+                   default=None, help="sentences (or tokens) decoded together")
+    p.add_argument("--batch-type", choices=["examples", "tokens"], default=None,
+                   help="what --max-batch-size counts (default examples)")
+    p.add_argument("--max-input-length", type=int, default=None,
+                   help="source tokens kept per sentence")
+    p.add_argument("--sampling-topk", type=int, default=None,
+                   help="sample from the K most likely tokens (1: greedy, 0: all)")
+    p.add_argument("--sampling-topp", type=float, default=None,
+                   help="sample from the nucleus of this probability mass")
+    p.add_argument("--sampling-temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="random seed of sampling")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 penalises tokens already generated")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="never repeat an n-gram of this size")
+    p.add_argument("--disable-unk", action="store_true", default=None,
+                   help="never generate the unknown token")
+    p.add_argument("--inter-threads", type=int, default=None,
+                   help="batches translated at once, on that many worker threads (default 1)")
+    p.add_argument("--intra-threads", "--threads", dest="threads", type=int, default=None,
+                   help="kernel threads per batch (default: the usable cores)")
     p.add_argument(
         "--compute-type", choices=["float32", "int8"], default=None,
         help="int8: Linear layers and embeddings in int8 (quantized per row when loading); "
@@ -608,8 +713,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate sentences with a trained model")
     p.add_argument("--model", required=True, help="a directory written by `train`")
     p.add_argument("--input", default="-", help="file of sentences (default: stdin)")
-    p.add_argument("--output", default="-", help="file for translations (default: stdout)")
-    p.add_argument("--n-best", type=int, default=1)
+    p.add_argument("--output", default="-",
+                   help="file for translations (default: stdout); replaced once all are in")
+    p.add_argument("--n-best", "--num-hypotheses", dest="n_best", type=int, default=1,
+                   help="translations per sentence, written as INDEX<TAB>TEXT lines when > 1")
+    p.add_argument("--read-batch-size", type=int, default=None,
+                   help=f"sentences read and translated per block (default {_TRANSLATE_BLOCK}; "
+                   "1 when stdin is a terminal)")
     _add_decode_args(p)
     p.set_defaults(func=cmd_translate)
 

@@ -13,17 +13,23 @@ A translator directory holds::
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from .checks import check_float, check_int
-from .io import atomic_write_text, split_lines
+from ._native import set_num_threads
+from .checks import check_bool, check_float, check_int, check_optional_int
+from .decode import stream
+from .io import atomic_open, atomic_write_text, split_lines
 from .models import Transformer, TransformerConfig
 from .text.metrics import score_translations
 from .text.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
@@ -37,13 +43,34 @@ from .train.schedule import Noam
 from .train.shards import ShardBatcher, open_data
 from .train.trainer import BEST_DIR, Trainer, latest_checkpoint
 
-__all__ = ["Translator", "TrainOptions", "train_translator", "train_translator_on_data"]
+__all__ = [
+    "Translator", "TrainOptions", "train_translator", "train_translator_on_data", "iter_lines",
+]
+
+# translate()'s options that generate_tokens has no use for: a model's options.json may set
+# them (an imported model's beam size), and they must not make generate_tokens refuse.
+_SEARCH_ONLY = ("beam_size", "num_hypotheses", "length_penalty", "max_batch_size", "batch_type")
 
 
 class Translator:
-    """A Transformer and the tokenizers of its two languages."""
+    """A Transformer and the tokenizers of its two languages.
 
-    def __init__(self, model: Transformer, src_tokenizer: Any, tgt_tokenizer: Any):
+    inter_threads: batches translated at once, each on its own worker thread (CTranslate2's
+    name; results are identical to inter_threads=1, in input order). intra_threads: the kernel
+    threads each batch uses (`pytransformer.set_num_threads`: a process-wide setting, set here
+    when given; None leaves it as it is). The process then runs up to inter_threads x
+    intra_threads threads.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        src_tokenizer: Any,
+        tgt_tokenizer: Any,
+        *,
+        inter_threads: int = 1,
+        intra_threads: int | None = None,
+    ):
         if not isinstance(model, Transformer):
             raise TypeError(f"model: expected a Transformer, got {type(model).__name__}")
         cfg = model.config
@@ -58,12 +85,47 @@ class Translator:
         # Defaults for translate()'s options (beam_size, max_decoding_length, ...): an imported
         # model brings its own (a Marian generation_config.json); saved as options.json.
         self.options: dict[str, Any] = {}
+        self.inter_threads = check_int("inter_threads", inter_threads, 1)
+        self.intra_threads = check_optional_int("intra_threads", intra_threads, 1)
+        if self.intra_threads is not None:
+            set_num_threads(self.intra_threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # two threads' first calls must not start two pools
+
+    def close(self) -> None:
+        """Stops the worker threads of inter_threads > 1 (started again when needed)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Translator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _executor(self) -> ThreadPoolExecutor | None:
+        if self.inter_threads == 1:
+            return None
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.inter_threads,
+                                                thread_name_prefix="pytransformer-translate")
+            return self._pool
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, compute_type: str | None = None) -> Translator:
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        compute_type: str | None = None,
+        *,
+        inter_threads: int = 1,
+        intra_threads: int | None = None,
+    ) -> Translator:
         """Loads ``directory/model`` (or, before training finished, the newest checkpoint);
         compute_type "int8" runs it in int8, "float32" in float32, None as stored (see
-        `Transformer.load`)."""
+        `Transformer.load`). inter_threads, intra_threads: as for `Translator`."""
         root = pathlib.Path(directory)
         if not root.is_dir():
             raise FileNotFoundError(f"directory: {root} does not exist")
@@ -73,9 +135,12 @@ class Translator:
             if latest is None:
                 raise FileNotFoundError(f"directory: no model or checkpoint under {root}")
             model_dir = pathlib.Path(latest)
+        check_int("inter_threads", inter_threads, 1)
+        check_optional_int("intra_threads", intra_threads, 1)
         model = Transformer.load(model_dir, compute_type=compute_type)
         translator = cls(model, load_tokenizer(root / "src_tokenizer.json"),
-                         load_tokenizer(root / "tgt_tokenizer.json"))
+                         load_tokenizer(root / "tgt_tokenizer.json"),
+                         inter_threads=inter_threads, intra_threads=intra_threads)
         if (root / "options.json").is_file():
             translator.options = _load_options(root / "options.json")
         return translator
@@ -96,13 +161,142 @@ class Translator:
 
     def translate(self, sentences: Sequence[str], *, n_best: int = 1, **options: Any) -> list[Any]:
         """Translates each sentence; returns strings, or lists of ``n_best`` strings when
-        ``n_best`` > 1. ``options`` go to ``Transformer.translate`` (beam_size,
-        length_penalty, max_decoding_length, max_batch_size, ...)."""
-        results = self.model.translate(
-            self.encode_sources(sentences), num_hypotheses=n_best, **{**self.options, **options}
-        )
+        ``n_best`` > 1 (``num_hypotheses``, CTranslate2's name, is taken for n_best
+        too). ``options`` go to ``Transformer.translate`` (beam_size,
+        length_penalty, max_decoding_length, max_batch_size, ...) over the defaults of
+        ``self.options``. With inter_threads > 1 the batches run on that many worker threads
+        (`decode.translate_batches`), with the same results."""
+        options = dict(options)
+        n_best = _n_best(n_best, options)
+        results = self._translate_ids(self.encode_sources(sentences), n_best, options)
+        return self._texts(results, n_best)
+
+    def _translate_ids(self, sources: list, n_best: int, options: dict[str, Any]) -> list:
+        opts = {**self.options, **options, "num_hypotheses": n_best}
+        executor = self._executor()
+        if executor is None:
+            return self.model.translate(sources, **opts)
+        return stream.translate_batches(self.model, sources, executor=executor, **opts)
+
+    def _texts(self, results: list, n_best: int) -> list[Any]:
         texts = [[self.tgt_tokenizer.decode(h) for h in r.hypotheses] for r in results]
         return texts if n_best > 1 else [t[0] for t in texts]
+
+    def translate_iterable(
+        self,
+        lines: Iterable[str],
+        *,
+        n_best: int = 1,
+        read_batch_size: int | None = None,
+        **options: Any,
+    ) -> Iterator[Any]:
+        """Translates sentences from any iterable (a file's lines, a generator), reading it
+        lazily; yields one translation per sentence (a string, or a list of n_best strings), in
+        input order.
+
+        The input is read in blocks of read_batch_size sentences (None: max_batch_size x 16,
+        as CTranslate2's translate_iterable; with ``batch_type="tokens"`` blocks of that many
+        source tokens) and each block is translated by `translate`, so memory stays bounded
+        for any input size and the first translations come after the first block. options: as
+        for `translate`. A bad option name or value raises (TypeError/ValueError) before any
+        input is read; a sentence that is not a string raises TypeError naming its index when
+        its block is reached.
+        """
+        options = dict(options)
+        n_best = _n_best(n_best, options)
+        merged = {**self.options, **options, "num_hypotheses": n_best}
+        stream.check_option_names(merged)
+        size, by_tokens = stream.read_block_size(read_batch_size, merged)
+        self.translate([], n_best=n_best, **options)  # checks the option values
+        if isinstance(lines, str) or not isinstance(lines, Iterable):
+            raise TypeError(f"lines: expected an iterable of strings, got {type(lines).__name__}")
+        return self._translated_lines(lines, n_best, size, by_tokens, options)
+
+    def _translated_lines(self, lines, n_best, size, by_tokens, options) -> Iterator[Any]:
+        executor = self._executor()
+        if executor is None:
+            cost = (lambda s: len(self.src_tokenizer.encode(s))) if by_tokens else None
+            start = 0
+            for block in stream.blocks(_checked_lines(lines), size, cost):
+                with stream.located(start, len(block)):
+                    texts = self.translate(block, n_best=n_best, **options)
+                start += len(block)
+                yield from texts
+            return
+        # decode.translate_iterable's blocks: the next one starts before this one is yielded.
+        opts = {**self.options, **options, "num_hypotheses": n_best}
+        ids = (self.src_tokenizer.encode(s) for s in _checked_lines(lines))
+        results = stream.translate_iterable(self.model, ids, read_batch_size=size,
+                                            executor=executor, **opts)
+        for result in results:
+            yield self._texts([result], n_best)[0]
+
+    def translate_file(
+        self,
+        input_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        *,
+        n_best: int = 1,
+        read_batch_size: int | None = None,
+        **options: Any,
+    ) -> int:
+        """Translates a UTF-8 file line by line into output_path (one translation per line;
+        with n_best > 1, n_best lines per sentence: ``index<TAB>translation``), reading and
+        writing as it goes (`translate_iterable`: bounded memory). output_path is replaced
+        atomically once every line is written: an error or an interrupt leaves it as it was.
+        Lines are split on "\\n" only (a trailing "\\r" dropped, as `io.split_lines` does).
+        Returns the number of input lines."""
+        count = 0
+        with open(input_path, "rb") as src, atomic_open(output_path, "w") as out:
+            results = self.translate_iterable(
+                iter_lines(src, os.fspath(input_path)), n_best=n_best,
+                read_batch_size=read_batch_size, **options,
+            )
+            for count, result in enumerate(results, 1):
+                write_translation(out, count - 1, result, n_best)
+        return count
+
+    def generate_tokens(self, sentence: str, **options: Any) -> Iterator[Any]:
+        """Translates one sentence, yielding a `decode.GenerationStepResult` per target token
+        as the model produces it, its ``token`` the text that token adds to the translation
+        (so the pieces joined are ``translate([sentence], beam_size=1)[0]`` for the same
+        options). options: those of `decode.generate_tokens` (max_decoding_length,
+        min_decoding_length, sampling_topk, sampling_topp, sampling_temperature, seed,
+        end_token: ids or target token strings, target_prefix: ids or the text the
+        translation starts with, repetition_penalty, no_repeat_ngram_size, max_input_length,
+        return_log_prob) and disable_unk (never the unknown token), over the defaults of
+        ``self.options`` that apply; beam_size > 1 raises ValueError (beam search cannot
+        stream)."""
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentence: expected a string, got {type(sentence).__name__}")
+        known = {*inspect.signature(stream.generate_tokens).parameters, "disable_unk"}
+        defaults = {k: v for k, v in self.options.items()
+                    if k in known and k not in _SEARCH_ONLY}
+        opts = {**defaults, **options}
+        if "suppress_tokens" in opts:
+            raise TypeError("suppress_tokens: not an option here (the text level takes "
+                            "disable_unk; decode.generate_tokens takes ids)")
+        if check_bool("disable_unk", opts.pop("disable_unk", False)):
+            opts["suppress_tokens"] = [self.tgt_tokenizer.unk_id]
+        stream.check_option_names(opts, stream.generate_tokens)
+        if opts.get("end_token") is not None:
+            opts["end_token"] = self._end_token_ids(opts["end_token"])
+        if isinstance(opts.get("target_prefix"), str):
+            opts["target_prefix"] = self._prefix_ids(opts["target_prefix"])
+        steps = stream.generate_tokens(self.model, self.src_tokenizer.encode(sentence), **opts)
+        return self._with_text(steps)
+
+    def _with_text(self, steps: Iterator[Any]) -> Iterator[Any]:
+        # Each piece is the growth of the decoded prefix: a token's text can depend on its
+        # neighbours (SentencePiece's word-initial spaces, bytes of one character).
+        ids: list[int] = []
+        text = ""
+        for step in steps:
+            ids.append(step.token_id)
+            now = self.tgt_tokenizer.decode(ids)
+            piece = now[len(text):] if now.startswith(text) else now
+            text = now
+            yield dataclasses.replace(step, token=piece)
 
     def translate_tokens(
         self, batch: Sequence[Sequence[str]], *, n_best: int = 1, **options: Any
@@ -124,9 +318,9 @@ class Translator:
             if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
                 raise TypeError(f"batch[{i}]: expected a list of token strings")
         sources = [self.src_tokenizer.encode_tokens(list(t)) for t in batch]
-        results = self.model.translate(
-            sources, num_hypotheses=n_best, **{**self.options, **options}
-        )
+        options = dict(options)
+        n_best = _n_best(n_best, options)
+        results = self._translate_ids(sources, n_best, options)
         out = [[self.tgt_tokenizer.decode_tokens(h) for h in r.hypotheses] for r in results]
         return out if n_best > 1 else [t[0] for t in out]
 
@@ -144,6 +338,72 @@ class Translator:
         src_tokens = self.src_tokenizer.tokens(sentence)
         tgt_tokens = [self.tgt_tokenizer.decode([i]) or "·" for i in ids]
         return src_tokens, tgt_tokens, result.attention[0], self.tgt_tokenizer.decode(ids)
+
+    def _prefix_ids(self, text: str) -> list[int]:
+        """The target ids a translation starting with text starts with (no EOS)."""
+        ids = self.tgt_tokenizer.encode(text)
+        eos = getattr(self.tgt_tokenizer, "eos_id", None)
+        return ids[:-1] if ids and ids[-1] == eos else ids
+
+    def _end_token_ids(self, end_token: Any) -> Any:
+        """end_token with its strings (target tokens) replaced by their ids."""
+        if isinstance(end_token, (list, tuple)):
+            return [self._end_token_ids(t) for t in end_token]
+        return _token_id(self.tgt_tokenizer, end_token) if isinstance(end_token, str) else end_token
+
+
+def _token_id(tokenizer: Any, token: str) -> int:
+    """The id of one token string of a tokenizer's vocabulary."""
+    itos = getattr(tokenizer, "itos", None)
+    if itos is not None:
+        if token in itos:
+            return itos.index(token)
+    elif getattr(tokenizer, "sp", None) is not None:
+        i = tokenizer.sp.piece_to_id(token)
+        if tokenizer.sp.id_to_piece(i) == token:
+            return int(i)
+    raise ValueError(f"end_token: {token!r} is not a token of the target vocabulary")
+
+
+def _n_best(n_best: int, options: dict[str, Any]) -> int:
+    """n_best, or CTranslate2's name for it, num_hypotheses (taken out of options)."""
+    if "num_hypotheses" in options:
+        given = options.pop("num_hypotheses")
+        if n_best != 1 and given != n_best:
+            raise ValueError(f"num_hypotheses ({given}) and n_best ({n_best}) disagree")
+        return given
+    return n_best
+
+
+def iter_lines(stream_: IO[bytes], name: str = "input") -> Iterator[str]:
+    r"""The lines of a binary stream, read one at a time: split on "\n" only, one trailing
+    "\r" dropped from each (the lines `io.split_lines` gives for the whole text). Raises
+    ValueError naming the line that is not UTF-8."""
+    for number, raw in enumerate(stream_, 1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name}: line {number} is not UTF-8 text ({exc.reason})") from None
+
+
+def _checked_lines(lines: Iterable[Any]) -> Iterator[str]:
+    for i, line in enumerate(lines):
+        if not isinstance(line, str):
+            raise TypeError(f"lines[{i}]: expected a string, got {type(line).__name__}")
+        yield line
+
+
+def write_translation(out: IO[str], index: int, result: Any, n_best: int) -> None:
+    """Writes one translation as lines: the text, or with n_best > 1 ``index<TAB>text`` for each
+    of the n-best (the format of ``pytransformer translate --n-best``)."""
+    if n_best == 1:
+        out.write(f"{result}\n")
+    else:
+        out.write("".join(f"{index}\t{h}\n" for h in result))
 
 
 @dataclass
