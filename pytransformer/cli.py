@@ -288,15 +288,22 @@ def _check_input_file(path: str, arg: str) -> None:
 
 
 def _load_translator(directory: str, arg: str, compute_type: str | None = None,
-                     inter_threads: int | None = None):
+                     inter_threads: int | None = None, vmap: str | None = None):
     from .translator import Translator
 
     _check_input_dir(directory, arg)
     try:
-        return Translator.load(directory, compute_type=compute_type,
-                               inter_threads=1 if inter_threads is None else inter_threads)
+        translator = Translator.load(directory, compute_type=compute_type,
+                                     inter_threads=1 if inter_threads is None else inter_threads)
     except (OSError, CheckpointError) as exc:
         raise UserError(f"{arg}: {exc}") from None
+    if vmap is not None:
+        _check_input_file(vmap, "--vmap")
+        try:
+            translator.load_vmap(vmap)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--vmap: {exc}") from None
+    return translator
 
 
 # argparse dest -> translate() option, for the decoding flags (named as CTranslate2's
@@ -309,6 +316,7 @@ _DECODE_FLAGS = {
     "sampling_temperature": "sampling_temperature", "seed": "seed",
     "repetition_penalty": "repetition_penalty", "no_repeat_ngram_size": "no_repeat_ngram_size",
     "max_input_length": "max_input_length", "disable_unk": "disable_unk",
+    "use_vmap": "use_vmap",
 }
 
 
@@ -316,6 +324,8 @@ def _decode_options(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding options given on the command line; unset ones are left out, so they come
     from the model's options.json, then from translate()'s defaults."""
     given = {key: getattr(args, flag, None) for flag, key in _DECODE_FLAGS.items()}
+    if getattr(args, "vmap", None) is not None:
+        given["use_vmap"] = True
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -379,7 +389,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
         _check_input_file(args.input, "--input")
     with _output(args.output, "--output") as out:  # a bad path fails before the model loads
         translator = _load_translator(args.model, "--model", args.compute_type,
-                                      args.inter_threads)
+                                      args.inter_threads, args.vmap)
         options = _decode_options(args)
         block = args.read_batch_size
         if block is None:
@@ -422,7 +432,8 @@ def _translate_sharded(args: argparse.Namespace, w: distributed.World) -> int:
         raise UserError("--input: under mpiexec give a file that every rank can read, not stdin")
     if w.is_root and args.output != "-":
         _check_output_file(args.output, "--output")
-    translator = _load_translator(args.model, "--model", args.compute_type, args.inter_threads)
+    translator = _load_translator(args.model, "--model", args.compute_type, args.inter_threads,
+                                  args.vmap)
     lines = _read_lines(args.input, "--input")
     block = args.read_batch_size or _TRANSLATE_BLOCK
     done = [0]
@@ -474,7 +485,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif args.model and args.src:
         _set_threads(args.threads)
         translator = _load_translator(args.model, "--model", args.compute_type,
-                                      args.inter_threads)
+                                      args.inter_threads, args.vmap)
         hyps = translator.translate(_read_lines(args.src, "--src"), **_decode_options(args))
     else:
         raise UserError("give --hyp, or --model with --src")
@@ -592,6 +603,11 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="never repeat an n-gram of this size")
     p.add_argument("--disable-unk", action="store_true", default=None,
                    help="never generate the unknown token")
+    p.add_argument("--use-vmap", action="store_true", default=None,
+                   help="score only the targets the model's vmap.txt lists for the sources")
+    p.add_argument("--vmap", metavar="FILE", default=None,
+                   help="a vocabulary map (CTranslate2's format) to use instead; implies "
+                   "--use-vmap")
     p.add_argument("--inter-threads", type=int, default=None,
                    help="batches translated at once, on that many worker threads (default 1)")
     p.add_argument("--intra-threads", "--threads", dest="threads", type=int, default=None,

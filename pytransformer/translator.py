@@ -6,6 +6,7 @@ A translator directory holds::
     src_tokenizer.json, tgt_tokenizer.json   the tokenizers (the same file twice when shared)
     model/                                   config.json + model.safetensors (the final model)
     options.json                             default translate() options (imported models)
+    vmap.txt                                 the vocabulary map of use_vmap=True (optional)
     checkpoints/step-*/                      resumable training checkpoints
     checkpoints/best/                        the model of the best validation (BLEU, or loss)
     checkpoints/log.jsonl                    the training log (``pytransformer plot`` reads it)
@@ -29,6 +30,7 @@ import numpy as np
 from ._native import set_num_threads
 from .checks import check_bool, check_float, check_int, check_optional_int
 from .decode import stream
+from .decode.vmap import VMAP_FILE, VocabMap
 from .io import atomic_open, atomic_write_text, split_lines
 from .models import Transformer, TransformerConfig
 from .text.metrics import score_translations
@@ -91,6 +93,37 @@ class Translator:
             set_num_threads(self.intra_threads)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()  # two threads' first calls must not start two pools
+        # The vocabulary shortlist of use_vmap=True (vmap.txt of the directory, or load_vmap).
+        self.vmap: VocabMap | None = None
+
+    def load_vmap(self, path: str | os.PathLike, *, unknown: str = "skip") -> VocabMap:
+        """Reads a vocabulary map in CTranslate2's vmap format (``source tokens<TAB>target
+        tokens`` per line, tokens of this translator's tokenizers) for ``use_vmap=True``: the
+        output layer then scores only the union of the candidates of a batch's source tokens and
+        the special tokens. unknown="skip" drops unknown tokens (counted in the map's
+        ``skipped``), "error" rejects them. It is saved with the translator (vmap.txt)."""
+        cfg = self.model.config
+        always = {cfg.pad_id, cfg.bos_id, cfg.eos_id}
+        if getattr(self.tgt_tokenizer, "unk_id", None) is not None:
+            always.add(self.tgt_tokenizer.unk_id)
+        self.vmap = VocabMap.from_file(
+            path, _token_to_id(self.src_tokenizer), _token_to_id(self.tgt_tokenizer),
+            always=sorted(always), unknown=unknown, tgt_vocab_size=cfg.tgt_vocab_size,
+        )
+        return self.vmap
+
+    def _merged(self, options: dict[str, Any], n_best: int) -> dict[str, Any]:
+        """translate()'s options over self.options, with the vocabulary map of use_vmap and
+        the unknown token of disable_unk."""
+        opts = {**self.options, **options, "num_hypotheses": n_best}
+        if check_bool("use_vmap", opts.get("use_vmap", False)):
+            if self.vmap is None:
+                raise ValueError("use_vmap: this translator has no vocabulary map (a vmap.txt "
+                                 "in its directory, or Translator.load_vmap)")
+            opts["vocab_subset_fn"] = self.vmap.subset
+        if opts.get("disable_unk") and getattr(self.tgt_tokenizer, "unk_id", None) is not None:
+            opts.setdefault("unk_id", self.tgt_tokenizer.unk_id)
+        return opts
 
     def close(self) -> None:
         """Stops the worker threads of inter_threads > 1 (started again when needed)."""
@@ -143,6 +176,8 @@ class Translator:
                          inter_threads=inter_threads, intra_threads=intra_threads)
         if (root / "options.json").is_file():
             translator.options = _load_options(root / "options.json")
+        if (root / VMAP_FILE).is_file():
+            translator.load_vmap(root / VMAP_FILE)
         return translator
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -153,6 +188,9 @@ class Translator:
         self.model.save(root / "model")
         if self.options:
             atomic_write_text(root / "options.json", json.dumps(self.options, indent=2) + "\n")
+        if self.vmap is not None:
+            self.vmap.to_file(root / VMAP_FILE, _id_to_token(self.src_tokenizer),
+                              _id_to_token(self.tgt_tokenizer))
 
     def encode_sources(self, sentences: Sequence[str]) -> list[list[int]]:
         if isinstance(sentences, str):
@@ -172,7 +210,7 @@ class Translator:
         return self._texts(results, n_best)
 
     def _translate_ids(self, sources: list, n_best: int, options: dict[str, Any]) -> list:
-        opts = {**self.options, **options, "num_hypotheses": n_best}
+        opts = self._merged(options, n_best)
         executor = self._executor()
         if executor is None:
             return self.model.translate(sources, **opts)
@@ -204,7 +242,7 @@ class Translator:
         """
         options = dict(options)
         n_best = _n_best(n_best, options)
-        merged = {**self.options, **options, "num_hypotheses": n_best}
+        merged = self._merged(options, n_best)
         stream.check_option_names(merged)
         size, by_tokens = stream.read_block_size(read_batch_size, merged)
         self.translate([], n_best=n_best, **options)  # checks the option values
@@ -224,7 +262,7 @@ class Translator:
                 yield from texts
             return
         # decode.translate_iterable's blocks: the next one starts before this one is yielded.
-        opts = {**self.options, **options, "num_hypotheses": n_best}
+        opts = self._merged(options, n_best)
         ids = (self.src_tokenizer.encode(s) for s in _checked_lines(lines))
         results = stream.translate_iterable(self.model, ids, read_batch_size=size,
                                             executor=executor, **opts)
@@ -479,6 +517,24 @@ class TrainOptions:
         if self.max_time is not None:
             check_float("max_time", self.max_time, 0.0, positive=True)
         self.recipe()
+
+
+def _token_to_id(tok: Any) -> Any:
+    """A tokenizer's token -> id lookup (None for a token it does not have)."""
+    itos = getattr(tok, "itos", None)  # CharTokenizer, VocabTokenizer (specials included)
+    if itos is not None:
+        return {t: i for i, t in enumerate(itos)}.get
+    sp = tok.sp  # SentencePiece maps an unknown piece to unk: tell it from the real one
+
+    def find(piece: str) -> int | None:
+        i = sp.piece_to_id(piece)
+        return i if sp.id_to_piece(i) == piece else None
+    return find
+
+
+def _id_to_token(tok: Any) -> Any:
+    itos = getattr(tok, "itos", None)
+    return itos if itos is not None else tok.sp.id_to_piece
 
 
 def _load_options(path: pathlib.Path) -> dict[str, Any]:

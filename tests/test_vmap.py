@@ -334,3 +334,86 @@ def test_greedy_with_a_vmap_matches_ctranslate2_use_vmap(tmp_path):
                                      if cfg.eos_id in out[r] else out[r])
         assert ours[:12] == hyp.hypotheses[0][:12], r
         assert set(tgt_tok.encode_tokens(hyp.hypotheses[0])) <= set(ids.tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# The application: Translator(use_vmap=True), its directory's vmap.txt, `translate --vmap`
+
+CHARS = "abcdefghijklmnop"
+
+
+def _char_translator(seed: int = 3):
+    from pytransformer.text.tokenizer import CharTokenizer
+    from pytransformer.translator import Translator
+
+    tok = CharTokenizer(list(CHARS))
+    cfg = small_config(tok.vocab_size, 16, layers=1, max_len=32, dropout=0.0,
+                       tie_embeddings="none")
+    m = pt.Transformer(cfg, seed=seed).eval()
+    sd = m.state_dict()
+    bias = np.random.default_rng(seed).normal(0, 1.0, sd["output.bias"].shape)
+    bias[EOS] += 2.0  # outputs end at varied lengths
+    m.load_state_dict({**sd, "output.bias": bias.astype(np.float32)})
+    return Translator(m, tok, tok)
+
+
+def _write_vmap(path, rules: dict[str, str], always: str = "") -> None:
+    lines = [f"\t{' '.join(always)}"] + [f"{s}\t{' '.join(t)}" for s, t in rules.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+RULES = {"a": "bc", "b": "cd", "c": "de", "d": "ab", "e": "fg", "f": "gh"}
+
+
+def _allowed(sentence: str) -> set[str]:
+    return {t for ch in sentence for t in RULES.get(ch, "")} | set("p")
+
+
+def test_translator_use_vmap_keeps_to_the_candidates(tmp_path):
+    tr = _char_translator()
+    _write_vmap(tmp_path / "map.txt", RULES, always="p")
+    sentences = ["abc", "def", "a", "fed", "ab" * 5, ""]
+    plain = tr.translate(sentences, beam_size=2, max_decoding_length=10)
+    with pytest.raises(ValueError, match="use_vmap: .*no vocabulary map"):
+        tr.translate(sentences, use_vmap=True)
+    tr.load_vmap(tmp_path / "map.txt")
+    out = tr.translate(sentences, beam_size=2, max_decoding_length=10, use_vmap=True)
+    for s, o in zip(sentences, out, strict=True):
+        assert set(o) <= _allowed(s), (s, o)
+    assert out != plain  # the map changes translations, so the check above can fail
+    # the decode level with the same subsets gives the same tokens
+    ids = tr.encode_sources(sentences)
+    res = pt.decode.translate(tr.model, ids, beam_size=2, max_decoding_length=10,
+                              use_vmap=True, vocab_subset_fn=tr.vmap.subset)
+    assert [tr.tgt_tokenizer.decode(r.hypotheses[0]) for r in res] == out
+    # streaming and a saved directory keep the map
+    assert list(tr.translate_iterable(sentences, beam_size=2, max_decoding_length=10,
+                                      use_vmap=True)) == out
+    tr.save(tmp_path / "tr")
+    assert (tmp_path / "tr" / VMAP_FILE).is_file()
+    again = type(tr).load(tmp_path / "tr")
+    assert again.vmap == tr.vmap
+    assert again.translate(sentences, beam_size=2, max_decoding_length=10, use_vmap=True) == out
+
+
+def test_cli_translate_with_a_vmap(tmp_path, capsys):
+    from pytransformer.cli import main
+
+    tr = _char_translator()
+    tr.save(tmp_path / "tr")
+    _write_vmap(tmp_path / "map.txt", RULES, always="p")
+    (tmp_path / "in.txt").write_text("abc\ndef\nfed\n")
+    assert main(["translate", "--model", str(tmp_path / "tr"), "--input", str(tmp_path / "in.txt"),
+                 "--output", str(tmp_path / "out.txt"), "--vmap", str(tmp_path / "map.txt"),
+                 "--beam-size", "1", "--max-decoding-length", "8"]) == 0
+    got = (tmp_path / "out.txt").read_text().splitlines()
+    for s, o in zip(["abc", "def", "fed"], got, strict=True):
+        assert set(o) <= _allowed(s)
+    # --use-vmap without a vmap.txt, and a bad --vmap file: one-line errors naming the flag
+    assert main(["translate", "--model", str(tmp_path / "tr"), "--input", str(tmp_path / "in.txt"),
+                 "--use-vmap"]) != 0
+    assert "use_vmap" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text("abc no tab\n")
+    assert main(["translate", "--model", str(tmp_path / "tr"), "--input", str(tmp_path / "in.txt"),
+                 "--vmap", str(tmp_path / "bad.txt")]) != 0
+    assert "--vmap:" in capsys.readouterr().err
