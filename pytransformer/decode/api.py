@@ -458,8 +458,9 @@ def _translate_chunk(model, o: _Options, chunk, srcs, prefixes, orig_lens, resul
         guess = min(steps, max(o.min_dec, int(lengths[rows].mean()) + 8))
         width = rows.size * kw.pop("beam", o.beam)
         extra = {} if subset is None else {"vocab_subset": subset}
-        state = _shared_state(model, memory[rows], lengths[rows], steps, width, guess, packed,
-                              extra)
+        same = rows.size == len(chunk) and (rows == np.arange(rows.size)).all()
+        mem = memory if same else memory[rows]  # (a model's memory need not be an array)
+        state = _shared_state(model, mem, lengths[rows], steps, width, guess, packed, extra)
 
         def step(tokens, state=state):
             if not need_attn:
