@@ -797,10 +797,9 @@ def test_matches_pytorch_decoder(beam_size):
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import torch
     import torch_decode
     from torch_reference import build_torch_model
-
-    import torch
 
     model = tiny_transformer(seed=1)
     tm = build_torch_model(model.config, model.state_dict()).eval()
