@@ -1,5 +1,6 @@
-"""The decoding entry points: `translate` (encoder-decoder) and `generate` (language model),
-their argument checks, batching and weight packing; the searches themselves are in `search`.
+"""The decoding entry points: `translate` (encoder-decoder, with CTranslate2's translate_batch
+options) and `generate` (language model), their argument checks, batching and weight packing;
+the searches themselves are in `search`, the logit edits in `logits`.
 
 A model is driven through its step interface only (see `EncoderDecoder` and `LanguageModel`),
 so this package imports no model class: the model classes import it to offer
@@ -77,8 +78,9 @@ class LanguageModel(Protocol):
 class TranslationResult:
     """One source's n-best list, best first.
 
-    hypotheses: token ids (no BOS, no EOS); scores: length-normalised log-probabilities (None
-    unless asked); attention: per hypothesis a float32 (len(hypothesis), source_length) array of
+    hypotheses: token ids (no BOS; the target prefix first; no end token unless
+    return_end_token); scores: summed log-probabilities / lp(length), CTranslate2's (see
+    `search`; None unless asked); attention: per hypothesis a float32 (len(hypothesis), source_length) array of
     a decoder layer's cross-attention averaged over heads, or (num_heads, len(hypothesis),
     source_length) per head (None unless asked); row i is the attention of the step that
     produced token i.
@@ -584,7 +586,9 @@ def generate(
     greedy decoding. Sampling is reproducible: the same seed gives the same tokens, whatever
     max_batch_size (each prompt draws from its own generator, derived from seed and its index;
     None: DEFAULT_MAX_BATCH_SIZE prompts at a time).
-    beam_size > 1 is beam search (length_penalty = GNMT alpha), which takes no sampling options.
+    beam_size > 1 is beam search (CTranslate2's rules, see `search`, with the GNMT penalty
+    ((5 + L) / 6) ** length_penalty, L the generated tokens with the EOS), which takes no
+    sampling options.
     """
     beam_size, alpha, max_batch_size = _check_common(beam_size, length_penalty, max_batch_size)
     max_new = check_int("max_new_tokens", max_new_tokens, 0)
