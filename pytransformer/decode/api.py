@@ -80,10 +80,10 @@ class TranslationResult:
 
     hypotheses: token ids (no BOS; the target prefix first; no end token unless
     return_end_token); scores: summed log-probabilities / lp(length), CTranslate2's (see
-    `search`; None unless asked); attention: per hypothesis a float32 (len(hypothesis), source_length) array of
-    a decoder layer's cross-attention averaged over heads, or (num_heads, len(hypothesis),
-    source_length) per head (None unless asked); row i is the attention of the step that
-    produced token i.
+    `search`; None unless asked); attention: per hypothesis a float32 (len(hypothesis),
+    source_length) array of a decoder layer's cross-attention averaged over heads, or
+    (num_heads, len(hypothesis), source_length) per head (None unless asked); row i is the
+    attention of the step that produced token i.
     """
 
     hypotheses: list[list[int]]
@@ -607,8 +607,8 @@ def generate(
     max_len = int(_config_value(lm, "max_len"))
     vocab = int(_config_value(lm, "vocab_size", "tgt_vocab_size"))
     seqs = check_sequences(prompts, "prompts", vocab, max_len, allow_empty=False)
-    if not seqs:
-        return []
+    if not seqs or max_new == 0:
+        return [[] for _ in seqs]
     try:
         eos = _config_value(lm, "eos_id")
     except AttributeError:
