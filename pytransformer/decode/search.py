@@ -30,6 +30,14 @@ with the next non-end candidate among the other K, so the beam stays K wide. A s
 its last step; with alpha = 0 and no coverage penalty when its best candidate has ended at some
 step and num_hypotheses have finished; otherwise when round(K * patience) have finished. Its
 finished hypotheses are then scored and the num_hypotheses best returned.
+
+Known differences from CTranslate2, all at edges: masked tokens get -inf (CTranslate2: the
+lowest float), so a beam with fewer than 2K possible extensions has dead slots instead of
+hopeless live ones, and a slot with no non-end replacement dies (CTranslate2 continues it after
+its end token); its rule on end tokens after a prefix applies, in a batch where some sentence
+has a prefix, to the sentences without one too (here only to those with one: results do not
+depend on the batch); beams keep their parent's row where they can (fewer cache moves), so
+exact score ties may break differently.
 """
 
 from __future__ import annotations
@@ -352,6 +360,7 @@ def beam_search(
     finished: list[list[tuple]] = [[] for _ in range(n)]
     results: list[list[Hypothesis] | None] = [None] * n
     top_ended = np.zeros(n, dtype=bool)
+    n_finished = np.zeros(n, dtype=np.int64)
     total = prob.total_steps()
     seq = _seq_buffer(prob, n, total + 1)
     act = np.arange(n)
@@ -394,7 +403,8 @@ def beam_search(
             a = None if attn_hist is None else attn_hist[parent, off[b] : t + 1].copy()
             finished[b].append((float(c_val[i, j]), toks, bool(ends[i, j]), a))
         top_ended[act] |= fin[:, 0]
-        nfin = np.array([len(finished[b]) for b in act])
+        n_finished[act] += fin.sum(axis=1)
+        nfin = n_finished[act]
         done = last.copy()
         if early_exit:
             done |= top_ended[act] & (nfin >= num_hypotheses)
