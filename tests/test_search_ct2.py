@@ -112,6 +112,7 @@ def test_free_search(pair, beam_size, num_hypotheses, length_penalty):
         dict(min_decoding_length=6),
         dict(target_prefix=[s[:2] for s in SOURCES]),
         dict(target_prefix=[s[:1] for s in SOURCES], min_decoding_length=3),
+        dict(target_prefix=[s[: i % 3] for i, s in enumerate(SOURCES)], num_hypotheses=1),
         dict(repetition_penalty=1.8),
         dict(repetition_penalty=0.6),
         dict(no_repeat_ngram_size=1),
@@ -122,14 +123,15 @@ def test_free_search(pair, beam_size, num_hypotheses, length_penalty):
         dict(return_alternatives=True, num_hypotheses=3),
         dict(return_alternatives=True, num_hypotheses=4, target_prefix=[s[:1] for s in SOURCES],
              min_alternative_expansion_prob=0.05),
-        dict(patience=2.0, num_hypotheses=3, length_penalty=0.6),
     ],
-    ids=["min-length", "prefix", "prefix-min", "repetition", "repetition<1", "ngram1",
-         "ngram2", "suppress", "unk", "end-tokens", "alternatives", "alternatives-prefix",
-         "patience"],
+    ids=["min-length", "prefix", "prefix-min", "prefix-some", "repetition", "repetition<1", "ngram1",
+         "ngram2", "suppress", "unk", "end-tokens", "alternatives", "alternatives-prefix"],
 )
 def test_options(pair, beam_size, options):
-    if beam_size == 1 and options.get("num_hypotheses", 1) > 1 and "return_alternatives" not in \
-            options:
-        pytest.skip("greedy returns one hypothesis")
     _compare(pair, beam_size=beam_size, **options)
+
+
+@pytest.mark.parametrize("beam_size,patience,num_hypotheses", [(2, 2.0, 3), (3, 1.5, 4)])
+def test_patience(pair, beam_size, patience, num_hypotheses):
+    _compare(pair, beam_size=beam_size, patience=patience, num_hypotheses=num_hypotheses,
+             length_penalty=0.6)

@@ -64,8 +64,10 @@ def finalize(hyps, nh, alpha, kind="power"):
     return scored[:nh]
 
 
-def ref_beam(model, src, K, nh, alpha, opt, max_len, prefix=(), patience=1.0):
-    """CTranslate2's beam search, one sentence, from scratch."""
+def ref_beam(model, src, K, nh, alpha, opt, max_len, prefix=(), patience=1.0, rule=None):
+    """CTranslate2's beam search, one sentence, from scratch; rule: whether only the best
+    candidate may end at the first free step (default: when there is a prefix; CTranslate2
+    applies it to every sentence of a batch where one has a prefix)."""
     ends = opt.get("ends", [EOS])
     prefix = list(prefix)
     beams = [(0.0, [])]
@@ -82,7 +84,7 @@ def ref_beam(model, src, K, nh, alpha, opt, max_len, prefix=(), patience=1.0):
             cands += [(cum + lp[t], toks, t) for t in range(lp.size) if lp[t] > -np.inf]
         cands.sort(key=lambda c: -c[0])
         cands = cands[: 2 * K]
-        if prefix and step == len(prefix):  # only the best may end right after a prefix
+        if (bool(prefix) if rule is None else rule) and step == len(prefix):
             cands = [c if i == 0 or c[2] not in ends else (-1e10, c[1], 0)
                      for i, c in enumerate(cands)]
         spare = [c for c in cands[K:] if c[2] not in ends]
@@ -249,8 +251,8 @@ def test_target_prefix_equals_brute_force(K):
         refs = [ref_greedy(model, s, 0.6, opt, 8, p) for s, p in zip(SOURCES, prefixes,
                                                                       strict=True)]
     else:
-        refs = [ref_beam(model, s, K, 2, 0.6, opt, 8, p) for s, p in zip(SOURCES, prefixes,
-                                                                      strict=True)]
+        refs = [ref_beam(model, s, K, 2, 0.6, opt, 8, p, rule=True)
+                for s, p in zip(SOURCES, prefixes, strict=True)]
     check(res, refs)
     for r, p in zip(res, prefixes, strict=True):
         assert all(h[: len(p)] == p for h in r.hypotheses)

@@ -244,6 +244,7 @@ def translate(
             results[i] = _fixed_result(o, p, orig_lens[i])
         else:
             todo.append(i)
+    o.any_prefix = any(prefixes[i].size for i in todo)
     order = sorted(todo, key=lambda i: -srcs[i].size)
     packed: dict = {}
     for chunk in _batches(order, [srcs[i].size for i in order], o):
@@ -283,6 +284,7 @@ class _Options:
     pad: int
     tgt_vocab: int
     heads: int  # attention heads returned per hypothesis (0: averaged)
+    any_prefix: bool = False  # some source of the call has a target prefix
 
     @property
     def sampling(self) -> bool:
@@ -496,14 +498,15 @@ def _translate_chunk(model, o: _Options, chunk, srcs, prefixes, orig_lens, resul
         nbest = _alternatives(o, chunk, prefixes, pre, problem, search)
     elif o.beam == 1 and o.nhyp > 1:  # sampling: nhyp independent draws per source, sorted
         rep = np.repeat(rows, o.nhyp)
-        prob = problem(rep, [pre[r] for r in rep], o.max_dec, eos_rule=False)
+        prob = problem(rep, [pre[r] for r in rep], o.max_dec)
         flat = search(prob, [(chunk[r], h) for r in rows for h in range(o.nhyp)], 1)
         nbest = []
         for r in rows:
             hyps = [h[0] for h in flat[r * o.nhyp : (r + 1) * o.nhyp]]
             nbest.append(sorted(hyps, key=lambda h: -h.score))
     else:
-        prob = problem(rows, pre, o.max_dec, eos_rule=True)
+        rule = np.full(len(chunk), o.any_prefix) if o.any_prefix else None
+        prob = problem(rows, pre, o.max_dec, eos_rule=rule)
         nbest = search(prob, [(chunk[r],) for r in rows], o.nhyp)
     for r, i in enumerate(chunk):
         hyps = nbest[r]
@@ -548,7 +551,7 @@ def _alternatives(o: _Options, chunk, prefixes, pre, problem, search) -> list[li
     if rep:
         rep_a = np.array(rep)
         prob = problem(rep_a, cont_pre, o.max_dec, head=np.array(head),
-                       cont_from=np.array(cont_from, dtype=np.int64), eos_rule=False)
+                       cont_from=np.array(cont_from, dtype=np.int64))
         for r, hyps in zip(rep, search(prob, keys, 1), strict=True):
             out[r].append(hyps[0])
     return out

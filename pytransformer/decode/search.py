@@ -34,10 +34,10 @@ finished hypotheses are then scored and the num_hypotheses best returned.
 Known differences from CTranslate2, all at edges: masked tokens get -inf (CTranslate2: the
 lowest float), so a beam with fewer than 2K possible extensions has dead slots instead of
 hopeless live ones, and a slot with no non-end replacement dies (CTranslate2 continues it after
-its end token); its rule on end tokens after a prefix applies, in a batch where some sentence
-has a prefix, to the sentences without one too (here only to those with one: results do not
-depend on the batch); beams keep their parent's row where they can (fewer cache moves), so
-exact score ties may break differently.
+its end token); beams keep their parent's row where they can (fewer cache moves), so
+exact score ties may break differently. (Its rule on end tokens after a target prefix, which
+it applies to every sentence of a batch where one has a prefix, `translate` applies to every
+sentence of a call where one has a prefix, so that results do not depend on max_batch_size.)
 """
 
 from __future__ import annotations
@@ -81,8 +81,10 @@ class Problem:
     that end a hypothesis (may be empty). processors: the logit edits (None: none).
     Alternatives (a continuation of fixed heads): cont_from[i] output tokens form a head whose
     score head[i] is added after normalisation; L, the processors' history and the coverage
-    penalty start after it. eos_rule: CTranslate2's rule that at the first free step after a
-    target prefix only the best candidate may be an end token.
+    penalty start after it. eos_rule (n,) bool or None: the sentences to which CTranslate2's
+    rule applies that at the first free step only the best candidate may end (it replaces the
+    others' end tokens by token 0 with score -1e10); CTranslate2 applies it to every sentence of
+    a batch where some sentence has a target prefix.
     """
 
     step: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
@@ -100,7 +102,7 @@ class Problem:
     coverage_penalty: float = 0.0
     head: np.ndarray | None = None
     cont_from: np.ndarray | None = None
-    eos_rule: bool = False
+    eos_rule: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -387,8 +389,8 @@ def beam_search(
             c_tok[fi, 0] = seq[fi * k, t + 1]
         count = t + 1 - off[act]
         last = gen & (count >= prob.max_gen[act])
-        if prob.eos_rule:
-            first = gen & (t == P[act] - 1) & (P[act] > 1)
+        if prob.eos_rule is not None:
+            first = gen & (t == P[act] - 1) & prob.eos_rule[act]
             if first.any():
                 bad = first[:, None] & prob.is_end(c_tok)
                 bad[:, 0] = False
