@@ -124,8 +124,9 @@ def test_free_search(pair, beam_size, num_hypotheses, length_penalty):
         dict(return_alternatives=True, num_hypotheses=4, target_prefix=[s[:1] for s in SOURCES],
              min_alternative_expansion_prob=0.05),
     ],
-    ids=["min-length", "prefix", "prefix-min", "prefix-some", "repetition", "repetition<1", "ngram1",
-         "ngram2", "suppress", "unk", "end-tokens", "alternatives", "alternatives-prefix"],
+    ids=["min-length", "prefix", "prefix-min", "prefix-some", "repetition", "repetition<1",
+         "ngram1", "ngram2", "suppress", "unk", "end-tokens", "alternatives",
+         "alternatives-prefix"],
 )
 def test_options(pair, beam_size, options):
     _compare(pair, beam_size=beam_size, **options)
