@@ -57,9 +57,15 @@ def processed_logp(model, src, out, opt):
     return x - x.max() - np.log(np.exp(x - x.max()).sum())
 
 
-def finalize(hyps, nh, alpha, kind="power"):
-    """(cum, tokens, ended) -> best-first (score, returned tokens)."""
-    scored = [(cum / length_penalty(len(t), alpha, kind), t[:-1] if e else t) for cum, t, e in hyps]
+def finalize(hyps, nh, alpha, ends=(EOS,), kind="power"):
+    """(cum, tokens) -> best-first (score, returned tokens: without trailing end tokens)."""
+
+    def strip(t):
+        while t and t[-1] in ends:
+            t = t[:-1]
+        return t
+
+    scored = [(cum / length_penalty(len(t), alpha, kind), strip(t)) for cum, t in hyps]
     scored.sort(key=lambda h: -h[0])
     return scored[:nh]
 
@@ -87,24 +93,27 @@ def ref_beam(model, src, K, nh, alpha, opt, max_len, prefix=(), patience=1.0, ru
         if (bool(prefix) if rule is None else rule) and step == len(prefix):
             cands = [c if i == 0 or c[2] not in ends else (-1e10, c[1], 0)
                      for i, c in enumerate(cands)]
-        spare = [c for c in cands[K:] if c[2] not in ends]
+        # Replacements: the non-end candidates past the first K, then (fewer than 2K possible
+        # extensions) dead ones; with none at all the ended candidate itself goes on.
+        spare = [c for c in cands[K:] if c[2] not in ends] + [None] * (2 * K - len(cands))
         beams = []
         for i, (val, toks, t) in enumerate(cands[:K]):
             if t in ends or last:
-                done.append((val, toks + [t], t in ends))
+                done.append((val, toks + [t]))
                 top_ended |= i == 0
                 if spare:
-                    val, toks, t = spare.pop(0)
-                    beams.append((val, toks + [t]))
-            else:
-                beams.append((val, toks + [t]))
+                    c = spare.pop(0)
+                    if c is None:
+                        continue
+                    val, toks, t = c
+            beams.append((val, toks + [t]))
         if last or not beams:
             break
         if alpha == 0 and top_ended and len(done) >= nh:
             break
         if alpha != 0 and len(done) >= cap:
             break
-    return finalize(done, nh, alpha)
+    return finalize(done, nh, alpha, ends)
 
 
 def ref_greedy(model, src, alpha, opt, max_len, prefix=()):
@@ -117,8 +126,8 @@ def ref_greedy(model, src, alpha, opt, max_len, prefix=()):
         cum += lp[t]
         out.append(t)
         if t in ends:
-            return finalize([(cum, out, True)], 1, alpha)
-    return finalize([(cum, out, False)], 1, alpha)
+            break
+    return finalize([(cum, out)], 1, alpha, ends)
 
 
 def check(res, refs):
@@ -205,6 +214,7 @@ PROCESSOR_CASES = [
     dict(no_repeat_ngram_size=2),
     dict(suppress_sequences=[[4], [5, 6], [3, 7, 8]]),
     dict(end_token=[EOS, 7]),
+    dict(end_token=[EOS, 3, 4, 5, 6, 7, 8, 9]),  # beams run out of non-end candidates
     dict(min_decoding_length=4, end_token=[EOS, 3]),
 ]
 

@@ -26,15 +26,16 @@ Conventions shared by every search:
 Beam search (CTranslate2's): each step takes the 2K best (or, sampling, 2K drawn) extensions of
 a sentence's K live beams by summed log-probability. Of the first K, those ending in an end token
 (every one at the last step) are finished hypotheses, set aside; each one's slot is refilled
-with the next non-end candidate among the other K, so the beam stays K wide. A sentence stops at
-its last step; with alpha = 0 and no coverage penalty when its best candidate has ended at some
-step and num_hypotheses have finished; otherwise when round(K * patience) have finished. Its
-finished hypotheses are then scored and the num_hypotheses best returned.
+with the next non-end candidate among the other K, so the beam stays K wide (with several end
+tokens there may be none left: the finished candidate then also goes on, as CTranslate2 does).
+A sentence stops at its last step; with alpha = 0 and no coverage penalty when its best
+candidate has ended at some step and num_hypotheses have finished; otherwise when
+round(K * patience) have finished. Its finished hypotheses are then scored and the
+num_hypotheses best returned; every trailing end token is dropped from the returned tokens.
 
 Known differences from CTranslate2, all at edges: masked tokens get -inf (CTranslate2: the
 lowest float), so a beam with fewer than 2K possible extensions has dead slots instead of
-hopeless live ones, and a slot with no non-end replacement dies (CTranslate2 continues it after
-its end token); beams keep their parent's row where they can (fewer cache moves), so
+hopeless live ones; beams keep their parent's row where they can (fewer cache moves), so
 exact score ties may break differently. (Its rule on end tokens after a target prefix, which
 it applies to every sentence of a batch where one has a prefix, `translate` applies to every
 sentence of a call where one has a prefix, so that results do not depend on max_batch_size.)
@@ -194,12 +195,15 @@ def _score(prob: Problem, sent: int, logprob: float, length: int, attn: np.ndarr
     return score
 
 
-def _make_hypothesis(prob, sent, toks, ended, logprob, attn_rows) -> Hypothesis:
-    """toks: every output token (end token included when ended); attn_rows: their attention
-    (len(toks), ...) or None."""
+def _make_hypothesis(prob, sent, toks, logprob, attn_rows) -> Hypothesis:
+    """toks: every output token (the end token that stopped it included); attn_rows: their
+    attention (len(toks), ...) or None."""
     score = _score(prob, sent, logprob, len(toks), attn_rows)
-    if ended and not prob.keep_end:
-        toks = toks[:-1]
+    if not prob.keep_end:  # every trailing end token goes (CTranslate2)
+        n = len(toks)
+        while n and prob.is_end(toks[n - 1]):
+            n -= 1
+        toks = toks[:n]
     attn = None if attn_rows is None else hypothesis_attention(prob, sent, attn_rows[: len(toks)])
     return Hypothesis(score, float(logprob), [int(x) for x in toks], attn)
 
@@ -277,7 +281,7 @@ def run_single(
             count = t + 1 - int(off[i])
             toks = seq[i, off[i] + 1 : t + 2]
             a = None if attn_hist is None else attn_hist[i, off[i] : off[i] + count]
-            results[i] = _make_hypothesis(prob, i, toks, bool(ended[r]), sums[i], a)
+            results[i] = _make_hypothesis(prob, i, toks, sums[i], a)
         keep = np.ones(act.size, dtype=bool)
         keep[rows[done]] = False
         act = act[keep]
@@ -403,7 +407,7 @@ def beam_search(
             parent = i * k + int(c_slot[i, j])
             toks = np.append(seq[parent, off[b] + 1 : t + 1], c_tok[i, j])
             a = None if attn_hist is None else attn_hist[parent, off[b] : t + 1].copy()
-            finished[b].append((float(c_val[i, j]), toks, bool(ends[i, j]), a))
+            finished[b].append((float(c_val[i, j]), toks, a))
         top_ended[act] |= fin[:, 0]
         n_finished[act] += fin.sum(axis=1)
         nfin = n_finished[act]
@@ -412,15 +416,15 @@ def beam_search(
             done |= top_ended[act] & (nfin >= num_hypotheses)
         else:
             done |= nfin >= max_finished
-        # Each finished slot takes the next candidate past the first K that does not end.
+        # Each finished slot takes the next candidate past the first K that does not end; when
+        # none is left (several end tokens), the finished candidate itself goes on (CTranslate2).
         ok = ~ends[:, K:]
         order = np.argsort(~ok, axis=1, kind="stable")
         rank = np.cumsum(fin, axis=1) - 1
         has = fin & (rank < ok.sum(axis=1)[:, None])
-        pick = np.where(fin, K + np.take_along_axis(order, np.clip(rank, 0, K - 1), 1),
+        pick = np.where(has, K + np.take_along_axis(order, np.clip(rank, 0, K - 1), 1),
                         np.arange(K))
         s_val = np.take_along_axis(c_val, pick, 1)
-        s_val[fin & ~has] = -np.inf
         s_live = s_val > -np.inf
         done |= ~s_live.any(axis=1)
         for i in np.flatnonzero(done):
@@ -454,8 +458,7 @@ def beam_search(
 
 
 def _finalize(prob, b, entries, limit) -> list[Hypothesis]:
-    hyps = [_make_hypothesis(prob, b, toks, ended, logprob, a)
-            for logprob, toks, ended, a in entries]
+    hyps = [_make_hypothesis(prob, b, toks, logprob, a) for logprob, toks, a in entries]
     order = sorted(range(len(hyps)), key=lambda i: -hyps[i].score)  # stable: earlier first
     return [hyps[i] for i in order[:limit]]
 
