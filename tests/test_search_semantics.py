@@ -439,3 +439,22 @@ def test_vocab_subset_fn():
     free = translate(model, SOURCES, max_decoding_length=8, vocab_subset_fn=subset)
     assert len(seen) == 2  # without use_vmap the function is not called
     assert {t for r in free for t in r.hypotheses[0]} - {4, 5, 6}
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("alternatives,max_len", [(False, 8), (True, 8), (True, 3)])
+def test_attention_rows_follow_the_tokens(K, alternatives, max_len):
+    """One row per returned token, the prefix's included (as CTranslate2): row i is the
+    attention of the step fed the token before it, whatever the mode."""
+    from test_decoding import ref_attention
+
+    model = model_of(seed=18, eos_bias=0.5)
+    prefixes = [[5, 6], [7], [4, 4], [6, 5], [3, 9]]
+    res = translate(model, SOURCES, target_prefix=prefixes, beam_size=K,
+                    num_hypotheses=2 if alternatives or K > 1 else 1, max_decoding_length=max_len,
+                    return_alternatives=alternatives, return_attention=True)
+    for src, p, r in zip(SOURCES, prefixes, res, strict=True):
+        assert len(r.attention) == len(r.hypotheses)
+        for hyp, att in zip(r.hypotheses, r.attention, strict=True):
+            assert hyp[: len(p)] == p and len(hyp) <= max_len
+            np.testing.assert_allclose(att, ref_attention(model, src, hyp), atol=1e-6)
