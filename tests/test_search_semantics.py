@@ -401,6 +401,9 @@ def test_tokens_batches():
     model.init_decoder_state = recording.__get__(model)
     got = translate(model, srcs, max_batch_size=10, batch_type="tokens", beam_size=2)
     assert all(b * w <= 10 or b == 1 for b, w in sizes) and sum(b for b, _ in sizes) == len(srcs)
+    sizes.clear()
+    assert translate(model, srcs, batch_type="tokens", beam_size=2) == got
+    assert sizes[0][0] == len(srcs)  # no max_batch_size: the default number of sentences
     model.init_decoder_state = real.__get__(model)
     assert got == translate(model, srcs, beam_size=2)
 

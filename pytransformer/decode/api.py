@@ -214,8 +214,8 @@ def translate(
     in that order), each continued by the search; an alternative's score is its token's
     log-probability plus the continuation's normalised score.
     max_batch_size bounds the sentences (batch_type="examples") or source tokens with padding
-    ("tokens") decoded together (None: DEFAULT_MAX_BATCH_SIZE = 64 sentences; sources are sorted
-    by length, batched, and returned in the input order).
+    ("tokens") decoded together (None: DEFAULT_MAX_BATCH_SIZE = 64 sentences, whatever the
+    batch_type; sources are sorted by length, batched, and returned in the input order).
     return_attention returns the cross-attention of decoder layer attention_layer (negative:
     from the last), averaged over heads or, with attention_heads=True, per head; one row per
     returned token, one column per source token (zeros past a truncated source).
@@ -365,7 +365,7 @@ def _check_translate_options(model: Any, a: dict) -> _Options:
         seed=seed, want_scores=check_bool("return_scores", a["return_scores"]),
         want_attn=check_bool("return_attention", a["return_attention"]),
         alternatives=alternatives, min_alt_prob=min_alt, max_batch=max_batch,
-        tokens_batch=batch_type == "tokens",
+        tokens_batch=batch_type == "tokens" and a["max_batch_size"] is not None,
         attn_opts=_attention_options(model, a["attention_layer"], a["attention_heads"]),
         bos=int(_config_value(model, "bos_id")), pad=int(_config_value(model, "pad_id")),
         tgt_vocab=tgt_vocab,
