@@ -4,6 +4,9 @@ The search code is tested first against small reference "models" written here (a
 over a tiny vocabulary whose next-token logits depend on the whole history, so a wrong cache
 reorder changes the answer), with every expectation computed independently by re-running the
 model from scratch on each sequence: exhaustive enumeration, teacher-forced rescoring, argmax loops.
+The rules are CTranslate2's (see pytransformer.decode.search): end tokens are masked on the logits
+before the softmax while a hypothesis is too short, L counts the EOS, lp(L) = L ** alpha, and an
+empty source translates to nothing with score 0 without running the model.
 """
 
 from __future__ import annotations
@@ -124,8 +127,9 @@ class ToyLM(ToySeq2Seq):
 # Independent references: from-scratch recomputation of each sequence
 
 
-def ref_logp(model, src, seq):
-    """float64 log-probabilities of the next token after feeding seq (from scratch)."""
+def ref_logp(model, src, seq, no_eos=False):
+    """float64 log-probabilities of the next token after feeding seq (from scratch); no_eos:
+    with the EOS masked before the softmax (a hypothesis below its minimum length)."""
     if isinstance(model, ToyLM):
         state = model.init_state(1, len(seq))
     else:
@@ -134,6 +138,8 @@ def ref_logp(model, src, seq):
     for tok in seq:
         logits, _ = ToySeq2Seq.decode_step(model, state, np.array([tok]))
     x = logits[0].astype(np.float64)
+    if no_eos:
+        x[model.config.eos_id] = -np.inf
     return x - x.max() - np.log(np.exp(x - x.max()).sum())
 
 
@@ -147,30 +153,30 @@ def ref_attention(model, src, hyp):
     return a / a.sum(axis=1, keepdims=True)
 
 
-def ref_score(model, src, prefix, hyp, ended_by_eos, alpha):
+def ref_score(model, src, prefix, hyp, ended_by_eos, alpha, min_len=0):
     seq = list(prefix)
     total = 0.0
-    for tok in hyp + ([model.config.eos_id] if ended_by_eos else []):
-        total += ref_logp(model, src, seq)[tok]
+    for i, tok in enumerate(hyp + ([model.config.eos_id] if ended_by_eos else [])):
+        total += ref_logp(model, src, seq, i < min_len)[tok]
         seq.append(tok)
     n = len(hyp) + int(ended_by_eos)
     return total / length_penalty(n, alpha)
 
 
-def exhaustive(model, src, prefix, min_len, max_len, alpha):
+def exhaustive(model, src, prefix, min_len, max_len, alpha, kind="power"):
     """Every complete hypothesis with its score, best first (ties keep enumeration order)."""
     eos = model.config.eos_id
     out = []
 
     def walk(seq, hyp, total):
-        lp = ref_logp(model, src, seq)
+        lp = ref_logp(model, src, seq, len(hyp) < min_len)
         for tok in range(lp.size):
             t = total + lp[tok]
             if tok == eos:
                 if len(hyp) >= min_len:
-                    out.append((t / length_penalty(len(hyp) + 1, alpha), hyp))
+                    out.append((t / length_penalty(len(hyp) + 1, alpha, kind), hyp))
             elif len(hyp) + 1 == max_len:
-                out.append((t / length_penalty(max_len, alpha), hyp + [tok]))
+                out.append((t / length_penalty(max_len, alpha, kind), hyp + [tok]))
             else:
                 walk(seq + [tok], hyp + [tok], t)
 
@@ -194,6 +200,14 @@ def ref_greedy(model, src, prefix, max_len, min_len=0):
 
 
 SOURCES = [[3, 4, 5], [8], [5, 6, 7, 8, 3, 4], [4, 4], [7, 3, 5, 6], []]
+FULL = SOURCES[:-1]  # the empty source is not decoded
+
+
+def test_empty_source_is_not_decoded():
+    res = translate(Exploding(), [[]], num_hypotheses=2, beam_size=2, return_scores=True,
+                    return_attention=True, target_prefix=[[3, 4]])
+    assert res[0].hypotheses == [[3, 4]] * 2 and res[0].scores == [0.0, 0.0]
+    assert [a.shape for a in res[0].attention] == [(2, 0)] * 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +217,14 @@ SOURCES = [[3, 4, 5], [8], [5, 6, 7, 8, 3, 4], [4, 4], [7, 3, 5, 6], []]
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
 @pytest.mark.parametrize("min_len", [0, 2])
 def test_full_width_beam_equals_exhaustive(alpha, min_len):
-    # (seed 0 has sentences where, at alpha 1.5, a hypothesis longer than the best finished one
-    # wins although it scores worse when that one finishes: stopping must use the bound.)
+    # A beam as wide as the search space keeps every prefix; with a length penalty it registers
+    # every complete hypothesis (it stops after 4**5 of them, more than there are), and with
+    # alpha = 0 it stops once the best candidate ends, which no later hypothesis can beat (only
+    # the 1-best is then exact).
     model = ToySeq2Seq(ToyConfig(tgt_vocab_size=4), seed=0, eos_bias=1.0)
-    refs = [exhaustive(model, src, [1], min_len, 5, alpha) for src in SOURCES]
-    for n_best in (1, 4):
-        res = translate(model, SOURCES, beam_size=4**5, length_penalty=alpha,
+    refs = [exhaustive(model, src, [1], min_len, 5, alpha) for src in FULL]
+    for n_best in (1, 4) if alpha else (1,):
+        res = translate(model, FULL, beam_size=4**5, length_penalty=alpha,
                         max_decoding_length=5, min_decoding_length=min_len,
                         num_hypotheses=n_best, return_scores=True)
         for ref, r in zip(refs, res, strict=True):
@@ -221,6 +237,8 @@ def test_full_width_beam_equals_exhaustive(alpha, min_len):
        alpha=st.floats(-0.5, 2.0), seed=st.integers(0, 10_000), n_best=st.integers(1, 3))
 def test_full_width_beam_equals_exhaustive_property(v, n, min_len, alpha, seed, n_best):
     min_len = min(min_len, n)
+    if alpha == 0:
+        n_best = 1  # see test_full_width_beam_equals_exhaustive
     model = ToySeq2Seq(ToyConfig(tgt_vocab_size=v), seed=seed, eos_bias=seed % 3 - 1.0)
     srcs = SOURCES[: 1 + seed % 3]
     res = translate(model, srcs, beam_size=v**n, length_penalty=alpha, max_decoding_length=n,
@@ -240,7 +258,8 @@ def test_lm_full_width_beam_equals_exhaustive():
     prompts = [[1, 3], [1, 4, 4, 3, 0], [1]]
     out = generate(lm, prompts, max_new_tokens=4, beam_size=5**4, length_penalty=0.8)
     for p, hyp in zip(prompts, out, strict=True):
-        assert hyp == exhaustive(lm, [], p, 0, 4, 0.8)[0][1]
+        ref = exhaustive(lm, [], p, 0, 4, 0.8, "gnmt")  # generate keeps the GNMT penalty
+        assert hyp == ref[0][1]
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6])
@@ -249,15 +268,15 @@ def test_narrow_beam_scores_are_true_scores(alpha):
     respect the length limits and come best first."""
     cfg = ToyConfig(tgt_vocab_size=11, max_len=40)
     model = ToySeq2Seq(cfg, seed=7, eos_bias=1.0)
-    res = translate(model, SOURCES, beam_size=3, num_hypotheses=3, length_penalty=alpha,
+    res = translate(model, FULL, beam_size=3, num_hypotheses=3, length_penalty=alpha,
                     max_decoding_length=9, min_decoding_length=2, return_scores=True)
-    for src, r in zip(SOURCES, res, strict=True):
+    for src, r in zip(FULL, res, strict=True):
         assert len(r.hypotheses) == 3
         assert r.scores == sorted(r.scores, reverse=True)
         assert len({tuple(h) for h in r.hypotheses}) == 3
         for hyp, score in zip(r.hypotheses, r.scores, strict=True):
             assert 2 <= len(hyp) <= 9 and cfg.eos_id not in hyp
-            want = ref_score(model, src, [1], hyp, len(hyp) < 9, alpha)
+            want = ref_score(model, src, [1], hyp, len(hyp) < 9, alpha, min_len=2)
             assert score == pytest.approx(want, abs=1e-5)
 
 
@@ -265,12 +284,12 @@ def test_beam_search_beats_or_equals_greedy_score():
     """At one maximum length a beam wide enough to keep every hypothesis finds the best-scoring
     one (checked by enumeration), which scores at least as well as greedy's."""
     cfg = ToyConfig(tgt_vocab_size=11, max_len=40)
-    model = ToySeq2Seq(cfg, seed=15, eos_bias=0.5)  # greedy is not optimal for two sources
+    model = ToySeq2Seq(cfg, seed=1, eos_bias=0.5)  # greedy is not optimal for every source
     kw = dict(return_scores=True, max_decoding_length=3, length_penalty=0.6)
-    greedy = translate(model, SOURCES, beam_size=1, **kw)
-    exact = translate(model, SOURCES, beam_size=11**3, **kw)
+    greedy = translate(model, FULL, beam_size=1, **kw)
+    exact = translate(model, FULL, beam_size=11**3, **kw)
     gains = []
-    for g, e, src in zip(greedy, exact, SOURCES, strict=True):
+    for g, e, src in zip(greedy, exact, FULL, strict=True):
         best_score, best = exhaustive(model, src, [1], 0, 3, 0.6)[0]
         assert e.hypotheses[0] == best
         assert e.scores[0] == pytest.approx(best_score, abs=1e-5)
@@ -288,21 +307,21 @@ def test_greedy_matches_reference_and_beam_of_one(min_len):
     cfg = ToyConfig(tgt_vocab_size=11, max_len=40)
     model = ToySeq2Seq(cfg, seed=2, eos_bias=1.0)
     kw = dict(max_decoding_length=10, min_decoding_length=min_len, length_penalty=0.6)
-    greedy = translate(model, SOURCES, beam_size=1, return_scores=True, **kw)
-    for src, r in zip(SOURCES, greedy, strict=True):
+    greedy = translate(model, FULL, beam_size=1, return_scores=True, **kw)
+    for src, r in zip(FULL, greedy, strict=True):
         assert r.hypotheses[0] == ref_greedy(model, src, [1], 10, min_len)
         hyp = r.hypotheses[0]
         assert r.scores[0] == pytest.approx(
-            ref_score(model, src, [1], hyp, len(hyp) < 10, 0.6), abs=1e-5)
+            ref_score(model, src, [1], hyp, len(hyp) < 10, 0.6, min_len), abs=1e-5)
     # The beam search itself with one beam: identical tokens and bit-identical scores.
     mem = model.encode(np.array([[3, 4, 5]]), np.array([3]))
-    for src, r in zip(SOURCES, greedy, strict=True):
+    for src, r in zip(FULL, greedy, strict=True):
         mem = model.encode(np.array([src]), np.array([len(src)]))
         state = model.init_decoder_state(mem, np.array([len(src)]), 10)
         prob = search.Problem(
             step=lambda tok, s=state: model.decode_step(s, tok), state=state,
             prefixes=[np.array([1])], min_gen=np.array([min_len]), max_gen=np.array([10]),
-            eos=2, alpha=0.6)
+            end_ids=np.array([2]), alpha=0.6, keep_prefix=True)
         (hyp,), = search.beam_search(prob, 1, 1, False)
         assert hyp.tokens == r.hypotheses[0] and hyp.score == r.scores[0]
 
@@ -310,16 +329,18 @@ def test_greedy_matches_reference_and_beam_of_one(min_len):
 def test_finished_sentences_leave_the_batch():
     cfg = ToyConfig(tgt_vocab_size=11, max_len=40)
     model = ToySeq2Seq(cfg, seed=2, eos_bias=1.0)
-    res = translate(model, SOURCES, beam_size=1, max_decoding_length=30)
+    res = translate(model, FULL, beam_size=1, max_decoding_length=30)
     lens = sorted(len(r.hypotheses[0]) for r in res)
     assert lens[0] < lens[-1]  # otherwise the test shows nothing
     log = model.batch_log
-    assert log[0] == len(SOURCES) and all(a >= b for a, b in zip(log, log[1:], strict=False))
+    assert log[0] == len(FULL) and all(a >= b for a, b in zip(log, log[1:], strict=False))
     assert len(log) == lens[-1] + 1 and log[-1] == lens.count(lens[-1])
     model.batch_log.clear()
-    translate(model, SOURCES, beam_size=3, max_decoding_length=30)
-    assert model.batch_log[0] == len(SOURCES) and model.batch_log[-1] <= 3
-    assert max(model.batch_log) <= 3 * len(SOURCES)
+    translate(model, FULL, beam_size=3, max_decoding_length=30)
+    log = model.batch_log  # one row per sentence at the first step, then 3 per live sentence
+    assert log[0] == len(FULL) and all(b % 3 == 0 for b in log[1:])
+    assert all(a >= b for a, b in zip(log[1:], log[2:], strict=False))
+    assert log[1] == 3 * len(FULL) and log[-1] < log[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,10 +352,11 @@ def test_forced_length(beam_size):
     model = ToySeq2Seq(seed=4, eos_bias=8.0)  # EOS is by far the likeliest token
     res = translate(model, SOURCES, beam_size=beam_size, min_decoding_length=6,
                     max_decoding_length=6, num_hypotheses=min(beam_size, 2), return_scores=True)
-    for src, r in zip(SOURCES, res, strict=True):
+    for src, r in zip(FULL, res[:-1], strict=True):
         for hyp, score in zip(r.hypotheses, r.scores, strict=True):
             assert len(hyp) == 6 and 2 not in hyp
-            assert score == pytest.approx(ref_score(model, src, [1], hyp, False, 0.6), abs=1e-5)
+            want = ref_score(model, src, [1], hyp, False, 1.0, min_len=6)
+            assert score == pytest.approx(want, abs=1e-5)
     # Without a minimum, that model stops at once.
     res = translate(model, SOURCES, beam_size=beam_size, max_decoding_length=6)
     assert all(r.hypotheses[0] == [] for r in res)
@@ -343,9 +365,9 @@ def test_forced_length(beam_size):
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_max_length_caps_and_model_max_len(beam_size):
     model = ToySeq2Seq(ToyConfig(tgt_vocab_size=11, max_len=7), seed=8, eos_bias=-20.0)
-    res = translate(model, SOURCES, beam_size=beam_size, max_decoding_length=5)
+    res = translate(model, FULL, beam_size=beam_size, max_decoding_length=5)
     assert all(len(r.hypotheses[0]) == 5 for r in res)
-    res = translate(model, SOURCES, beam_size=beam_size, max_decoding_length=100)
+    res = translate(model, FULL, beam_size=beam_size, max_decoding_length=100)
     assert all(len(r.hypotheses[0]) == 7 for r in res)  # capped at the model's positions
 
 
@@ -492,12 +514,35 @@ class Exploding(ToySeq2Seq):
     [
         ([[3, -1]], {}, IndexError, "sources[0][1]"),
         ([[3], [3, 9]], {}, IndexError, "sources[1][1]"),
-        ([[3] * 13], {}, ValueError, "max_len"),
         ([[3.0, 4.0]], {}, TypeError, "sources[0]"),
         ("abc", {}, TypeError, "sources"),
         ([[3]], {"beam_size": 0}, ValueError, "beam_size"),
         ([[3]], {"beam_size": 2.0}, TypeError, "beam_size"),
         ([[3]], {"num_hypotheses": 3, "beam_size": 2}, ValueError, "num_hypotheses"),
+        ([[3]], {"num_hypotheses": 2, "beam_size": 1}, ValueError, "num_hypotheses"),
+        ([[3]], {"patience": 0.0}, ValueError, "patience"),
+        ([[3]], {"length_penalty_kind": "x"}, ValueError, "length_penalty_kind"),
+        ([[3]], {"repetition_penalty": 0.0}, ValueError, "repetition_penalty"),
+        ([[3]], {"no_repeat_ngram_size": -1}, ValueError, "no_repeat_ngram_size"),
+        ([[3]], {"disable_unk": True}, ValueError, "unk_id"),
+        ([[3]], {"unk_id": 5}, ValueError, "unk_id"),
+        ([[3]], {"suppress_sequences": [[1, 5]]}, IndexError, "suppress_sequences[0][1]"),
+        ([[3]], {"end_token": []}, ValueError, "end_token"),
+        ([[3]], {"end_token": [2, 7]}, ValueError, "end_token[1]"),
+        ([[3]], {"end_token": "2"}, TypeError, "end_token"),
+        ([[3]], {"target_prefix": [[3], [4]]}, ValueError, "target_prefix"),
+        ([[3]], {"target_prefix": [[9]]}, IndexError, "target_prefix[0][0]"),
+        ([[3]], {"max_input_length": -1}, ValueError, "max_input_length"),
+        ([[3]], {"sampling_topk": -1}, ValueError, "sampling_topk"),
+        ([[3]], {"sampling_topp": 0.0}, ValueError, "sampling_topp"),
+        ([[3]], {"sampling_topp": 1.5}, ValueError, "sampling_topp"),
+        ([[3]], {"sampling_temperature": -1.0}, ValueError, "sampling_temperature"),
+        ([[3]], {"seed": -1}, ValueError, "seed"),
+        ([[3]], {"min_alternative_expansion_prob": 2.0}, ValueError,
+         "min_alternative_expansion_prob"),
+        ([[3]], {"batch_type": "rows"}, ValueError, "batch_type"),
+        ([[3]], {"use_vmap": 1}, TypeError, "use_vmap"),
+        ([[3]], {"vocab_subset_fn": 3}, TypeError, "vocab_subset_fn"),
         ([[3]], {"max_decoding_length": 0}, ValueError, "max_decoding_length"),
         ([[3]], {"min_decoding_length": 5, "max_decoding_length": 4}, ValueError,
          "min_decoding_length"),
@@ -510,6 +555,18 @@ class Exploding(ToySeq2Seq):
 def test_translate_validation(sources, kw, exc, words):
     with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):
         translate(Exploding(), sources, **kw)
+
+
+def test_long_sources_are_truncated_with_a_warning():
+    model = ToySeq2Seq(ToyConfig(tgt_vocab_size=11, max_len=12), seed=3)
+    src = [3, 4, 5, 6, 7, 8, 3, 4, 5, 6, 7, 8, 3, 4]
+    with pytest.warns(UserWarning, match="truncated"):
+        got = translate(model, [src], max_decoding_length=5, return_attention=True)
+    assert got[0].hypotheses == translate(model, [src[:12]], max_decoding_length=5)[0].hypotheses
+    assert got[0].attention[0].shape[1] == len(src)  # zeros past the cut, as CTranslate2
+    with pytest.warns(UserWarning, match="truncated"):
+        cut = translate(model, [src], max_decoding_length=5, max_input_length=3)
+    assert cut[0].hypotheses == translate(model, [src[:3]], max_decoding_length=5)[0].hypotheses
 
 
 def test_translate_empty():
@@ -541,7 +598,8 @@ def test_generate_validation(prompts, kw, exc, words):
 
 def test_length_penalty_formula():
     for n, a in itertools.product([0, 1, 7, 30], [0.0, 0.6, 1.0]):
-        assert length_penalty(n, a) == pytest.approx(((5 + n) / 6) ** a)
+        assert length_penalty(n, a, "gnmt") == pytest.approx(((5 + n) / 6) ** a)
+        assert length_penalty(n, a) == pytest.approx(float(n) ** a)
 
 
 @given(rows=st.integers(1, 5), v=st.integers(1, 3000), k=st.integers(1, 9), seed=st.integers(0, 99))
@@ -725,8 +783,8 @@ def test_real_model_validation():
     model = tiny_transformer()
     with pytest.raises(IndexError, match=r"sources\[1\]\[0\]"):
         model.translate([[3], [23]])
-    with pytest.raises(ValueError, match="max_len"):
-        model.translate([[3] * 41])
+    with pytest.warns(UserWarning, match="truncated"):
+        model.translate([[3] * 41], max_decoding_length=2)
     assert model.translate([]) == []
 
 
@@ -739,19 +797,30 @@ def test_matches_pytorch_decoder(beam_size):
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    import torch
     import torch_decode
     from torch_reference import build_torch_model
 
     model = tiny_transformer(seed=1)
     tm = build_torch_model(model.config, model.state_dict()).eval()
-    kw = dict(max_len=14, min_len=2)
-    if beam_size == 1:
-        want = torch_decode.greedy(tm, REAL_SOURCES, **kw)
-    else:
-        want = torch_decode.beam_search(tm, REAL_SOURCES, beam_size=beam_size, **kw)
     got = translate(model, REAL_SOURCES, beam_size=beam_size, max_decoding_length=14,
-                    min_decoding_length=2)
-    assert [r.hypotheses[0] for r in got] == want
+                    min_decoding_length=2, num_hypotheses=beam_size, return_scores=True)
+    if beam_size == 1:
+        want = torch_decode.greedy(tm, REAL_SOURCES, max_len=14, min_len=2)
+        assert [r.hypotheses[0] for r in got] == want
+    # torch_decode's beam is the classic one (K candidates, GNMT penalty, its own stopping
+    # rule), not CTranslate2's (test_search_ct2.py checks that one); instead, PyTorch's
+    # teacher-forced log-probabilities give every returned hypothesis its returned score.
+    cfg = model.config
+    for src, r in zip(REAL_SOURCES, got, strict=True):
+        for hyp, score in zip(r.hypotheses, r.scores, strict=True):
+            out = hyp + ([cfg.eos_id] if len(hyp) < 14 else [])
+            with torch.no_grad():
+                logits = tm(np.array([src]), np.array([len(src)]), np.array([[cfg.bos_id] + hyp]))
+            x = torch.as_tensor(logits)[0, : len(out)].double()
+            x[:2, cfg.eos_id] = -float("inf")  # min_decoding_length=2 masks EOS first
+            lp = torch.log_softmax(x, dim=1)[torch.arange(len(out)), torch.tensor(out)]
+            assert score == pytest.approx(float(lp.sum()) / len(out), abs=1e-4)
 
 
 def _torch_cross_attention(tm, src, tgt_in, layer):

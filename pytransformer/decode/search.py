@@ -1,4 +1,5 @@
-"""The search engines: greedy decoding, batched beam search and sampling over a step callable.
+"""The search engines: greedy decoding and sampling, batched beam search, alternatives, over a
+step callable. They follow CTranslate2's `translate_batch` (4.x) rules.
 
 The engines drive a decoder only through a `Problem`: ``step(tokens (B,)) -> (logits (B, V),
 attention or None)`` and ``state.reorder(indices)``. They know nothing else of the model, so they
@@ -6,16 +7,38 @@ are tested against small reference "models" as well as the real Transformer; `ap
 problem from a model.
 
 Conventions shared by every search:
-- A sentence is fed its *prefix* first (``[bos]`` for translation, the prompt for a language
-  model), one token a step; all rows share the step (position), so prompts of different lengths
-  need no padding: a row whose prefix is longer keeps being fed its prefix while others generate.
-- |Y|, the length used by the length penalty, counts the generated tokens *including* the EOS
-  when there is one (every token whose log-probability is in the score).
-- A hypothesis ends when it produces EOS (allowed only once ``min_length`` tokens precede it) or
-  reaches ``max_length`` generated tokens (then it carries no EOS). Returned token lists never
-  contain the prefix or the EOS.
-- score = sum of the log-probabilities of the generated tokens (EOS included) / lp(|Y|), with
-  lp(L) = ((5 + L) / 6) ** alpha (GNMT); alpha = 0 gives the plain sum.
+- A sentence is fed its *prefix* first, one token a step: its start token, then either a target
+  prefix (translation, ``keep_prefix``: those tokens are *forced* outputs, part of the returned
+  hypothesis, counted by the length limits and the length penalty, seen by the repetition
+  rules, but their log-probabilities are not in the score) or a prompt (a language model: fed
+  only). All rows share the step (position), so prefixes of different lengths need no padding.
+- A hypothesis' length L counts its output tokens: the kept prefix, the generated tokens and the
+  end token that stopped it, if any (CTranslate2 counts the EOS it then removes).
+- A hypothesis ends when it produces an end token (masked on the logits, before the softmax,
+  while fewer than ``min_gen`` output tokens precede it) or has ``max_gen`` output tokens.
+  Returned token lists hold no end token unless ``keep_end``.
+- score = (sum of the generated tokens' log-probabilities, end token included) / lp(L), with
+  lp(L) = L ** alpha (``length_penalty_kind="power"``, CTranslate2's) or ((5 + L) / 6) ** alpha
+  ("gnmt"); alpha = 0 gives the plain sum; plus, with a coverage penalty beta,
+  beta * sum over source positions of log(min(attention mass received, 1)) (positions with mass
+  0 skipped). Greedy and sampled hypotheses are scored the same way.
+
+Beam search (CTranslate2's): each step takes the 2K best (or, sampling, 2K drawn) extensions of
+a sentence's K live beams by summed log-probability. Of the first K, those ending in an end token
+(every one at the last step) are finished hypotheses, set aside; each one's slot is refilled
+with the next non-end candidate among the other K, so the beam stays K wide (with several end
+tokens there may be none left: the finished candidate then also goes on, as CTranslate2 does).
+A sentence stops at its last step; with alpha = 0 and no coverage penalty when its best
+candidate has ended at some step and num_hypotheses have finished; otherwise when
+round(K * patience) have finished. Its finished hypotheses are then scored and the
+num_hypotheses best returned; every trailing end token is dropped from the returned tokens.
+
+Known differences from CTranslate2, all at edges: masked tokens get -inf (CTranslate2: the
+lowest float), so a beam with fewer than 2K possible extensions has dead slots instead of
+hopeless live ones; beams keep their parent's row where they can (fewer cache moves), so
+exact score ties may break differently. (Its rule on end tokens after a target prefix, which
+it applies to every sentence of a batch where one has a prefix, `translate` applies to every
+sentence of a call where one has a prefix, so that results do not depend on max_batch_size.)
 """
 
 from __future__ import annotations
@@ -26,20 +49,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
+from .logits import LogitsProcessors
 
 __all__ = [
-    "Problem", "Hypothesis", "run_single", "beam_search", "greedy_choice", "sampler",
-    "length_penalty",
+    "Problem", "Hypothesis", "run_single", "beam_search", "expand", "greedy_choice", "sampler",
+    "length_penalty", "LENGTH_PENALTY_KINDS", "BeamSampling", "hypothesis_attention",
 ]
 
-
-def length_penalty(length: int | np.ndarray, alpha: float) -> float | np.ndarray:
-    """GNMT length penalty lp(L) = ((5 + L) / 6) ** alpha."""
-    return _lp(length, alpha)
+LENGTH_PENALTY_KINDS = ("power", "gnmt")
+_PENALIZED = -1e10  # CTranslate2's score for an end token it refuses at a prefix's end
 
 
-def _lp(length, alpha):
-    return ((5.0 + np.asarray(length, dtype=np.float64)) / 6.0) ** alpha
+def length_penalty(length: int | np.ndarray, alpha: float, kind: str = "power"):
+    """lp(L): L ** alpha ("power", CTranslate2's) or ((5 + L) / 6) ** alpha ("gnmt")."""
+    length = np.asarray(length, dtype=np.float64)
+    if kind == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    return length**alpha
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,8 +77,15 @@ class Problem:
     """A batch of sentences to decode together with one decoder state.
 
     step(tokens (B,)) -> (logits (B, V) float32, attention (B, S) or None); state.reorder keeps
-    rows. prefixes[i] is fed first; min_gen/max_gen bound the generated token count (EOS counted
-    in neither bound: EOS may follow min_gen tokens, and max_gen tokens end a hypothesis).
+    rows. prefixes[i] is fed first (see the module docstring; keep_prefix: its tokens after the
+    first are forced outputs). min_gen/max_gen bound the output token count. end_ids: the tokens
+    that end a hypothesis (may be empty). processors: the logit edits (None: none).
+    Alternatives (a continuation of fixed heads): cont_from[i] output tokens form a head whose
+    score head[i] is added after normalisation; L, the processors' history and the coverage
+    penalty start after it. eos_rule (n,) bool or None: the sentences to which CTranslate2's
+    rule applies that at the first free step only the best candidate may end (it replaces the
+    others' end tokens by token 0 with score -1e10); CTranslate2 applies it to every sentence of
+    a batch where some sentence has a target prefix.
     """
 
     step: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
@@ -60,9 +93,17 @@ class Problem:
     prefixes: list[np.ndarray]
     min_gen: np.ndarray
     max_gen: np.ndarray
-    eos: int | None
+    end_ids: np.ndarray
     alpha: float
+    kind: str = "power"
+    keep_prefix: bool = False
+    keep_end: bool = False
     src_lengths: np.ndarray | None = None  # to cut attention rows to each source's length
+    processors: LogitsProcessors | None = None
+    coverage_penalty: float = 0.0
+    head: np.ndarray | None = None
+    cont_from: np.ndarray | None = None
+    eos_rule: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -72,15 +113,27 @@ class Problem:
     def prefix_lens(self) -> np.ndarray:
         return np.array([p.size for p in self.prefixes], dtype=np.int64)
 
+    def out_offsets(self) -> np.ndarray:
+        """Fed tokens that are not outputs: the start token, or the whole prompt."""
+        return np.zeros(self.n, np.int64) if self.keep_prefix else self.prefix_lens - 1
+
     def total_steps(self) -> int:
-        """Decode steps needed: the last generated token is never fed."""
-        return int((self.prefix_lens + self.max_gen - 1).max())
+        """Decode steps needed: the last output token is never fed."""
+        return int((self.out_offsets() + self.max_gen).max())
+
+    def is_end(self, tok: np.ndarray) -> np.ndarray:
+        e = self.end_ids
+        if e.size == 1:
+            return tok == e[0]
+        if e.size == 0:
+            return np.zeros(np.shape(tok), dtype=bool)
+        return np.isin(tok, e)
 
 
 @dataclass
 class Hypothesis:
-    score: float  # normalised
-    logprob: float  # sum of log-probabilities
+    score: float  # normalised (what translate returns)
+    logprob: float  # sum of the generated tokens' log-probabilities
     tokens: list[int]
     attention: np.ndarray | None
 
@@ -93,12 +146,74 @@ def _log_softmax_(x: np.ndarray) -> np.ndarray:
     return ops.log_softmax(x, out=x)
 
 
+def _writable(x: np.ndarray) -> np.ndarray:
+    if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
+        x = np.array(x, dtype=np.float32, order="C")
+    return x
+
+
 def _seq_buffer(prob: Problem, rows: int, width: int) -> np.ndarray:
     """(rows, width) int64 with each sentence's prefix at the start."""
     seq = np.zeros((rows, width), dtype=np.int64)
     for i, p in enumerate(prob.prefixes):
         seq[i, : p.size] = p
     return seq
+
+
+def _process(prob: Problem, x: np.ndarray, sent: np.ndarray, rows: np.ndarray, t: int,
+             seq: np.ndarray, off: np.ndarray) -> None:
+    """Applies the processors and the minimum length to logits x (r, V) in place: row r belongs
+    to sentence sent[r] and is row rows[r] of seq; t is the step."""
+    pr = prob.processors
+    if pr is not None:
+        hist = None
+        if pr.needs_history and t > 0:
+            hist = seq[rows, 1 : t + 1]  # with processors the prefix is kept: outputs from 1
+            if prob.cont_from is not None:
+                hist = np.where(np.arange(t) < prob.cont_from[sent][:, None], -1, hist)
+        pr.apply(x, hist)
+    if prob.end_ids.size:
+        short = np.flatnonzero(t - off[sent] < prob.min_gen[sent])
+        if short.size:
+            x[np.ix_(short, prob.end_ids)] = -np.inf
+
+
+def _score(prob: Problem, sent: int, logprob: float, length: int, attn: np.ndarray | None):
+    cf = 0 if prob.cont_from is None else int(prob.cont_from[sent])
+    L = length - cf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        score = float(logprob / length_penalty(L, prob.alpha, prob.kind)) if L > 0 else 0.0
+    if prob.coverage_penalty != 0.0 and attn is not None:
+        a = attn[cf:length]
+        if a.ndim == 3:  # per head: the penalty reads the mean, as the default attention
+            a = a.mean(axis=1)
+        cov = a.sum(axis=0)
+        cov = cov[cov > 0]
+        score += prob.coverage_penalty * float(np.log(np.minimum(cov, 1.0)).sum())
+    if prob.head is not None:
+        score += float(prob.head[sent])
+    return score
+
+
+def _make_hypothesis(prob, sent, toks, logprob, attn_rows) -> Hypothesis:
+    """toks: every output token (the end token that stopped it included); attn_rows: their
+    attention (len(toks), ...) or None."""
+    score = _score(prob, sent, logprob, len(toks), attn_rows)
+    if not prob.keep_end:  # every trailing end token goes (CTranslate2)
+        n = len(toks)
+        while n and prob.is_end(toks[n - 1]):
+            n -= 1
+        toks = toks[:n]
+    attn = None if attn_rows is None else hypothesis_attention(prob, sent, attn_rows[: len(toks)])
+    return Hypothesis(score, float(logprob), [int(x) for x in toks], attn)
+
+
+def hypothesis_attention(prob: Problem, sent: int, rows: np.ndarray) -> np.ndarray:
+    """Attention rows (T, S) or (T, H, S) of sentence sent, cut to its source length, as
+    returned: (T, S) or (H, T, S)."""
+    src = rows.shape[-1] if prob.src_lengths is None else int(prob.src_lengths[sent])
+    a = rows[..., :src]
+    return np.ascontiguousarray(np.moveaxis(a, 0, -2)) if a.ndim == 3 else a.copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,21 +237,21 @@ def run_single(
     """
     n = prob.n
     P = prob.prefix_lens
+    off = prob.out_offsets()
     results: list[Hypothesis | None] = [None] * n
     total = prob.total_steps() if n else 0
     seq = _seq_buffer(prob, n, total + 1)
-    gen = np.zeros(n, dtype=np.int64)
     sums = np.zeros(n, dtype=np.float64)
     attn_hist = None
     act = np.arange(n)
-    for i in np.flatnonzero(prob.max_gen == 0):  # nothing to generate
-        results[i] = Hypothesis(0.0, 0.0, [], None)
-    if (prob.max_gen == 0).any():
+    if (prob.max_gen == 0).any():  # nothing to generate
+        for i in np.flatnonzero(prob.max_gen == 0):
+            results[i] = Hypothesis(0.0, 0.0, [], None)
         act = np.flatnonzero(prob.max_gen > 0)
-        if act.size < n:
-            if act.size == 0:
-                return results  # type: ignore[return-value]
-            prob.state.reorder(act)
+        if act.size == 0:
+            return results  # type: ignore[return-value]
+        prob.state.reorder(act)
+    plain = prob.processors is None and prob.end_ids.size == 0
     for t in range(total):
         logits, attn = prob.step(seq[act, t])
         if need_attention and attn is not None:
@@ -148,26 +263,25 @@ def run_single(
             continue
         rows = np.flatnonzero(generating)
         sent = act[rows]
-        x = logits if rows.size == act.size else logits[rows]
+        x = _writable(logits if rows.size == act.size else logits[rows])
+        if not plain:
+            _process(prob, x, sent, sent, t, seq, off)
         if want_logprobs:
             x = _log_softmax_(x)
-        if prob.eos is not None:
-            no_eos = gen[sent] < prob.min_gen[sent]
-            if no_eos.any():
-                x[no_eos, prob.eos] = -np.inf
         tok = choose(x, sent)
         if want_logprobs:
             sums[sent] += x[np.arange(rows.size), tok]
         seq[sent, t + 1] = tok
-        gen[sent] += 1
-        done = gen[sent] == prob.max_gen[sent]
-        if prob.eos is not None:
-            done |= tok == prob.eos
+        ended = prob.is_end(tok)
+        done = ended | (t + 1 - off[sent] >= prob.max_gen[sent])
         if not done.any():
             continue
         for r in np.flatnonzero(done):
             i = int(sent[r])
-            results[i] = _finish_single(prob, i, seq, gen[i], sums[i], attn_hist)
+            count = t + 1 - int(off[i])
+            toks = seq[i, off[i] + 1 : t + 2]
+            a = None if attn_hist is None else attn_hist[i, off[i] : off[i] + count]
+            results[i] = _make_hypothesis(prob, i, toks, sums[i], a)
         keep = np.ones(act.size, dtype=bool)
         keep[rows[done]] = False
         act = act[keep]
@@ -175,27 +289,6 @@ def run_single(
             break
         prob.state.reorder(np.flatnonzero(keep))
     return results  # type: ignore[return-value]
-
-
-def _finish_single(prob, i, seq, g, logprob, attn_hist) -> Hypothesis:
-    p = prob.prefixes[i].size
-    g = int(g)
-    toks = seq[i, p : p + g]
-    if prob.eos is not None and g > 0 and toks[-1] == prob.eos:
-        toks = toks[:-1]
-    attn = _hyp_attention(prob, attn_hist, i, i, p - 1, toks.size)
-    score = float(logprob / _lp(g, prob.alpha)) if g else 0.0
-    return Hypothesis(score, float(logprob), toks.tolist(), attn)
-
-
-def _hyp_attention(prob, attn_hist, row, sent, start, count) -> np.ndarray | None:
-    """A hypothesis' attention rows [start, start + count) of history row `row` (sentence
-    `sent`), cut to its source length: (count, S), or (H, count, S) when kept per head."""
-    if attn_hist is None:
-        return None
-    src = attn_hist.shape[-1] if prob.src_lengths is None else int(prob.src_lengths[sent])
-    a = attn_hist[row, start : start + count, ..., :src]
-    return np.ascontiguousarray(np.moveaxis(a, 0, -2)) if a.ndim == 3 else a.copy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,26 +329,47 @@ def _topk_rows(x: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(idx, j, 1)
 
 
+@dataclass
+class BeamSampling:
+    """Random sampling inside a beam (CTranslate2's RandomSampler over the beam's candidates):
+    2K candidates drawn without replacement (Gumbel top-2K) from softmax(cum / temperature),
+    restricted to the top_k candidates of the sentence (0: all) and the top_p nucleus."""
+
+    top_k: int
+    top_p: float
+    temperature: float
+    rngs: list[np.random.Generator]  # one per sentence of the problem
+
+
 def beam_search(
-    prob: Problem, beam_size: int, num_hypotheses: int, need_attention: bool
+    prob: Problem,
+    beam_size: int,
+    num_hypotheses: int,
+    need_attention: bool,
+    patience: float = 1.0,
+    sampling: BeamSampling | None = None,
 ) -> list[list[Hypothesis]]:
-    """Batched beam search; returns each sentence's finished hypotheses, best first.
+    """Batched beam search (see the module docstring); returns each sentence's best hypotheses,
+    best first, at most num_hypotheses.
 
-    Layout: the decoder rows are (active sentences x k slots), row = sentence_index * k + slot.
-    cum (n_act, k) holds each slot's summed log-probability; -inf marks a dead slot (a copy of a
-    live row kept only so every sentence has k rows; it can never be selected).
-
-    Each step takes, per sentence, the beam_size best extensions of its live slots by summed
-    log-probability. Among them, EOS extensions (and every extension at max length) become
-    finished hypotheses, kept apart; the others are the next live beams. A sentence stops when
-    it has no live beam, or when it has num_hypotheses finished ones and no live beam can still
-    beat the worst of them: a live beam's final score is at most cum / max over its reachable
-    lengths L of lp(L), since log-probabilities are <= 0. With beam_size = 1 this is greedy
-    decoding exactly; with a beam as wide as the search space it is exhaustive search.
+    Layout: the decoder rows are (active sentences x k slots), row = sentence_index * k + slot;
+    k is 1 until a sentence first generates, then beam_size. cum (n_act, k) holds each slot's
+    summed log-probability; -inf marks a dead slot (a copy of a live row kept only so every
+    sentence has k rows; it can never be selected).
     """
-    n, K, eos = prob.n, beam_size, prob.eos
+    n, K = prob.n, beam_size
+    C = 2 * K
     P = prob.prefix_lens
-    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
+    off = prob.out_offsets()
+    max_finished = max(1, int(np.floor(K * patience + 0.5)))  # C's round(): halves away from 0
+    early_exit = prob.alpha == 0 and prob.coverage_penalty == 0
+    finished: list[list[tuple]] = [[] for _ in range(n)]
+    results: list[list[Hypothesis] | None] = [None] * n
+    top_ended = np.zeros(n, dtype=bool)
+    n_finished = np.zeros(n, dtype=np.int64)
+    # A running count by a product, not np.cumsum: cumsum here kept Python objects (~200 blocks
+    # over a few thousand calls before levelling off), which tests/test_memory.py sees as a leak.
+    upper = np.triu(np.ones((K, K), dtype=np.int64))
     total = prob.total_steps()
     seq = _seq_buffer(prob, n, total + 1)
     act = np.arange(n)
@@ -269,45 +383,66 @@ def beam_search(
                 attn_hist = np.zeros((seq.shape[0], total) + attn.shape[1:], dtype=np.float32)
             attn_hist[:, t] = attn
         n_act = act.size
-        g = t - P[act] + 1  # tokens generated so far by each active sentence (< 0: in prefix)
-        generating = g >= 0
-        c_val = np.full((n_act, K), -np.inf)
-        c_slot = np.zeros((n_act, K), dtype=np.int64)
-        c_tok = np.zeros((n_act, K), dtype=np.int64)
-        if generating.any():
-            _beam_candidates(prob, logits, act, g, generating, cum, k, K, c_val, c_slot, c_tok)
-        if not generating.all():  # sentences still reading their prefix keep their slots
-            fi = np.flatnonzero(~generating)
-            c_val[fi, :k] = cum[fi]
-            c_slot[fi, :k] = np.arange(k)
-            c_tok[fi, :k] = seq[fi[:, None] * k + np.arange(k), t + 1]
+        gen = t >= P[act] - 1
+        c_val = np.full((n_act, C), -np.inf)
+        c_slot = np.zeros((n_act, C), dtype=np.int64)
+        c_tok = np.zeros((n_act, C), dtype=np.int64)
+        if gen.any():
+            _beam_candidates(prob, logits, act, gen, cum, k, c_val, c_slot, c_tok, seq, t, off,
+                             sampling)
+        if not gen.all():  # sentences still reading their prefix: its token, in slot 0
+            fi = np.flatnonzero(~gen)
+            c_val[fi, 0] = cum[fi, 0]
+            c_tok[fi, 0] = seq[fi * k, t + 1]
+        count = t + 1 - off[act]
+        last = gen & (count >= prob.max_gen[act])
+        if prob.eos_rule is not None:
+            first = gen & (t == P[act] - 1) & prob.eos_rule[act]
+            if first.any():
+                bad = first[:, None] & prob.is_end(c_tok)
+                bad[:, 0] = False
+                c_tok[bad], c_val[bad] = 0, _PENALIZED
+        ends = gen[:, None] & prob.is_end(c_tok)
         finite = c_val > -np.inf
-        g_new = g + 1
-        at_max = generating & (g_new == prob.max_gen[act])
-        done = finite & generating[:, None] & at_max[:, None]
-        if eos is not None:
-            done |= finite & generating[:, None] & (c_tok == eos)
-        live = finite & ~done
-        for i, j in zip(*np.nonzero(done), strict=True):
+        fin = (ends[:, :K] | last[:, None]) & finite[:, :K]
+        for i, j in zip(*np.nonzero(fin), strict=True):
             b = int(act[i])
             parent = i * k + int(c_slot[i, j])
-            hyp = _finish_beam(prob, b, seq, attn_hist, parent, t, int(c_tok[i, j]),
-                               float(c_val[i, j]))
-            _add_finished(finished[b], hyp, num_hypotheses)
-        cont = live.any(axis=1)
-        cont &= ~_cannot_improve(prob, finished, act, live, c_val, g_new, num_hypotheses)
-        if not cont.any():
+            toks = np.append(seq[parent, off[b] + 1 : t + 1], c_tok[i, j])
+            a = None if attn_hist is None else attn_hist[parent, off[b] : t + 1].copy()
+            finished[b].append((float(c_val[i, j]), toks, a))
+        top_ended[act] |= fin[:, 0]
+        n_finished[act] += fin.sum(axis=1)
+        nfin = n_finished[act]
+        done = last.copy()
+        if early_exit:
+            done |= top_ended[act] & (nfin >= num_hypotheses)
+        else:
+            done |= nfin >= max_finished
+        # Each finished slot takes the next candidate past the first K that does not end; when
+        # none is left (several end tokens), the finished candidate itself goes on (CTranslate2).
+        ok = ~ends[:, K:]
+        order = np.argsort(~ok, axis=1, kind="stable")
+        rank = fin.astype(np.int64) @ upper - 1  # finished slots before and at each
+        has = fin & (rank < ok.sum(axis=1)[:, None])
+        pick = np.where(has, K + np.take_along_axis(order, np.clip(rank, 0, K - 1), 1),
+                        np.arange(K))
+        s_val = np.take_along_axis(c_val, pick, 1)
+        s_live = s_val > -np.inf
+        done |= ~s_live.any(axis=1)
+        for i in np.flatnonzero(done):
+            b = int(act[i])
+            results[b] = _finalize(prob, b, finished[b], num_hypotheses)
+        if done.all():
             break
-        ci = np.flatnonzero(cont)
-        k_new = int(live[ci].sum(axis=1).max())
-        perm = np.argsort(~live[ci], axis=1, kind="stable")[:, :k_new]  # live first, in order
-        s_live = np.take_along_axis(live[ci], perm, 1)
-        s_slot = np.take_along_axis(c_slot[ci], perm, 1)
-        s_tok = np.take_along_axis(c_tok[ci], perm, 1)
-        s_val = np.take_along_axis(c_val[ci], perm, 1)
-        s_slot = np.where(s_live, s_slot, s_slot[:, :1])  # dead slots copy the best live one
-        s_tok = np.where(s_live, s_tok, s_tok[:, :1])
-        s_val = np.where(s_live, s_val, -np.inf)
+        ci = np.flatnonzero(~done)
+        k_new = K if (k == K or gen.any()) else 1
+        pick, s_val, s_live = pick[ci, :k_new], s_val[ci, :k_new], s_live[ci, :k_new]
+        s_slot = np.take_along_axis(c_slot[ci], pick, 1)
+        s_tok = np.take_along_axis(c_tok[ci], pick, 1)
+        best = np.argmax(s_live, axis=1)[:, None]  # dead slots copy a live one
+        s_slot = np.where(s_live, s_slot, np.take_along_axis(s_slot, best, 1))
+        s_tok = np.where(s_live, s_tok, np.take_along_axis(s_tok, best, 1))
         if k_new == k:  # slots are interchangeable: keep each parent's first child in its row
             keep = _stay_in_place(s_slot)
             s_slot, s_tok, s_val = (np.take_along_axis(x, keep, 1) for x in (s_slot, s_tok, s_val))
@@ -319,7 +454,16 @@ def beam_search(
                 attn_hist = attn_hist[parents]
         seq[:, t + 1] = s_tok.ravel()
         cum, act, k = s_val, act[ci], k_new
-    return finished
+    for b in act:  # only reached if the steps ran out first (cannot happen: last step ends all)
+        if results[b] is None:
+            results[b] = _finalize(prob, int(b), finished[b], num_hypotheses)
+    return results  # type: ignore[return-value]
+
+
+def _finalize(prob, b, entries, limit) -> list[Hypothesis]:
+    hyps = [_make_hypothesis(prob, b, toks, logprob, a) for logprob, toks, a in entries]
+    order = sorted(range(len(hyps)), key=lambda i: -hyps[i].score)  # stable: earlier first
+    return [hyps[i] for i in order[:limit]]
 
 
 def _stay_in_place(slots: np.ndarray) -> np.ndarray:
@@ -342,67 +486,110 @@ def _stay_in_place(slots: np.ndarray) -> np.ndarray:
     return order
 
 
-def _beam_candidates(prob, logits, act, g, generating, cum, k, K, c_val, c_slot, c_tok):
-    """Fills the K best extensions (value, slot, token) of every generating sentence, best first."""
-    logp = _log_softmax_(logits)
-    V = logp.shape[1]
-    lp3 = logp.reshape(act.size, k, V)
-    if prob.eos is not None:
-        no_eos = np.flatnonzero(generating & (g < prob.min_gen[act]))
-        if no_eos.size:
-            lp3[no_eos, :, prob.eos] = -np.inf
-    gi = np.flatnonzero(generating)
-    sub = lp3 if gi.size == act.size else lp3[gi]
-    rows = sub.reshape(-1, V)
-    kk = min(K, V)
-    # The K best of a sentence lie among the K best of each of its rows (cum is per row).
+def _beam_candidates(prob, logits, act, gen, cum, k, c_val, c_slot, c_tok, seq, t, off,
+                     sampling):
+    """Fills the 2K best (or drawn) extensions (value, slot, token) of every generating
+    sentence, in order: best first, ties by slot then token."""
+    n_act = act.size
+    V = logits.shape[1]
+    C = c_val.shape[1]
+    gi = np.flatnonzero(gen)
+    g = gi.size
+    lp3 = logits.reshape(n_act, k, V)
+    rows = _writable((lp3 if g == n_act else lp3[gi]).reshape(g * k, V))
+    seq_rows = (gi[:, None] * k + np.arange(k)).ravel()
+    _process(prob, rows, np.repeat(act[gi], k), seq_rows, t, seq, off)
+    rows = _log_softmax_(rows)
+    if sampling is not None:
+        _sampled_candidates(rows, cum[gi], act[gi], sampling, c_val, c_slot, c_tok, gi)
+        return
+    kk = min(C, V)
+    # The best C of a sentence lie among the best C of each of its rows (cum is per row).
     idx = _topk_rows(rows, kk)
     val = np.take_along_axis(rows, idx, 1).astype(np.float64)
-    cand = (cum[gi][:, :, None] + val.reshape(gi.size, k, kk)).reshape(gi.size, k * kk)
-    m = min(K, k * kk)
-    order = np.argsort(-cand, axis=1, kind="stable")[:, :m]
+    cand = (cum[gi][:, :, None] + val.reshape(g, k, kk)).reshape(g, k * kk)
+    flat = (np.arange(k)[:, None] * V + idx.reshape(g, k, kk)).reshape(g, k * kk)
+    m = min(C, k * kk)
+    order = np.lexsort((flat, -cand), axis=-1)[:, :m]
     c_val[gi, :m] = np.take_along_axis(cand, order, 1)
-    c_slot[gi, :m] = order // kk
-    c_tok[gi, :m] = np.take_along_axis(idx.reshape(gi.size, k * kk), order, 1)
+    pos = np.take_along_axis(flat, order, 1)
+    c_slot[gi, :m] = pos // V
+    c_tok[gi, :m] = pos % V
 
 
-def _finish_beam(prob, b, seq, attn_hist, parent, t, token, logprob) -> Hypothesis:
-    p = prob.prefixes[b].size
-    toks = seq[parent, p : t + 1].tolist()
-    length = len(toks) + 1  # tokens scored, EOS included
-    if token != prob.eos:
-        toks.append(token)
-    attn = _hyp_attention(prob, attn_hist, parent, b, p - 1, len(toks))
-    score = float(logprob / _lp(length, prob.alpha))
-    return Hypothesis(score, logprob, toks, attn)
+def _sampled_candidates(logp, cum, sent, s: BeamSampling, c_val, c_slot, c_tok, gi):
+    g = gi.size
+    V = logp.shape[1]
+    cand = (cum[:, :, None] + logp.reshape(g, -1, V).astype(np.float64)).reshape(g, -1)
+    x = cand.copy()
+    w = x.shape[1]
+    if 0 < s.top_k < w:
+        kth = np.partition(x, w - s.top_k, axis=1)[:, w - s.top_k][:, None]
+        x[x < kth] = -np.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = (x - x.max(axis=1, keepdims=True)) / s.temperature
+    if s.top_p < 1.0:
+        order = np.argsort(-x, axis=1, kind="stable")
+        p = np.exp(np.take_along_axis(x, order, 1))
+        p /= p.sum(axis=1, keepdims=True)
+        drop = (np.cumsum(p, axis=1) - p) >= s.top_p
+        np.put_along_axis(x, order, np.where(drop, -np.inf, np.take_along_axis(x, order, 1)), 1)
+    noise = np.stack([s.rngs[b].gumbel(size=w) for b in sent])
+    pert = np.where(np.isfinite(x), x + noise, -np.inf)
+    C = c_val.shape[1]
+    m = min(C, w)
+    top = np.argsort(-pert, axis=1, kind="stable")[:, :m]
+    val = np.take_along_axis(cand, top, 1)
+    c_val[gi, :m] = np.where(np.take_along_axis(pert, top, 1) > -np.inf, val, -np.inf)
+    c_slot[gi, :m] = top // V
+    c_tok[gi, :m] = top % V
 
 
-def _add_finished(hyps: list[Hypothesis], hyp: Hypothesis, limit: int) -> None:
-    """Inserts keeping the list sorted best first (ties: earlier first), at most limit long."""
-    pos = len(hyps)
-    while pos > 0 and hyps[pos - 1].score < hyp.score:
-        pos -= 1
-    if pos < limit:
-        hyps.insert(pos, hyp)
-        del hyps[limit:]
+# --------------------------------------------------------------------------------------------
+# Alternatives: the candidates at the first position after the prefix
 
 
-def _cannot_improve(prob, finished, act, live, c_val, g_new, num_hypotheses) -> np.ndarray:
-    """(n_act,) bool: the sentence has its n-best and no live beam can enter it any more."""
-    out = np.zeros(act.size, dtype=bool)
-    full = np.array([len(finished[b]) >= num_hypotheses for b in act])
-    if not full.any():
-        return out
-    best_live = np.where(live, c_val, -np.inf).max(axis=1)
-    # Reachable final lengths are g_new + 1 .. max_gen; lp is monotonic in L.
-    # (bound is also right if rounding made a sum slightly positive: lp's extremes are at ends)
-    far = _lp(prob.max_gen[act], prob.alpha)
-    near = _lp(g_new + 1, prob.alpha)
-    with np.errstate(invalid="ignore"):
-        bound = np.maximum(best_live / far, best_live / near)
-    worst = np.array([finished[b][-1].score if len(finished[b]) else np.inf for b in act])
-    out[full] = bound[full] <= worst[full]
-    return out
+def expand(prob: Problem, count: int, min_prob: float, need_attention: bool = False) -> list:
+    """Feeds each sentence's prefix and returns (tokens, log-probabilities, attention rows of the
+    prefix and the expanded position or None) of its `count` most likely next tokens, best
+    first (ties: lower id), stopping before the first whose probability is below min_prob. As
+    CTranslate2's expansion: end tokens are masked there, and the processors see no history."""
+    n = prob.n
+    P = prob.prefix_lens
+    out: list = [None] * n
+    total = int(P.max())
+    seq = _seq_buffer(prob, n, total)
+    act = np.arange(n)
+    attn_hist = None
+    for t in range(total):
+        logits, attn = prob.step(seq[act, t])
+        if need_attention and attn is not None:
+            if attn_hist is None:
+                attn_hist = np.zeros((n, total) + attn.shape[1:], dtype=np.float32)
+            attn_hist[act, t] = attn
+        now = np.flatnonzero(t == P[act] - 1)
+        if now.size == 0:
+            continue
+        x = _writable(logits[now])
+        if prob.processors is not None:
+            prob.processors.apply(x, None)
+        if prob.end_ids.size:
+            x[:, prob.end_ids] = -np.inf
+        x = _log_softmax_(x)
+        m = min(count, x.shape[1])
+        for r, i in zip(range(now.size), act[now], strict=True):
+            order = np.lexsort((np.arange(x.shape[1]), -x[r]))[:m]
+            lp = x[r, order].astype(np.float64)
+            keep = int(np.argmin(np.exp(lp) >= min_prob)) if (np.exp(lp) < min_prob).any() else m
+            a = None if attn_hist is None else attn_hist[i, : t + 1].copy()
+            out[int(i)] = (order[:keep].astype(np.int64), lp[:keep], a)
+        stay = np.ones(act.size, dtype=bool)
+        stay[now] = False
+        act = act[stay]
+        if act.size == 0:
+            break
+        prob.state.reorder(np.flatnonzero(stay))
+    return out  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,8 +608,9 @@ def sampler(
         # Shifted before the division: every entry is <= 0, so a temperature whose 1/T overflows
         # sends the rest to -inf (probability 0) and leaves the maximum at 0, i.e. greedy. Divided
         # first, logits / 1e-310 overflow to +-inf and inf - inf makes every probability NaN.
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             x = (x - x.max(axis=1, keepdims=True)) / temperature
+        x[np.isnan(x)] = -np.inf  # a masked (-inf) logit over a tiny temperature
         n, v = x.shape
         if 0 < top_k < v:
             idx = np.argpartition(x, v - top_k, axis=1)[:, v - top_k :]

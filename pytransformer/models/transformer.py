@@ -40,8 +40,6 @@ from .state import (
     new_state,
 )
 
-SUPPRESSED_LOGIT = -1e30  # decode_step's logit for config.suppress_ids
-
 
 class Transformer(Model):
     """The encoder-decoder Transformer.
@@ -217,19 +215,12 @@ class Transformer(Model):
         """Feeds tokens (B,) at position state.step; returns (logits (B, V), attention or None).
         With need_attention: the cross-attention of decoder layer `attention_layer` (negative:
         from the last), (B, S) averaged over heads, or (B, H, S) with attention_heads. The
-        logits of config.suppress_ids are SUPPRESSED_LOGIT, so decoding never emits them."""
+        logits are the model's own: `translate` masks config.suppress_ids itself."""
         if not need_attention:
-            return self._suppress(decode_step(self, state, tokens, None)), None
+            return decode_step(self, state, tokens, None), None
         capture = attention_capture(attention_layer, attention_heads, len(self.decoder.layers))
-        logits = self._suppress(decode_step(self, state, tokens, capture))
+        logits = decode_step(self, state, tokens, capture)
         return logits, capture.probs[:, :, 0] if capture.per_head else capture.probs[:, 0]
-
-    def _suppress(self, logits: np.ndarray) -> np.ndarray:
-        """config.suppress_ids get a logit no search picks (a large finite value, so scores
-        stay finite arithmetic)."""
-        if self.config.suppress_ids:
-            logits[:, list(self.config.suppress_ids)] = SUPPRESSED_LOGIT
-        return logits
 
     def translate(self, sources: Any, **kwargs: Any) -> Any:
         """Decodes a list of source id sequences: see `pytransformer.decode.translate`."""
