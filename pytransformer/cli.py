@@ -578,10 +578,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     # Unset options fall back to the model's options.json (an imported model's generation
-    # settings), then to translate()'s defaults: beam 4, length penalty 0.6, 256 tokens. Names
+    # settings), then to translate()'s defaults: beam 4, length penalty 1, 256 tokens. Names
     # follow CTranslate2's CLI; the older spellings stay as aliases.
     p.add_argument("--beam-size", type=int, default=None, help="default 4 (1: greedy/sampling)")
-    p.add_argument("--length-penalty", type=float, default=None, help="default 0.6")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="score = log-probability / length ** this (default 1)")
     p.add_argument("--max-decoding-length", type=int, default=None, help="default 256")
     p.add_argument("--min-decoding-length", type=int, default=None,
                    help="tokens before an end token is allowed (default 0)")

@@ -94,8 +94,11 @@ def test_fuzz_matmul(isa, data):
         else:
             if out0 is None or out0.ndim < 2 or out0.shape[-1] < 2:
                 wide = np.zeros(out_shape[:-1] + (max(out_shape[-1], 1) * 2,), np.float32)
-                # An empty array is C-contiguous whatever its strides: give a wrong shape instead.
                 out0 = wide if 0 in out_shape else wide[..., ::2]
+                if out0.flags.c_contiguous:
+                    # An empty array, or one whose every axis but one has length 1, is
+                    # C-contiguous whatever its strides: give a wrong shape instead.
+                    out0 = np.zeros(out_shape + (1,), np.float32)
             else:
                 out0 = np.asfortranarray(out0) if out0.shape[-2] > 1 else out0[..., ::-1]
                 if out0.flags.c_contiguous:

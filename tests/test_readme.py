@@ -83,8 +83,15 @@ def _check_vit_snippet(lines: list) -> None:
     assert shape == (4, 4, 4, 4, 4), shape  # images, layers, heads, the 4 x 4 patch grid
 
 
+def _check_streaming_snippet(lines: list) -> None:
+    """print(len(lines), translate_file(...)), the file equal to the stream, <= 5 tokens."""
+    ([count, written],), (same,), (short,) = lines
+    assert count == written == 3 and same is True and short is True, lines
+
+
 # one per snippet, in README order
-CHECKS = [_check_translator_snippet, _check_model_snippet, _check_vit_snippet]
+CHECKS = [_check_translator_snippet, _check_model_snippet, _check_vit_snippet,
+          _check_streaming_snippet]
 
 
 def test_every_snippet_has_a_check():

@@ -185,13 +185,16 @@ def test_bad_options_fail_before_any_input_is_read(model):
     assert source.taken == 0
     with pytest.raises(IndexError, match=r"sources\[1\]"):  # found when its block is reached
         list(translate_iterable(model, [[3], [VOCAB]], beam_size=1))
-    too_long = [[3]] * 5 + [[3] * 49]
+    too_long = [[3]] * 5 + [[3] * 49]  # cut to max_len with a warning, as translate does
     with ThreadPoolExecutor(2) as pool:
         for executor in (None, pool):
-            with pytest.raises(ValueError, match=r"sources\[1\]: length 49 exceeds the model's "
-                               r"max_len 48 \(in the block of inputs 4 to 5\)"):
-                list(translate_iterable(model, too_long, read_batch_size=2, executor=executor,
-                                        beam_size=1, max_decoding_length=3))
+            with pytest.warns(UserWarning, match="longer than 48 tokens truncated"):
+                got = list(translate_iterable(model, too_long, read_batch_size=2,
+                                              executor=executor, beam_size=1,
+                                              max_decoding_length=3))
+            want = translate(model, [[3]] * 5 + [[3] * 48], beam_size=1,
+                             max_decoding_length=3)
+            assert [r.hypotheses for r in got] == [r.hypotheses for r in want]
     assert list(translate_iterable(model, iter([]))) == []
 
 
@@ -210,11 +213,15 @@ def test_token_batches_plan():
     srcs = [np.zeros(int(n), dtype=np.int64) for n in rng.integers(0, 20, 200)]
     plan = _plan(srcs, 40, by_tokens=True)
     assert sorted(i for b in plan for i in b) == list(range(200))
-    flat = [i for b in plan for i in b]
-    assert [srcs[i].size for i in flat] == sorted((s.size for s in srcs), reverse=True)
+    # the empty sources (answered without decoding) ride in the first batch; the others are
+    # longest first, within the token budget
+    flat = [i for b in plan for i in b if srcs[i].size]
+    assert [srcs[i].size for i in flat] == sorted((s.size for s in srcs if s.size), reverse=True)
+    assert {i for i in range(200) if not srcs[i].size} <= set(plan[0])
     for b in plan:
-        longest = max(max(srcs[i].size for i in b), 1)
-        assert len(b) * longest <= 40 or len(b) == 1
+        real = [i for i in b if srcs[i].size]
+        longest = max(max(srcs[i].size for i in real), 1)
+        assert len(real) * longest <= 40 or len(real) == 1
 
 
 # -- worker threads ----------------------------------------------------------------------------
@@ -232,6 +239,43 @@ def test_batches_on_worker_threads_are_the_serial_results(model, workers):
     assert parallel == serial  # bit for bit: the same batches
     serial_blocks = list(translate_iterable(model, srcs, read_batch_size=17, **kw))
     assert streamed == serial_blocks
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_sampling_is_the_one_call_draw_however_the_input_is_split(model, beam_size):
+    srcs = _sources(30, seed=6, longest=15)
+    srcs[3] = []  # an empty source does not shift the others' random streams
+    kw = dict(beam_size=beam_size, sampling_topk=0, sampling_temperature=1.3, seed=11,
+              max_decoding_length=10, max_batch_size=4, return_scores=True)
+    whole = translate(model, srcs, **kw)
+    assert whole != translate(model, srcs, **{**kw, "seed": 12})  # the draws are random
+    with ThreadPoolExecutor(2) as pool:
+        parallel = translate_batches(model, srcs, executor=pool, **kw)
+        streamed = list(translate_iterable(model, srcs, read_batch_size=7, executor=pool, **kw))
+    blocks_ = list(translate_iterable(model, srcs, read_batch_size=7, **kw))
+    for got in (parallel, streamed, blocks_):
+        assert [r.hypotheses for r in got] == [r.hypotheses for r in whole]
+
+
+def test_target_prefixes_go_with_their_sources_on_workers(model):
+    srcs = _sources(12, seed=9, longest=10)
+    prefixes = [[5, 6] if i % 3 == 0 else None for i in range(12)]
+    kw = dict(beam_size=2, max_decoding_length=8, max_batch_size=3)
+    serial = [translate(model, [s], [p], **kw)[0] for s, p in zip(srcs, prefixes, strict=True)]
+    with ThreadPoolExecutor(2) as pool:
+        got = translate_batches(model, srcs, target_prefix=prefixes, executor=pool, **kw)
+    for r, p in zip(got, prefixes, strict=True):
+        if p:
+            assert r.hypotheses[0][:2] == p
+    # a batch with and one without prefixes decode alike when each holds one sentence
+    with ThreadPoolExecutor(2) as pool:
+        one = translate_batches(model, srcs, target_prefix=prefixes, executor=pool,
+                                **{**kw, "max_batch_size": 1})
+    assert [r.hypotheses for r in one] == [r.hypotheses for r in serial]
+    with pytest.raises(TypeError, match="target_prefix: not an option of translate_iterable"):
+        translate_iterable(model, srcs, target_prefix=prefixes)
+    with pytest.raises(ValueError, match="target_prefix: expected one entry"):
+        translate_batches(model, srcs, target_prefix=prefixes[:3], executor=pool)
 
 
 def test_batches_really_run_at_once(model):
@@ -289,7 +333,9 @@ def _step_logits(model, src, tokens):
     out = []
     for t in [model.config.bos_id, *tokens]:
         logits, _ = model.decode_step(state, np.array([t]))
-        out.append(logits[0].astype(np.float64))
+        row = logits[0].astype(np.float64)
+        row[SUPPRESSED] = -np.inf  # the model's suppress_ids: never a candidate
+        out.append(row)
     return out
 
 
@@ -332,8 +378,10 @@ def test_generate_tokens_end_token_and_suppression(model):
                                                  suppress_tokens=banned)]
     assert again and not set(again) & set(banned)
     long = list(range(3, VOCAB)) * 3  # longer than max_len: usable once cut
-    with pytest.raises(ValueError, match="max_len"):
-        generate_tokens(model, long)
+    with pytest.warns(UserWarning, match="longer than 48 tokens, truncated"):
+        head = [s.token_id for s in generate_tokens(model, long, max_decoding_length=8)]
+    assert head == translate(model, [long[:48]], beam_size=1,
+                             max_decoding_length=8)[0].hypotheses[0]
     cut = [s.token_id for s in generate_tokens(model, long, max_input_length=7,
                                                max_decoding_length=8)]
     assert cut == translate(model, [long[:7]], beam_size=1, max_decoding_length=8)[0].hypotheses[0]
@@ -397,11 +445,12 @@ def test_translator_streams_what_it_translates(translator):
     with pytest.raises(TypeError, match=r"lines\[1\]"):
         list(translator.translate_iterable(["ab", 3]))
     for n in (1, 3):
-        too_long = ["ab"] * 4 + ["a" * 49]
+        too_long = ["ab"] * 4 + ["a" * 49]  # cut to max_len with a warning, as translate does
         with Translator(translator.model, translator.src_tokenizer, translator.tgt_tokenizer,
                         inter_threads=n) as tr:
-            with pytest.raises(ValueError, match=r"length 49 .* inputs 3 to 4\)"):
-                list(tr.translate_iterable(too_long, read_batch_size=3, **kw))
+            with pytest.warns(UserWarning, match="truncated"):
+                got = list(tr.translate_iterable(too_long, read_batch_size=3, **kw))
+            assert got == translator.translate(["ab"] * 4 + ["a" * 48], **kw)
     with pytest.raises(TypeError, match="bem_size"):
         translator.translate_iterable(lines, bem_size=2)
 

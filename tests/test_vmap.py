@@ -373,27 +373,30 @@ def test_translator_use_vmap_keeps_to_the_candidates(tmp_path):
     tr = _char_translator()
     _write_vmap(tmp_path / "map.txt", RULES, always="p")
     sentences = ["abc", "def", "a", "fed", "ab" * 5, ""]
-    plain = tr.translate(sentences, beam_size=2, max_decoding_length=10)
+    opts = dict(beam_size=2, max_decoding_length=10, min_decoding_length=1)
+    plain = tr.translate(sentences, **opts)
     with pytest.raises(ValueError, match="use_vmap: .*no vocabulary map"):
         tr.translate(sentences, use_vmap=True)
     tr.load_vmap(tmp_path / "map.txt")
-    out = tr.translate(sentences, beam_size=2, max_decoding_length=10, use_vmap=True)
-    for s, o in zip(sentences, out, strict=True):
+    # the subset is the union over the sentences decoded together
+    out = tr.translate(sentences, **opts, use_vmap=True)
+    assert set("".join(out)) <= _allowed("".join(sentences))
+    alone = tr.translate(sentences, **opts, use_vmap=True, max_batch_size=1)
+    for s, o in zip(sentences, alone, strict=True):
         assert set(o) <= _allowed(s), (s, o)
-    assert out != plain  # the map changes translations, so the check above can fail
+    assert alone != plain  # the map changes translations, so the check above can fail
     # the decode level with the same subsets gives the same tokens
     ids = tr.encode_sources(sentences)
-    res = pt.decode.translate(tr.model, ids, beam_size=2, max_decoding_length=10,
-                              use_vmap=True, vocab_subset_fn=tr.vmap.subset)
+    res = pt.decode.translate(tr.model, ids, **opts, use_vmap=True,
+                              vocab_subset_fn=tr.vmap.subset)
     assert [tr.tgt_tokenizer.decode(r.hypotheses[0]) for r in res] == out
     # streaming and a saved directory keep the map
-    assert list(tr.translate_iterable(sentences, beam_size=2, max_decoding_length=10,
-                                      use_vmap=True)) == out
+    assert list(tr.translate_iterable(sentences, **opts, use_vmap=True)) == out
     tr.save(tmp_path / "tr")
     assert (tmp_path / "tr" / VMAP_FILE).is_file()
     again = type(tr).load(tmp_path / "tr")
     assert again.vmap == tr.vmap
-    assert again.translate(sentences, beam_size=2, max_decoding_length=10, use_vmap=True) == out
+    assert again.translate(sentences, **opts, use_vmap=True) == out
 
 
 def test_cli_translate_with_a_vmap(tmp_path, capsys):
@@ -405,7 +408,8 @@ def test_cli_translate_with_a_vmap(tmp_path, capsys):
     (tmp_path / "in.txt").write_text("abc\ndef\nfed\n")
     assert main(["translate", "--model", str(tmp_path / "tr"), "--input", str(tmp_path / "in.txt"),
                  "--output", str(tmp_path / "out.txt"), "--vmap", str(tmp_path / "map.txt"),
-                 "--beam-size", "1", "--max-decoding-length", "8"]) == 0
+                 "--beam-size", "1", "--max-decoding-length", "8", "--max-batch-size", "1",
+                 "--min-decoding-length", "1"]) == 0
     got = (tmp_path / "out.txt").read_text().splitlines()
     for s, o in zip(["abc", "def", "fed"], got, strict=True):
         assert set(o) <= _allowed(s)

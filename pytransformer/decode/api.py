@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -179,6 +179,7 @@ def translate(
     batch_type: str = "examples",
     attention_layer: int = -1,
     attention_heads: bool = False,
+    sentence_ids: Sequence[int] | None = None,
 ) -> list[TranslationResult]:
     """Translates token-id sequences with an encoder-decoder model (``Transformer``), with
     CTranslate2's ``translate_batch`` options and semantics (see `search` for the rules).
@@ -208,7 +209,11 @@ def translate(
     sampling_topk (1: greedy; 0: the whole vocabulary), sampling_topp, sampling_temperature:
     random sampling (with beam_size > 1: 2 * beam_size candidates drawn per step, as
     CTranslate2); seed: each source (and hypothesis) draws from its own generator derived from
-    seed and its index, so the tokens do not depend on the batching.
+    seed and its index, so the tokens do not depend on the batching. sentence_ids: the numbers
+    that stand for those indices (one distinct int >= 0 per source; default 0, 1, ...): a caller
+    that splits one input into several calls (`decode.translate_iterable`,
+    `decode.translate_batches`) passes each part's positions in the whole input, so the parts
+    draw what one call would.
     return_alternatives: num_hypotheses alternatives at the first position after the target
     prefix (the most likely tokens there whose probability is >= min_alternative_expansion_prob,
     in that order), each continued by the search; an alternative's score is its token's
@@ -227,15 +232,12 @@ def translate(
     max_len = int(_config_value(model, "max_len"))
     src_vocab = int(_config_value(model, "src_vocab_size", "vocab_size"))
     srcs = check_sequences(sources, "sources", src_vocab, sys.maxsize, allow_empty=True)
+    o.keys = check_sentence_ids(sentence_ids, len(srcs))
     prefixes = _check_prefixes(target_prefix, len(srcs), o.tgt_vocab)
     if not srcs:
         return []
-    limit = max_len if not o.max_input else min(o.max_input, max_len)
     orig_lens = [s.size for s in srcs]
-    if max(orig_lens) > limit:
-        cut = sum(n > limit for n in orig_lens)
-        warnings.warn(f"sources: {cut} longer than {limit} tokens truncated", stacklevel=2)
-        srcs = [s[:limit] for s in srcs]
+    srcs = cut_sources(srcs, o.max_input, max_len)
     prefixes = [p[: o.max_dec] for p in prefixes]
     results: list[TranslationResult | None] = [None] * len(srcs)
     todo = []
@@ -285,6 +287,7 @@ class _Options:
     tgt_vocab: int
     heads: int  # attention heads returned per hypothesis (0: averaged)
     any_prefix: bool = False  # some source of the call has a target prefix
+    keys: list[int] = field(default_factory=list)  # each source's sampling key (sentence_ids)
 
     @property
     def sampling(self) -> bool:
@@ -499,7 +502,7 @@ def _translate_chunk(model, o: _Options, chunk, srcs, prefixes, orig_lens, resul
     elif o.beam == 1 and o.nhyp > 1:  # sampling: nhyp independent draws per source, sorted
         rep = np.repeat(rows, o.nhyp)
         prob = problem(rep, [pre[r] for r in rep], o.max_dec)
-        flat = search(prob, [(chunk[r], h) for r in rows for h in range(o.nhyp)], 1)
+        flat = search(prob, [(o.keys[chunk[r]], h) for r in rows for h in range(o.nhyp)], 1)
         nbest = []
         for r in rows:
             hyps = [h[0] for h in flat[r * o.nhyp : (r + 1) * o.nhyp]]
@@ -507,7 +510,7 @@ def _translate_chunk(model, o: _Options, chunk, srcs, prefixes, orig_lens, resul
     else:
         rule = np.full(len(chunk), o.any_prefix) if o.any_prefix else None
         prob = problem(rows, pre, o.max_dec, eos_rule=rule)
-        nbest = search(prob, [(chunk[r],) for r in rows], o.nhyp)
+        nbest = search(prob, [(o.keys[chunk[r]],) for r in rows], o.nhyp)
     for r, i in enumerate(chunk):
         hyps = nbest[r]
         attn = None
@@ -518,6 +521,31 @@ def _translate_chunk(model, o: _Options, chunk, srcs, prefixes, orig_lens, resul
             scores=[h.score for h in hyps] if o.want_scores else None,
             attention=attn,
         )
+
+
+def cut_sources(srcs: list[np.ndarray], max_input: int | None, max_len: int) -> list[np.ndarray]:
+    """The sources cut to max_input_length (None or 0: the model's max_len, which also bounds
+    it), with one warning saying how many were."""
+    limit = min(max_input, max_len) if max_input else max_len
+    cut = sum(s.size > limit for s in srcs)
+    if not cut:
+        return srcs
+    warnings.warn(f"sources: {cut} longer than {limit} tokens truncated", stacklevel=3)
+    return [s[:limit] for s in srcs]
+
+
+def check_sentence_ids(ids: Any, n: int) -> list[int]:
+    """translate()'s sentence_ids for n sources, checked (None: 0, 1, ..., n - 1)."""
+    if ids is None:
+        return list(range(n))
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise TypeError(f"sentence_ids: expected a sequence of ints, got {type(ids).__name__}")
+    out = [check_int(f"sentence_ids[{i}]", v, 0) for i, v in enumerate(ids)]
+    if len(out) != n:
+        raise ValueError(f"sentence_ids: {len(out)} ids for {n} sources")
+    if len(set(out)) != n:
+        raise ValueError("sentence_ids: must be distinct")
+    return out
 
 
 def _pad_source(a: np.ndarray | None, width: int) -> np.ndarray | None:
@@ -546,7 +574,7 @@ def _alternatives(o: _Options, chunk, prefixes, pre, problem, search) -> list[li
             cont_pre.append(np.append(pre[r], t))
             head.append(lp)
             cont_from.append(f + 1)
-            keys.append((chunk[r], a))
+            keys.append((o.keys[chunk[r]], a))
     out: list[list[Hypothesis]] = [fixed.get(r, []) for r in rows]
     if rep:
         rep_a = np.array(rep)

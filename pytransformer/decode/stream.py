@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
@@ -121,6 +122,10 @@ def translate_iterable(
     what `api.translate` raises for a bad option value; errors in a source (TypeError,
     IndexError, ValueError) when its block is translated, naming its index in the block.
     """
+    for name in ("target_prefix", "sentence_ids"):  # per-sentence lists: need the sentences
+        if name in options:
+            raise TypeError(f"{name}: not an option of translate_iterable (it is one per "
+                            "sentence: use translate or translate_batches)")
     check_option_names(options)
     size, by_tokens = read_block_size(read_batch_size, options)
     api.translate(model, [], **options)  # checks every option value, translates nothing
@@ -150,8 +155,9 @@ def _translated_blocks(model, iterable, size, by_tokens, executor, options):
     start = 0
     if executor is None:
         for block in items:
-            with located(start, len(block)):
-                results = api.translate(model, block, **options)
+            with located(start, len(block)):  # sampling keys: the places in the whole input
+                results = api.translate(model, block, **options,
+                                        sentence_ids=range(start, start + len(block)))
             start += len(block)
             yield from results
         return
@@ -161,8 +167,9 @@ def _translated_blocks(model, iterable, size, by_tokens, executor, options):
     try:
         for block in items:
             with located(start, len(block)):
-                queue.append((start, len(block), submit_batches(model, block, executor,
-                                                                **options)))
+                queue.append((start, len(block), submit_batches(
+                    model, block, executor, **options,
+                    sentence_ids=range(start, start + len(block)))))
             start += len(block)
             if len(queue) > 1:
                 yield from _results(*queue.popleft())
@@ -210,17 +217,28 @@ def submit_batches(
     `Batches.results()` are the results of ``translate_batches(model, sources, executor=
     executor, **options)``. Checks options and sources (raising as `api.translate` does)
     before anything starts."""
+    options = dict(options)
+    prefixes = options.pop("target_prefix", None)
+    ids = options.pop("sentence_ids", None)
     check_option_names(options)
     api.translate(model, [], **options)
     # Checked here so that an error names the source by its index in `sources`, not in a
-    # batch; a max_input_length cuts sources, so their length is api.translate's to judge.
-    longest = 1 << 62 if options.get("max_input_length") else int(model.config.max_len)
-    srcs = check_sequences(sources, "sources", _source_vocab(model), longest, allow_empty=True)
+    # batch; and cut here, so that one warning says how many were.
+    srcs = check_sequences(sources, "sources", _source_vocab(model), 1 << 62, allow_empty=True)
+    srcs = api.cut_sources(srcs, options.get("max_input_length"), int(model.config.max_len))
+    keys = api.check_sentence_ids(ids, len(srcs))
+    if prefixes is not None and (not isinstance(prefixes, Sequence)
+                                 or len(prefixes) != len(srcs)):
+        raise ValueError(f"target_prefix: expected one entry (a list of ids or None) per "
+                         f"source ({len(srcs)})")
     work: list[tuple[list[int], Future]] = []
     try:
         for chunk in _plan(srcs, *_batch_settings(options)):
             batch = [srcs[i] for i in chunk]
-            work.append((chunk, executor.submit(api.translate, model, batch, **options)))
+            kw = dict(options, sentence_ids=[keys[i] for i in chunk])
+            if prefixes is not None:
+                kw["target_prefix"] = [prefixes[i] for i in chunk]
+            work.append((chunk, executor.submit(api.translate, model, batch, **kw)))
     except BaseException:
         Batches(len(srcs), work).cancel()
         raise
@@ -260,16 +278,23 @@ def _source_vocab(model: EncoderDecoder) -> int:
 
 
 def _plan(srcs: list[np.ndarray], max_batch: int, by_tokens: bool) -> list[list[int]]:
-    """Batches of source indices: longest first, ties in input order (api.translate's sort)."""
-    order = sorted(range(len(srcs)), key=lambda i: -srcs[i].size)
-    if not by_tokens:
-        return [order[i : i + max_batch] for i in range(0, len(order), max_batch)]
+    """Batches of source indices: api.translate's own batches of the sources it decodes
+    (longest first, ties in input order), the empty sources (which it answers without
+    decoding, outside its batches) in the first one."""
+    order = sorted((i for i in range(len(srcs)) if srcs[i].size),
+                   key=lambda i: -srcs[i].size)
     plan: list[list[int]] = []
-    for i in order:  # longest first: a batch's padded size is its count x its first length
-        if plan and (len(plan[-1]) + 1) * max(1, srcs[plan[-1][0]].size) <= max_batch:
-            plan[-1].append(i)
-        else:
-            plan.append([i])
+    if not by_tokens:
+        plan = [order[i : i + max_batch] for i in range(0, len(order), max_batch)]
+    else:
+        for i in order:  # longest first: a batch's padded size is its count x its first length
+            if plan and (len(plan[-1]) + 1) * max(1, srcs[plan[-1][0]].size) <= max_batch:
+                plan[-1].append(i)
+            else:
+                plan.append([i])
+    empty = [i for i in range(len(srcs)) if not srcs[i].size]
+    if empty:
+        plan = [plan[0] + empty, *plan[1:]] if plan else [empty]
     return plan
 
 
@@ -339,7 +364,8 @@ def generate_tokens(
     the nucleus of mass sampling_topp, at sampling_temperature (0: greedy); seed makes it
     reproducible (None: fresh randomness). Decoding ends at an end token (end_token: an id or a
     list of ids; None: the model's EOS), which is not yielded, or after max_decoding_length
-    tokens. The model's config.suppress_ids are never produced (its decode_step masks them).
+    tokens. The model's config.suppress_ids are never produced. An empty source yields only its
+    target_prefix, with log_prob 0.0 (translate neither decodes it: score 0).
     Beam search cannot stream (a beam's best prefix can change at any step): beam_size > 1
     raises ValueError, as CTranslate2's generate_tokens does.
 
@@ -347,14 +373,14 @@ def generate_tokens(
     yielded; they count in both decoding lengths); repetition_penalty divides a positive logit
     of a token already in the target (prefix included) by it and multiplies a negative one
     (> 1 penalises repeats); no_repeat_ngram_size=n > 0 bans every token that would repeat an
-    n-gram of the target; max_input_length > 0 cuts the source to that many tokens. Beyond
+    n-gram of the target; a source longer than max_input_length (0: the model's max_len) is
+    cut to it, with a warning. Beyond
     them, suppress_tokens are ids never generated (`Translator.generate_tokens` puts the
     unknown token there for disable_unk).
 
     Stop early by closing the generator (or breaking out of the loop); its decoder state is
     then dropped. Raises, before any work, TypeError/ValueError naming a bad option,
-    IndexError for a token id outside the vocabulary, ValueError for a source longer than
-    the model's max_len.
+    IndexError for a token id outside the vocabulary.
     """
     beam_size = check_int("beam_size", beam_size, 1)
     if beam_size > 1:
@@ -386,15 +412,17 @@ def generate_tokens(
         min_dec=min_dec,
         penalty=check_float("repetition_penalty", repetition_penalty, positive=True),
         ngram=check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0),
-        banned=_target_ids("suppress_tokens", suppress_tokens, vocab),
+        banned=_target_ids("suppress_tokens", suppress_tokens, vocab)
+        + [int(t) for t in getattr(cfg, "suppress_ids", ()) or ()],
     )
     prefix = [] if target_prefix is None else _target_ids("target_prefix", target_prefix, vocab)
     keep = check_int("max_input_length", max_input_length, 0)
     src = check_sequences([source_ids], "source_ids", _source_vocab(model), 1 << 62,
                           allow_empty=True)[0]
-    src = src[:keep] if keep else src
-    if src.size > max_len:
-        raise ValueError(f"source_ids: length {src.size} exceeds the model's max_len {max_len}")
+    limit = min(keep, max_len) if keep else max_len
+    if src.size > limit:  # as translate: cut, with a warning, never refused
+        warnings.warn(f"source_ids: longer than {limit} tokens, truncated", stacklevel=2)
+        src = src[:limit]
     if topk == 1 or temperature == 0.0:
         choose = greedy_choice
     else:
@@ -451,6 +479,10 @@ class _Rules:
 
 def _token_stream(model, src, max_dec, prefix, rules, choose, want_logprob):
     cfg = model.config
+    if src.size == 0:  # as translate (and CTranslate2): an empty source gets only its prefix
+        for step, token in enumerate(prefix[:max_dec]):
+            yield GenerationStepResult(step, token, 0.0 if want_logprob else None)
+        return
     lengths = np.array([src.size], dtype=np.int64)
     ids = np.full((1, max(1, src.size)), int(cfg.pad_id), dtype=np.int64)
     ids[0, : src.size] = src
