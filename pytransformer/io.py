@@ -40,6 +40,7 @@ __all__ = [
     "atomic_open",
     "fsync_dir",
     "split_lines",
+    "iter_lines",
 ]
 
 # safetensors dtype code -> numpy dtype (little-endian). BF16 has no numpy type; it is widened to
@@ -411,3 +412,18 @@ def load_safetensors_bytes(
         raise TypeError(f"data: expected bytes, got {type(data).__name__}")
     view = memoryview(data).cast("B")
     return _load_stream(pyio.BytesIO(view), len(view), "<bytes>", require_checksum)
+
+
+def iter_lines(stream_: IO[bytes], name: str = "input") -> Iterator[str]:
+    r"""The lines of a binary stream, read one at a time: split on "\n" only, one trailing
+    "\r" dropped from each (the lines `split_lines` gives for the whole text). Raises
+    ValueError naming the line that is not UTF-8."""
+    for number, raw in enumerate(stream_, 1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name}: line {number} is not UTF-8 text ({exc.reason})") from None

@@ -109,14 +109,7 @@ def read_lines(path: str | os.PathLike) -> Iterator[str]:
     """The lines of a UTF-8 file, streamed, with ``io.split_lines`` semantics ("\\n" only)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            line = raw[:-1] if raw.endswith(b"\n") else raw
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            try:
-                yield line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}: line {n} is not UTF-8 ({exc})") from None
+        yield from io.iter_lines(f, path)
 
 
 def _pairs(src: str, tgt: str) -> Iterator[tuple[str, str]]:

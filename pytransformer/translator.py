@@ -31,7 +31,7 @@ from ._native import set_num_threads
 from .checks import check_bool, check_float, check_int, check_optional_int
 from .decode import stream
 from .decode.vmap import VMAP_FILE, VocabMap
-from .io import atomic_open, atomic_write_text, split_lines
+from .io import atomic_open, atomic_write_text, iter_lines, split_lines
 from .models import Transformer, TransformerConfig
 from .text.metrics import score_translations
 from .text.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
@@ -411,21 +411,6 @@ def _n_best(n_best: int, options: dict[str, Any]) -> int:
             raise ValueError(f"num_hypotheses ({given}) and n_best ({n_best}) disagree")
         return given
     return n_best
-
-
-def iter_lines(stream_: IO[bytes], name: str = "input") -> Iterator[str]:
-    r"""The lines of a binary stream, read one at a time: split on "\n" only, one trailing
-    "\r" dropped from each (the lines `io.split_lines` gives for the whole text). Raises
-    ValueError naming the line that is not UTF-8."""
-    for number, raw in enumerate(stream_, 1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-1]
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        try:
-            yield raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{name}: line {number} is not UTF-8 text ({exc.reason})") from None
 
 
 def _checked_lines(lines: Iterable[Any]) -> Iterator[str]:

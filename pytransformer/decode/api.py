@@ -294,6 +294,27 @@ class _Options:
         return self.topk != 1 and self.temperature != 0.0
 
 
+def check_decoding_lengths(max_dec: Any, min_dec: Any, max_len: int) -> tuple[int, int]:
+    """(max_decoding_length, min_decoding_length), checked against each other and max_len."""
+    max_dec = check_int("max_decoding_length", max_dec, 1)
+    min_dec = check_int("min_decoding_length", min_dec, 0)
+    if min_dec > max_dec:
+        raise ValueError(
+            f"min_decoding_length ({min_dec}) exceeds max_decoding_length ({max_dec})"
+        )
+    if min_dec > max_len:
+        raise ValueError(f"min_decoding_length ({min_dec}) exceeds the model's max_len {max_len}")
+    return max_dec, min_dec
+
+
+def check_sampling(topk: Any, topp: Any, temperature: Any, seed: Any) -> tuple:
+    """(sampling_topk, sampling_topp, sampling_temperature, seed), checked."""
+    return (check_int("sampling_topk", topk, 0),
+            check_float("sampling_topp", topp, maximum=1.0, positive=True),
+            check_float("sampling_temperature", temperature, 0.0),
+            check_optional_int("seed", seed, 0))
+
+
 def _check_translate_options(model: Any, a: dict) -> _Options:
     beam = check_int("beam_size", a["beam_size"], 1)
     patience = check_float("patience", a["patience"], positive=True)
@@ -308,19 +329,11 @@ def _check_translate_options(model: Any, a: dict) -> _Options:
     rep = check_float("repetition_penalty", a["repetition_penalty"], positive=True)
     ngram = check_int("no_repeat_ngram_size", a["no_repeat_ngram_size"], 0)
     max_len = int(_config_value(model, "max_len"))
-    max_dec = check_int("max_decoding_length", a["max_decoding_length"], 1)
-    min_dec = check_int("min_decoding_length", a["min_decoding_length"], 0)
-    if min_dec > max_dec:
-        raise ValueError(
-            f"min_decoding_length ({min_dec}) exceeds max_decoding_length ({max_dec})"
-        )
-    if min_dec > max_len:
-        raise ValueError(f"min_decoding_length ({min_dec}) exceeds the model's max_len {max_len}")
+    max_dec, min_dec = check_decoding_lengths(
+        a["max_decoding_length"], a["min_decoding_length"], max_len)
     max_input = check_optional_int("max_input_length", a["max_input_length"], 0) or 0
-    topk = check_int("sampling_topk", a["sampling_topk"], 0)
-    topp = check_float("sampling_topp", a["sampling_topp"], maximum=1.0, positive=True)
-    temperature = check_float("sampling_temperature", a["sampling_temperature"], 0.0)
-    seed = check_optional_int("seed", a["seed"], 0)
+    topk, topp, temperature, seed = check_sampling(
+        a["sampling_topk"], a["sampling_topp"], a["sampling_temperature"], a["seed"])
     alternatives = check_bool("return_alternatives", a["return_alternatives"])
     min_alt = check_float("min_alternative_expansion_prob", a["min_alternative_expansion_prob"],
                           0.0, maximum=1.0)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import ops
-from ..checks import check_float, check_int, check_optional_int, check_sequences
+from ..checks import check_float, check_int, check_sequences
 from ..nn.layers import worth_packing
 from . import api
 from .api import EncoderDecoder, TranslationResult
@@ -390,20 +390,10 @@ def generate_tokens(
         )
     cfg = model.config
     max_len = int(cfg.max_len)
-    max_dec = check_int("max_decoding_length", max_decoding_length, 1)
-    min_dec = check_int("min_decoding_length", min_decoding_length, 0)
-    if min_dec > max_dec:
-        raise ValueError(
-            f"min_decoding_length ({min_dec}) exceeds max_decoding_length ({max_dec})"
-        )
-    if min_dec > max_len:
-        raise ValueError(f"min_decoding_length ({min_dec}) exceeds the model's max_len {max_len}")
-    topk = check_int("sampling_topk", sampling_topk, 0)
-    topp = check_float("sampling_topp", sampling_topp)
-    if not 0.0 < topp <= 1.0:
-        raise ValueError(f"sampling_topp: must be in (0, 1], got {topp}")
-    temperature = check_float("sampling_temperature", sampling_temperature, 0.0)
-    seed = check_optional_int("seed", seed, 0)
+    max_dec, min_dec = api.check_decoding_lengths(max_decoding_length, min_decoding_length,
+                                                  max_len)
+    topk, topp, temperature, seed = api.check_sampling(
+        sampling_topk, sampling_topp, sampling_temperature, seed)
     if not isinstance(return_log_prob, bool):
         raise TypeError(f"return_log_prob: expected a bool, got {type(return_log_prob).__name__}")
     vocab = int(cfg.tgt_vocab_size)
