@@ -76,12 +76,13 @@ class DecoderState:
             cap *= 2
         cap = min(cap, self.max_steps)
         t = self.step
-        grown = []
-        for c in self.kv_caches:
+        # One layer at a time, each old buffer dropped once copied: the peak is the new caches
+        # plus one layer's old one, not the old and new caches of every layer together.
+        for i, c in enumerate(self.kv_caches):
             new = np.empty((c.shape[0], cap) + c.shape[2:], np.float32)
             new[:, :t] = c[:, :t]
-            grown.append(new)
-        self.kv_caches = grown
+            self.kv_caches[i] = new
+            del c
 
     @property
     def batch_size(self) -> int:
