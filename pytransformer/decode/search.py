@@ -152,6 +152,17 @@ def _writable(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _keep_attention(hist, attn, rows, t: int, shape: tuple[int, int]):
+    """The attention history (rows x steps x ...) with step t of `rows` set to attn; made on
+    the first step that brings attention (None: the step gave none)."""
+    if attn is None:
+        return hist
+    if hist is None:
+        hist = np.zeros(shape + attn.shape[1:], dtype=np.float32)
+    hist[rows, t] = attn
+    return hist
+
+
 def _seq_buffer(prob: Problem, rows: int, width: int) -> np.ndarray:
     """(rows, width) int64 with each sentence's prefix at the start."""
     seq = np.zeros((rows, width), dtype=np.int64)
@@ -254,10 +265,8 @@ def run_single(
     plain = prob.processors is None and prob.end_ids.size == 0
     for t in range(total):
         logits, attn = prob.step(seq[act, t])
-        if need_attention and attn is not None:
-            if attn_hist is None:
-                attn_hist = np.zeros((n, total) + attn.shape[1:], dtype=np.float32)
-            attn_hist[act, t] = attn
+        if need_attention:
+            attn_hist = _keep_attention(attn_hist, attn, act, t, (n, total))
         generating = t >= P[act] - 1
         if not generating.any():
             continue
@@ -378,10 +387,8 @@ def beam_search(
     attn_hist = None
     for t in range(total):
         logits, attn = prob.step(seq[:, t])
-        if need_attention and attn is not None:
-            if attn_hist is None:
-                attn_hist = np.zeros((seq.shape[0], total) + attn.shape[1:], dtype=np.float32)
-            attn_hist[:, t] = attn
+        if need_attention:
+            attn_hist = _keep_attention(attn_hist, attn, slice(None), t, (seq.shape[0], total))
         n_act = act.size
         gen = t >= P[act] - 1
         c_val = np.full((n_act, C), -np.inf)
@@ -563,10 +570,8 @@ def expand(prob: Problem, count: int, min_prob: float, need_attention: bool = Fa
     attn_hist = None
     for t in range(total):
         logits, attn = prob.step(seq[act, t])
-        if need_attention and attn is not None:
-            if attn_hist is None:
-                attn_hist = np.zeros((n, total) + attn.shape[1:], dtype=np.float32)
-            attn_hist[act, t] = attn
+        if need_attention:
+            attn_hist = _keep_attention(attn_hist, attn, act, t, (n, total))
         now = np.flatnonzero(t == P[act] - 1)
         if now.size == 0:
             continue
