@@ -247,9 +247,10 @@ def translate(
         else:
             todo.append(i)
     o.any_prefix = any(prefixes[i].size for i in todo)
-    order = sorted(todo, key=lambda i: -srcs[i].size)
+    lengths = [srcs[i].size for i in todo]
     packed: dict = {}
-    for chunk in _batches(order, [srcs[i].size for i in order], o):
+    for batch in plan_batches(lengths, o.max_batch, o.tokens_batch):
+        chunk = [todo[j] for j in batch]
         _translate_chunk(model, o, chunk, srcs, prefixes, orig_lens, results, packed)
     return results  # type: ignore[return-value]
 
@@ -292,6 +293,14 @@ class _Options:
     @property
     def sampling(self) -> bool:
         return self.topk != 1 and self.temperature != 0.0
+
+
+def batch_settings(batch_type: str, max_batch_size: Any) -> tuple[int, bool]:
+    """(max_batch, by_tokens) from batch_type (checked before) and max_batch_size: None is
+    DEFAULT_MAX_BATCH_SIZE sentences, whatever the batch_type."""
+    if max_batch_size is None:
+        return DEFAULT_MAX_BATCH_SIZE, False
+    return check_int("max_batch_size", max_batch_size, 1), batch_type == "tokens"
 
 
 def check_decoding_lengths(max_dec: Any, min_dec: Any, max_len: int) -> tuple[int, int]:
@@ -346,9 +355,7 @@ def _check_translate_options(model: Any, a: dict) -> _Options:
     batch_type = a["batch_type"]
     if batch_type not in ("examples", "tokens"):
         raise ValueError(f"batch_type: must be 'examples' or 'tokens', got {batch_type!r}")
-    max_batch = a["max_batch_size"]
-    max_batch = DEFAULT_MAX_BATCH_SIZE if max_batch is None else check_int(
-        "max_batch_size", max_batch, 1)
+    max_batch, tokens_batch = batch_settings(batch_type, a["max_batch_size"])
     use_vmap = check_bool("use_vmap", a["use_vmap"])
     fn = a["vocab_subset_fn"]
     if fn is not None and not callable(fn):
@@ -381,7 +388,7 @@ def _check_translate_options(model: Any, a: dict) -> _Options:
         seed=seed, want_scores=check_bool("return_scores", a["return_scores"]),
         want_attn=check_bool("return_attention", a["return_attention"]),
         alternatives=alternatives, min_alt_prob=min_alt, max_batch=max_batch,
-        tokens_batch=batch_type == "tokens" and a["max_batch_size"] is not None,
+        tokens_batch=tokens_batch,
         attn_opts=_attention_options(model, a["attention_layer"], a["attention_heads"]),
         bos=int(_config_value(model, "bos_id")), pad=int(_config_value(model, "pad_id")),
         tgt_vocab=tgt_vocab,
@@ -435,16 +442,20 @@ def _fixed_result(o: _Options, prefix: np.ndarray, src_len: int) -> TranslationR
     )
 
 
-def _batches(order: list[int], lengths: list[int], o: _Options) -> list[list[int]]:
-    """Chunks of the length-sorted (longest first) sources: max_batch sentences, or with
-    batch_type="tokens" as many as keep sentences x longest length within max_batch."""
-    if not o.tokens_batch:
-        return _chunks(order, o.max_batch)
+def plan_batches(lengths: Sequence[int], max_batch: int, by_tokens: bool) -> list[list[int]]:
+    """The batches `translate` decodes, as lists of indices into `lengths` (the source lengths;
+    only nonzero ones: empty sources are answered without decoding): sorted longest first
+    (ties in input order), then max_batch sentences a batch, or with by_tokens as many as keep
+    sentences x longest length within max_batch."""
+    order = sorted((i for i, n in enumerate(lengths) if n), key=lambda i: -lengths[i])
+    if not by_tokens:
+        return _chunks(order, max_batch)
     out: list[list[int]] = []
     cur: list[int] = []
     width = 0
-    for i, n in zip(order, lengths, strict=True):
-        if cur and (len(cur) + 1) * max(width, n, 1) > o.max_batch:
+    for i in order:
+        n = lengths[i]
+        if cur and (len(cur) + 1) * max(width, n, 1) > max_batch:
             out.append(cur)
             cur, width = [], 0
         cur.append(i)

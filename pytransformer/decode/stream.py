@@ -59,11 +59,8 @@ def check_option_names(options: dict[str, Any], func: Callable | None = None) ->
 
 def _batch_settings(options: dict[str, Any]) -> tuple[int, bool]:
     """(max_batch_size, by_tokens) as `api.translate` reads them from the same options."""
-    by_tokens = options.get("batch_type", "examples") == "tokens"
-    size = options.get("max_batch_size")
-    if size is None:
-        size = api.DEFAULT_MAX_BATCH_SIZE
-    return check_int("max_batch_size", size, 1), by_tokens
+    return api.batch_settings(options.get("batch_type", "examples"),
+                              options.get("max_batch_size"))
 
 
 def read_block_size(read_batch_size: int | None, options: dict[str, Any]) -> tuple[int, bool]:
@@ -273,25 +270,13 @@ def translate_batches(
 
 
 def _source_vocab(model: EncoderDecoder) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "src_vocab_size", None) or cfg.vocab_size)
+    return int(api._config_value(model, "src_vocab_size", "vocab_size"))
 
 
 def _plan(srcs: list[np.ndarray], max_batch: int, by_tokens: bool) -> list[list[int]]:
-    """Batches of source indices: api.translate's own batches of the sources it decodes
-    (longest first, ties in input order), the empty sources (which it answers without
-    decoding, outside its batches) in the first one."""
-    order = sorted((i for i in range(len(srcs)) if srcs[i].size),
-                   key=lambda i: -srcs[i].size)
-    plan: list[list[int]] = []
-    if not by_tokens:
-        plan = [order[i : i + max_batch] for i in range(0, len(order), max_batch)]
-    else:
-        for i in order:  # longest first: a batch's padded size is its count x its first length
-            if plan and (len(plan[-1]) + 1) * max(1, srcs[plan[-1][0]].size) <= max_batch:
-                plan[-1].append(i)
-            else:
-                plan.append([i])
+    """Batches of source indices: api.translate's own batches of the sources it decodes, the
+    empty sources (which it answers without decoding, outside its batches) in the first one."""
+    plan = api.plan_batches([s.size for s in srcs], max_batch, by_tokens)
     empty = [i for i in range(len(srcs)) if not srcs[i].size]
     if empty:
         plan = [plan[0] + empty, *plan[1:]] if plan else [empty]
