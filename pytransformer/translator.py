@@ -244,28 +244,19 @@ class Translator:
         n_best = _n_best(n_best, options)
         merged = self._merged(options, n_best)
         stream.check_option_names(merged)
-        size, by_tokens = stream.read_block_size(read_batch_size, merged)
+        size, _ = stream.read_block_size(read_batch_size, merged)
         self.translate([], n_best=n_best, **options)  # checks the option values
         if isinstance(lines, str) or not isinstance(lines, Iterable):
             raise TypeError(f"lines: expected an iterable of strings, got {type(lines).__name__}")
-        return self._translated_lines(lines, n_best, size, by_tokens, options)
+        return self._translated_lines(lines, n_best, size, merged)
 
-    def _translated_lines(self, lines, n_best, size, by_tokens, options) -> Iterator[Any]:
-        executor = self._executor()
-        if executor is None:
-            cost = (lambda s: len(self.src_tokenizer.encode(s))) if by_tokens else None
-            start = 0
-            for block in stream.blocks(_checked_lines(lines), size, cost):
-                with stream.located(start, len(block)):
-                    texts = self.translate(block, n_best=n_best, **options)
-                start += len(block)
-                yield from texts
-            return
-        # decode.translate_iterable's blocks: the next one starts before this one is yielded.
-        opts = self._merged(options, n_best)
+    def _translated_lines(self, lines, n_best, size, opts) -> Iterator[Any]:
+        # Each line encoded once, as decode.translate_iterable's blocks read it (it counts a
+        # block's tokens on the ids); with workers the next block starts before this one is
+        # yielded.
         ids = (self.src_tokenizer.encode(s) for s in _checked_lines(lines))
         results = stream.translate_iterable(self.model, ids, read_batch_size=size,
-                                            executor=executor, **opts)
+                                            executor=self._executor(), **opts)
         for result in results:
             yield self._texts([result], n_best)[0]
 

@@ -73,7 +73,6 @@ def test_translate_in_blocks_with_progress(trained, capsys, monkeypatch):
     """Long inputs go block by block (progress on stderr); the output is the same as one block,
     n-best indices count across blocks, and an interrupted run leaves an existing file alone."""
     import pytransformer.cli as cli
-    from pytransformer.translator import Translator
 
     d = trained
     (d / "many.txt").write_text("".join(f"{s}\n" for s in SRC * 3))
@@ -91,16 +90,18 @@ def test_translate_in_blocks_with_progress(trained, capsys, monkeypatch):
     firsts = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
     assert firsts == [str(i) for i in range(n) for _ in range(2)]
 
-    real = Translator.translate
+    from pytransformer.decode import api
+
+    real = api.translate
     calls = []
 
-    def interrupted(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
+    def interrupted(model, sources, *a, **kw):  # the second block of sources interrupted
+        calls.append(len(sources))
+        if sum(1 for c in calls if c) == 2:
             raise KeyboardInterrupt
-        return real(self, *a, **kw)
+        return real(model, sources, *a, **kw)
 
-    monkeypatch.setattr(Translator, "translate", interrupted)
+    monkeypatch.setattr(api, "translate", interrupted)
     before = (d / "whole.txt").read_text()
     assert main(args + ["--output", str(d / "whole.txt")]) == 130
     assert (d / "whole.txt").read_text() == before

@@ -455,6 +455,15 @@ def test_translator_streams_what_it_translates(translator):
         translator.translate_iterable(lines, bem_size=2)
 
 
+def test_translator_samples_as_one_call_however_it_reads(translator):
+    lines = _lines(30, seed=5)
+    kw = dict(beam_size=1, sampling_topk=0, sampling_temperature=1.5, seed=3,
+              max_decoding_length=8, max_batch_size=4)
+    whole = translator.translate(lines, **kw)
+    assert whole != translator.translate(lines, **{**kw, "seed": 4})  # the draws are random
+    assert list(translator.translate_iterable(lines, read_batch_size=7, **kw)) == whole
+
+
 def test_translator_inter_threads(translator):
     lines = _lines(60, seed=2)
     kw = dict(beam_size=2, max_decoding_length=8, max_batch_size=4)
