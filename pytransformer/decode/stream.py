@@ -29,6 +29,7 @@ from ..checks import check_float, check_int, check_sequences
 from ..nn.layers import worth_packing
 from . import api
 from .api import EncoderDecoder, TranslationResult
+from .logits import LogitsProcessors
 from .search import greedy_choice, sampler
 
 __all__ = [
@@ -382,13 +383,17 @@ def generate_tokens(
     if not isinstance(return_log_prob, bool):
         raise TypeError(f"return_log_prob: expected a bool, got {type(return_log_prob).__name__}")
     vocab = int(cfg.tgt_vocab_size)
+    banned = (_target_ids("suppress_tokens", suppress_tokens, vocab)
+              + [int(t) for t in getattr(cfg, "suppress_ids", ()) or ()])
     rules = _Rules(
         ends=_end_ids(end_token, int(cfg.eos_id), vocab),
         min_dec=min_dec,
-        penalty=check_float("repetition_penalty", repetition_penalty, positive=True),
-        ngram=check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0),
-        banned=_target_ids("suppress_tokens", suppress_tokens, vocab)
-        + [int(t) for t in getattr(cfg, "suppress_ids", ()) or ()],
+        edits=LogitsProcessors(
+            np.unique(np.array(banned, dtype=np.int64)),
+            repetition_penalty=check_float("repetition_penalty", repetition_penalty,
+                                           positive=True),
+            no_repeat_ngram_size=check_int("no_repeat_ngram_size", no_repeat_ngram_size, 0),
+        ),
     )
     prefix = [] if target_prefix is None else _target_ids("target_prefix", target_prefix, vocab)
     keep = check_int("max_input_length", max_input_length, 0)
@@ -420,36 +425,19 @@ def _target_ids(name: str, ids: Any, vocab: int) -> list[int]:
 
 @dataclass
 class _Rules:
-    """What generate_tokens does to a step's logits before choosing (CTranslate2's order:
-    repetition penalty, banned n-grams and tokens, then the minimum length)."""
+    """What generate_tokens does to a step's logits before choosing: translate's edits
+    (`logits.LogitsProcessors`: repetition penalty, banned n-grams and tokens), then the end
+    tokens masked below the minimum length."""
 
     ends: list[int]
     min_dec: int
-    penalty: float
-    ngram: int
-    banned: list[int]
+    edits: LogitsProcessors
 
     def apply(self, logits: np.ndarray, target: list[int]) -> None:
-        row = logits[0]
-        if self.penalty != 1.0 and target:
-            seen = np.unique(np.array(target))
-            v = row[seen]
-            row[seen] = np.where(v > 0, v / self.penalty, v * self.penalty)
-        if self.ngram and len(target) >= self.ngram - 1:
-            row[self._repeating(target)] = -np.inf
-        if self.banned:
-            row[self.banned] = -np.inf
+        hist = np.array([target], dtype=np.int64) if self.edits.needs_history else None
+        self.edits.apply(logits, hist)
         if len(target) < self.min_dec:
-            row[self.ends] = -np.inf
-
-    def _repeating(self, target: list[int]) -> list[int]:
-        """The tokens that would end an n-gram already in target."""
-        n = self.ngram
-        if n == 1:
-            return list(set(target))
-        tail = target[len(target) - (n - 1):]
-        return [target[i + n - 1] for i in range(len(target) - n + 1)
-                if target[i : i + n - 1] == tail]
+            logits[0, self.ends] = -np.inf
 
 
 def _token_stream(model, src, max_dec, prefix, rules, choose, want_logprob):
