@@ -141,12 +141,12 @@ class Hypothesis:
 def _log_softmax_(x: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax of logits (n, V), in place when they are a float32 C-contiguous
     writable buffer (the model's fresh output): no copy of the vocabulary-wide matrix."""
-    if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
-        x = np.array(x, dtype=np.float32, order="C")
+    x = _writable(x)
     return ops.log_softmax(x, out=x)
 
 
 def _writable(x: np.ndarray) -> np.ndarray:
+    """x itself when it is a float32 C-contiguous writable buffer, else such a copy."""
     if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
         x = np.array(x, dtype=np.float32, order="C")
     return x
