@@ -10,7 +10,7 @@ import numpy as np
 from .. import ops
 from ..checks import check_bool, check_ids, check_int, check_layer_index
 from ..nn.attention import AttentionCapture
-from ..nn.layers import PACKED_MIN_ROWS, packed_weights, worth_packing
+from ..nn.layers import packed_weights, project, worth_packing
 from ..nn.layout import Layout
 
 # Self-attention caches start with room for this many positions and double when a step needs
@@ -259,12 +259,7 @@ class OutputRows:
     def logits(self, h: np.ndarray) -> np.ndarray:
         """h (B, C) -> (B, V) float32: the projection at `ids`, -inf elsewhere. Takes the same
         kernel (packed, unpacked or int8) `Linear.forward` takes for the full layer."""
-        if self.quantized is not None:
-            sub = ops.qlinear(h, self.quantized, bias=self.bias)
-        elif self.packed is not None and h.size >= PACKED_MIN_ROWS * h.shape[-1]:
-            sub = ops.matmul(h, self.packed, bias=self.bias)
-        else:
-            sub = ops.matmul(h, self.weight, trans_b=True, bias=self.bias)
+        sub = project(h, self.weight, self.bias, quantized=self.quantized, packed=self.packed)
         out = np.full((h.shape[0], self.vocab_size), -np.inf, np.float32)
         out[:, self.ids] = sub
         return out

@@ -126,6 +126,25 @@ def worth_packing(rows: int, steps: int) -> bool:
     return rows >= PACKED_MIN_ROWS and rows * steps >= PACK_MIN_ROW_STEPS
 
 
+def project(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    quantized: ops.QuantizedWeight | None = None,
+    packed: ops.PackedWeight | None = None,
+    activation: str | None = None,
+) -> np.ndarray:
+    """x (..., in) @ weight (out, in).T + bias by the kernel a `Linear` takes: the int8 product
+    when quantized is given, the packed copy when given and x has PACKED_MIN_ROWS rows or more
+    (below that the plain small-M paths are faster), else the plain product."""
+    if quantized is not None:
+        return ops.qlinear(x, quantized, bias=bias, activation=activation)
+    if packed is not None and x.size >= PACKED_MIN_ROWS * x.shape[-1]:
+        return ops.matmul(x, packed, bias=bias, activation=activation)
+    return ops.matmul(x, weight, trans_b=True, bias=bias, activation=activation)
+
+
 @contextlib.contextmanager
 def packed_weights(weights: dict[int, ops.PackedWeight] | None) -> Iterator[None]:
     """Within the block, this thread's `Linear.forward` calls use the packed copy in `weights`
@@ -162,12 +181,9 @@ class Linear:
     def forward(self, x: np.ndarray, activation: str | None = None) -> np.ndarray:
         """x (..., in) -> (..., out); activation "relu"/"gelu" is fused into the GEMM epilogue."""
         b = self.bias.data if self.bias is not None else None
-        if self.quantized is not None:
-            return ops.qlinear(x, self.quantized, bias=b, activation=activation)
         packed = getattr(_packed, "weights", None)
-        if packed and x.size >= PACKED_MIN_ROWS * x.shape[-1] and id(self) in packed:
-            return ops.matmul(x, packed[id(self)], bias=b, activation=activation)
-        return ops.matmul(x, self.weight.data, trans_b=True, bias=b, activation=activation)
+        return project(x, self.weight.data, b, quantized=self.quantized,
+                       packed=packed.get(id(self)) if packed else None, activation=activation)
 
     def pack(self) -> ops.PackedWeight:
         """The weight packed for `packed_weights` (a snapshot: it does not follow later updates);
