@@ -349,9 +349,9 @@ def _count_lines(path: str) -> int:
 
 @contextlib.contextmanager
 def _input_lines(path: str, arg: str) -> Iterator[Iterator[str]]:
-    """The lines of a file, or of stdin for "-", read lazily (see translator.iter_lines); a
-    line that is not UTF-8 is a UserError naming it."""
-    from .translator import iter_lines
+    """The lines of a file, or of stdin for "-", read lazily (see io.iter_lines); a line that
+    is not UTF-8 is a UserError naming it."""
+    from .io import iter_lines
 
     def lines(stream: IO[bytes]) -> Iterator[str]:
         try:

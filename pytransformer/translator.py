@@ -234,11 +234,12 @@ class Translator:
 
         The input is read in blocks of read_batch_size sentences (None: max_batch_size x 16,
         as CTranslate2's translate_iterable; with ``batch_type="tokens"`` blocks of that many
-        source tokens) and each block is translated by `translate`, so memory stays bounded
-        for any input size and the first translations come after the first block. options: as
-        for `translate`. A bad option name or value raises (TypeError/ValueError) before any
-        input is read; a sentence that is not a string raises TypeError naming its index when
-        its block is reached.
+        source tokens) and each block is translated as `translate` would (through
+        `decode.translate_iterable`, sampling keyed by position in the whole input), so memory
+        stays bounded for any input size and the first translations come after the first
+        block. options: as for `translate`. A bad option name or value raises
+        (TypeError/ValueError) before any input is read; a sentence that is not a string
+        raises TypeError naming its index when its block is reached.
         """
         options = dict(options)
         n_best = _n_best(n_best, options)
