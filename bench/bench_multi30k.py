@@ -20,10 +20,11 @@ line). Steps:
    0.6). Both systems' weights are decoded by pytransformer's beam search, so the comparison is
    of training alone.
 
-Writes WORK/multi30k.json, the picture WORK/multi30k_bleu.png (validation BLEU against training
-time) and, with --write, the table into bench/RESULTS.md (section "multi30k"). A full run
-(budgets 15, 30, 60 and both systems) takes about 2 x 60 minutes of training plus the
-evaluations (about 2 x 10 minutes on two cores). ``--budgets 1 --preset tiny`` is a smoke run.
+Writes the models at each budget to WORK/models/SYSTEM-Nmin, WORK/multi30k.json, the picture
+WORK/multi30k_bleu.png (validation BLEU against training time) and, with --write, the table
+into bench/RESULTS.md (section "multi30k"). A full run (budgets 15, 30, 60 and both systems)
+takes about 2 x 60 minutes of training plus the evaluations (about 2 x 10 minutes on two
+cores). ``--budgets 1 --preset tiny`` is a smoke run.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class Torch:
 
 
 def run_system(cls, data, evaluator: Evaluator, preset: str, budgets: list[float],
-               curve_every: float) -> dict[str, Any]:
+               curve_every: float, save_dir: pathlib.Path | None = None) -> dict[str, Any]:
     system = cls(data, preset)
     marks = sorted({*budgets, *np.arange(curve_every, max(budgets) + 1e-9, curve_every)})
     curve, table = [], []
@@ -200,6 +201,8 @@ def run_system(cls, data, evaluator: Evaluator, preset: str, budgets: list[float
         line = (f"{system.name}: {minutes:g} min, {system.steps} updates, "
                 f"valid BLEU {valid['bleu']:.2f}")
         if minutes in budgets:
+            if save_dir is not None:  # for the int8 check (bench_int8.py --multi30k)
+                model.save(save_dir / f"{system.name}-{minutes:g}min")
             test = evaluator.score(model, test=True)
             table.append({"minutes": float(minutes), "steps": system.steps, **test})
             line += f", test BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f}"
@@ -274,7 +277,8 @@ def main() -> int:
     for key in chosen:
         cls = systems[key]
         own = peer_budgets if key == "torch" else budgets
-        results[cls.name] = run_system(cls, data, evaluator, args.preset, own, curve_every)
+        results[cls.name] = run_system(cls, data, evaluator, args.preset, own, curve_every,
+                                       args.work / "models")  # fmt: skip
     record = {"preset": args.preset, "threads": args.threads, "vocab_size": args.vocab_size,
               "budgets_min": budgets, "torch_budgets_min": peer_budgets,
               "results": results}  # fmt: skip
