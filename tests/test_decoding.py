@@ -528,7 +528,7 @@ class Exploding(ToySeq2Seq):
         ([[3]], {"unk_id": 5}, ValueError, "unk_id"),
         ([[3]], {"suppress_sequences": [[1, 5]]}, IndexError, "suppress_sequences[0][1]"),
         ([[3]], {"end_token": []}, ValueError, "end_token"),
-        ([[3]], {"end_token": [2, 7]}, ValueError, "end_token[1]"),
+        ([[3]], {"end_token": [2, 7]}, IndexError, "end_token[1]"),
         ([[3]], {"end_token": "2"}, TypeError, "end_token"),
         ([[3]], {"target_prefix": [[3], [4]]}, ValueError, "target_prefix"),
         ([[3]], {"target_prefix": [[9]]}, IndexError, "target_prefix[0][0]"),

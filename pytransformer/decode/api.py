@@ -362,7 +362,7 @@ def _check_translate_options(model: Any, a: dict) -> _Options:
         raise TypeError(f"vocab_subset_fn: expected a callable, got {type(fn).__name__}")
     tgt_vocab = int(_config_value(model, "tgt_vocab_size", "vocab_size"))
     eos = int(_config_value(model, "eos_id"))
-    end_ids = _check_end_token(a["end_token"], eos, tgt_vocab)
+    end_ids = check_end_tokens(a["end_token"], eos, tgt_vocab)
     always, seqs = _check_suppress(a["suppress_sequences"], tgt_vocab)
     cfg = getattr(model, "config", model)
     always += [int(t) for t in getattr(cfg, "suppress_ids", ()) or ()]
@@ -396,15 +396,23 @@ def _check_translate_options(model: Any, a: dict) -> _Options:
     )
 
 
-def _check_end_token(value: Any, eos: int, vocab: int) -> np.ndarray:
+def check_end_tokens(value: Any, eos: int, vocab: int) -> np.ndarray:
+    """The ids that end a hypothesis: EOS when value is None, else one id or a non-empty list of
+    them. Ids outside the vocabulary raise IndexError (the rule of ``checks``)."""
     if value is None:
         return np.array([eos], dtype=np.int64)
-    if isinstance(value, (list, tuple, np.ndarray)):
-        if len(value) == 0:
-            raise ValueError("end_token: expected at least one token id")
-        ids = [check_int(f"end_token[{i}]", v, 0, vocab - 1) for i, v in enumerate(value)]
-        return np.unique(np.array(ids, dtype=np.int64))
-    return np.array([check_int("end_token", value, 0, vocab - 1)], dtype=np.int64)
+    single = not isinstance(value, (list, tuple, np.ndarray))
+    values = [value] if single else list(value)
+    if not values:
+        raise ValueError("end_token: expected a token id or a non-empty list of them")
+    ids = []
+    for i, v in enumerate(values):
+        name = "end_token" if single else f"end_token[{i}]"
+        t = check_int(name, v)
+        if not 0 <= t < vocab:
+            raise IndexError(f"{name}: {t} is out of range for a vocabulary of {vocab}")
+        ids.append(t)
+    return np.unique(np.array(ids, dtype=np.int64))
 
 
 def _check_suppress(value: Any, vocab: int) -> tuple[list[int], list[np.ndarray]]:

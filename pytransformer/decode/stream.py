@@ -305,23 +305,6 @@ class GenerationStepResult:
     token: str | None = None
 
 
-def _end_ids(end_token: Any, eos: int, vocab: int) -> list[int]:
-    if end_token is None:
-        return [eos]
-    ids = [end_token] if not isinstance(end_token, (list, tuple)) else list(end_token)
-    if not ids:
-        raise ValueError("end_token: expected a token id or a non-empty list of them")
-    out = []
-    for i, t in enumerate(ids):
-        name = "end_token" if len(ids) == 1 and not isinstance(end_token, (list, tuple)) \
-            else f"end_token[{i}]"
-        t = check_int(name, t)
-        if not 0 <= t < vocab:
-            raise IndexError(f"{name}: {t} is out of range for a vocabulary of {vocab}")
-        out.append(t)
-    return out
-
-
 def generate_tokens(
     model: EncoderDecoder,
     source_ids: Sequence[int],
@@ -386,7 +369,7 @@ def generate_tokens(
     banned = (_target_ids("suppress_tokens", suppress_tokens, vocab)
               + [int(t) for t in getattr(cfg, "suppress_ids", ()) or ()])
     rules = _Rules(
-        ends=_end_ids(end_token, int(cfg.eos_id), vocab),
+        ends=api.check_end_tokens(end_token, int(cfg.eos_id), vocab).tolist(),
         min_dec=min_dec,
         edits=LogitsProcessors(
             np.unique(np.array(banned, dtype=np.int64)),
