@@ -5,12 +5,17 @@ the paper trains). Batches: 32 sentence pairs, source and target lengths uniform
 token ids uniform over the vocabulary; four fixed batches cycled, the same for both systems.
 tokens/s counts non-pad target tokens (len(y) + 1 per sentence) per second.
 
+With ``--data DATA`` (a directory written by ``pytransformer preprocess``, e.g. of Multi30k) a
+row ``small/real`` is added: the small model with DATA's vocabularies on the first four batches
+``ShardBatcher`` draws from DATA's training split (4,096 tokens of padded cost each: a few
+hundred short sentences), the batches the trainer sees on a real corpus.
+
 Each system runs in its own worker process (so its peak RSS is its own); the parent alternates
 timed rounds between the two workers (interleaved, so machine noise hits both alike) and reports
 medians. Usage::
 
     PYTHONPATH=$PWD python bench/bench_train.py [--sizes small,base] [--threads 1,2]
-        [--rounds 5] [--no-write]
+        [--rounds 5] [--data DATA] [--no-write]
 
 On a machine shared with other busy processes, OpenMP's default spin-waiting stalls
 multi-threaded steps whenever a team thread is descheduled (ours and torch's alike);
@@ -47,6 +52,9 @@ COMMON = dict(dropout=0.1, max_len=64, pad_id=0, bos_id=1, eos_id=2)
 BATCH, MIN_LEN, MAX_LEN, N_BATCHES, LABEL_SMOOTHING, LR = 32, 16, 48, 4, 0.1, 1e-4
 
 
+FIELDS = ("src", "src_lengths", "tgt_in", "tgt_out", "tgt_lengths")
+
+
 def make_arrays(vocab: int, seed: int) -> dict[str, np.ndarray]:
     """One padded batch (the layout of pytransformer.train.data.make_batch), from numpy alone."""
     rng = np.random.default_rng(seed)
@@ -64,6 +72,37 @@ def make_arrays(vocab: int, seed: int) -> dict[str, np.ndarray]:
             "tgt_out": tgt_out, "tgt_lengths": (tgt_len + 1).astype(np.int64)}  # fmt: skip
 
 
+def real_batches(data_dir: str) -> tuple[list[dict[str, np.ndarray]], dict[str, int]]:
+    """The first N_BATCHES batches of DATA's training split, and the config fields they need."""
+    from pytransformer.train.shards import ShardBatcher, open_data
+
+    data = open_data(data_dir)
+    batcher = ShardBatcher(data.split("train"), 4096, seed=0, corpus_id=data.id,
+                           pad_id=COMMON["pad_id"], bos_id=COMMON["bos_id"],
+                           eos_id=COMMON["eos_id"])  # fmt: skip
+    batches = [batcher.next_batch() for _ in range(N_BATCHES)]
+    arrays = [{f: np.asarray(getattr(b, f), np.int64) for f in FIELDS} for b in batches]
+    longest = max(max(a["src"].shape[1], a["tgt_in"].shape[1]) for a in arrays)
+    fields = {"src_vocab_size": int(data.meta["src_vocab_size"]),
+              "tgt_vocab_size": int(data.meta["tgt_vocab_size"]), "max_len": max(64, longest)}
+    return arrays, fields
+
+
+def save_batches(batches: list[dict[str, np.ndarray]], path: str) -> str:
+    np.savez(path, **{f"{k}_{f}": b[f] for k, b in enumerate(batches) for f in FIELDS})
+    return path
+
+
+def load_batches(path: str) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as z:
+        return [{f: z[f"{k}_{f}"] for f in FIELDS} for k in range(N_BATCHES)]
+
+
+def config_fields(size: str, extra: str) -> dict:
+    """The model's fields: SIZES[size] and COMMON, with a row's overrides (JSON)."""
+    return {**SIZES[size], **COMMON, **json.loads(extra)}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -77,22 +116,20 @@ def current_rss_mb() -> float:
 # workers
 
 
-def ours_stepper(size: str, threads: int, weights: str):
+def ours_stepper(fields: dict, threads: int, weights: str, batches_path: str):
     import pytransformer as pt
     from pytransformer.io import load_safetensors
     from pytransformer.train.data import Batch
     from pytransformer.train.optim import Adam
 
     pt.set_num_threads(threads)
-    cfg = pt.TransformerConfig(**SIZES[size], **COMMON)
+    cfg = pt.TransformerConfig(**fields)
     base = current_rss_mb()
     model = pt.Transformer(cfg, seed=0)
     model.load_state_dict(load_safetensors(weights)[0])
     opt = Adam(model.parameters(), lr=LR, betas=(0.9, 0.98), eps=1e-9, track_grad_norm=False)
-    batches = []
-    for k in range(N_BATCHES):
-        a = make_arrays(cfg.tgt_vocab_size, k)
-        batches.append(Batch(**a, n_tokens=int(a["tgt_lengths"].sum())))
+    batches = [Batch(**a, n_tokens=int(a["tgt_lengths"].sum()))
+               for a in load_batches(batches_path)]  # fmt: skip
     model.train()
 
     def step(i: int) -> tuple[float, int]:
@@ -105,7 +142,7 @@ def ours_stepper(size: str, threads: int, weights: str):
     return step, base
 
 
-def torch_stepper(size: str, threads: int, weights: str):
+def torch_stepper(fields: dict, threads: int, weights: str, batches_path: str):
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -117,19 +154,18 @@ def torch_stepper(size: str, threads: int, weights: str):
     spec = importlib.util.spec_from_file_location("_pt_io", ROOT / "pytransformer" / "io.py")
     ptio = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ptio)
-    cfg = types.SimpleNamespace(**SIZES[size], **COMMON, attention_dropout=0.0, activation="relu",
+    cfg = types.SimpleNamespace(**fields, attention_dropout=0.0, activation="relu",
                                 norm_first=False, tie_embeddings="decoder", output_bias=True,
-                                layer_norm_eps=1e-5)  # fmt: skip
+                                layer_norm_eps=1e-5, encoder_attention_window=None,
+                                decoder_attention_window=None)  # fmt: skip
     base = current_rss_mb()
     state = ptio.load_safetensors(weights)[0]
     model = build_torch_model(cfg, state, kind="transformer")
     del state
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.98), eps=1e-9)
-    batches = []
-    for k in range(N_BATCHES):
-        a = make_arrays(cfg.tgt_vocab_size, k)
-        batches.append({key: torch.from_numpy(v) for key, v in a.items()})
+    batches = [{key: torch.from_numpy(v) for key, v in a.items()}
+               for a in load_batches(batches_path)]  # fmt: skip
 
     def step(i: int) -> tuple[float, int]:
         b = batches[i % N_BATCHES]
@@ -143,12 +179,12 @@ def torch_stepper(size: str, threads: int, weights: str):
     return step, base
 
 
-def worker(system: str, size: str, threads: int, weights: str) -> None:
+def worker(system: str, fields: dict, threads: int, weights: str, batches_path: str) -> None:
     """Line protocol on stdin/stdout: prints a JSON "ready" line, then answers "run N" with the
     seconds per step of N steps, and "quit" with the peak RSS."""
     import_base = current_rss_mb()
     make = ours_stepper if system == "ours" else torch_stepper
-    step, base = make(size, threads, weights)
+    step, base = make(fields, threads, weights, batches_path)
     first_loss, _ = step(0)  # warm-up: allocations, thread pools, caches
     i = 1
     print(json.dumps({"ready": True, "first_loss": first_loss, "rss_after_import_mb": base,
@@ -173,10 +209,11 @@ def worker(system: str, size: str, threads: int, weights: str) -> None:
 
 
 class Worker:
-    def __init__(self, system: str, size: str, threads: int, weights: str):
+    def __init__(self, system: str, case: dict, threads: int):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-        cmd = [sys.executable, __file__, "--worker", system, "--sizes", size,
-               "--threads", str(threads), "--weights", weights]  # fmt: skip
+        cmd = [sys.executable, __file__, "--worker", system, "--sizes", case["size"],
+               "--threads", str(threads), "--weights", case["weights"],
+               "--batches", case["batches"], "--fields", json.dumps(case["fields"])]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
         )
@@ -201,8 +238,8 @@ class Worker:
         return out
 
 
-def measure(size: str, threads: int, weights: str, rounds: int, steps: int) -> dict:
-    workers = {name: Worker(name, size, threads, weights) for name in ("ours", "torch")}
+def measure(case: dict, threads: int, rounds: int, steps: int) -> dict:
+    workers = {name: Worker(name, case, threads) for name in ("ours", "torch")}
     samples: dict[str, list[float]] = {name: [] for name in workers}
     try:
         for r in range(rounds):
@@ -223,15 +260,31 @@ def measure(size: str, threads: int, weights: str, rounds: int, steps: int) -> d
     }
 
 
-def write_weights(size: str, directory: str) -> str:
+def write_weights(fields: dict, path: str) -> str:
     """Our initialisation (seed 0) saved once; both workers load it."""
     import pytransformer as pt
     from pytransformer.io import save_safetensors
 
-    model = pt.Transformer(pt.TransformerConfig(**SIZES[size], **COMMON), seed=0)
-    path = os.path.join(directory, f"{size}.safetensors")
-    save_safetensors(path, model.parameters())
+    save_safetensors(path, pt.Transformer(pt.TransformerConfig(**fields), seed=0).parameters())
     return path
+
+
+def make_cases(sizes: list[str], data_dir: str | None, directory: str) -> list[dict]:
+    """The rows to measure: each size on the synthetic batches, then small/real with --data."""
+    cases = []
+    for size in sizes:
+        fields = config_fields(size, "{}")
+        batches = [make_arrays(fields["tgt_vocab_size"], k) for k in range(N_BATCHES)]
+        cases.append({"label": size, "size": size, "fields": {}, "batches": batches})
+    if data_dir is not None:
+        batches, extra = real_batches(data_dir)
+        cases.append({"label": "small/real", "size": "small", "fields": extra,
+                      "batches": batches})  # fmt: skip
+    for k, case in enumerate(cases):
+        fields = config_fields(case["size"], json.dumps(case["fields"]))
+        case["weights"] = write_weights(fields, os.path.join(directory, f"{k}.safetensors"))
+        case["batches"] = save_batches(case["batches"], os.path.join(directory, f"{k}.npz"))
+    return cases
 
 
 def main() -> None:
@@ -239,12 +292,16 @@ def main() -> None:
     ap.add_argument("--sizes", default="small,base")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--data", help="a preprocessed corpus: adds the small/real row")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     ap.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
+    ap.add_argument("--fields", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.sizes, int(args.threads), args.weights)
+        fields = config_fields(args.sizes, args.fields)
+        worker(args.worker, fields, int(args.threads), args.weights, args.batches)
         return
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -255,22 +312,21 @@ def main() -> None:
     rows, raw = [], {}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes.split(","):
-            weights = write_weights(size, tmp)
+        for case in make_cases(args.sizes.split(","), args.data, tmp):
             for threads in (int(t) for t in args.threads.split(",")):
-                steps = 2 if size == "small" else 1
-                res = measure(size, threads, weights, args.rounds, steps)
-                raw[f"{size}/{threads}"] = res
+                steps = {"small": 2, "small/real": N_BATCHES}.get(case["label"], 1)
+                res = measure(case, threads, args.rounds, steps)
+                raw[f"{case['label']}/{threads}"] = res
                 o, t = res["ours"], res["torch"]
                 rows.append([
-                    size, threads, f"{o['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}",
+                    case["label"], threads, f"{o['tokens_per_s']:.0f}", f"{t['tokens_per_s']:.0f}",
                     f"**{o['tokens_per_s'] / t['tokens_per_s']:.2f}x**",
                     f"{max(o['samples']) / max(t['samples']):.2f}x",
                     f"{o['peak_rss_mb']:.0f}", f"{t['peak_rss_mb']:.0f}",
                     f"{o['peak_rss_mb'] - o['rss_after_import_mb']:.0f}",
                     f"{t['peak_rss_mb'] - t['rss_after_import_mb']:.0f}",
                 ])  # fmt: skip
-                print(size, threads, json.dumps(res), flush=True)
+                print(case["label"], threads, json.dumps(res), flush=True)
     table = markdown_table(
         ["model", "threads", "ours tok/s", "torch tok/s", "ours/torch", "ours/torch (best)",
          "ours peak RSS MB",
@@ -285,7 +341,9 @@ def main() -> None:
     )
     body = "\n".join([
         f"Command: `{policy}PYTHONPATH=$PWD python bench/bench_train.py --sizes {args.sizes} "
-        f"--threads {args.threads} --rounds {args.rounds}` ({stamp}, "
+        f"--threads {args.threads} --rounds {args.rounds}"
+        + (" --data DATA" if args.data else "")
+        + f"` ({stamp}, "
         f"isa {pt.cpu_info()['isa']}, torch eager {__import__('torch').__version__}; "
         f"1-minute load average {load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after, on 2 cores).",
@@ -295,7 +353,9 @@ def main() -> None:
         "tokens/s = non-pad target tokens per second, median of "
         f"{args.rounds} interleaved rounds; each system in its own process. "
         "Peak RSS = the process's ru_maxrss (torch's includes ~220 MB of library after import); "
-        "'above imports' = peak minus RSS after importing the library.",
+        "'above imports' = peak minus RSS after importing the library."
+        + (" small/real: the small model on the first four batches of DATA's training split "
+           f"({args.data}; 4,096 tokens of padded cost each)." if args.data else ""),
         "",
         table,
     ])  # fmt: skip
