@@ -2,7 +2,8 @@
 beside a PyTorch eager peer with the same architecture, data, tokenizer and schedule.
 
     PYTHONPATH=$PWD python bench/bench_multi30k.py /path/to/multi30k [--budgets 15,30,60]
-        [--preset small] [--systems ours,torch] [--threads 2] [--work DIR] [--write]
+        [--torch-budgets 15,30] [--preset small] [--systems ours,torch] [--threads 2]
+        [--curve-every MIN] [--work DIR] [--write] [--report-only]
 
 DATA_DIR holds train.{en,de}, val.{en,de} and test_2016_flickr.{en,de} (raw text, a sentence a
 line). Steps:
@@ -24,7 +25,9 @@ Writes the models at each budget to WORK/models/SYSTEM-Nmin, WORK/multi30k.json,
 WORK/multi30k_bleu.png (validation BLEU against training time) and, with --write, the table
 into bench/RESULTS.md (section "multi30k"). A full run (budgets 15, 30, 60 and both systems)
 takes about 2 x 60 minutes of training plus the evaluations (about 2 x 10 minutes on two
-cores). ``--budgets 1 --preset tiny`` is a smoke run.
+cores). ``--budgets 1 --preset tiny`` is a smoke run. WORK/multi30k.json is rewritten after
+every evaluation, so a stopped run keeps its points; ``--report-only`` redoes the table and the
+picture from it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from _common import markdown_table, update_results  # noqa: E402
 
 import pytransformer as pt  # noqa: E402
-from pytransformer.io import split_lines  # noqa: E402
+from pytransformer.io import atomic_write_text, split_lines  # noqa: E402
 from pytransformer.models import Transformer, TransformerConfig  # noqa: E402
 from pytransformer.preprocess import PreprocessOptions, preprocess  # noqa: E402
 from pytransformer.text.tokenizer import load_tokenizer  # noqa: E402
@@ -188,10 +191,13 @@ class Torch:
 
 
 def run_system(cls, data, evaluator: Evaluator, preset: str, budgets: list[float],
-               curve_every: float, save_dir: pathlib.Path | None = None) -> dict[str, Any]:
+               curve_every: float, save_dir: pathlib.Path,
+               result: dict[str, Any], on_mark: Any) -> None:  # fmt: skip
+    """Trains one system to its last budget, filling result ({"curve", "budgets"}) and calling
+    on_mark() after each evaluation, so an interrupted run keeps what it measured."""
     system = cls(data, preset)
     marks = sorted({*budgets, *np.arange(curve_every, max(budgets) + 1e-9, curve_every)})
-    curve, table = [], []
+    curve, table = result.setdefault("curve", []), result.setdefault("budgets", [])
     for minutes in marks:
         system.train_until(60.0 * minutes)
         model = system.snapshot()
@@ -201,13 +207,12 @@ def run_system(cls, data, evaluator: Evaluator, preset: str, budgets: list[float
         line = (f"{system.name}: {minutes:g} min, {system.steps} updates, "
                 f"valid BLEU {valid['bleu']:.2f}")
         if minutes in budgets:
-            if save_dir is not None:  # for the int8 check (bench_int8.py --multi30k)
-                model.save(save_dir / f"{system.name}-{minutes:g}min")
+            model.save(save_dir / f"{system.name}-{minutes:g}min")  # bench_real_decode.py's
             test = evaluator.score(model, test=True)
             table.append({"minutes": float(minutes), "steps": system.steps, **test})
             line += f", test BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f}"
         print(line, flush=True)
-    return {"curve": curve, "budgets": table}
+        on_mark()
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
@@ -252,7 +257,13 @@ def main() -> int:
                     help="minutes between validation points (default: the smallest budget / 3)")
     ap.add_argument("--work", type=pathlib.Path, default=pathlib.Path("bench-multi30k"))
     ap.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="redo the table and picture from WORK/multi30k.json (no training)")
     args = ap.parse_args()
+    record_path = args.work / "multi30k.json"
+    if args.report_only:
+        report(json.loads(record_path.read_text()), args.work, args.write)
+        return 0
     budgets = parse_budgets(ap, "--budgets", args.budgets)
     peer_budgets = parse_budgets(ap, "--torch-budgets", args.torch_budgets or args.budgets)
     for name in ("train.en", "train.de", "val.en", "val.de", "test_2016_flickr.en",
@@ -273,30 +284,40 @@ def main() -> int:
     data = prepare_data(args.data_dir, args.work, args.vocab_size)
     evaluator = Evaluator(data, args.data_dir)
     curve_every = args.curve_every or budgets[0] / 3
-    results = {}
+    record = {"preset": args.preset, "threads": args.threads, "vocab_size": args.vocab_size,
+              "command": " ".join(["python bench/bench_multi30k.py DATA_DIR", *sys.argv[2:]]),
+              "results": {}}  # fmt: skip
     for key in chosen:
         cls = systems[key]
         own = peer_budgets if key == "torch" else budgets
-        results[cls.name] = run_system(cls, data, evaluator, args.preset, own, curve_every,
-                                       args.work / "models")  # fmt: skip
-    record = {"preset": args.preset, "threads": args.threads, "vocab_size": args.vocab_size,
-              "budgets_min": budgets, "torch_budgets_min": peer_budgets,
-              "results": results}  # fmt: skip
-    (args.work / "multi30k.json").write_text(json.dumps(record, indent=1))
-    plot(results, args.work / "multi30k_bleu.png")
-    rows = []
-    for name, res in results.items():
-        for b in res["budgets"]:
-            rows.append([name, f"{b['minutes']:g}", b["steps"], f"{b['bleu']:.1f}",
-                         f"{b['chrf']:.1f}"])  # fmt: skip
-    table = markdown_table(["system", "minutes", "updates", "BLEU", "chrF"], rows)
-    print(table)
-    if args.write:
-        cmd = " ".join(["python bench/bench_multi30k.py DATA_DIR", *sys.argv[2:]])
-        update_results("multi30k", f"`{cmd}` (preset {args.preset}, {args.threads} threads; "
-                                   f"test_2016_flickr, beam 4, sacrebleu)\n\n{table}")
-    print(f"wrote {args.work / 'multi30k.json'} and {args.work / 'multi30k_bleu.png'}")
+        result = record["results"].setdefault(cls.name, {})
+        run_system(cls, data, evaluator, args.preset, own, curve_every, args.work / "models",
+                   result, lambda: atomic_write_text(record_path, json.dumps(record, indent=1)))
+    report(record, args.work, args.write)
     return 0
+
+
+def report(record: dict[str, Any], work: pathlib.Path, write: bool) -> None:
+    """The table (BLEU at equal training time, one row per budget) and the picture."""
+    results = record["results"]
+    plot(results, work / "multi30k_bleu.png")
+    at = {name: {b["minutes"]: b for b in res["budgets"]} for name, res in results.items()}
+    rows = []
+    for minutes in sorted({m for table in at.values() for m in table}):
+        row = [f"{minutes:g}"]
+        for name in results:
+            b = at[name].get(minutes)
+            row += [b["steps"], f"{b['bleu']:.1f}", f"{b['chrf']:.1f}"] if b else ["-"] * 3
+        rows.append(row)
+    header = ["training minutes"] + [f"{name} {what}" for name in results
+                                      for what in ("updates", "BLEU", "chrF")]  # fmt: skip
+    table = markdown_table(header, rows)
+    print(table)
+    if write:
+        update_results("multi30k", f"Command: `{record['command']}` (preset {record['preset']}, "
+                                   f"{record['threads']} threads; BLEU and chrF on "
+                                   f"test_2016_flickr, beam 4, sacrebleu)\n\n{table}")
+    print(f"wrote {work / 'multi30k.json'} and {work / 'multi30k_bleu.png'}")
 
 
 if __name__ == "__main__":
