@@ -20,6 +20,7 @@ __all__ = [
     "check_bool",
     "check_optional_int",
     "check_ids",
+    "check_token_id",
     "check_lengths",
     "check_sequences",
     "check_layer_index",
@@ -105,6 +106,14 @@ def check_ids(name: str, ids: Any, vocab_size: int, ndim: int) -> np.ndarray:
     if ids.dtype not in (np.int32, np.int64):
         ids = ids.astype(np.int64)
     return ids
+
+
+def check_token_id(name: str, value: Any, vocab_size: int) -> int:
+    """One token id (an integer, never a bool) in [0, vocab_size), returned as an int."""
+    t = check_int(name, value)
+    if not 0 <= t < vocab_size:
+        raise IndexError(f"{name}: {t} is out of range for a vocabulary of {vocab_size}")
+    return t
 
 
 def check_lengths(name: str, lengths: Any, batch: int, max_length: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from ..checks import (
     check_layer_index,
     check_optional_int,
     check_sequences,
+    check_token_id,
 )
 from ..nn.layers import worth_packing
 from .logits import LogitsProcessors
@@ -405,13 +406,8 @@ def check_end_tokens(value: Any, eos: int, vocab: int) -> np.ndarray:
     values = [value] if single else list(value)
     if not values:
         raise ValueError("end_token: expected a token id or a non-empty list of them")
-    ids = []
-    for i, v in enumerate(values):
-        name = "end_token" if single else f"end_token[{i}]"
-        t = check_int(name, v)
-        if not 0 <= t < vocab:
-            raise IndexError(f"{name}: {t} is out of range for a vocabulary of {vocab}")
-        ids.append(t)
+    ids = [check_token_id("end_token" if single else f"end_token[{i}]", v, vocab)
+           for i, v in enumerate(values)]  # fmt: skip
     return np.unique(np.array(ids, dtype=np.int64))
 
 

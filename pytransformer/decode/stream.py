@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .. import ops
-from ..checks import check_float, check_int, check_sequences
+from ..checks import check_float, check_int, check_sequences, check_token_id
 from ..nn.layers import worth_packing
 from . import api
 from .api import EncoderDecoder, TranslationResult
@@ -397,13 +397,7 @@ def generate_tokens(
 def _target_ids(name: str, ids: Any, vocab: int) -> list[int]:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
         raise TypeError(f"{name}: expected a sequence of token ids, got {type(ids).__name__}")
-    out = []
-    for i, t in enumerate(ids):
-        t = check_int(f"{name}[{i}]", t)
-        if not 0 <= t < vocab:
-            raise IndexError(f"{name}[{i}]: {t} is out of range for a vocabulary of {vocab}")
-        out.append(t)
-    return out
+    return [check_token_id(f"{name}[{i}]", t, vocab) for i, t in enumerate(ids)]
 
 
 @dataclass
