@@ -1,7 +1,9 @@
-"""Shared benchmark helpers: interleaved timing and RESULTS.md section updates."""
+"""Shared benchmark helpers: interleaved timing, RESULTS.md section updates and the command
+lines recorded there."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import statistics
 import time
@@ -57,6 +59,14 @@ def update_results(section: str, body: str) -> None:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     RESULTS.write_text(f"{head}{begin}\n{body.rstrip()}\n{end}{tail}")
+
+
+def command_line(script: str, args: list[str]) -> str:
+    """How a bench ran, as RESULTS.md records it: OMP_WAIT_POLICY when set (it moves the
+    multi-threaded figures), then the script under bench/ with its arguments."""
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    prefix = [f"OMP_WAIT_POLICY={policy}"] if policy else []
+    return " ".join([*prefix, "PYTHONPATH=$PWD python", f"bench/{script}", *args])
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

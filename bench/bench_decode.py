@@ -39,7 +39,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from _common import markdown_table, update_results  # noqa: E402
+from _common import command_line, markdown_table, update_results  # noqa: E402
 
 import pytransformer  # noqa: E402
 from pytransformer import Transformer, TransformerConfig  # noqa: E402
@@ -112,11 +112,9 @@ def main() -> None:
     table = markdown_table(header, rows)
     print(table)
     if not args.no_write:
-        policy = os.environ.get("OMP_WAIT_POLICY")
-        cmd = ((f"OMP_WAIT_POLICY={policy} " if policy else "")
-               + "PYTHONPATH=$PWD python bench/bench_decode.py " + " ".join(sys.argv[1:]))
         loads = f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"
-        update_results("decode", _report(table, cmd.strip(), loads))
+        cmd = command_line("bench_decode.py", sys.argv[1:])
+        update_results("decode", _report(table, cmd, loads))
 
 
 def _row(kind, name, threads, beam, model, tm, sources, peer, repeats) -> list:

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import interleaved_samples, markdown_table, update_results  # noqa: E402
+from _common import command_line, interleaved_samples, markdown_table, update_results  # noqa: E402
 
 SHAPES = [
     (1, 512, 512),
@@ -143,14 +143,9 @@ def main() -> None:
         "ours % of FMA peak",
     ]
     info = pt.cpu_info()
-    policy = os.environ.get("OMP_WAIT_POLICY")
     body = "\n".join(
         [
-            "Command: `"
-            + (f"OMP_WAIT_POLICY={policy} " if policy else "")
-            + "PYTHONPATH=$PWD python bench/bench_gemm.py"
-            + (" --quick" if args.quick else "")
-            + "`",
+            f"Command: `{command_line('bench_gemm.py', ['--quick'] if args.quick else [])}`",
             "",
             f"Machine: {platform.processor() or platform.machine()}, ISA {info['isa']}, "
             f"{info['cores']} cores; numpy {np.__version__}. " + "; ".join(notes) + ".",

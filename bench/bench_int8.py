@@ -41,7 +41,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_decode  # noqa: E402
-from _common import markdown_table, update_results  # noqa: E402
+from _common import command_line, markdown_table, update_results  # noqa: E402
 
 import pytransformer  # noqa: E402
 from pytransformer import Transformer, TransformerConfig  # noqa: E402
@@ -231,11 +231,9 @@ def main() -> None:
     if memory:
         print(mem_table)
     if not args.no_write:
-        policy = os.environ.get("OMP_WAIT_POLICY")
-        cmd = ((f"OMP_WAIT_POLICY={policy} " if policy else "")
-               + "PYTHONPATH=$PWD python bench/bench_int8.py " + " ".join(sys.argv[1:]))
         loads = f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"
-        update_results("int8", _report(table, mem_table if memory else "", cmd.strip(), loads))
+        cmd = command_line("bench_int8.py", sys.argv[1:])
+        update_results("int8", _report(table, mem_table if memory else "", cmd, loads))
 
 
 def _report(table: str, mem_table: str, cmd: str, loads: str) -> str:

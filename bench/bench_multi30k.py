@@ -44,7 +44,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from _common import markdown_table, update_results  # noqa: E402
+from _common import command_line, markdown_table, update_results  # noqa: E402
 
 import pytransformer as pt  # noqa: E402
 from pytransformer.io import atomic_write_text, split_lines  # noqa: E402
@@ -285,7 +285,7 @@ def main() -> int:
     evaluator = Evaluator(data, args.data_dir)
     curve_every = args.curve_every or budgets[0] / 3
     record = {"preset": args.preset, "threads": args.threads, "vocab_size": args.vocab_size,
-              "command": " ".join(["python bench/bench_multi30k.py DATA_DIR", *sys.argv[2:]]),
+              "command": command_line("bench_multi30k.py", ["DATA_DIR", *sys.argv[2:]]),
               "results": {}}  # fmt: skip
     for key in chosen:
         cls = systems[key]

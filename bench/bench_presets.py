@@ -15,7 +15,6 @@ bench/RESULTS.md (section "presets").
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import statistics
 import sys
@@ -23,7 +22,8 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from _common import markdown_table, update_results  # noqa: E402
+from _common import command_line, markdown_table, update_results  # noqa: E402
+from bench_multi30k import build  # noqa: E402
 
 import pytransformer as pt  # noqa: E402
 from pytransformer.train.allocator import reuse_freed_memory  # noqa: E402
@@ -34,8 +34,6 @@ from pytransformer.train.trainer import Trainer  # noqa: E402
 
 
 def measure(data, preset: str, steps: int) -> dict[str, float]:
-    from bench_multi30k import build
-
     model, batcher, schedule, _ = build(data, preset)
     opt = Adam(model.parameters(), lr=schedule, max_grad_norm=1.0)
     trainer = Trainer(model, opt, batcher, label_smoothing=0.1, seed=0, progress=False)
@@ -68,9 +66,7 @@ def main() -> int:
                            rows)  # fmt: skip
     print(table)
     if args.write:
-        policy = os.environ.get("OMP_WAIT_POLICY")
-        cmd = ((f"OMP_WAIT_POLICY={policy} " if policy else "")
-               + "PYTHONPATH=$PWD python bench/bench_presets.py DATA " + " ".join(sys.argv[2:]))
+        cmd = command_line("bench_presets.py", ["DATA", *sys.argv[2:]])
         note = (f"Command: `{cmd}` (DATA: {args.data.name}, target vocabulary "
                 f"{data.meta['tgt_vocab_size']}; {args.threads} threads; median of "
                 f"{args.steps} updates after one warm-up).\n\n")  # fmt: skip

@@ -24,29 +24,26 @@ ends them, not at a forced length). --write puts the table in bench/RESULTS.md (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from _common import markdown_table, update_results  # noqa: E402
+from _common import command_line, markdown_table, update_results  # noqa: E402
+from bench_decode import _alternating_medians, _keeping  # noqa: E402
+from bench_multi30k import read  # noqa: E402
 
 import pytransformer as pt  # noqa: E402
-from pytransformer.io import split_lines  # noqa: E402
 from pytransformer.models import Transformer  # noqa: E402
 from pytransformer.text.tokenizer import load_tokenizer  # noqa: E402
 
 LENGTH_PENALTY, BATCH = 0.6, 32
 Decode = Callable[[list[list[int]], int, int], list[list[int]]]
-
-
-def read(path: pathlib.Path) -> list[str]:
-    return split_lines(path.read_text(encoding="utf-8"))
 
 
 def ours(model: Transformer) -> Decode:
@@ -58,9 +55,9 @@ def ours(model: Transformer) -> Decode:
     return decode
 
 
-def ctranslate2_systems(model_dir: pathlib.Path, data_dir: pathlib.Path, threads: int,
+def ctranslate2_systems(model: Transformer, tokenizers: tuple, threads: int,
                         tmp: str) -> dict[str, Decode]:  # fmt: skip
-    """CTranslate2 float32 and int8 on the model's weights ({} without ctranslate2)."""
+    """CTranslate2 float32 and int8 on model's weights ({} without ctranslate2)."""
     try:
         import ctranslate2
     except ImportError:
@@ -69,10 +66,7 @@ def ctranslate2_systems(model_dir: pathlib.Path, data_dir: pathlib.Path, threads
     from pytransformer.interop import export_ctranslate2
     from pytransformer.translator import Translator
 
-    translator = Translator(Transformer.load(model_dir),
-                            load_tokenizer(data_dir / "src_tokenizer.json"),
-                            load_tokenizer(data_dir / "tgt_tokenizer.json"))  # fmt: skip
-    translator.save(os.path.join(tmp, "translator"))
+    Translator(model, *tokenizers).save(os.path.join(tmp, "translator"))
     ct2_dir = export_ctranslate2(os.path.join(tmp, "translator"), os.path.join(tmp, "ct2"))
     vocab = _vocabulary(ct2_dir)
     index = {t: i for i, t in enumerate(vocab)}
@@ -85,8 +79,6 @@ def ctranslate2_systems(model_dir: pathlib.Path, data_dir: pathlib.Path, threads
 
 
 def _vocabulary(ct2_dir: pathlib.Path) -> list[str]:
-    import json
-
     path = ct2_dir / "shared_vocabulary.json"
     if not path.exists():
         raise SystemExit(f"{ct2_dir}: separate vocabularies; this bench expects a shared one")
@@ -112,14 +104,9 @@ def generated(hyps: list[list[int]]) -> int:
 def time_systems(systems: dict[str, Decode], sources: list[list[int]], beam: int, length: int,
                  repeats: int) -> tuple[dict[str, float], dict[str, list[list[int]]]]:  # fmt: skip
     """Median seconds per full decode of each system (alternating), and each one's outputs."""
-    samples: dict[str, list[float]] = {name: [] for name in systems}
     outputs: dict[str, list[list[int]]] = {}
-    for _ in range(repeats):
-        for name, decode in systems.items():
-            t0 = time.perf_counter()
-            outputs[name] = decode(sources, beam, length)
-            samples[name].append(time.perf_counter() - t0)
-    return {name: sorted(s)[len(s) // 2] for name, s in samples.items()}, outputs
+    fns = {name: (lambda d=decode: d(sources, beam, length)) for name, decode in systems.items()}
+    return _alternating_medians(_keeping(fns, outputs), repeats), outputs
 
 
 def main() -> int:
@@ -144,11 +131,12 @@ def main() -> int:
     sources = [src_tok.encode(s) for s in read(args.data_dir / "test_2016_flickr.en")]
     refs = read(args.data_dir / "test_2016_flickr.de")
     length = 2 * max(map(len, sources)) + 10
-    systems = {f"pytransformer {c}": ours(Transformer.load(model_dir, compute_type=c).eval())
-               for c in ("float32", "int8")}  # fmt: skip
+    models = {c: Transformer.load(model_dir, compute_type=c).eval() for c in ("float32", "int8")}
+    systems = {f"pytransformer {c}": ours(m) for c, m in models.items()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        systems.update(ctranslate2_systems(model_dir, data, args.threads, tmp))
+        systems.update(ctranslate2_systems(models["float32"], (src_tok, tgt_tok), args.threads,
+                                           tmp))  # fmt: skip
         for beam in map(int, args.beams.split(",")):
             seconds, outputs = time_systems(systems, sources, beam, length, args.repeats)
             base = "pytransformer float32"
@@ -156,7 +144,7 @@ def main() -> int:
             for name, hyps in outputs.items():
                 text = [tgt_tok.decode(h) for h in hyps]
                 rate = generated(hyps) / seconds[name]
-                same = _same(hyps, outputs["pytransformer float32"])
+                same = _same(hyps, outputs[base])
                 peer = outputs.get("CTranslate2 float32") if name == "CTranslate2 int8" else None
                 rows.append([
                     f"beam {beam}" if beam > 1 else "greedy", name, f"{rate:.0f}",
@@ -171,10 +159,7 @@ def main() -> int:
     table = markdown_table(header, rows)
     print(table)
     if args.write:
-        policy = os.environ.get("OMP_WAIT_POLICY")
-        cmd = " ".join([*([f"OMP_WAIT_POLICY={policy}"] if policy else []),
-                        "PYTHONPATH=$PWD python bench/bench_real_decode.py WORK DATA_DIR",
-                        *sys.argv[3:]])  # fmt: skip
+        cmd = command_line("bench_real_decode.py", ["WORK", "DATA_DIR", *sys.argv[3:]])
         note = (f"Command: `{cmd}` (model WORK/models/{args.model}, {args.threads} thread(s), "
                 f"{len(sources)} sentences of test_2016_flickr, median of {args.repeats} "
                 "alternating runs).\n\n")  # fmt: skip

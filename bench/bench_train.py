@@ -98,9 +98,9 @@ def load_batches(path: str) -> list[dict[str, np.ndarray]]:
         return [{f: z[f"{k}_{f}"] for f in FIELDS} for k in range(N_BATCHES)]
 
 
-def config_fields(size: str, extra: str) -> dict:
-    """The model's fields: SIZES[size] and COMMON, with a row's overrides (JSON)."""
-    return {**SIZES[size], **COMMON, **json.loads(extra)}
+def config_fields(size: str, extra: dict) -> dict:
+    """The model's fields: SIZES[size] and COMMON, with a row's overrides."""
+    return {**SIZES[size], **COMMON, **extra}
 
 
 def peak_rss_mb() -> float:
@@ -273,7 +273,7 @@ def make_cases(sizes: list[str], data_dir: str | None, directory: str) -> list[d
     """The rows to measure: each size on the synthetic batches, then small/real with --data."""
     cases = []
     for size in sizes:
-        fields = config_fields(size, "{}")
+        fields = config_fields(size, {})
         batches = [make_arrays(fields["tgt_vocab_size"], k) for k in range(N_BATCHES)]
         cases.append({"label": size, "size": size, "fields": {}, "batches": batches})
     if data_dir is not None:
@@ -281,7 +281,7 @@ def make_cases(sizes: list[str], data_dir: str | None, directory: str) -> list[d
         cases.append({"label": "small/real", "size": "small", "fields": extra,
                       "batches": batches})  # fmt: skip
     for k, case in enumerate(cases):
-        fields = config_fields(case["size"], json.dumps(case["fields"]))
+        fields = config_fields(case["size"], case["fields"])
         case["weights"] = write_weights(fields, os.path.join(directory, f"{k}.safetensors"))
         case["batches"] = save_batches(case["batches"], os.path.join(directory, f"{k}.npz"))
     return cases
@@ -300,12 +300,12 @@ def main() -> None:
     ap.add_argument("--fields", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        fields = config_fields(args.sizes, args.fields)
+        fields = config_fields(args.sizes, json.loads(args.fields))
         worker(args.worker, fields, int(args.threads), args.weights, args.batches)
         return
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from _common import markdown_table, update_results
+    from _common import command_line, markdown_table, update_results
 
     import pytransformer as pt
 
@@ -334,16 +334,11 @@ def main() -> None:
         rows,
     )  # fmt: skip
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    policy = (
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} "
-        if "OMP_WAIT_POLICY" in os.environ
-        else ""
-    )
+    cmd = command_line("bench_train.py", ["--sizes", args.sizes, "--threads", args.threads,
+                                          "--rounds", str(args.rounds),
+                                          *(["--data", "DATA"] if args.data else [])])  # fmt: skip
     body = "\n".join([
-        f"Command: `{policy}PYTHONPATH=$PWD python bench/bench_train.py --sizes {args.sizes} "
-        f"--threads {args.threads} --rounds {args.rounds}"
-        + (" --data DATA" if args.data else "")
-        + f"` ({stamp}, "
+        f"Command: `{cmd}` ({stamp}, "
         f"isa {pt.cpu_info()['isa']}, torch eager {__import__('torch').__version__}; "
         f"1-minute load average {load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after, on 2 cores).",
