@@ -108,14 +108,16 @@ class Evaluator:
                 "chrf": sacrebleu.corpus_chrf(hyps, [ref]).score}  # fmt: skip
 
 
-def build(data, preset: str) -> tuple[Transformer, ShardBatcher, Noam, list]:
-    p = get_preset(preset)
+def build(data, recipe: dict[str, Any]) -> tuple[Transformer, ShardBatcher, Noam, list]:
+    p = get_preset(recipe["preset"])
+    shape = {**p.model, **({"dropout": recipe["dropout"]} if recipe.get("dropout") is not None
+                           else {})}  # fmt: skip
     lengths = data.manifest["splits"]
     longest = max(max(e["max_length"]["src"], e["max_length"]["tgt"] + 1)
                   for e in lengths.values())  # fmt: skip
     cfg = TransformerConfig(
         src_vocab_size=data.meta["src_vocab_size"], tgt_vocab_size=data.meta["tgt_vocab_size"],
-        tie_embeddings="all", max_len=max(256, longest), **IDS, **p.model,
+        tie_embeddings="all", max_len=max(256, longest), **IDS, **shape,
     )
     model = Transformer(cfg, seed=SEED)
     batcher = ShardBatcher(data.split("train"), max(p.max_tokens, longest), seed=SEED,
@@ -129,8 +131,8 @@ def build(data, preset: str) -> tuple[Transformer, ShardBatcher, Noam, list]:
 class Ours:
     name = "pytransformer"
 
-    def __init__(self, data, preset: str):
-        self.model, batcher, schedule, _ = build(data, preset)
+    def __init__(self, data, recipe: dict[str, Any]):
+        self.model, batcher, schedule, _ = build(data, recipe)
         opt = Adam(self.model.parameters(), lr=schedule, max_grad_norm=CLIP)
         self.trainer = Trainer(self.model, opt, batcher, label_smoothing=LABEL_SMOOTHING,
                                seed=SEED, progress=False)  # fmt: skip
@@ -149,12 +151,12 @@ class Ours:
 class Torch:
     name = "pytorch"
 
-    def __init__(self, data, preset: str):
+    def __init__(self, data, recipe: dict[str, Any]):
         import torch
         from torch_reference import build_torch_model
 
         self.torch = torch
-        self.ours, self.batcher, self.schedule, _ = build(data, preset)
+        self.ours, self.batcher, self.schedule, _ = build(data, recipe)
         self.model = build_torch_model(self.ours.config, self.ours.state_dict(), "transformer")
         self.model.train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
@@ -190,17 +192,36 @@ class Torch:
         return self.ours
 
 
-def run_system(cls, data, evaluator: Evaluator, preset: str, budgets: list[float],
-               curve_every: float, save_dir: pathlib.Path,
-               result: dict[str, Any], on_mark: Any) -> None:  # fmt: skip
+def mean_state(states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The float64 mean of several snapshots, rounded once to each parameter's dtype (as
+    pytransformer.train.average does for checkpoint directories)."""
+    return {k: np.mean([s[k] for s in states], axis=0, dtype=np.float64).astype(a.dtype)
+            for k, a in states[0].items()}  # fmt: skip
+
+
+def marks(every: float, end: float) -> set[float]:
+    return {round(float(m), 6) for m in np.arange(every, end + 1e-9, every)}
+
+
+def run_system(cls, data, evaluator: Evaluator, recipe: dict[str, Any], budgets: list[float],
+               save_dir: pathlib.Path, result: dict[str, Any], on_mark: Any) -> None:
     """Trains one system to its last budget, filling result ({"curve", "budgets"}) and calling
-    on_mark() after each evaluation, so an interrupted run keeps what it measured."""
-    system = cls(data, preset)
-    marks = sorted({*budgets, *np.arange(curve_every, max(budgets) + 1e-9, curve_every)})
+    on_mark() after each evaluation, so an interrupted run keeps what it measured. With
+    recipe["average_last"] N > 1, a snapshot is kept every recipe["average_every"] minutes and
+    each budget is also scored with the mean of the last N (the paper's checkpoint averaging)."""
+    system = cls(data, recipe)
+    every, n_avg = recipe["curve_every"], recipe["average_last"]
+    snap_marks = marks(recipe["average_every"], max(budgets)) if n_avg > 1 else set()
+    curve_marks = marks(every, max(budgets))
     curve, table = result.setdefault("curve", []), result.setdefault("budgets", [])
-    for minutes in marks:
+    snaps: list[dict[str, np.ndarray]] = []
+    for minutes in sorted({*budgets, *curve_marks, *snap_marks}):
         system.train_until(60.0 * minutes)
         model = system.snapshot()
+        if minutes in snap_marks:
+            snaps = [*snaps[1 - n_avg :], model.state_dict()]
+        if minutes not in curve_marks and minutes not in budgets:
+            continue
         valid = evaluator.score(model, test=False)
         curve.append({"minutes": float(minutes), "steps": system.steps,
                       "valid_bleu": valid["bleu"]})  # fmt: skip
@@ -209,10 +230,26 @@ def run_system(cls, data, evaluator: Evaluator, preset: str, budgets: list[float
         if minutes in budgets:
             model.save(save_dir / f"{system.name}-{minutes:g}min")  # bench_real_decode.py's
             test = evaluator.score(model, test=True)
-            table.append({"minutes": float(minutes), "steps": system.steps, **test})
+            row = {"minutes": float(minutes), "steps": system.steps, **test}
             line += f", test BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f}"
+            if len(snaps) > 1:
+                row.update(averaged(model, snaps, evaluator,
+                                    save_dir / f"{system.name}-{minutes:g}min-avg"))
+                line += f", averaged {row['averaged']}: test BLEU {row['avg_bleu']:.2f}"
+            table.append(row)
         print(line, flush=True)
         on_mark()
+
+
+def averaged(model: Transformer, snaps: list, evaluator: Evaluator,
+             out: pathlib.Path) -> dict[str, Any]:
+    """Test scores of the mean of snaps (evaluated on a copy, so training goes on untouched)."""
+    copy = Transformer(model.config)
+    copy.load_state_dict(mean_state(snaps))
+    copy.save(out)
+    valid, test = evaluator.score(copy, test=False), evaluator.score(copy, test=True)
+    return {"averaged": len(snaps), "avg_valid_bleu": valid["bleu"], "avg_bleu": test["bleu"],
+            "avg_chrf": test["chrf"]}
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
@@ -248,6 +285,12 @@ def main() -> int:
     ap.add_argument("data_dir", type=pathlib.Path)
     ap.add_argument("--budgets", default="15,30,60", help="training minutes, comma-separated")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="overrides the preset's dropout (both systems)")
+    ap.add_argument("--average-last", type=int, default=1,
+                    help="also score each budget with the mean of the last N snapshots")
+    ap.add_argument("--average-every", type=float, default=1.0,
+                    help="minutes of training between the snapshots --average-last averages")
     ap.add_argument("--systems", default="ours,torch")
     ap.add_argument("--torch-budgets", default=None,
                     help="the peer's budgets when they differ (default: --budgets)")
@@ -283,16 +326,22 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args.data_dir, args.work, args.vocab_size)
     evaluator = Evaluator(data, args.data_dir)
-    curve_every = args.curve_every or budgets[0] / 3
-    record = {"preset": args.preset, "threads": args.threads, "vocab_size": args.vocab_size,
+    if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
+        ap.error("--dropout: expected 0 <= P < 1")
+    if args.average_last < 1 or args.average_every <= 0:
+        ap.error("--average-last: expected N >= 1 and --average-every > 0")
+    recipe = {"preset": args.preset, "dropout": args.dropout, "average_last": args.average_last,
+              "average_every": args.average_every,
+              "curve_every": args.curve_every or budgets[0] / 3}  # fmt: skip
+    record = {**recipe, "threads": args.threads, "vocab_size": args.vocab_size,
               "command": command_line("bench_multi30k.py", ["DATA_DIR", *sys.argv[2:]]),
               "results": {}}  # fmt: skip
     for key in chosen:
         cls = systems[key]
         own = peer_budgets if key == "torch" else budgets
         result = record["results"].setdefault(cls.name, {})
-        run_system(cls, data, evaluator, args.preset, own, curve_every, args.work / "models",
-                   result, lambda: atomic_write_text(record_path, json.dumps(record, indent=1)))
+        run_system(cls, data, evaluator, recipe, own, args.work / "models", result,
+                   lambda: atomic_write_text(record_path, json.dumps(record, indent=1)))
     report(record, args.work, args.write)
     return 0
 
@@ -302,19 +351,28 @@ def report(record: dict[str, Any], work: pathlib.Path, write: bool) -> None:
     results = record["results"]
     plot(results, work / "multi30k_bleu.png")
     at = {name: {b["minutes"]: b for b in res["budgets"]} for name, res in results.items()}
+    base = [("steps", "updates", "{}"), ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}")]
+    cols = {name: list(base) for name in results}
+    for name, table in at.items():
+        if any("avg_bleu" in b for b in table.values()):
+            n = max(b.get("averaged", 0) for b in table.values())
+            cols[name] += [("avg_bleu", f"BLEU, mean of last {n}", "{:.1f}"),
+                           ("avg_chrf", f"chrF, mean of last {n}", "{:.1f}")]  # fmt: skip
     rows = []
     for minutes in sorted({m for table in at.values() for m in table}):
         row = [f"{minutes:g}"]
         for name in results:
-            b = at[name].get(minutes)
-            row += [b["steps"], f"{b['bleu']:.1f}", f"{b['chrf']:.1f}"] if b else ["-"] * 3
+            b = at[name].get(minutes, {})
+            row += [fmt.format(b[key]) if key in b else "-" for key, _, fmt in cols[name]]
         rows.append(row)
-    header = ["training minutes"] + [f"{name} {what}" for name in results
-                                      for what in ("updates", "BLEU", "chrF")]  # fmt: skip
+    header = ["training minutes"] + [f"{name} {label}" for name in results
+                                      for _, label, _ in cols[name]]  # fmt: skip
     table = markdown_table(header, rows)
     print(table)
     if write:
-        update_results("multi30k", f"Command: `{record['command']}` (preset {record['preset']}, "
+        dropout = "" if record.get("dropout") is None else f", dropout {record['dropout']}"
+        update_results("multi30k", f"Command: `{record['command']}` (preset {record['preset']}"
+                                   f"{dropout}, "
                                    f"{record['threads']} threads; BLEU and chrF on "
                                    f"test_2016_flickr, beam 4, sacrebleu)\n\n{table}")
     print(f"wrote {work / 'multi30k.json'} and {work / 'multi30k_bleu.png'}")

@@ -34,7 +34,7 @@ from pytransformer.train.trainer import Trainer  # noqa: E402
 
 
 def measure(data, preset: str, steps: int) -> dict[str, float]:
-    model, batcher, schedule, _ = build(data, preset)
+    model, batcher, schedule, _ = build(data, {"preset": preset})
     opt = Adam(model.parameters(), lr=schedule, max_grad_norm=1.0)
     trainer = Trainer(model, opt, batcher, label_smoothing=0.1, seed=0, progress=False)
     trainer.train_step()  # warm-up: allocations, thread pools
