@@ -2,8 +2,9 @@
 beside a PyTorch eager peer with the same architecture, data, tokenizer and schedule.
 
     PYTHONPATH=$PWD python bench/bench_multi30k.py /path/to/multi30k [--budgets 15,30,60]
-        [--torch-budgets 15,30] [--preset small] [--systems ours,torch] [--threads 2]
-        [--curve-every MIN] [--work DIR] [--write] [--report-only]
+        [--torch-budgets 15,30] [--preset small] [--dropout P] [--systems ours,torch]
+        [--threads 2] [--curve-every MIN] [--average-last N] [--average-every MIN] [--work DIR]
+        [--write] [--report-only]
 
 DATA_DIR holds train.{en,de}, val.{en,de} and test_2016_flickr.{en,de} (raw text, a sentence a
 line). Steps:
@@ -19,7 +20,9 @@ line). Steps:
 3. Every --curve-every minutes of training: validation BLEU (greedy) for the curve; at each
    budget: BLEU and chrF on test_2016_flickr (sacrebleu, detokenised, beam 4, length penalty
    0.6). Both systems' weights are decoded by pytransformer's beam search, so the comparison is
-   of training alone.
+   of training alone. With --average-last N, a snapshot of the weights is kept every
+   --average-every minutes of training and each budget is also scored with the mean of the
+   last N (checkpoint averaging, as ``pytransformer average`` does for checkpoint directories).
 
 Writes the models at each budget to WORK/models/SYSTEM-Nmin, WORK/multi30k.json, the picture
 WORK/multi30k_bleu.png (validation BLEU against training time) and, with --write, the table
