@@ -3,8 +3,8 @@ beside a PyTorch eager peer with the same architecture, data, tokenizer and sche
 
     PYTHONPATH=$PWD python bench/bench_multi30k.py /path/to/multi30k [--budgets 15,30,60]
         [--torch-budgets 15,30] [--preset small] [--dropout P] [--systems ours,torch]
-        [--threads 2] [--curve-every MIN] [--average-last N] [--average-every MIN] [--work DIR]
-        [--write] [--report-only]
+        [--threads 2] [--curve-every MIN] [--average-last N[,N...]] [--average-every MIN]
+        [--work DIR] [--write] [--report-only]
 
 DATA_DIR holds train.{en,de}, val.{en,de} and test_2016_flickr.{en,de} (raw text, a sentence a
 line). Steps:
@@ -22,7 +22,8 @@ line). Steps:
    0.6). Both systems' weights are decoded by pytransformer's beam search, so the comparison is
    of training alone. With --average-last N, a snapshot of the weights is kept every
    --average-every minutes of training and each budget is also scored with the mean of the
-   last N (checkpoint averaging, as ``pytransformer average`` does for checkpoint directories).
+   last N (checkpoint averaging, as ``pytransformer average`` does for checkpoint directories);
+   several N (``--average-last 5,20``) score several windows from the same run.
 
 Writes the models at each budget to WORK/models/SYSTEM-Nmin, WORK/multi30k.json, the picture
 WORK/multi30k_bleu.png (validation BLEU against training time) and, with --write, the table
@@ -209,11 +210,12 @@ def marks(every: float, end: float) -> set[float]:
 def run_system(cls, data, evaluator: Evaluator, recipe: dict[str, Any], budgets: list[float],
                save_dir: pathlib.Path, result: dict[str, Any], on_mark: Any) -> None:
     """Trains one system to its last budget, filling result ({"curve", "budgets"}) and calling
-    on_mark() after each evaluation, so an interrupted run keeps what it measured. With
-    recipe["average_last"] N > 1, a snapshot is kept every recipe["average_every"] minutes and
-    each budget is also scored with the mean of the last N (the paper's checkpoint averaging)."""
+    on_mark() after each evaluation, so an interrupted run keeps what it measured. Where
+    recipe["average_last"] (a list) holds an N > 1, a snapshot is kept every
+    recipe["average_every"] minutes and each budget is also scored with the mean of the last N,
+    for each N (the paper's checkpoint averaging)."""
     system = cls(data, recipe)
-    every, n_avg = recipe["curve_every"], recipe["average_last"]
+    every, n_avg = recipe["curve_every"], max(recipe["average_last"])
     snap_marks = marks(recipe["average_every"], max(budgets)) if n_avg > 1 else set()
     curve_marks = marks(every, max(budgets))
     curve, table = result.setdefault("curve", []), result.setdefault("budgets", [])
@@ -235,10 +237,11 @@ def run_system(cls, data, evaluator: Evaluator, recipe: dict[str, Any], budgets:
             test = evaluator.score(model, test=True)
             row = {"minutes": float(minutes), "steps": system.steps, **test}
             line += f", test BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f}"
-            if len(snaps) > 1:
-                row.update(averaged(model, snaps, evaluator,
-                                    save_dir / f"{system.name}-{minutes:g}min-avg"))
-                line += f", averaged {row['averaged']}: test BLEU {row['avg_bleu']:.2f}"
+            for n in recipe["average_last"]:
+                if n > 1 and len(snaps) >= n:
+                    row[f"avg{n}"] = averaged(model, snaps[-n:], evaluator,
+                                              save_dir / f"{system.name}-{minutes:g}min-avg{n}")
+                    line += f", mean of last {n}: test BLEU {row[f'avg{n}']['bleu']:.2f}"
             table.append(row)
         print(line, flush=True)
         on_mark()
@@ -251,8 +254,7 @@ def averaged(model: Transformer, snaps: list, evaluator: Evaluator,
     copy.load_state_dict(mean_state(snaps))
     copy.save(out)
     valid, test = evaluator.score(copy, test=False), evaluator.score(copy, test=True)
-    return {"averaged": len(snaps), "avg_valid_bleu": valid["bleu"], "avg_bleu": test["bleu"],
-            "avg_chrf": test["chrf"]}
+    return {"valid_bleu": valid["bleu"], **test}
 
 
 def plot(results: dict[str, Any], path: pathlib.Path) -> None:
@@ -290,8 +292,9 @@ def main() -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--dropout", type=float, default=None,
                     help="overrides the preset's dropout (both systems)")
-    ap.add_argument("--average-last", type=int, default=1,
-                    help="also score each budget with the mean of the last N snapshots")
+    ap.add_argument("--average-last", default="1",
+                    help="also score each budget with the mean of the last N snapshots "
+                         "(several N comma-separated: each is scored)")
     ap.add_argument("--average-every", type=float, default=1.0,
                     help="minutes of training between the snapshots --average-last averages")
     ap.add_argument("--systems", default="ours,torch")
@@ -331,9 +334,13 @@ def main() -> int:
     evaluator = Evaluator(data, args.data_dir)
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         ap.error("--dropout: expected 0 <= P < 1")
-    if args.average_last < 1 or args.average_every <= 0:
-        ap.error("--average-last: expected N >= 1 and --average-every > 0")
-    recipe = {"preset": args.preset, "dropout": args.dropout, "average_last": args.average_last,
+    try:
+        average_last = sorted({int(n) for n in args.average_last.split(",")})
+    except ValueError:
+        average_last = [0]
+    if average_last[0] < 1 or args.average_every <= 0:
+        ap.error("--average-last: expected N >= 1 (comma-separated) and --average-every > 0")
+    recipe = {"preset": args.preset, "dropout": args.dropout, "average_last": average_last,
               "average_every": args.average_every,
               "curve_every": args.curve_every or budgets[0] / 3}  # fmt: skip
     record = {**recipe, "threads": args.threads, "vocab_size": args.vocab_size,
@@ -349,6 +356,12 @@ def main() -> int:
     return 0
 
 
+def cell(row: dict[str, Any], key: Any, fmt: str) -> str:
+    """row[key], or row[key[0]][key[1]] for an averaged score; "-" where it was not measured."""
+    value = row.get(key) if isinstance(key, str) else row.get(key[0], {}).get(key[1])
+    return "-" if value is None else fmt.format(value)
+
+
 def report(record: dict[str, Any], work: pathlib.Path, write: bool) -> None:
     """The table (BLEU at equal training time, one row per budget) and the picture."""
     results = record["results"]
@@ -357,16 +370,17 @@ def report(record: dict[str, Any], work: pathlib.Path, write: bool) -> None:
     base = [("steps", "updates", "{}"), ("bleu", "BLEU", "{:.1f}"), ("chrf", "chrF", "{:.1f}")]
     cols = {name: list(base) for name in results}
     for name, table in at.items():
-        if any("avg_bleu" in b for b in table.values()):
-            n = max(b.get("averaged", 0) for b in table.values())
-            cols[name] += [("avg_bleu", f"BLEU, mean of last {n}", "{:.1f}"),
-                           ("avg_chrf", f"chrF, mean of last {n}", "{:.1f}")]  # fmt: skip
+        for key in sorted({k for b in table.values() for k in b if k.startswith("avg")},
+                          key=lambda k: int(k[3:])):
+            n = key[3:]
+            cols[name] += [((key, "bleu"), f"BLEU, mean of last {n}", "{:.1f}"),
+                           ((key, "chrf"), f"chrF, mean of last {n}", "{:.1f}")]  # fmt: skip
     rows = []
     for minutes in sorted({m for table in at.values() for m in table}):
         row = [f"{minutes:g}"]
         for name in results:
             b = at[name].get(minutes, {})
-            row += [fmt.format(b[key]) if key in b else "-" for key, _, fmt in cols[name]]
+            row += [cell(b, key, fmt) for key, _, fmt in cols[name]]
         rows.append(row)
     header = ["training minutes"] + [f"{name} {label}" for name in results
                                       for _, label, _ in cols[name]]  # fmt: skip
