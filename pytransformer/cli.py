@@ -165,6 +165,10 @@ def _train_options(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             config[key] = value
+    if args.dropout is not None:
+        if not 0.0 <= args.dropout < 1.0:
+            raise UserError(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
+        config["model"] = {**(config.get("model") or {}), "dropout": args.dropout}
     if args.shared_vocab:
         config["shared_vocab"] = True
     if args.no_valid_bleu:
@@ -706,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches per update (gradient accumulation; on each rank under mpiexec)")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--warmup", type=int, help="warm-up updates")
+    p.add_argument("--dropout", type=float,
+                   help="dropout probability instead of the preset's (0.3 for Multi30k-sized "
+                        "corpora, which overfit the preset's 0.1)")
     p.add_argument("--valid-every", type=int, help="updates between validations")
     p.add_argument("--no-valid-bleu", action="store_true",
                    help="validate by loss only (no greedy-decoding BLEU)")

@@ -115,6 +115,29 @@ def test_parse_duration_rejects(text):
         parse_duration(text)
 
 
+def _options(*flags: str):
+    from pytransformer.cli import _train_options, build_parser
+
+    args = build_parser().parse_args(["train", "--src", "s", "--tgt", "t", "--out", "o", *flags])
+    return _train_options(args)
+
+
+def test_dropout_flag_overrides_the_preset_and_keeps_the_config_model(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"d_ff": 96}}))
+    options = _options("--preset", "tiny", "--dropout", "0.3", "--config", str(tmp_path / "c.json"))
+    model, *_ = options.recipe()
+    assert model["dropout"] == 0.3 and model["d_ff"] == 96
+    assert model["d_model"] == get_preset("tiny").model["d_model"]
+    model, *_ = _options("--preset", "tiny").recipe()
+    assert model["dropout"] == get_preset("tiny").model["dropout"]
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "1.5"])
+def test_dropout_flag_rejects_what_is_not_a_probability(value):
+    with pytest.raises(UserError, match="--dropout"):
+        _options("--dropout", value)
+
+
 def test_max_epochs_counts_whole_passes():
     data = TokenBatcher(pairs(), 96, **IDS)
     trainer = trainer_on(data)
