@@ -12,12 +12,19 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
 
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torch_reference import TorchTransformer  # noqa: E402
-from train_roofline import step_flops  # noqa: E402
+
+# The bench scripts put the checkout first on sys.path when imported; other tests hand sys.path
+# to child processes, which must import the installed package, not the unbuilt sources.
+_saved_path = list(sys.path)
+sys.path.insert(0, str(ROOT / "bench"))
+try:
+    from train_roofline import step_flops
+finally:
+    sys.path[:] = _saved_path
 
 
 def counted_flops(fields: dict, B: int, S: int, T: int, seed: int) -> int:
