@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from ._native import set_num_threads
+from .checks import check_float
 from .io import CheckpointError, split_lines
 from .text.metrics import score_translations
 from .train import distributed
@@ -166,9 +167,11 @@ def _train_options(args: argparse.Namespace):
         if value is not None:
             config[key] = value
     if args.dropout is not None:
-        if not 0.0 <= args.dropout < 1.0:
-            raise UserError(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
-        config["model"] = {**(config.get("model") or {}), "dropout": args.dropout}
+        try:
+            dropout = check_float("--dropout", args.dropout, 0.0, 1.0)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        config["model"] = {**(config.get("model") or {}), "dropout": dropout}
     if args.shared_vocab:
         config["shared_vocab"] = True
     if args.no_valid_bleu:

@@ -3,7 +3,6 @@ forward and backward pass of the reference model on the same padded batch."""
 
 import pathlib
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -17,6 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from torch_reference import TorchTransformer  # noqa: E402
 
+from pytransformer import TransformerConfig  # noqa: E402
+
 # The bench scripts put the checkout first on sys.path when imported; other tests hand sys.path
 # to child processes, which must import the installed package, not the unbuilt sources.
 _saved_path = list(sys.path)
@@ -28,12 +29,7 @@ finally:
 
 
 def counted_flops(fields: dict, B: int, S: int, T: int, seed: int) -> int:
-    cfg = types.SimpleNamespace(**fields, dropout=0.0, attention_dropout=0.0, activation="relu",
-                                norm_first=False, tie_embeddings="decoder", output_bias=True,
-                                layer_norm_eps=1e-5, max_len=64, pad_id=0, bos_id=1, eos_id=2,
-                                encoder_attention_window=None,
-                                decoder_attention_window=None)  # fmt: skip
-    model = TorchTransformer(cfg)
+    model = TorchTransformer(TransformerConfig(**fields, dropout=0.0))
     rng = np.random.default_rng(seed)
     src = rng.integers(3, fields["src_vocab_size"], (B, S))
     tgt_in, tgt_out = rng.integers(3, fields["tgt_vocab_size"], (2, B, T))
