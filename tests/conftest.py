@@ -21,15 +21,27 @@ settings.register_profile(
 settings.load_profile(os.environ.get("PYTRANSFORMER_HYPOTHESIS_PROFILE", "default"))
 
 ISAS = ["generic"] + (["avx2"] if _C.cpu_has_avx2_fma() else [])
+# The int8 GEMM has one more level (avx512vnni runs the avx2 code everywhere else).
+QGEMM_ISAS = ISAS + (["avx512vnni"] if _C.cpu_has_avx512_vnni() else [])
+
+
+def _forced(name):
+    before = _C.selected_isa()
+    _C._force_isa(name)
+    yield name
+    _C._force_isa(before)
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Runs the test once per kernel set this CPU supports, then restores the default."""
-    before = _C.selected_isa()
-    _C._force_isa(request.param)
-    yield request.param
-    _C._force_isa(before)
+    yield from _forced(request.param)
+
+
+@pytest.fixture(params=QGEMM_ISAS)
+def qisa(request):
+    """As `isa`, over the int8 GEMM's kernel sets."""
+    yield from _forced(request.param)
 
 
 @pytest.fixture

@@ -10,21 +10,47 @@ from pytransformer import _C
 
 def test_cpu_info_fields():
     info = pytransformer.cpu_info()
-    assert info["isa"] in ("generic", "avx2")
+    assert info["isa"] in ("generic", "avx2", "avx512vnni")
     assert info["num_threads"] == pytransformer.get_num_threads() >= 1
     assert isinstance(info["openmp"], bool)
     if not info["cpu_has_avx2_fma"]:
         assert info["isa"] == "generic"
+    if not info["cpu_has_avx512_vnni"]:
+        assert info["isa"] != "avx512vnni"
 
 
-def test_env_forces_generic(tmp_path):
+def _isa_with_env(tmp_path, value):
     code = "import pytransformer; print(pytransformer.cpu_info()['isa'])"
-    env = {**os.environ, "PYTRANSFORMER_ISA": "generic"}
+    env = {**os.environ, "PYTRANSFORMER_ISA": value}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "generic"
+    return out.stdout.strip()
+
+
+def test_env_forces_generic(tmp_path):
+    assert _isa_with_env(tmp_path, "generic") == "generic"
+
+
+def test_env_caps_at_avx2(tmp_path):
+    """PYTRANSFORMER_ISA=avx2 keeps the int8 GEMM off VNNI; the default takes the best level."""
+    expected = "avx2" if _C.cpu_has_avx2_fma() else "generic"
+    assert _isa_with_env(tmp_path, "avx2") == expected
+    best = "avx512vnni" if _C.cpu_has_avx512_vnni() else expected
+    assert _isa_with_env(tmp_path, "") == best
+
+
+def test_force_isa_falls_back_and_rejects_unknown_names():
+    before = _C.selected_isa()
+    try:
+        got = _C._force_isa("avx512vnni")
+        fallback = "avx2" if _C.cpu_has_avx2_fma() else "generic"
+        assert got == ("avx512vnni" if _C.cpu_has_avx512_vnni() else fallback)
+        with pytest.raises(ValueError, match="name:"):
+            _C._force_isa("avx512")
+    finally:
+        _C._force_isa(before)
 
 
 def test_set_num_threads_roundtrip(threads):

@@ -1,5 +1,6 @@
 """The int8 GEMM (pytransformer.ops.qmatmul_s32 / qlinear) against exact numpy int64 products,
-under both ISAs and several thread counts, at the edges of the integer range."""
+under every kernel set the CPU runs (generic, AVX2, AVX-512 VNNI) and several thread counts, at
+the edges of the integer range."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import QGEMM_ISAS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytransformer import _C, ops
 from pytransformer.ops import QuantizedWeight, qlinear, qmatmul_s32
 
-# Row tile 6, row block 96, panel width 16, k-pairs: 1, primes and sizes either side of each.
-M_SIZES = [1, 2, 5, 6, 7, 13, 17, 31, 64, 95, 96, 97, 131]
+# Row tiles 6 (AVX2) and 12 (VNNI), row block 96, panel width 16, k-pairs and k-quads: 1, primes
+# and sizes either side of each.
+M_SIZES = [1, 2, 5, 6, 7, 11, 12, 13, 17, 24, 25, 31, 64, 95, 96, 97, 131]
 N_SIZES = [1, 2, 7, 15, 16, 17, 31, 33, 47, 64, 97]
-K_SIZES = [1, 2, 3, 7, 16, 31, 61, 127, 256, 257, 521]
+K_SIZES = [1, 2, 3, 4, 5, 6, 7, 16, 31, 61, 127, 256, 257, 258, 521]
 
 
 def int8(rng, shape, low=-128, high=127):
@@ -38,7 +41,7 @@ def exact(a: np.ndarray, q: np.ndarray) -> np.ndarray:
     K=st.sampled_from(K_SIZES) | st.integers(1, 600),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_int32_sums_are_exact(isa, M, N, K, seed):
+def test_int32_sums_are_exact(qisa, M, N, K, seed):
     rng = np.random.default_rng(seed)
     a, q = int8(rng, (M, K)), int8(rng, (N, K))
     c = qmatmul_s32(a, weight(q))
@@ -50,9 +53,10 @@ def test_int32_sums_are_exact(isa, M, N, K, seed):
     "a_value, w_value",
     [(-128, -128), (127, 127), (-128, 127), (127, -128), (-127, 127)],
 )
-def test_saturation_edge_all_equal(isa, a_value, w_value):
+def test_saturation_edge_all_equal(qisa, a_value, w_value):
     """Every product at the int8 extremes: the u8 x s8 vpmaddubsw route saturates here (two
-    products of 255 x 127 exceed 32767); the int16-pair route must stay exact."""
+    products of 255 x 127 exceed 32767); the int16-pair route and vpdpbusd (its int32 sums wrap
+    past 2^31 at large K before the w + 128 correction) must stay exact."""
     M, N, K = 7, 33, 1001
     a = np.full((M, K), a_value, np.int8)
     q = np.full((N, K), w_value, np.int8)
@@ -60,7 +64,7 @@ def test_saturation_edge_all_equal(isa, a_value, w_value):
     assert (c == K * a_value * w_value).all()
 
 
-def test_saturation_edge_alternating_signs(isa):
+def test_saturation_edge_alternating_signs(qisa):
     M, N, K = 13, 17, 515
     signs = np.where(np.arange(K) % 2 == 0, 1, -1)
     a = (np.tile(signs, (M, 1)) * 127).astype(np.int8)
@@ -83,8 +87,8 @@ def test_largest_k_is_exact_and_one_more_is_refused():
 
 @pytest.mark.parametrize("M", [1, 2, 3, 70])
 def test_isas_and_thread_counts_agree(threads, rng, M):
-    """int32 sums and the dequantised floats (no activation, ReLU) are bit-identical for the
-    generic and AVX2 kernels and 1, 2 or 3 threads (M <= 2 takes the two-panel decoding tiles)."""
+    """int32 sums and the dequantised floats (no activation, ReLU) are bit-identical for every
+    kernel set and 1, 2 or 3 threads (M <= 2 takes the two-panel decoding tiles)."""
     x = rng.standard_normal((M, 300)).astype(np.float32)
     w = QuantizedWeight.from_float(rng.standard_normal((97, 300)).astype(np.float32))
     b = rng.standard_normal(97).astype(np.float32)
@@ -92,7 +96,7 @@ def test_isas_and_thread_counts_agree(threads, rng, M):
     before = _C.selected_isa()
     results = []
     try:
-        for isa in ["generic"] + (["avx2"] if _C.cpu_has_avx2_fma() else []):
+        for isa in QGEMM_ISAS:
             _C._force_isa(isa)
             for n in (1, 2, 3):
                 threads(n)
@@ -130,7 +134,7 @@ def numpy_qlinear(x, w: QuantizedWeight, bias=None, activation=None):
     with_bias=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_qlinear_matches_int64_reference(isa, M, N, K, activation, with_bias, seed):
+def test_qlinear_matches_int64_reference(qisa, M, N, K, activation, with_bias, seed):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((M, K)) * rng.uniform(0.01, 10)).astype(np.float32)
     w = QuantizedWeight.from_float(rng.standard_normal((N, K)).astype(np.float32))

@@ -15,13 +15,32 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+bool cpu_has_avx512_vnni() {
+#if defined(PT_HAVE_VNNI)
+  // libgcc's feature bits include the OS check (XCR0 enables the AVX-512 register state).
+  return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+// The best level at or below `wanted` that this build and CPU run.
+static Isa supported(Isa wanted) {
+  if (wanted == Isa::avx512vnni && !cpu_has_avx512_vnni()) wanted = Isa::avx2;
+#if defined(PT_HAVE_AVX2)
+  if (wanted == Isa::avx2 && !cpu_has_avx2_fma()) wanted = Isa::generic;
+#else
+  wanted = Isa::generic;
+#endif
+  return wanted;
+}
+
 static Isa detect() {
   const char* forced = std::getenv("PYTRANSFORMER_ISA");
   if (forced && std::strcmp(forced, "generic") == 0) return Isa::generic;
-#if defined(PT_HAVE_AVX2)
-  if (cpu_has_avx2_fma()) return Isa::avx2;
-#endif
-  return Isa::generic;
+  if (forced && std::strcmp(forced, "avx2") == 0) return supported(Isa::avx2);
+  return supported(Isa::avx512vnni);
 }
 
 static std::atomic<Isa>& isa_setting() {
@@ -31,15 +50,11 @@ static std::atomic<Isa>& isa_setting() {
 
 Isa selected_isa() { return isa_setting().load(std::memory_order_relaxed); }
 
-void force_isa(Isa isa) {
-#if defined(PT_HAVE_AVX2)
-  if (isa == Isa::avx2 && !cpu_has_avx2_fma()) isa = Isa::generic;
-#else
-  isa = Isa::generic;
-#endif
-  isa_setting().store(isa, std::memory_order_relaxed);
-}
+void force_isa(Isa isa) { isa_setting().store(supported(isa), std::memory_order_relaxed); }
 
-const char* isa_name(Isa isa) { return isa == Isa::avx2 ? "avx2" : "generic"; }
+const char* isa_name(Isa isa) {
+  if (isa == Isa::avx512vnni) return "avx512vnni";
+  return isa == Isa::avx2 ? "avx2" : "generic";
+}
 
 }  // namespace pt

@@ -14,17 +14,52 @@ namespace {
 
 index_t even(index_t k) { return (k + 1) / 2 * 2; }
 
-// Scratch for the widened activations (M x Kp int16) and the row factors (M floats), from the
-// calling thread's scratch memory (the kernel is done with it before the thread's next call).
+// Scratch for the widened activations (M x Kp int16), the row factors (M floats) and, for the
+// avx512vnni kernel, the int8 activations (M x Kq, Kq = Kp rounded up to 4) with their row sums,
+// from the calling thread's scratch memory (the kernel is done with it before the thread's next
+// call).
 struct Widened {
   std::int16_t* a;
   float* row_inv;
+  std::int8_t* a8;
+  std::int32_t* a_sum;
+  index_t lda8;
 };
+
+bool vnni_selected() { return selected_isa() == Isa::avx512vnni; }
 
 Widened widened_scratch(index_t M, index_t Kp) {
   const index_t a_floats = (M * Kp + 1) / 2;
-  float* s = thread_scratch(static_cast<size_t>(a_floats + M + 16));
-  return {reinterpret_cast<std::int16_t*>(s), s + a_floats};
+  const index_t lda8 = vnni_selected() ? (Kp + 3) / 4 * 4 : 0;
+  const index_t a8_floats = (M * lda8 + 3) / 4;
+  float* s = thread_scratch(static_cast<size_t>(a_floats + 2 * M + a8_floats + 16));
+  return {reinterpret_cast<std::int16_t*>(s), s + a_floats,
+          reinterpret_cast<std::int8_t*>(s + a_floats + 2 * M),
+          reinterpret_cast<std::int32_t*>(s + a_floats + M), lda8};
+}
+
+// Runs the product on the selected kernel; the avx512vnni one first gets the activations narrowed
+// to int8 (every value fits: quantised rows are in [-127, 127], qgemm_s32's input is int8).
+void run_product(QRun& run, const Widened& wide) {
+#if defined(PT_HAVE_VNNI)
+  if (vnni_selected()) {
+    for (index_t m = 0; m < run.M; ++m) {
+      const std::int16_t* src = run.a + m * run.lda;
+      std::int8_t* dst = wide.a8 + m * wide.lda8;
+      std::int32_t sum = 0;
+      for (index_t k = 0; k < run.Kp; ++k) {
+        dst[k] = static_cast<std::int8_t>(src[k]);
+        sum += src[k];
+      }
+      for (index_t k = run.Kp; k < wide.lda8; ++k) dst[k] = 0;
+      // Modulo 2^32, as the kernel's sums: the final difference is exact (see QRun).
+      wide.a_sum[m] = static_cast<std::int32_t>(128u * static_cast<std::uint32_t>(sum));
+    }
+    run.a8 = wide.a8, run.lda8 = wide.lda8, run.a_sum = wide.a_sum;
+    return vnni::qgemm_run(run);
+  }
+#endif
+  PT_DISPATCH(qgemm_run)(run);
 }
 
 }  // namespace
@@ -58,7 +93,7 @@ void qgemm_s32(std::int32_t* c, index_t ldc, const std::int8_t* a, index_t lda, 
   run.a = wide.a, run.lda = Kp, run.b = packed;
   run.M = M, run.N = N, run.Kp = Kp;
   run.c32 = c, run.ldc32 = ldc;
-  PT_DISPATCH(qgemm_run)(run);
+  run_product(run, wide);
 }
 
 void quantize_rows(std::int8_t* q, index_t ldq, float* scale, const float* x, index_t ldx, index_t M, index_t K) {
@@ -82,7 +117,7 @@ void qlinear_forward(const QLinearArgs& p) {
   run.c = p.c, run.ldc = p.ldc;
   run.row_inv = wide.row_inv, run.col_inv = p.w_inv_scale;
   run.bias = p.bias, run.act = p.act;
-  PT_DISPATCH(qgemm_run)(run);
+  run_product(run, wide);
 }
 
 }  // namespace pt

@@ -7,8 +7,10 @@
 // The kernel widens both operands to int16 and multiplies pairs with vpmaddwd (int16 x int16 -> the
 // int32 sum of two products). Unlike the u8 x s8 vpmaddubsw route, that never saturates: every
 // int8 input, -128 included, gives the exact sum as long as |sum| < 2^31, which holds for
-// K <= kQMaxK (128 * 128 * K < 2^31). Integer sums are exact, so the int32 results are identical for
-// both ISAs and any thread count.
+// K <= kQMaxK (128 * 128 * K < 2^31). Where the CPU has AVX-512 VNNI (the avx512vnni level),
+// vpdpbusd sums four u8 x s8 products per lane without saturating; see QRun for how the signed
+// weights become unsigned. Integer sums are exact, so the int32 results are identical for every
+// ISA and any thread count.
 #pragma once
 
 #include "common.h"

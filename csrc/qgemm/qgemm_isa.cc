@@ -2,7 +2,9 @@
 // weight panels, int32 accumulation, then the write-back (raw int32, or dequantised floats with
 // bias and activation). AVX2 widens each 16-byte half of a weight k-pair row with vpmovsxbw and
 // multiplies it by a broadcast activation pair with vpmaddwd; the generic build runs the same sums
-// as plain integer loops. Integer sums are exact, so both give identical int32 results.
+// as plain integer loops. The avx512vnni build (PT_ISA_VNNI, also PT_ISA_AVX2) reads int8
+// activations and multiplies four k at a time with vpdpbusd (see QRun). Integer sums are exact,
+// so every build gives identical int32 results.
 #include <cmath>
 #include <cstring>
 
@@ -21,10 +23,20 @@ namespace PT_ISA_NS {
 namespace {
 
 // Rows per register tile: 6 x 2 int32 accumulators + 2 weight vectors + 1 broadcast = 15 of the
-// 16 ymm registers. Decoding products (M = 3..64) run the same tiles with fewer rows, so a small M
-// reads each weight panel once per 6 rows and packs nothing but its own activations (M <= 2 has
-// its own two-panel tiles, below).
+// 16 ymm registers (AVX-512's 32 hold 12 x 2 + 3). Decoding products (M = 3..64) run the same
+// tiles with fewer rows, so a small M reads each weight panel once per tile of rows and packs
+// nothing but its own activations (M <= 2 has its own two-panel tiles, below).
+#if defined(PT_ISA_VNNI)
+constexpr int kQMR = 12;
+using Act = std::int8_t;
+const Act* acts(const QRun& q) { return q.a8; }
+index_t act_stride(const QRun& q) { return q.lda8; }
+#else
 constexpr int kQMR = 6;
+using Act = std::int16_t;
+const Act* acts(const QRun& q) { return q.a; }
+index_t act_stride(const QRun& q) { return q.lda; }
+#endif
 // Rows per block of tasks: a thread's tasks sweep the panels of one block of rows at a time, so the
 // block's activations (kQMC x Kp int16, 96 KiB at K = 512) stay in L2 while the panels stream by.
 constexpr index_t kQMC = 96;
@@ -35,15 +47,70 @@ constexpr int NR = static_cast<int>(kQNR);
 // The tiles are inlined into their loop: compiled as separate functions, GCC kept the
 // accumulators in stack slots (callgrind: 1.3x the instructions at M = 32).
 #define PT_QTILE inline __attribute__((always_inline))
+#define PT_QTILE_LAMBDA __attribute__((always_inline))
 
-#if defined(PT_ISA_AVX2)
+#if defined(PT_ISA_VNNI)
+
+// acc += the four u8 x s8 products of each 32-bit lane (vpdpbusd). Inline assembly because GCC's
+// intrinsic copies the accumulator to a fresh register around every instruction.
+PT_QTILE void dpbusd(__m256i& acc, __m256i u8, __m256i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+}
+
+// R rows x P adjacent panels (16 P columns; panel i at b + i * panel_bytes): out is R x 16 P int32.
+// Two k-pair rows of a panel, interleaved by 16-bit units (vpunpck{l,h}wd), hold four consecutive
+// k per column, as vpdpbusd wants them: the low half gives columns 0-3 and 8-11, the high half
+// 4-7 and 12-15, put back in order as they are stored. a_sum (R,) is subtracted (see QRun).
+template <int R, int P>
+PT_QTILE void tile_panels(const Act* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+                 const std::int32_t* a_sum, std::int32_t* out) {
+  __m256i acc[R][2 * P];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_setzero_si256();
+  // Quad qd = pairs 2 qd and 2 qd + 1 (k = 4 qd .. 4 qd + 3).
+  const auto step = [&](index_t qd, bool full) PT_QTILE_LAMBDA {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    __m256i w[2 * P];
+    for (int i = 0; i < P; ++i) {
+      const std::int8_t* bp = b + i * panel_bytes + 64 * qd;
+      const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+      const __m256i p1 = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32)) : _mm256_setzero_si256();
+      w[2 * i] = _mm256_xor_si256(_mm256_unpacklo_epi16(p0, p1), flip);
+      w[2 * i + 1] = _mm256_xor_si256(_mm256_unpackhi_epi16(p0, p1), flip);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      std::int32_t quad;
+      std::memcpy(&quad, a + r * lda + 4 * qd, sizeof quad);
+      const __m256i av = _mm256_set1_epi32(quad);
+#pragma GCC unroll 4
+      for (int v = 0; v < 2 * P; ++v) dpbusd(acc[r][v], w[v], av);
+    }
+  };
+  const index_t quads = pairs / 2;
+  for (index_t qd = 0; qd < quads; ++qd) step(qd, true);
+  // An odd last pair runs with a zero second pair: its activation bytes are zero padding, so the
+  // w + 128 that pair turns into adds nothing.
+  if (pairs & 1) step(quads, false);
+  for (int r = 0; r < R; ++r) {
+    const __m256i corr = _mm256_set1_epi32(a_sum[r]);
+    for (int i = 0; i < P; ++i) {
+      const __m256i lo = _mm256_sub_epi32(acc[r][2 * i], corr), hi = _mm256_sub_epi32(acc[r][2 * i + 1], corr);
+      std::int32_t* o = out + r * NR * P + NR * i;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+  }
+}
+
+#elif defined(PT_ISA_AVX2)
 
 // R rows x P adjacent panels (16 P columns; panel i at b + i * panel_bytes): out is R x 16 P int32.
 // P = 1 holds 6 x 2 accumulators + 2 weight vectors + 1 broadcast in registers; P = 2 (M <= 2)
 // feeds four vpmaddwd from one broadcast.
 template <int R, int P>
-PT_QTILE void tile_panels(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
-                 std::int32_t* out) {
+PT_QTILE void tile_panels(const Act* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+                 const std::int32_t*, std::int32_t* out) {
   __m256i acc[R][2 * P];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_setzero_si256();
@@ -68,8 +135,8 @@ PT_QTILE void tile_panels(const std::int16_t* a, index_t lda, const std::int8_t*
 
 // R rows x P panels (16 P columns) as plain integer loops: out is R x 16 P int32.
 template <int R, int P>
-PT_QTILE void tile_panels(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
-                 std::int32_t* out) {
+PT_QTILE void tile_panels(const Act* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+                 const std::int32_t*, std::int32_t* out) {
   std::int32_t acc[R][kQNR * P] = {};
   for (int i = 0; i < P; ++i) {
     for (index_t p = 0; p < pairs; ++p) {
@@ -87,26 +154,25 @@ PT_QTILE void tile_panels(const std::int16_t* a, index_t lda, const std::int8_t*
 #endif
 
 template <int R>
-PT_QTILE void tile(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs, std::int32_t* out) {
-  tile_panels<R, 1>(a, lda, b, 0, pairs, out);
+PT_QTILE void tile(const Act* a, index_t lda, const std::int8_t* b, index_t pairs, const std::int32_t* a_sum,
+                   std::int32_t* out) {
+  tile_panels<R, 1>(a, lda, b, 0, pairs, a_sum, out);
 }
 
 template <int R>
-PT_QTILE void tile_wide(const std::int16_t* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
-               std::int32_t* out) {
-  tile_panels<R, 2>(a, lda, b, panel_bytes, pairs, out);
+PT_QTILE void tile_wide(const Act* a, index_t lda, const std::int8_t* b, index_t panel_bytes, index_t pairs,
+                        const std::int32_t* a_sum, std::int32_t* out) {
+  tile_panels<R, 2>(a, lda, b, panel_bytes, pairs, a_sum, out);
 }
 
-PT_QTILE void run_tile(int rows, const std::int16_t* a, index_t lda, const std::int8_t* b, index_t pairs,
-              std::int32_t* out) {
-  switch (rows) {
-    case 1: return tile<1>(a, lda, b, pairs, out);
-    case 2: return tile<2>(a, lda, b, pairs, out);
-    case 3: return tile<3>(a, lda, b, pairs, out);
-    case 4: return tile<4>(a, lda, b, pairs, out);
-    case 5: return tile<5>(a, lda, b, pairs, out);
-    default: return tile<6>(a, lda, b, pairs, out);
+// The tile of `rows` (1..R) rows.
+template <int R>
+PT_QTILE void run_tile(int rows, const Act* a, index_t lda, const std::int8_t* b, index_t pairs,
+                       const std::int32_t* a_sum, std::int32_t* out) {
+  if constexpr (R > 1) {
+    if (rows < R) return run_tile<R - 1>(rows, a, lda, b, pairs, a_sum, out);
   }
+  tile<R>(a, lda, b, pairs, a_sum, out);
 }
 
 // Writes rows [m0, m0 + rows) x columns [n0, n0 + cols) of the result from the tile's sums
@@ -211,11 +277,11 @@ static void qgemm_wide(const QRun& q) {
       const int cols = static_cast<int>(q.N - n0 < 2 * kQNR ? q.N - n0 : 2 * kQNR);
       const std::int8_t* b = q.b + 2 * u * panel_bytes;
       if (cols > NR) {
-        if (rows == 1) tile_wide<1>(q.a, q.lda, b, panel_bytes, pairs, acc);
-        else tile_wide<2>(q.a, q.lda, b, panel_bytes, pairs, acc);
+        if (rows == 1) tile_wide<1>(acts(q), act_stride(q), b, panel_bytes, pairs, q.a_sum, acc);
+        else tile_wide<2>(acts(q), act_stride(q), b, panel_bytes, pairs, q.a_sum, acc);
         write_tile(q, acc, 2 * NR, 0, rows, n0, cols);
       } else {
-        run_tile(rows, q.a, q.lda, b, pairs, acc);
+        run_tile<kQMR>(rows, acts(q), act_stride(q), b, pairs, q.a_sum, acc);
         write_tile(q, acc, NR, 0, rows, n0, cols);
       }
     }
@@ -239,7 +305,8 @@ void qgemm_run(const QRun& q) {
       const std::int8_t* b = q.b + panel * pairs * 2 * kQNR;
       for (index_t m0 = blk * kQMC; m0 < m_end; m0 += kQMR) {
         const int rows = static_cast<int>(m_end - m0 < kQMR ? m_end - m0 : kQMR);
-        run_tile(rows, q.a + m0 * q.lda, q.lda, b, pairs, acc);
+        run_tile<kQMR>(rows, acts(q) + m0 * act_stride(q), act_stride(q), b, pairs,
+                       q.a_sum ? q.a_sum + m0 : nullptr, acc);
         write_tile(q, acc, NR, m0, rows, n0, cols);
       }
     }

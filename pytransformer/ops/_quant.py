@@ -5,8 +5,9 @@ The scheme is CTranslate2's ``int8``: symmetric, one float32 scale per row,
 ``x ~= q / scale`` within half a step (``0.5 / scale``). Weights are quantized per output row
 once; activations per row (per token) before every product. The product multiplies int8 by int8
 with exact int32 sums (int16 pairs through ``vpmaddwd`` on AVX2, which never saturates, unlike
-the u8 x s8 ``vpmaddubsw`` route), then dequantizes, adds the bias and applies the activation as
-it writes the float32 result.
+the u8 x s8 ``vpmaddubsw`` route; ``vpdpbusd`` where the CPU has AVX-512 VNNI, with the same
+int32 results), then dequantizes, adds the bias and applies the activation as it writes the
+float32 result.
 """
 
 from __future__ import annotations
