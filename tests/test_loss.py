@@ -194,3 +194,64 @@ def test_matches_naive_sibling(isa, rng):
     np.testing.assert_allclose(
         ops.log_softmax(logits), _C._naive.log_softmax(logits), rtol=1e-6, atol=2e-6
     )
+
+
+def _topk_reference(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force: the whole log-softmax row, sorted by value (NaN as -inf) then index."""
+    y = ops.log_softmax(x)
+    key = np.where(np.isnan(y), -np.inf, y)
+    order = np.lexsort((np.broadcast_to(np.arange(y.shape[1]), y.shape), -key), axis=-1)[:, :k]
+    return order, np.take_along_axis(y, order, 1)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 9),
+    V=st.integers(1, 300),
+    kfrac=st.floats(0.0, 1.0),
+    levels=st.sampled_from([0, 3, 1000]),
+    neg_inf=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_log_softmax_topk_matches_brute_force(isa, rows, V, kfrac, levels, neg_inf, seed):
+    """Indices and bits equal a full log-softmax sorted by value then index, with many exact ties
+    (integer logits from a few levels) and masked (-inf) entries, for every k in [1, V]."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, V)).astype(np.float32) * 4
+    if levels:
+        x = rng.integers(0, levels, (rows, V)).astype(np.float32)
+    if neg_inf:
+        x[rng.random((rows, V)) < 0.3] = -np.inf
+        x[:, 0] = 0.0  # a row of only -inf is the NaN case below
+    k = max(1, min(V, int(round(kfrac * V))))
+    idx, val = ops.log_softmax_topk(x, k)
+    want_idx, want_val = _topk_reference(x, k)
+    assert idx.dtype == np.int64 and val.dtype == np.float32 and idx.shape == (rows, k)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(val, want_val)
+
+
+def test_log_softmax_topk_degenerate_rows_and_errors():
+    """A row of -inf (all -inf out) or with a NaN (all NaN out) ranks every entry equal: the first
+    k indices; a strided x is read as it is; k outside [1, V] and bad arrays are refused."""
+    x = np.zeros((3, 20), np.float32)
+    x[0] = -np.inf
+    x[1, 5] = np.nan
+    x[2] = np.arange(20)
+    idx, val = ops.log_softmax_topk(x, 4)
+    np.testing.assert_array_equal(idx[:2], [[0, 1, 2, 3]] * 2)
+    np.testing.assert_array_equal(val, np.take_along_axis(ops.log_softmax(x), idx, 1))
+    assert np.isneginf(val[0]).all() and np.isnan(val[1]).all()
+    np.testing.assert_array_equal(idx[2], [19, 18, 17, 16])
+    wide = np.repeat(x[2:], 2, axis=1)[:, ::2]
+    np.testing.assert_array_equal(ops.log_softmax_topk(wide, 4)[0], idx[2:])
+    with pytest.raises(ValueError, match="k:"):
+        ops.log_softmax_topk(x, 0)
+    with pytest.raises(ValueError, match="k:"):
+        ops.log_softmax_topk(x, 21)
+    with pytest.raises(TypeError, match="k:"):
+        ops.log_softmax_topk(x, 2.0)
+    with pytest.raises(TypeError, match="x"):
+        ops.log_softmax_topk(x.astype(np.float64), 2)
+    with pytest.raises(ValueError, match="x"):
+        ops.log_softmax_topk(x[0], 2)

@@ -36,6 +36,11 @@ void log_softmax_forward(float* out, const float* inp, index_t N, index_t V) {
   parallel_for(N, [&](index_t r) { kernel(out, inp, r, r + 1, V); });
 }
 
+void log_softmax_topk(std::int64_t* idx, float* val, const float* inp, index_t N, index_t V, index_t k) {
+  auto kernel = PT_DISPATCH(log_softmax_topk_rows);
+  parallel_for(N, [&](index_t r) { kernel(idx, val, inp, r, r + 1, V, k); });
+}
+
 // logsumexp of one row in double, max-shifted.
 static double row_lse(const float* x, index_t V) {
   double m = x[0];

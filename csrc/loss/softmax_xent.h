@@ -26,6 +26,11 @@ double softmax_cross_entropy_forward_backward(float* dlogits, const float* logit
 // out, inp (N, V); out = inp - logsumexp(inp, row). out may alias inp.
 void log_softmax_forward(float* out, const float* inp, index_t N, index_t V);
 
+// The k best entries of each row of log_softmax(inp) without writing the row: idx, val (N, k),
+// best first, ties by the lower index; val holds the same bits log_softmax_forward writes there.
+// For ranking, NaN counts as -inf. 1 <= k <= V. (A beam search step needs only these.)
+void log_softmax_topk(std::int64_t* idx, float* val, const float* inp, index_t N, index_t V, index_t k);
+
 // Naive siblings (double precision, scalar, two passes): fallback and test oracle.
 double softmax_cross_entropy_naive(float* dlogits, const float* logits, const std::int64_t* targets,
                                    index_t N, index_t V, float label_smoothing, std::int64_t ignore_index);
@@ -42,7 +47,9 @@ inline index_t xent_scratch_floats(index_t V) { return (V / 32 + 4) * 8; }
   void xent_rows(double* row_loss, float* dlogits, float* scratch, const float* logits,             \
                  const std::int64_t* targets, index_t r0, index_t r1, index_t V, float label_smoothing, \
                  std::int64_t ignore_index, float inv_count);                                      \
-  void log_softmax_rows(float* out, const float* inp, index_t r0, index_t r1, index_t V);
+  void log_softmax_rows(float* out, const float* inp, index_t r0, index_t r1, index_t V);         \
+  void log_softmax_topk_rows(std::int64_t* idx, float* val, const float* inp, index_t r0, index_t r1, \
+                             index_t V, index_t k);
 namespace generic {
 PT_XENT_ISA_DECLS
 }

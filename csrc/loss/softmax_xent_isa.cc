@@ -130,5 +130,55 @@ void log_softmax_rows(float* out, const float* inp, index_t r0, index_t r1, inde
   }
 }
 
+namespace {
+
+// The k best (key, index) seen so far, keys descending, equal keys by ascending index; filled in
+// index order, so a newcomer goes after the equal keys already there.
+struct TopK {
+  std::int64_t* idx;
+  float* key;
+  index_t k, count = 0;
+
+  float threshold() const { return count < k ? -INFINITY : key[k - 1]; }
+  void offer(index_t i, float v) {
+    const float kv = v != v ? -INFINITY : v;
+    if (count == k && !(kv > key[k - 1])) return;
+    index_t pos = count < k ? count++ : k - 1;
+    for (; pos > 0 && key[pos - 1] < kv; --pos) {
+      key[pos] = key[pos - 1];
+      idx[pos] = idx[pos - 1];
+    }
+    key[pos] = kv;
+    idx[pos] = i;
+  }
+};
+
+}  // namespace
+
+void log_softmax_topk_rows(std::int64_t* idx, float* val, const float* inp, index_t r0, index_t r1,
+                           index_t V, index_t k) {
+  for (index_t r = r0; r < r1; ++r) {
+    const float* x = inp + r * V;
+    const float lse = row_stats(x, V).lse;
+    const Vec vlse(lse);
+    TopK best{idx + r * k, val + r * k, k};
+    index_t c = 0;
+    for (; c < k; ++c) best.offer(c, x[c] - lse);
+    // A block of 8 is looked at lane by lane only when its maximum passes the threshold. x - lse
+    // is NaN either nowhere (lse finite: every x is finite or -inf) or everywhere (lse NaN or
+    // -inf), and an all-NaN maximum fails `<=`, so no block that matters is skipped.
+    for (; c + 8 <= V; c += 8) {
+      const Vec v = Vec::load(x + c) - vlse;
+      if (v.max() <= best.threshold()) continue;
+      alignas(32) float lanes[8];
+      v.store(lanes);
+      for (int j = 0; j < 8; ++j) best.offer(c + j, lanes[j]);
+    }
+    for (; c < V; ++c) best.offer(c, x[c] - lse);
+    // The values are log_softmax_rows's expression, x - lse, not the ranking keys.
+    for (index_t j = 0; j < k; ++j) best.key[j] = x[best.idx[j]] - lse;
+  }
+}
+
 }  // namespace PT_ISA_NS
 }  // namespace pt

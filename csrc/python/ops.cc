@@ -131,6 +131,22 @@ py::object log_softmax_py(const py::object& x, const py::object& out) {
   return result;
 }
 
+py::tuple log_softmax_topk_py(const py::object& x, std::int64_t k) {
+  const F32In X = f32_in(x, "x", {2});
+  const std::int64_t N = X.shape[0], V = X.shape[1];
+  if (k < 1 || k > V)
+    throw py::value_error("k: must be in [1, " + std::to_string(V) + "] (the row length), got " + std::to_string(k));
+  py::array_t<std::int64_t> idx({N, k});
+  py::array_t<float> val({N, k});
+  {
+    std::int64_t* pi = idx.mutable_data();
+    float* pv = val.mutable_data();
+    py::gil_scoped_release nogil;
+    log_softmax_topk(pi, pv, X.data, N, V, k);
+  }
+  return py::make_tuple(idx, val);
+}
+
 }  // namespace
 
 void register_ops(py::module_& m) {
@@ -154,6 +170,7 @@ void register_ops(py::module_& m) {
   m.def("softmax_cross_entropy", &softmax_cross_entropy_py, py::arg("logits"), py::arg("targets"), py::kw_only(),
         py::arg("label_smoothing") = 0.0, py::arg("ignore_index") = -100, py::arg("inplace") = false);
   m.def("log_softmax", &log_softmax_py, py::arg("x"), py::kw_only(), py::arg("out") = py::none());
+  m.def("log_softmax_topk", &log_softmax_topk_py, py::arg("x"), py::arg("k"));
   register_train_ops(m);
   register_naive_ops(m);
 }

@@ -304,40 +304,6 @@ def run_single(
 # Beam search
 
 
-_GROUP = 32  # elements per group in _topk_rows
-
-
-def _topk_rows(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices (R, k) of the k largest entries of each row of x (R, V), unordered.
-
-    For a large V, a full selection per row (np.argpartition) costs ~10x a pass over the data.
-    Instead: split each row into groups (group g holds the elements g, g + G, g + 2G, ... so the
-    maxima are one vectorised reduction), keep the k groups with the largest maxima (every
-    top-k element lies in them: a group holding one has a maximum >= the k-th value, and at most
-    k groups do), and select among those k * 32 elements.
-    """
-    r, v = x.shape
-    if k >= v:
-        return np.broadcast_to(np.arange(v), x.shape).copy()
-    if k == 1:
-        return x.argmax(axis=1)[:, None]
-    b = _GROUP
-    if v < 8 * k * b:
-        return np.argpartition(x, v - k, axis=1)[:, v - k :]
-    ng = v // b  # groups; the v - ng * b trailing elements form one extra group
-    v0 = ng * b
-    gmax = x[:, :v0].reshape(r, b, ng).max(axis=1)
-    if v0 < v:
-        gmax = np.concatenate([gmax, x[:, v0:].max(axis=1, keepdims=True)], axis=1)
-    sel = np.argpartition(gmax, gmax.shape[1] - k, axis=1)[:, -k:]
-    idx = np.where((sel == ng)[:, :, None], v0 + np.arange(b), sel[:, :, None] + ng * np.arange(b))
-    valid = (idx < v).reshape(r, k * b)
-    idx = np.minimum(idx, v - 1).reshape(r, k * b)
-    vals = np.where(valid, np.take_along_axis(x, idx, 1), -np.inf)
-    j = np.argpartition(vals, k * b - k, axis=1)[:, -k:]
-    return np.take_along_axis(idx, j, 1)
-
-
 @dataclass
 class BeamSampling:
     """Random sampling inside a beam (CTranslate2's RandomSampler over the beam's candidates):
@@ -506,14 +472,15 @@ def _beam_candidates(prob, logits, act, gen, cum, k, c_val, c_slot, c_tok, seq, 
     rows = _writable((lp3 if g == n_act else lp3[gi]).reshape(g * k, V))
     seq_rows = (gi[:, None] * k + np.arange(k)).ravel()
     _process(prob, rows, np.repeat(act[gi], k), seq_rows, t, seq, off)
-    rows = _log_softmax_(rows)
     if sampling is not None:
+        rows = _log_softmax_(rows)
         _sampled_candidates(rows, cum[gi], act[gi], sampling, c_val, c_slot, c_tok, gi)
         return
     kk = min(C, V)
-    # The best C of a sentence lie among the best C of each of its rows (cum is per row).
-    idx = _topk_rows(rows, kk)
-    val = np.take_along_axis(rows, idx, 1).astype(np.float64)
+    # The best C of a sentence lie among the best C of each of its rows (cum is per row); only
+    # those log-probabilities are computed, not the vocabulary-wide rows.
+    idx, val = ops.log_softmax_topk(rows, kk)
+    val = val.astype(np.float64)
     cand = (cum[gi][:, :, None] + val.reshape(g, k, kk)).reshape(g, k * kk)
     flat = (np.arange(k)[:, None] * V + idx.reshape(g, k, kk)).reshape(g, k * kk)
     m = min(C, k * kk)

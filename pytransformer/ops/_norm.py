@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._native import _C
+from ..checks import check_int
 
 __all__ = [
     "layer_norm",
@@ -18,6 +19,7 @@ __all__ = [
     "add_layer_norm",
     "softmax_cross_entropy",
     "log_softmax",
+    "log_softmax_topk",
 ]
 
 
@@ -111,3 +113,16 @@ def log_softmax(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     """``x - logsumexp(x)`` over the last axis (for decoding). ``out`` (writable, C-contiguous,
     shape of x; may be x itself) receives the result when given and is returned."""
     return _C.log_softmax(x, out=out)
+
+
+def log_softmax_topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest entries of each row of ``log_softmax(x)``, without writing the rows:
+    ``(indices, values)``, both (N, k), best first with ties by the lower index (NaN ranks as
+    -inf). ``values`` are the bits `log_softmax` gives at those indices. x: (N, V) float32; a
+    strided x is copied. The GIL is released.
+
+    Raises:
+        TypeError: x is not a float32 numpy array, or k is not an int.
+        ValueError: x is not 2-D, or k is outside [1, V].
+    """
+    return _C.log_softmax_topk(x, check_int("k", k))
