@@ -63,9 +63,11 @@ def update_results(section: str, body: str) -> None:
 
 def command_line(script: str, args: list[str]) -> str:
     """How a bench ran, as RESULTS.md records it: OMP_WAIT_POLICY when set (it moves the
-    multi-threaded figures), then the script under bench/ with its arguments."""
-    policy = os.environ.get("OMP_WAIT_POLICY")
+    multi-threaded figures; GOMP_SPINCOUNT only when it is not the library's default of 1000),
+    then the script under bench/ with its arguments."""
+    policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
     prefix = [f"OMP_WAIT_POLICY={policy}"] if policy else []
+    prefix += [f"GOMP_SPINCOUNT={spin}"] if spin and spin != "1000" else []
     return " ".join([*prefix, "PYTHONPATH=$PWD python", f"bench/{script}", *args])
 
 

@@ -5,13 +5,17 @@ import os
 
 from .checks import check_int
 
-# libgomp's default lets idle team threads spin for a long time. When other processes share the
-# cores (several workers per machine, CI runners), a spinning thread holds a core that a thread
-# with work needs, and a 2-thread kernel can run 5-10x slower than a 1-thread one (measured on the
-# development machine). Sleeping idle threads cost a few microseconds per parallel region instead.
-# Set before the extension (and so libgomp) loads; an explicit user setting wins.
+# libgomp's default lets idle team threads spin for a long time (300,000 rounds, milliseconds).
+# When other processes share the cores (several workers per machine, CI runners), a spinning
+# thread holds a core that a thread with work needs: two 2-thread processes on 2 cores ran the
+# quick demo's training 4x slower each with 10,000 rounds than with none. Sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) costs a wake-up per parallel region instead, which on a virtual
+# machine is tens of microseconds, as long as a decoding step's whole product: the quick demo
+# trained 1.4-1.8x faster alone with 1,000 rounds (a few microseconds, enough to bridge the gap
+# between one kernel call and the next) than with PASSIVE, and 1.27x slower beside a second such
+# process. Set before the extension (and so libgomp) loads; an explicit user setting wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 try:
     from . import _C

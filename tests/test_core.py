@@ -76,7 +76,8 @@ def test_force_isa_switches_and_restores(isa):
 
 
 def _env_after_import(tmp_path, **env):
-    code = "import os, pytransformer; print(os.environ.get('OMP_WAIT_POLICY'))"
+    code = ("import os, pytransformer; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, cwd=tmp_path,
                          capture_output=True, text=True)
@@ -84,7 +85,8 @@ def _env_after_import(tmp_path, **env):
     return out.stdout.strip()
 
 
-def test_idle_threads_sleep_by_default_but_user_setting_wins(tmp_path):
-    assert _env_after_import(tmp_path) == "PASSIVE"
-    assert _env_after_import(tmp_path, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert _env_after_import(tmp_path, GOMP_SPINCOUNT="1000") == "None"
+def test_idle_threads_spin_briefly_by_default_but_user_setting_wins(tmp_path):
+    assert _env_after_import(tmp_path) == "None 1000"
+    assert _env_after_import(tmp_path, OMP_WAIT_POLICY="PASSIVE") == "PASSIVE None"
+    assert _env_after_import(tmp_path, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE None"
+    assert _env_after_import(tmp_path, GOMP_SPINCOUNT="50") == "None 50"
