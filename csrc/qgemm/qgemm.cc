@@ -14,10 +14,10 @@ namespace {
 
 index_t even(index_t k) { return (k + 1) / 2 * 2; }
 
-// Scratch for the widened activations (M x Kp int16), the row factors (M floats) and, for the
-// avx512vnni kernel, the int8 activations (M x Kq, Kq = Kp rounded up to 4) with their row sums,
-// from the calling thread's scratch memory (the kernel is done with it before the thread's next
-// call).
+// Scratch for the widened activations (M x Kp int16), the row factors (M floats) and, when the
+// avx512vnni kernel is selected, the int8 activations (M x lda8, lda8 = Kp rounded up to 4) with
+// their row sums (lda8 = 0 otherwise), from the calling thread's scratch memory (the kernel is
+// done with it before the thread's next call).
 struct Widened {
   std::int16_t* a;
   float* row_inv;
@@ -38,11 +38,12 @@ Widened widened_scratch(index_t M, index_t Kp) {
           reinterpret_cast<std::int32_t*>(s + a_floats + M), lda8};
 }
 
-// Runs the product on the selected kernel; the avx512vnni one first gets the activations narrowed
-// to int8 (every value fits: quantised rows are in [-127, 127], qgemm_s32's input is int8).
+// Runs the product on the kernel the scratch was laid out for (a later force_isa cannot make it
+// overrun the int8 rows); the avx512vnni one first gets the activations narrowed to int8 (every
+// value fits: quantised rows are in [-127, 127], qgemm_s32's input is int8).
 void run_product(QRun& run, const Widened& wide) {
 #if defined(PT_HAVE_VNNI)
-  if (vnni_selected()) {
+  if (wide.lda8 > 0) {
     for (index_t m = 0; m < run.M; ++m) {
       const std::int16_t* src = run.a + m * run.lda;
       std::int8_t* dst = wide.a8 + m * wide.lda8;
