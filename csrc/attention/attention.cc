@@ -14,6 +14,26 @@
 
 namespace pt {
 
+void attn_clamp_positions(AttnConfig& c, std::int64_t off) {
+  std::int64_t w = c.window;
+  if (c.window_at_last_key) {
+    if (w >= c.Lk) w = -1;
+  } else if (w >= 0) {
+    if (off - w > c.Lk) {  // every window lies past the last key
+      off = c.Lk + 1;
+      w = 0;
+    } else if (w - off >= c.Lq + c.Lk) {
+      w = -1;
+    } else if (off > c.Lk) {
+      w = c.Lk - (off - w);
+      off = c.Lk;
+    }
+  }
+  c.window = w;
+  c.query_offset = w < 0 && off > c.Lk ? c.Lk : off;  // then any offset >= Lk shows every key
+}
+
+
 namespace {
 
 // The tile bodies want unit stride along D and D a multiple of 8 (whole Vec rows).

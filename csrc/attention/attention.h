@@ -54,6 +54,12 @@ inline index_t attn_first(const AttnConfig& c, index_t b, index_t i) {
   return p - c.window > 0 ? p - c.window : 0;
 }
 
+// Sets c.query_offset and c.window from the caller's query offset (c.window holding the
+// caller's window), brought into a range where positions cannot overflow while keeping which
+// keys each query sees: only off - window matters once the queries sit past every key, and a
+// window wider than any distance between a query and a key is none. Needs c.Lq and c.Lk.
+void attn_clamp_positions(AttnConfig& c, std::int64_t query_offset);
+
 // out (B, Lq, H, D) C-contiguous, overwritten: softmax(scale q k^T + mask) v per (b, h).
 // lse (B, H, Lq) C-contiguous, overwritten with the row log-sum-exp of the masked scaled
 // scores, or nullptr. q is (B, Lq, H, D); k, v are (B, Lk, H, D); any strides.

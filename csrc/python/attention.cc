@@ -23,28 +23,6 @@ void require_nonempty(const F32View& x, const char* name) {
     if (d == 0) throw py::value_error(std::string(name) + ": empty array of shape " + py_helpers::shape_str(x.shape));
 }
 
-// Brings query_offset and window into a range where positions cannot overflow, keeping which
-// keys each query sees: only off - window matters once the queries sit past every key, and a
-// window wider than any distance between a query and a key is none.
-void clamp_positions(AttnConfig& c, std::int64_t off) {
-  std::int64_t w = c.window;
-  if (c.window_at_last_key) {
-    if (w >= c.Lk) w = -1;
-  } else if (w >= 0) {
-    if (off - w > c.Lk) {  // every window lies past the last key
-      off = c.Lk + 1;
-      w = 0;
-    } else if (w - off >= c.Lq + c.Lk) {
-      w = -1;
-    } else if (off > c.Lk) {
-      w = c.Lk - (off - w);
-      off = c.Lk;
-    }
-  }
-  c.window = w;
-  c.query_offset = w < 0 && off > c.Lk ? c.Lk : off;  // then any offset >= Lk shows every key
-}
-
 std::int64_t window_of(const py::object& window) {
   if (window.is_none()) return -1;
   const std::int64_t w = window.cast<std::int64_t>();
@@ -70,7 +48,7 @@ AttnConfig check_qkv(const F32View& q, const F32View& k, const F32View& v, const
     throw py::value_error("k: at most 2^24 keys are supported, got " + std::to_string(Lk));
   py_helpers::require_shape(v, "v", k.shape);
   AttnConfig c{B, Lq, Lk, H, D, nullptr, causal, 0, 0.0f, window_of(window), window_at_last_key};
-  clamp_positions(c, query_offset);
+  attn_clamp_positions(c, query_offset);
   if (!key_lengths.is_none()) {
     lengths = py_helpers::int_array(key_lengths, "key_lengths", {1});
     if (lengths.shape(0) != B)

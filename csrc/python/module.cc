@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
   pt::register_attention(m);
   pt::register_ops(m);
   pt::register_qgemm(m);
+  pt::register_decode(m);
 }

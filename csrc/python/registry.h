@@ -9,4 +9,5 @@ void register_gemm(pybind11::module_& m);
 void register_attention(pybind11::module_& m);
 void register_ops(pybind11::module_& m);
 void register_qgemm(pybind11::module_& m);
+void register_decode(pybind11::module_& m);
 }  // namespace pt

@@ -8,15 +8,21 @@ from typing import Any
 import numpy as np
 
 from .. import ops
+from .._native import _C
 from ..checks import check_bool, check_ids, check_int, check_layer_index
 from ..nn.attention import AttentionCapture
-from ..nn.layers import packed_weights, project, worth_packing
+from ..nn.layers import PACKED_MIN_ROWS, packed_weights, project, worth_packing
 from ..nn.layout import Layout
 
 # Self-attention caches start with room for this many positions and double when a step needs
 # more: memory follows the longest hypothesis, not max_steps (a batch of 256 rows preallocated for
 # 256 steps held ~400 MB for a 30 MB model), and the copies add up to less than one more cache.
 INITIAL_CAPACITY = 16
+
+# Steps run the native decoder step (`_C.DecoderStepPlan`: every layer in one call, the same
+# kernels on the same operands, so the same bits) where the model allows; False keeps the
+# layer-by-layer Python step (tests compare the two).
+NATIVE_STEP = True
 
 
 class DecoderState:
@@ -34,6 +40,8 @@ class DecoderState:
     state was made (so they do not follow later changes to the weights), or None.
     vocab_subset: the sorted target ids each step scores (None: all); `output_rows` holds the
     output projection's rows for them.
+    native: the `native_plan` the steps run (None: the Python layers), made with the state, so
+    its steps read the weight arrays the model held then.
     """
 
     def __init__(
@@ -44,8 +52,10 @@ class DecoderState:
         max_steps: int,
         packed_weights: dict | None = None,
         output_rows: OutputRows | None = None,
+        native: Any = None,
     ) -> None:
         self.kv_caches = kv_caches
+        self.native = native
         self.packed_weights = packed_weights
         self.cross_kvs = cross_kvs
         self.memory_layout = memory_layout
@@ -208,7 +218,58 @@ def new_state(
     if vocab_subset is not None:
         rows_out = OutputRows(model.output, vocab_subset, pack)
     kvs, layout = cross if cross is not None else (None, None)
-    return DecoderState(caches, kvs, layout, max_steps, packed, rows_out)
+    native = native_plan(model, packed) if NATIVE_STEP else None
+    return DecoderState(caches, kvs, layout, max_steps, packed, rows_out, native)
+
+
+def native_plan(model: Any, packed: dict | None) -> Any:
+    """The native step of model.decoder with the kernels Linear.forward would pick (int8, or
+    the packed copies in `packed` for inputs of PACKED_MIN_ROWS rows and more), or None where
+    the step needs the Python layers: a swish FFN, or weights the native step does not take
+    (not C-contiguous float32)."""
+    cfg, layers = model.config, model.decoder.layers
+    windows = {layer.self_attn.window for layer in layers}
+    if cfg.activation not in ("relu", "gelu") or len(windows) != 1:
+        return None
+    specs = [_layer_spec(layer, packed) for layer in layers]
+    final = model.decoder.norm
+    try:
+        return _C.DecoderStepPlan(
+            specs, _norm_spec(final) if final is not None else None, cfg.norm_first,
+            cfg.activation, cfg.d_model, cfg.num_heads, cfg.d_ff, windows.pop(), PACKED_MIN_ROWS,
+        )
+    except (TypeError, ValueError):  # a weight the native step cannot read: the Python step can
+        return None
+
+
+def _layer_spec(layer: Any, packed: dict | None) -> dict:
+    spec = {
+        "qkv": _linear_spec(layer.self_attn.qkv, packed),
+        "self_out": _linear_spec(layer.self_attn.out, packed),
+        "fc1": _linear_spec(layer.ffn.fc1, packed),
+        "fc2": _linear_spec(layer.ffn.fc2, packed),
+        "norm1": _norm_spec(layer.attn_block.norm),
+        "norm3": _norm_spec(layer.ffn_block.norm),
+    }
+    if layer.cross_attn is not None:
+        spec["cross_q"] = _linear_spec(layer.cross_attn.q, packed)
+        spec["cross_out"] = _linear_spec(layer.cross_attn.out, packed)
+        spec["norm2"] = _norm_spec(layer.cross_block.norm)
+    return spec
+
+
+def _linear_spec(linear: Any, packed: dict | None) -> tuple:
+    bias = linear.bias.data if linear.bias is not None else None
+    q = linear.quantized
+    if q is not None:
+        return (None, None, q.data, q.inv_scale, bias, q.out_features, q.in_features)
+    w = linear.weight.data
+    p = packed.get(id(linear)) if packed else None
+    return (w, p.data if p is not None else None, None, None, bias, w.shape[0], w.shape[1])
+
+
+def _norm_spec(norm: Any) -> tuple:
+    return (norm.weight.data, norm.bias.data, float(norm.eps))
 
 
 def check_vocab_subset(vocab_subset: Any, vocab_size: int, eos_id: int) -> np.ndarray | None:
@@ -294,9 +355,15 @@ def decode_step(
     state.reserve(pos + 1)
     with model.ctx.inference(), packed_weights(state.packed_weights):
         x = model.tgt_embed.forward(tokens[:, None], model.positions[pos : pos + 1])
-        h = model.decoder.step(
-            x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, capture
-        )
+        if state.native is not None and capture is None:
+            ml = state.memory_layout
+            h = state.native.run(
+                x, pos, state.kv_caches, state.cross_kvs, ml.lengths if ml is not None else None
+            )
+        else:
+            h = model.decoder.step(
+                x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, capture
+            )
         if state.output_rows is not None:
             logits = state.output_rows.logits(h)
         else:
