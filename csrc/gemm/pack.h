@@ -42,14 +42,16 @@ inline void transpose8x8(float* d, const float* s, index_t ld) {
 
 // Eight k-steps of a full MR = 6 panel from row-major A: d[k * 6 + i] = s[i * ld + k], k < 8.
 // Each 8-wide store spills two lanes into the next k-step, which the next store overwrites; the
-// last one is masked so nothing past d[47] is written.
+// last one writes only its six lanes, so nothing past d[47] is written.
 inline void pack_a_6x8(float* d, const float* s, index_t ld) {
   __m256 r[8];
   for (int i = 0; i < 6; ++i) r[i] = _mm256_loadu_ps(s + i * ld);
   r[6] = r[7] = _mm256_setzero_ps();
   transpose8(r);
   for (int k = 0; k < 7; ++k) _mm256_storeu_ps(d + k * 6, r[k]);
-  _mm256_maskstore_ps(d + 42, _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0), r[7]);
+  // Four lanes then two, not a masked store (microcoded on AMD cores).
+  _mm_storeu_ps(d + 42, _mm256_castps256_ps128(r[7]));
+  _mm_storel_pi(reinterpret_cast<__m64*>(d + 46), _mm256_extractf128_ps(r[7], 1));
 }
 #endif
 
