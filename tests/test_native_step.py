@@ -96,6 +96,39 @@ def test_native_step_searches_agree(int8, beam, monkeypatch):
     assert got[True] == got[False]
 
 
+def test_replaced_packed_weights_remake_the_plan():
+    """translate gives a batch's later states the first state's packed copy: the native step
+    must then take the packed kernels too (with 4-16 rows their bits differ from the plain
+    product's)."""
+    model = _model("post-norm", False)
+    rng = np.random.default_rng(4)
+    lengths = np.array([4, 3, 5, 2, 4])
+    memory = model.encode(rng.integers(3, 19, size=(5, 5)), lengths)
+    tokens = rng.integers(3, 23, size=(5, 6))
+    donor = model.init_decoder_state(memory, lengths, 6, pack_weights=True)
+    logits = {}
+    for native in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(state, "NATIVE_STEP", native)
+            s = model.init_decoder_state(memory, lengths, 6, pack_weights=False)
+            s.packed_weights = donor.packed_weights
+            logits[native] = np.stack([model.decode_step(s, tokens[:, t])[0] for t in range(6)])
+    np.testing.assert_array_equal(logits[True], logits[False])
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_native_step_chunked_translate_agrees(beam, monkeypatch):
+    model = _model("pre-norm", False, seed=2)
+    rng = np.random.default_rng(3)
+    sources = [rng.integers(3, 19, size=int(n)).tolist() for n in rng.integers(1, 10, size=13)]
+    kw = dict(beam_size=beam, max_decoding_length=40, return_scores=True, max_batch_size=5)
+    got = {}
+    for native in (True, False):
+        monkeypatch.setattr(state, "NATIVE_STEP", native)
+        got[native] = model.translate(sources, **kw)
+    assert got[True] == got[False]
+
+
 def test_attention_capture_takes_the_python_layers(monkeypatch):
     """need_attention steps run the Python layers (the native step returns no weights) and
     still match a native run's logits."""

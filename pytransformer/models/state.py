@@ -56,6 +56,7 @@ class DecoderState:
     ) -> None:
         self.kv_caches = kv_caches
         self.native = native
+        self._native_packed = packed_weights  # what `native` was made with
         self.packed_weights = packed_weights
         self.cross_kvs = cross_kvs
         self.memory_layout = memory_layout
@@ -64,6 +65,15 @@ class DecoderState:
         self.src_rows = np.arange(kv_caches[0].shape[0], dtype=np.int64)
         self._cross_sources = self.src_rows  # the original source of each cross_kvs row
         self.output_rows = output_rows
+
+    def native_step(self, model: Any) -> Any:
+        """The native plan, remade when `packed_weights` was replaced since (translate hands
+        a batch's later states the packed copy its first state made), so that it takes the
+        kernels the Python layers would take; None: the steps run the Python layers."""
+        if self.native is not None and self._native_packed is not self.packed_weights:
+            self.native = native_plan(model, self.packed_weights)
+            self._native_packed = self.packed_weights
+        return self.native
 
     @property
     def vocab_subset(self) -> np.ndarray | None:
@@ -355,9 +365,10 @@ def decode_step(
     state.reserve(pos + 1)
     with model.ctx.inference(), packed_weights(state.packed_weights):
         x = model.tgt_embed.forward(tokens[:, None], model.positions[pos : pos + 1])
-        if state.native is not None and capture is None:
+        native = state.native_step(model) if capture is None else None
+        if native is not None:
             ml = state.memory_layout
-            h = state.native.run(
+            h = native.run(
                 x, pos, state.kv_caches, state.cross_kvs, ml.lengths if ml is not None else None
             )
         else:
