@@ -186,7 +186,7 @@ def _process(prob: Problem, x: np.ndarray, sent: np.ndarray, rows: np.ndarray, t
     if prob.end_ids.size:
         short = np.flatnonzero(t - off[sent] < prob.min_gen[sent])
         if short.size:
-            x[np.ix_(short, prob.end_ids)] = -np.inf
+            x[short[:, None], prob.end_ids] = -np.inf
 
 
 def _score(prob: Problem, sent: int, logprob: float, length: int, attn: np.ndarray | None):
@@ -398,9 +398,8 @@ def beam_search(
         order = np.argsort(~ok, axis=1, kind="stable")
         rank = fin.astype(np.int64) @ upper - 1  # finished slots before and at each
         has = fin & (rank < ok.sum(axis=1)[:, None])
-        pick = np.where(has, K + np.take_along_axis(order, np.clip(rank, 0, K - 1), 1),
-                        np.arange(K))
-        s_val = np.take_along_axis(c_val, pick, 1)
+        pick = np.where(has, K + _take(order, np.clip(rank, 0, K - 1)), np.arange(K))
+        s_val = _take(c_val, pick)
         s_live = s_val > -np.inf
         done |= ~s_live.any(axis=1)
         for i in np.flatnonzero(done):
@@ -411,14 +410,14 @@ def beam_search(
         ci = np.flatnonzero(~done)
         k_new = K if (k == K or gen.any()) else 1
         pick, s_val, s_live = pick[ci, :k_new], s_val[ci, :k_new], s_live[ci, :k_new]
-        s_slot = np.take_along_axis(c_slot[ci], pick, 1)
-        s_tok = np.take_along_axis(c_tok[ci], pick, 1)
+        s_slot = _take(c_slot[ci], pick)
+        s_tok = _take(c_tok[ci], pick)
         best = np.argmax(s_live, axis=1)[:, None]  # dead slots copy a live one
-        s_slot = np.where(s_live, s_slot, np.take_along_axis(s_slot, best, 1))
-        s_tok = np.where(s_live, s_tok, np.take_along_axis(s_tok, best, 1))
+        s_slot = np.where(s_live, s_slot, _take(s_slot, best))
+        s_tok = np.where(s_live, s_tok, _take(s_tok, best))
         if k_new == k:  # slots are interchangeable: keep each parent's first child in its row
             keep = _stay_in_place(s_slot)
-            s_slot, s_tok, s_val = (np.take_along_axis(x, keep, 1) for x in (s_slot, s_tok, s_val))
+            s_slot, s_tok, s_val = _take(s_slot, keep), _take(s_tok, keep), _take(s_val, keep)
         parents = (ci[:, None] * k + s_slot).ravel()
         if parents.size != seq.shape[0] or (parents != np.arange(parents.size)).any():
             prob.state.reorder(parents)
@@ -431,6 +430,12 @@ def beam_search(
         if results[b] is None:
             results[b] = _finalize(prob, int(b), finished[b], num_hypotheses)
     return results  # type: ignore[return-value]
+
+
+def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """np.take_along_axis(x, idx, 1) for 2-D x and idx, by plain fancy indexing (the library
+    call costs several microseconds of Python on the tiny arrays of a beam step)."""
+    return x[np.arange(x.shape[0])[:, None], idx]
 
 
 def _finalize(prob, b, entries, limit) -> list[Hypothesis]:
@@ -485,8 +490,8 @@ def _beam_candidates(prob, logits, act, gen, cum, k, c_val, c_slot, c_tok, seq, 
     flat = (np.arange(k)[:, None] * V + idx.reshape(g, k, kk)).reshape(g, k * kk)
     m = min(C, k * kk)
     order = np.lexsort((flat, -cand), axis=-1)[:, :m]
-    c_val[gi, :m] = np.take_along_axis(cand, order, 1)
-    pos = np.take_along_axis(flat, order, 1)
+    c_val[gi, :m] = _take(cand, order)
+    pos = _take(flat, order)
     c_slot[gi, :m] = pos // V
     c_tok[gi, :m] = pos % V
 

@@ -132,7 +132,7 @@ class DecoderState:
             self.kv_caches = [_copy_rows(np.empty((B2,) + c.shape[1:], np.float32), c, indices, t)
                               for c in self.kv_caches]
         new_rows = self.src_rows[indices]
-        if self.cross_kvs is not None:
+        if self.cross_kvs is not None and not np.array_equal(new_rows, self.src_rows):
             self._regroup_cross(new_rows)
         self.src_rows = new_rows
 
