@@ -122,6 +122,13 @@ void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView 
     return;
   }
   const index_t heads = c.B * c.H;
+  if (c.Lq == 1 && c.B >= 2 * num_threads()) {  // enough rows to share out: a row per task
+    auto body = PT_DISPATCH(attention_decode_row);
+    run_tasks(c.B, attn_decode_row_scratch(c.H, c.D, c.Lk), [&](index_t b, float* scratch) {
+      body(out, lse, q, k, v, c, b, scratch);
+    });
+    return;
+  }
   if (c.Lq == 1) {
     auto body = PT_DISPATCH(attention_decode_head);
     run_tasks(heads, attn_decode_scratch(c.D, c.Lk), [&](index_t t, float* scratch) {

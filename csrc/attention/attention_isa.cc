@@ -334,6 +334,82 @@ void attention_decode_head(float* out, float* lse, const AttnView& q, const Attn
   if (lse_out) *lse_out = mx.max() + std::log(l);
 }
 
+namespace {
+
+// Scores of key row kr (all heads) for heads [h, h + R): the per-key expression of
+// attention_decode_head (an FMA chain over d from zero, then the lane sum), R heads at once.
+template <int R>
+void score_heads(float* s, index_t np, index_t j, const float* qs, const float* kr, index_t sh,
+                 index_t D, index_t h) {
+  Vec a[R];
+  for (int r = 0; r < R; ++r) a[r] = Vec::zero();
+  for (index_t d = 0; d < D; d += 8)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[r] = fma(Vec::load(qs + (h + r) * D + d), Vec::load(kr + (h + r) * sh + d), a[r]);
+  for (int r = 0; r < R; ++r) s[(h + r) * np + j] = a[r].sum();
+}
+
+}  // namespace
+
+void attention_decode_row(float* out, float* lse, const AttnView& q, const AttnView& k,
+                          const AttnView& v, const AttnConfig& c, index_t b, float* scratch) {
+  const index_t D = c.D, H = c.H, first = attn_first(c, b, 0), n = attn_visible(c, b, 0) - first;
+  float* o = out + b * H * D;
+  if (n <= 0) {
+    for (index_t i = 0; i < H * D; ++i) o[i] = 0.0f;
+    if (lse)
+      for (index_t h = 0; h < H; ++h) lse[b * H + h] = -kInf;
+    return;
+  }
+  const index_t np = (n + 7) / 8 * 8;
+  float* qs = scratch;     // H x D scaled queries
+  float* s = qs + H * D;   // H x np scores, then probabilities
+  float* acc = s + H * np; // H x D value sums
+  for (index_t h = 0; h < H; ++h) {
+    const float* qrow = q.data + b * q.sb + h * q.sh;
+    for (index_t d = 0; d < D; d += 8) (Vec::load(qrow + d) * Vec(c.scale)).store(qs + h * D + d);
+  }
+  // Key by key, every head of it: the row is read front to back (the per-head kernel reads one
+  // head's slice of every row, a stride the prefetchers miss once the cache left L2).
+  const float* kb = k.data + b * k.sb + first * k.sl;
+  for (index_t j = 0; j < n; ++j) {
+    const float* kr = kb + j * k.sl;
+    index_t h = 0;
+    for (; h + 4 <= H; h += 4) score_heads<4>(s, np, j, qs, kr, k.sh, D, h);
+    for (; h < H; ++h) score_heads<1>(s, np, j, qs, kr, k.sh, D, h);
+  }
+  float* inv = acc + H * D;  // H
+  for (index_t h = 0; h < H; ++h) {
+    float* sh = s + h * np;
+    for (index_t j = n; j < np; ++j) sh[j] = -kInf;
+    Vec mx(-kInf);
+    for (index_t j = 0; j < np; j += 8) mx = max(mx, Vec::load(sh + j));
+    const Vec mv(mx.max());
+    Vec sum = Vec::zero();
+    for (index_t j = 0; j < np; j += 8) {
+      const Vec p = exp(Vec::load(sh + j) - mv);
+      p.store(sh + j);
+      sum = sum + p;
+    }
+    const float l = sum.sum();
+    inv[h] = 1.0f / l;
+    if (lse) lse[b * H + h] = mx.max() + std::log(l);
+  }
+  for (index_t i = 0; i < H * D; i += 8) Vec::zero().store(acc + i);
+  const float* vb = v.data + b * v.sb + first * v.sl;
+  for (index_t j = 0; j < n; ++j) {  // the same FMA chain per element as decode_values
+    const float* vr = vb + j * v.sl;
+    for (index_t h = 0; h < H; ++h) {
+      const Vec pj(s[h * np + j]);
+      const float* vh = vr + h * v.sh;
+      float* ah = acc + h * D;
+      for (index_t d = 0; d < D; d += 8) fma(pj, Vec::load(vh + d), Vec::load(ah + d)).store(ah + d);
+    }
+  }
+  for (index_t h = 0; h < H; ++h)
+    for (index_t d = 0; d < D; d += 8) (Vec::load(acc + h * D + d) * Vec(inv[h])).store(o + h * D + d);
+}
+
 void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& dout,
                              const AttnView& q, const AttnView& k, const AttnView& v,
                              const AttnView& out, const float* lse, const AttnConfig& c, index_t b,

@@ -22,6 +22,9 @@ inline index_t attn_forward_scratch(index_t D) {
   return D * kAttnLD + kAttnBK * kAttnLD + 2 * kAttnBQ * D + 5 * kAttnBQ;
 }
 inline index_t attn_decode_scratch(index_t D, index_t Lk) { return D + Lk + 8; }
+inline index_t attn_decode_row_scratch(index_t H, index_t D, index_t Lk) {
+  return 2 * H * D + H * (Lk + 8) + H;
+}
 inline index_t attn_backward_scratch(index_t D, index_t Lq) {
   const index_t lqp = (Lq + kAttnBQ - 1) / kAttnBQ * kAttnBQ;
   return 2 * lqp / kAttnBQ * D * kAttnLD + Lq * D + 2 * Lq * attn_row_stride(D) + 4 * lqp +
@@ -38,6 +41,10 @@ inline index_t attn_backward_scratch(index_t D, index_t Lq) {
   void attention_decode_head(float* out, float* lse, const AttnView& q, const AttnView& k,      \
                              const AttnView& v, const AttnConfig& c, index_t b, index_t h,      \
                              float* scratch);                                                   \
+  /* Lq == 1: every head of row b at once, each with attention_decode_head's arithmetic (the \
+     same bits), reading each cached key and value row front to back. */                       \
+  void attention_decode_row(float* out, float* lse, const AttnView& q, const AttnView& k,       \
+                            const AttnView& v, const AttnConfig& c, index_t b, float* scratch); \
   /* All of head (b, h): writes its rows of dq, dk and dv. */                                   \
   void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& dout,           \
                                const AttnView& q, const AttnView& k, const AttnView& v,         \
