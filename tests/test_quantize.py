@@ -185,6 +185,11 @@ def test_tied_output_projection(rng, tmp_path):
     rows = q.tgt_embed.quantized.dequantize_rows(ids, scale=2.0)
     qi, s = ops.quantize_int8(w)
     np.testing.assert_allclose(rows, 2.0 * qi[ids] / s[ids][..., None], rtol=1e-6)
+    # The float32 expression the lookup is specified by, bit for bit (any integer dtype of ids).
+    exact = qi[ids].astype(np.float32) * (np.float32(2.0) / s[ids])[..., None]
+    for dtype in (np.int64, np.int32, np.uint16):
+        got = q.tgt_embed.quantized.dequantize_rows(ids.astype(dtype), scale=2.0)
+        np.testing.assert_array_equal(got, exact)
     assert np.abs(rows - 2.0 * w[ids]).max() <= 2.0 * 0.5 / s.min() * (1 + 1e-5)
     with pytest.raises(IndexError, match="id 37"):
         q.tgt_embed.quantized.dequantize_rows(np.array([1, 37]))

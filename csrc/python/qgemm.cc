@@ -95,6 +95,30 @@ py::object qgemm_s32_py(const py::object& a_obj, const py::object& packed_obj, s
   return out;
 }
 
+// Rows ids (any shape, int32/int64) of the (n, k) packed weight times scale / w_scale[id]:
+// (ids.size, k) float32. IndexError names the first id outside [0, n).
+py::object qgather_rows_py(const py::object& packed_obj, std::int64_t n, std::int64_t k, const py::object& scale_obj,
+                           const py::object& ids_obj, double scale) {
+  const py::array_t<std::int8_t> pk = int8_array(packed_obj, "packed", 3);
+  const std::int8_t* b = checked_packed(pk, n, k, k);
+  py_helpers::F32View sv = py_helpers::f32_view(scale_obj, "w_scale", {1}, false, true);
+  if (sv.dim(0) != n) py_helpers::shape_error("w_scale", {n}, sv.shape);
+  const py::array_t<std::int64_t> ids = py_helpers::int_array(ids_obj, "ids");
+  const std::int64_t count = ids.size();
+  const std::int64_t* id = ids.data();
+  for (std::int64_t i = 0; i < count; ++i)
+    if (id[i] < 0 || id[i] >= n)
+      throw py::index_error("ids: id " + std::to_string(id[i]) + " at flat position " + std::to_string(i) +
+                            " is outside [0, " + std::to_string(n) + ")");
+  py::array_t<float> out(std::vector<py::ssize_t>{count, k});
+  float* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    qgather_rows(dst, b, n, k, id, count, sv.data, static_cast<float>(scale));
+  }
+  return out;
+}
+
 py::tuple quantize_rows_py(const py::object& x_obj) {
   py_helpers::f32_view(x_obj, "x", {2});
   const py::array_t<float> x = py::array_t<float, py::array::c_style>::ensure(x_obj);
@@ -153,6 +177,9 @@ void register_qgemm(py::module_& m) {
         "Exact int32 a (M, K) int8 @ W^T with W packed by qpack_weight; see pytransformer.ops.qmatmul_s32");
   m.def("quantize_rows", &quantize_rows_py, py::arg("x"),
         "float32 x (M, K) -> (int8 q, float32 scale (M,)), q = round(x * scale), scale = 127 / max|row|");
+  m.def("qgather_rows", &qgather_rows_py, py::arg("packed"), py::arg("n"), py::arg("k"), py::arg("w_scale"),
+        py::arg("ids"), py::arg("scale"),
+        "Rows ids of the packed int8 weight times scale / w_scale[id]; see QuantizedWeight.dequantize_rows");
   m.def("qlinear", &qlinear_py, py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("k"), py::arg("inv_scale"),
         py::arg("bias") = py::none(), py::arg("activation") = py::none(),
         "act(dequant(quantize_rows(x) @ W^T) + bias); see pytransformer.ops.qlinear");

@@ -80,6 +80,18 @@ void qpack_weight(std::int8_t* dst, const std::int8_t* w, index_t ldw, index_t N
   });
 }
 
+void qgather_rows(float* out, const std::int8_t* packed, index_t N, index_t K, const std::int64_t* ids,
+                  index_t n, const float* w_scale, float scale) {
+  const index_t pairs = even(K) / 2;
+  for (index_t i = 0; i < n; ++i) {
+    const index_t r = ids[i];
+    const std::int8_t* lane = packed + (r / kQNR) * pairs * 2 * kQNR + 2 * (r % kQNR);
+    const float f = scale / w_scale[r];
+    float* row = out + i * K;
+    for (index_t k = 0; k < K; ++k) row[k] = static_cast<float>(lane[(k / 2) * 2 * kQNR + (k & 1)]) * f;
+  }
+}
+
 void qgemm_s32(std::int32_t* c, index_t ldc, const std::int8_t* a, index_t lda, const std::int8_t* packed,
                index_t M, index_t N, index_t K) {
   if (M <= 0 || N <= 0) return;

@@ -29,6 +29,12 @@ inline constexpr index_t kQNR = 16;
 index_t qpacked_size(index_t N, index_t K);
 void qpack_weight(std::int8_t* dst, const std::int8_t* w, index_t ldw, index_t N, index_t K);
 
+// out (n, K) float32, row i = row ids[i] of the packed weight (N, K) times factor_i, where
+// factor_i = float(scale) / w_scale[ids[i]] (float32 division; ids already checked in [0, N)):
+// an int8 embedding lookup read straight from the panels.
+void qgather_rows(float* out, const std::int8_t* packed, index_t N, index_t K, const std::int64_t* ids,
+                  index_t n, const float* w_scale, float scale);
+
 // C (M, N) int32, row stride ldc = A (M, K) int8 (row stride lda) @ W^T, W from qpack_weight.
 void qgemm_s32(std::int32_t* c, index_t ldc, const std::int8_t* a, index_t lda, const std::int8_t* packed,
                index_t M, index_t N, index_t K);

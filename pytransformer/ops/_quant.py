@@ -138,19 +138,11 @@ class QuantizedWeight:
         if not isinstance(ids, np.ndarray) or ids.dtype.kind not in "iu":
             what = ids.dtype if isinstance(ids, np.ndarray) else type(ids).__name__
             raise TypeError(f"ids: expected an integer numpy array, got {what}")
-        flat = ids.reshape(-1).astype(np.int64, copy=False)
-        bad = (flat < 0) | (flat >= self.out_features)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise IndexError(
-                f"ids: id {int(flat[i])} at flat position {i} is outside [0, {self.out_features})"
-            )
-        pairs = self.data.shape[1]
-        k = np.arange(self.in_features, dtype=np.int64)
-        row_start = (flat // 16) * (pairs * 32) + 2 * (flat % 16)
-        q = self.data.reshape(-1)[row_start[:, None] + ((k // 2) * 32 + (k & 1))[None, :]]
-        out = q.astype(np.float32)
-        out *= (np.float32(scale) / self.scale[flat])[:, None]
+        if ids.dtype not in (np.int32, np.int64):  # other integer kinds: the kernel reads int64
+            ids = ids.astype(np.int64)
+        out = _C.qgather_rows(
+            self.data, self.out_features, self.in_features, self.scale, ids, float(scale)
+        )
         return out.reshape(ids.shape + (self.in_features,))
 
     def dequantize(self) -> np.ndarray:
