@@ -345,6 +345,7 @@ def beam_search(
     # A running count by a product, not np.cumsum: cumsum here kept Python objects (~200 blocks
     # over a few thousand calls before levelling off), which tests/test_memory.py sees as a leak.
     upper = np.triu(np.ones((K, K), dtype=np.int64))
+    slots = np.arange(K)[None, :]
     total = prob.total_steps()
     seq = _seq_buffer(prob, n, total + 1)
     act = np.arange(n)
@@ -378,28 +379,21 @@ def beam_search(
         ends = gen[:, None] & prob.is_end(c_tok)
         finite = c_val > -np.inf
         fin = (ends[:, :K] | last[:, None]) & finite[:, :K]
-        for i, j in zip(*np.nonzero(fin), strict=True):
-            b = int(act[i])
-            parent = i * k + int(c_slot[i, j])
-            toks = np.append(seq[parent, off[b] + 1 : t + 1], c_tok[i, j])
-            a = None if attn_hist is None else attn_hist[parent, off[b] : t + 1].copy()
-            finished[b].append((float(c_val[i, j]), toks, a))
-        top_ended[act] |= fin[:, 0]
-        n_finished[act] += fin.sum(axis=1)
-        nfin = n_finished[act]
         done = last.copy()
-        if early_exit:
-            done |= top_ended[act] & (nfin >= num_hypotheses)
-        else:
-            done |= nfin >= max_finished
-        # Each finished slot takes the next candidate past the first K that does not end; when
-        # none is left (several end tokens), the finished candidate itself goes on (CTranslate2).
-        ok = ~ends[:, K:]
-        order = np.argsort(~ok, axis=1, kind="stable")
-        rank = fin.astype(np.int64) @ upper - 1  # finished slots before and at each
-        has = fin & (rank < ok.sum(axis=1)[:, None])
-        pick = np.where(has, K + _take(order, np.clip(rank, 0, K - 1)), np.arange(K))
-        s_val = _take(c_val, pick)
+        if fin.any():
+            _set_aside(fin, act, k, t, off, seq, c_val, c_slot, c_tok, attn_hist, finished)
+            top_ended[act] |= fin[:, 0]
+            n_finished[act] += fin.sum(axis=1)
+            nfin = n_finished[act]
+            if early_exit:
+                done |= top_ended[act] & (nfin >= num_hypotheses)
+            else:
+                done |= nfin >= max_finished
+            pick = _refill(fin, ends, upper, K)
+            s_val = _take(c_val, pick)
+        else:  # most steps: nothing ended, the first K candidates go on as they are
+            pick = slots.repeat(n_act, axis=0)
+            s_val = c_val[:, :K]
         s_live = s_val > -np.inf
         done |= ~s_live.any(axis=1)
         for i in np.flatnonzero(done):
@@ -430,6 +424,27 @@ def beam_search(
         if results[b] is None:
             results[b] = _finalize(prob, int(b), finished[b], num_hypotheses)
     return results  # type: ignore[return-value]
+
+
+def _set_aside(fin, act, k, t, off, seq, c_val, c_slot, c_tok, attn_hist, finished) -> None:
+    """Moves the candidates `fin` marks (n_act, K) into their sentences' finished lists."""
+    for i, j in zip(*np.nonzero(fin), strict=True):
+        b = int(act[i])
+        parent = i * k + int(c_slot[i, j])
+        toks = np.append(seq[parent, off[b] + 1 : t + 1], c_tok[i, j])
+        a = None if attn_hist is None else attn_hist[parent, off[b] : t + 1].copy()
+        finished[b].append((float(c_val[i, j]), toks, a))
+
+
+def _refill(fin: np.ndarray, ends: np.ndarray, upper: np.ndarray, K: int) -> np.ndarray:
+    """The candidate each of the K slots continues with (n_act, K): each finished slot takes
+    the next candidate past the first K that does not end; when none is left (several end
+    tokens), the finished candidate itself goes on (CTranslate2)."""
+    ok = ~ends[:, K:]
+    order = np.argsort(~ok, axis=1, kind="stable")
+    rank = fin.astype(np.int64) @ upper - 1  # finished slots before and at each
+    has = fin & (rank < ok.sum(axis=1)[:, None])
+    return np.where(has, K + _take(order, np.clip(rank, 0, K - 1)), np.arange(K))
 
 
 def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
