@@ -268,33 +268,38 @@ def test_decode_from_preallocated_cache(isa, rng):
     assert_close(got, ref.attention(q[:, None], k, v)[0][:, 0])
 
 
-@settings(max_examples=30, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
-    B=st.integers(4, 9), H=st.integers(1, 6), D=st.sampled_from([8, 24, 64, 12]),
-    L=st.integers(1, 70), window=st.sampled_from([None, 0, 3]), seed=st.integers(0, 2**16),
+    B=st.integers(4, 9), Lq=st.integers(1, 8), H=st.integers(1, 6),
+    D=st.sampled_from([8, 24, 64, 12]), L=st.integers(1, 70),
+    window=st.sampled_from([None, 0, 3]), causal=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_decode_rows_match_decode_heads(isa, threads, B, H, D, L, window, seed):
-    """A batch of rows takes the row-at-a-time decode kernel (all heads of a row in one task,
-    each cached row read front to back), one row alone the head-at-a-time one; both must give
-    the same bits, with key lengths, windows, head counts that are not multiples of four and
-    head dims that need padding, on a strided head-major cache."""
+def test_decode_rows_match_single_queries(isa, threads, B, Lq, H, D, L, window, causal, seed):
+    """Up to 8 queries a row (decoding: one, or a source's beams in cross-attention) take the
+    row-at-a-time decode kernel once there are two (row, query) pairs per thread, one query
+    alone the head-at-a-time one: each query must get the bits it gets alone (at its own
+    position), with key lengths, causal masks, windows, head counts that are not multiples of
+    four and head dims that need padding, on a strided head-major cache."""
     rng = np.random.default_rng(seed)
     cache = randn(rng, B, 2, H, L + 3, D).transpose(0, 3, 1, 2, 4)[:, :L]
-    q = randn(rng, B, 1, H, D)
+    q = randn(rng, B, Lq, H, D)
     lengths = rng.integers(0, L + 1, size=B)
+    off = max(0, L - Lq)
+    masks = dict(key_lengths=lengths, causal=causal, window=window, return_lse=True)
     for n in (1, 2):
         threads(n)
-        out, lse = ops.attention(q, cache[:, :, 0], cache[:, :, 1], key_lengths=lengths,
-                                 query_offset=L - 1, window=window, return_lse=True)
+        out, lse = ops.attention(q, cache[:, :, 0], cache[:, :, 1], query_offset=off, **masks)
         for b in range(B):
-            one, one_lse = ops.attention(
-                q[b : b + 1], cache[b : b + 1, :, 0], cache[b : b + 1, :, 1],
-                key_lengths=lengths[b : b + 1], query_offset=L - 1, window=window,
-                return_lse=True,
-            )
-            np.testing.assert_array_equal(out[b : b + 1], one)
-            np.testing.assert_array_equal(lse[b : b + 1], one_lse)
+            for i in range(Lq):
+                one, one_lse = ops.attention(
+                    q[b : b + 1, i : i + 1], cache[b : b + 1, :, 0], cache[b : b + 1, :, 1],
+                    query_offset=off + i, **(masks | dict(key_lengths=lengths[b : b + 1])),
+                )
+                np.testing.assert_array_equal(out[b : b + 1, i : i + 1], one)
+                np.testing.assert_array_equal(lse[b : b + 1, :, i : i + 1], one_lse)
+        assert_close(out, ref.attention(q, cache[:, :, 0], cache[:, :, 1], key_lengths=lengths,
+                                        causal=causal, query_offset=off, window=window)[0])
 
 
 # ---------------------------------------------------------------------------- windowed attention
@@ -639,3 +644,25 @@ def test_memory_stays_linear_in_length(tmp_path):
     lxl_per_head = 8 * 8192 * 8192 * 4
     assert info["extra"] < 64 * 2**20, info
     assert info["extra"] < lxl_per_head / 32
+
+
+@pytest.mark.parametrize("Lq,Lk,D,length", [(163, 18, 16, 4), (95, 103, 64, 98), (7, 40, 8, 0)])
+def test_backward_ignores_garbage_past_key_lengths(isa, rng, Lq, Lk, D, length):
+    """Keys and values past the key lengths are padding: inf and NaN there must not reach dq,
+    dk or dv (a masked probability of 0 times an inf value row once made NaN in dS)."""
+    q = randn(rng, 1, Lq, 1, D)
+    kv = randn(rng, 1, Lk, 2, 1, D)
+    kv[:, length:, 0] = np.nan
+    kv[:, length:, 1] = np.inf
+    lengths = np.array([length])
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    out, lse = ops.attention(q, k, v, key_lengths=lengths, return_lse=True)
+    dout = randn(rng, *out.shape)
+    grads = ops.attention_backward(dout, q, k, v, out, lse, key_lengths=lengths)
+    clean = kv.copy()
+    clean[:, length:] = 0.0
+    refs = ref.attention_backward(dout, q, clean[:, :, 0], clean[:, :, 1], key_lengths=lengths)
+    for got, want in zip(grads, refs, strict=True):
+        assert np.isfinite(got).all()
+        assert_close(got, want, rtol=5e-5, atol=5e-6)
+    assert not grads[1][:, length:].any() and not grads[2][:, length:].any()

@@ -254,9 +254,11 @@ def test_fuzz_attention(isa, data):
         dq_ref, dk_ref, dv_ref = ref.attention_backward(
             dout, q, k, v, lengths, causal, offset, scale
         )
-        check_close("attention_backward.dq", dq, dq_ref, atol=1e-4)
-        check_close("attention_backward.dk", dk, dk_ref, atol=1e-4)
-        check_close("attention_backward.dv", dv, dv_ref, atol=1e-4)
+        # dk and dv sum over up to 200 queries in float32 (dq over up to 300 keys): 1e-4 was
+        # exceeded by 1% once keys past the lengths stopped turning dk into NaN.
+        check_close("attention_backward.dq", dq, dq_ref, atol=2e-4)
+        check_close("attention_backward.dk", dk, dk_ref, atol=2e-4)
+        check_close("attention_backward.dv", dv, dv_ref, atol=2e-4)
 
 
 @kernel_settings

@@ -122,10 +122,13 @@ void attention_forward(float* out, float* lse, AttnView q, AttnView k, AttnView 
     return;
   }
   const index_t heads = c.B * c.H;
-  if (c.Lq == 1 && c.B >= 2 * num_threads()) {  // enough rows to share out: a row per task
+  // Decoding: one query a row, or the few queries of a source's beams (cross-attention). With
+  // enough (row, query) pairs to share out, each task runs every head of one pair; a row's keys
+  // and values then stay in L2 across its queries, and the one-query-a-row bits are kept.
+  if (c.Lq <= kAttnDecodeRows && c.B * c.Lq >= 2 * num_threads() && (c.Lq == 1 || !c.window_at_last_key)) {
     auto body = PT_DISPATCH(attention_decode_row);
-    run_tasks(c.B, attn_decode_row_scratch(c.H, c.D, c.Lk), [&](index_t b, float* scratch) {
-      body(out, lse, q, k, v, c, b, scratch);
+    run_tasks(c.B * c.Lq, attn_decode_row_scratch(c.H, c.D, c.Lk), [&](index_t t, float* scratch) {
+      body(out, lse, q, k, v, c, t / c.Lq, t % c.Lq, scratch);
     });
     return;
   }

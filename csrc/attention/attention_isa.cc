@@ -352,13 +352,14 @@ void score_heads(float* s, index_t np, index_t j, const float* qs, const float* 
 }  // namespace
 
 void attention_decode_row(float* out, float* lse, const AttnView& q, const AttnView& k,
-                          const AttnView& v, const AttnConfig& c, index_t b, float* scratch) {
-  const index_t D = c.D, H = c.H, first = attn_first(c, b, 0), n = attn_visible(c, b, 0) - first;
-  float* o = out + b * H * D;
+                          const AttnView& v, const AttnConfig& c, index_t b, index_t i,
+                          float* scratch) {
+  const index_t D = c.D, H = c.H, first = attn_first(c, b, i), n = attn_visible(c, b, i) - first;
+  float* o = out + (b * c.Lq + i) * H * D;
   if (n <= 0) {
-    for (index_t i = 0; i < H * D; ++i) o[i] = 0.0f;
+    for (index_t e = 0; e < H * D; ++e) o[e] = 0.0f;
     if (lse)
-      for (index_t h = 0; h < H; ++h) lse[b * H + h] = -kInf;
+      for (index_t h = 0; h < H; ++h) lse[(b * H + h) * c.Lq + i] = -kInf;
     return;
   }
   const index_t np = (n + 7) / 8 * 8;
@@ -366,7 +367,7 @@ void attention_decode_row(float* out, float* lse, const AttnView& q, const AttnV
   float* s = qs + H * D;   // H x np scores, then probabilities
   float* acc = s + H * np; // H x D value sums
   for (index_t h = 0; h < H; ++h) {
-    const float* qrow = q.data + b * q.sb + h * q.sh;
+    const float* qrow = q.data + b * q.sb + i * q.sl + h * q.sh;
     for (index_t d = 0; d < D; d += 8) (Vec::load(qrow + d) * Vec(c.scale)).store(qs + h * D + d);
   }
   // Key by key, every head of it: the row is read front to back (the per-head kernel reads one
@@ -393,7 +394,7 @@ void attention_decode_row(float* out, float* lse, const AttnView& q, const AttnV
     }
     const float l = sum.sum();
     inv[h] = 1.0f / l;
-    if (lse) lse[b * H + h] = mx.max() + std::log(l);
+    if (lse) lse[(b * H + h) * c.Lq + i] = mx.max() + std::log(l);
   }
   for (index_t i = 0; i < H * D; i += 8) Vec::zero().store(acc + i);
   const float* vb = v.data + b * v.sb + first * v.sl;
@@ -467,11 +468,16 @@ void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& do
   // dK, dV accumulators stay in L2.
   const float* kb = k.data + b * k.sb + h * k.sh;
   const float* vb = v.data + b * v.sb + h * v.sh;
+  const index_t valid = c.key_lengths ? static_cast<index_t>(c.key_lengths[b]) : Lk;
   for (index_t jb = 0; jb < Lk; jb += kAttnKeyBlock * BK) {
     const index_t nkeys = imin(Lk - jb, kAttnKeyBlock * BK);
     for (index_t i = 0; i < nkeys * D; ++i) dka[i] = dva[i] = 0.0f;
     pack_rows(kp, RS, kb + jb * k.sl, k.sl, nkeys, D);  // these keys serve every query tile
     pack_rows(vp, RS, vb + jb * v.sl, v.sl, nkeys, D);
+    // Rows past the key length are padding and may hold anything (inf, NaN): zeroed, so that
+    // a masked entry's 0 x row never turns into NaN in dS, dQ or dK.
+    for (index_t j = imax(valid - jb, 0); j < nkeys; ++j)
+      for (index_t d = 0; d < RS; ++d) kp[j * RS + d] = vp[j * RS + d] = 0.0f;
     for (index_t t = 0; t < nqt; ++t) {
       const index_t i0 = t * BQ, mq = Lq - i0 < BQ ? Lq - i0 : BQ;
       // As in the forward: the tile's queries see keys in [kbegin, kend), all of them [klast, kfull).

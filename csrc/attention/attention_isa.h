@@ -12,6 +12,8 @@ constexpr index_t kAttnBQ = 64;
 constexpr index_t kAttnBK = 64;
 // Backward walks key tiles in blocks of this many tiles (see attention_backward_head).
 constexpr index_t kAttnKeyBlock = 4;
+// Up to this many queries a row take the decode kernel (attention_decode_row) instead of tiles.
+constexpr index_t kAttnDecodeRows = 8;
 // Leading dimension of the per-thread score tiles and packed Q^T: padded past a power of two so
 // that the column a micro-kernel walks does not map every row to the same few L1 sets.
 constexpr index_t kAttnLD = kAttnBQ + 8;
@@ -41,10 +43,11 @@ inline index_t attn_backward_scratch(index_t D, index_t Lq) {
   void attention_decode_head(float* out, float* lse, const AttnView& q, const AttnView& k,      \
                              const AttnView& v, const AttnConfig& c, index_t b, index_t h,      \
                              float* scratch);                                                   \
-  /* Lq == 1: every head of row b at once, each with attention_decode_head's arithmetic (the \
-     same bits), reading each cached key and value row front to back. */                       \
+  /* Query i of row b, every head at once, each with attention_decode_head's arithmetic (the \
+     same bits for Lq == 1), reading each key and value row front to back. */                   \
   void attention_decode_row(float* out, float* lse, const AttnView& q, const AttnView& k,       \
-                            const AttnView& v, const AttnConfig& c, index_t b, float* scratch); \
+                            const AttnView& v, const AttnConfig& c, index_t b, index_t i,       \
+                            float* scratch);                                                    \
   /* All of head (b, h): writes its rows of dq, dk and dv. */                                   \
   void attention_backward_head(float* dq, float* dk, float* dv, const AttnView& dout,           \
                                const AttnView& q, const AttnView& k, const AttnView& v,         \
