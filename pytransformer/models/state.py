@@ -168,7 +168,7 @@ class DecoderState:
             return
         where = {int(s): i for i, s in reversed(list(enumerate(self._cross_sources.tolist())))}
         pick = np.array([where[int(s)] for s in sources], dtype=np.int64)
-        self.cross_kvs = [_take_head_major(kv, pick) for kv in self.cross_kvs]
+        self.cross_kvs = [head_major(kv, pick) for kv in self.cross_kvs]
         self.memory_layout = self.memory_layout.take(pick)
         self._cross_sources = sources
 
@@ -196,14 +196,13 @@ def head_major_cache(rows: int, positions: int, H: int, D: int) -> np.ndarray:
     return np.empty((rows, 2, H, positions, D), np.float32).transpose(0, 3, 1, 2, 4)
 
 
-def head_major(kv: np.ndarray) -> np.ndarray:
-    """kv (G, S, 2, H, D) copied into the memory order of `head_major_cache`."""
-    return np.ascontiguousarray(kv.transpose(0, 2, 3, 1, 4)).transpose(0, 3, 1, 2, 4)
-
-
-def _take_head_major(kv: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """kv[rows] in head-major memory order (plain fancy indexing would give the logical order)."""
-    return np.ascontiguousarray(kv.transpose(0, 2, 3, 1, 4)[rows]).transpose(0, 3, 1, 2, 4)
+def head_major(kv: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """kv (G, S, 2, H, D), or its rows `rows`, copied into the memory order of `head_major_cache`
+    (plain fancy indexing would give the logical order)."""
+    memory_order = kv.transpose(0, 2, 3, 1, 4)
+    if rows is not None:
+        memory_order = memory_order[rows]
+    return np.ascontiguousarray(memory_order).transpose(0, 3, 1, 2, 4)
 
 
 def _copy_rows(new: np.ndarray, old: np.ndarray, indices: np.ndarray, t: int) -> np.ndarray:
