@@ -8,6 +8,7 @@
 // tile loops rely on. A query that sees no key gets a zero output row and a log-sum-exp of -inf.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "common.h"
@@ -52,6 +53,11 @@ inline index_t attn_first(const AttnConfig& c, index_t b, index_t i) {
   if (c.window < 0) return 0;
   const index_t p = c.window_at_last_key ? attn_visible(c, b, i) - 1 : i + c.query_offset;
   return p - c.window > 0 ? p - c.window : 0;
+}
+
+// The scale of scores when the caller gives none: 1 / sqrt(D), rounded from double.
+inline float attn_default_scale(index_t D) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
 }
 
 // Sets c.query_offset and c.window from the caller's query offset (c.window holding the

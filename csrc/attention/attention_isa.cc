@@ -172,6 +172,26 @@ void softmax_update(float* s, index_t ld, index_t kn, index_t ncols, float* m, f
   }
 }
 
+// Scores s[0, n) of one query and head, padded with -inf to a multiple of 8, turned in place
+// into exp(s - max); returns {max, sum of the exponentials}.
+struct RowSoftmax {
+  float max, sum;
+};
+RowSoftmax softmax_row(float* s, index_t n) {
+  const index_t np = (n + 7) / 8 * 8;
+  for (index_t j = n; j < np; ++j) s[j] = -kInf;
+  Vec mx(-kInf);
+  for (index_t j = 0; j < np; j += 8) mx = max(mx, Vec::load(s + j));
+  const Vec mv(mx.max());
+  Vec sum = Vec::zero();
+  for (index_t j = 0; j < np; j += 8) {
+    const Vec p = exp(Vec::load(s + j) - mv);
+    p.store(s + j);
+    sum = sum + p;
+  }
+  return {mx.max(), sum.sum()};
+}
+
 template <int NV>
 void decode_values(float* o, const float* p, const float* vb, index_t vsl, index_t n, float inv) {
   Vec acc[NV];
@@ -307,20 +327,8 @@ void attention_decode_head(float* out, float* lse, const AttnView& q, const Attn
     for (index_t d = 0; d < D; d += 8) a0 = fma(Vec::load(qs + d), Vec::load(kb + j * k.sl + d), a0);
     s[j] = a0.sum();
   }
-  const index_t np = (n + 7) / 8 * 8;
-  for (j = n; j < np; ++j) s[j] = -kInf;
-
-  Vec mx(-kInf);
-  for (j = 0; j < np; j += 8) mx = max(mx, Vec::load(s + j));
-  const Vec mv(mx.max());
-  Vec sum = Vec::zero();
-  for (j = 0; j < np; j += 8) {
-    const Vec p = exp(Vec::load(s + j) - mv);
-    p.store(s + j);
-    sum = sum + p;
-  }
-  const float l = sum.sum();
-  const float inv = 1.0f / l;
+  const RowSoftmax sm = softmax_row(s, n);
+  const float inv = 1.0f / sm.sum;
 
   const float* vb = v.data + b * v.sb + h * v.sh + first * v.sl;
   index_t d = 0;
@@ -331,7 +339,7 @@ void attention_decode_head(float* out, float* lse, const AttnView& q, const Attn
     case 1: decode_values<1>(o + d, s, vb + d, v.sl, n, inv); break;
     default: break;
   }
-  if (lse_out) *lse_out = mx.max() + std::log(l);
+  if (lse_out) *lse_out = sm.max + std::log(sm.sum);
 }
 
 namespace {
@@ -381,20 +389,9 @@ void attention_decode_row(float* out, float* lse, const AttnView& q, const AttnV
   }
   float* inv = acc + H * D;  // H
   for (index_t h = 0; h < H; ++h) {
-    float* sh = s + h * np;
-    for (index_t j = n; j < np; ++j) sh[j] = -kInf;
-    Vec mx(-kInf);
-    for (index_t j = 0; j < np; j += 8) mx = max(mx, Vec::load(sh + j));
-    const Vec mv(mx.max());
-    Vec sum = Vec::zero();
-    for (index_t j = 0; j < np; j += 8) {
-      const Vec p = exp(Vec::load(sh + j) - mv);
-      p.store(sh + j);
-      sum = sum + p;
-    }
-    const float l = sum.sum();
-    inv[h] = 1.0f / l;
-    if (lse) lse[(b * H + h) * c.Lq + i] = mx.max() + std::log(l);
+    const RowSoftmax sm = softmax_row(s + h * np, n);
+    inv[h] = 1.0f / sm.sum;
+    if (lse) lse[(b * H + h) * c.Lq + i] = sm.max + std::log(sm.sum);
   }
   for (index_t i = 0; i < H * D; i += 8) Vec::zero().store(acc + i);
   const float* vb = v.data + b * v.sb + first * v.sl;

@@ -1,7 +1,6 @@
 #include "decode/decoder_step.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <utility>
 
@@ -49,8 +48,6 @@ AttnView keys_of(const StepKV& kv, index_t kv_index) {
   return AttnView{kv.data + kv_index * kv.s_kv, kv.s_row, kv.s_pos, kv.s_head, kv.s_dim};
 }
 
-float default_scale(index_t D) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))); }
-
 // The scratch of one step; x and y swap as each residual block writes its output.
 struct Buffers {
   std::vector<float> a, b, h, wide;
@@ -72,7 +69,7 @@ void self_attention(const StepModel& m, const StepLayer& l, const StepKV& kv, fl
         std::memcpy(dst + part * kv.s_kv + h * kv.s_head, qkv + r * 3 * C + (1 + part) * C + h * D,
                     sizeof(float) * static_cast<size_t>(D));
   }
-  AttnConfig c{B, 1, pos + 1, H, D, nullptr, false, 0, default_scale(D), m.window, false};
+  AttnConfig c{B, 1, pos + 1, H, D, nullptr, false, 0, attn_default_scale(D), m.window, false};
   attn_clamp_positions(c, pos);
   const AttnView q{qkv, 3 * C, 3 * C, D, 1};
   float* ctx = buf.h.data();
@@ -86,7 +83,7 @@ void cross_attention(const StepModel& m, const StepLayer& l, const StepState& s,
   const index_t C = m.C, H = m.H, D = C / H, g = B / s.G;
   float* q = buf.wide.data();
   linear(l.cross_q, q, in, B, Activation::none, m.packed_min_rows);
-  AttnConfig c{s.G, g, s.S, H, D, s.cross_lengths, false, 0, default_scale(D), -1, false};
+  AttnConfig c{s.G, g, s.S, H, D, s.cross_lengths, false, 0, attn_default_scale(D), -1, false};
   attn_clamp_positions(c, 0);
   float* ctx = buf.h.data();
   attention_forward(ctx, nullptr, AttnView{q, g * C, C, D, 1}, keys_of(kv, 0), keys_of(kv, 1), c);
@@ -137,7 +134,7 @@ void decoder_step(const StepModel& m, const StepState& s, float* x, index_t B, i
       });
     residual(m, l.norm3, buf, B, [&](float* out, const float* in) { feed_forward(m, l, out, in, buf, B); });
   }
-  if (m.has_final_norm) {
+  if (m.final_norm.weight) {
     norm(m.final_norm, buf.y, buf.x, nullptr, B, C);
     std::swap(buf.x, buf.y);
   }

@@ -45,7 +45,6 @@ struct StepLayer {
 struct StepModel {
   std::vector<StepLayer> layers;
   StepNorm final_norm;  // weight == nullptr: none (post-norm stacks)
-  bool has_final_norm = false;
   bool norm_first = false;
   Activation ffn_act = Activation::relu;
   index_t C = 0, H = 0, F = 0;

@@ -61,7 +61,7 @@ AttnConfig check_qkv(const F32View& q, const F32View& k, const F32View& v, const
     c.key_lengths = kl;
   }
   if (scale.is_none()) {
-    c.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+    c.scale = attn_default_scale(D);
   } else {
     const double s = scale.cast<double>();
     if (!std::isfinite(s)) throw py::value_error("scale: must be finite");

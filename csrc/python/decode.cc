@@ -35,8 +35,7 @@ class DecoderStepPlan {
     else if (activation == "gelu") m_.ffn_act = Activation::gelu;
     else throw py::value_error("activation: the native step runs 'relu' or 'gelu', got '" + activation + "'");
     for (const py::handle& spec : layers) m_.layers.push_back(layer(py::cast<py::dict>(spec)));
-    m_.has_final_norm = !final_norm.is_none();
-    if (m_.has_final_norm) m_.final_norm = norm(final_norm, "final_norm");
+    if (!final_norm.is_none()) m_.final_norm = norm(final_norm, "final_norm");
   }
 
   py::array_t<float> run(const py::object& x_obj, std::int64_t pos, const py::list& caches,
@@ -46,7 +45,7 @@ class DecoderStepPlan {
     if (B < 1 || xv.dim(1) != C) py_helpers::shape_error("x", {B, C}, xv.shape);
     if (pos < 0) throw py::value_error("pos: must be >= 0, got " + std::to_string(pos));
     StepState s;
-    s.self_kv = kv_list(caches, "kv_caches", B, pos + 1, true);
+    s.self_kv = kv_list(caches, "kv_caches", B, pos + 1, false, true);
     py::array_t<std::int64_t> lengths;
     if (needs_cross()) cross(s, cross_obj, lengths_obj, B, lengths);
     py::array_t<float> out = py_helpers::new_f32({B, C});
@@ -130,10 +129,10 @@ class DecoderStepPlan {
     return l;
   }
 
-  // One (rows, positions, 2, H, D) float32 array per layer with rows == B (or dividing B for
-  // cross K/V) and at least min_positions positions; D contiguous.
+  // One (rows, positions, 2, H, D) float32 array per layer with `positions` positions (at least
+  // that many unless exact); D contiguous.
   std::vector<StepKV> kv_list(const py::handle& list_obj, const char* name, std::int64_t rows,
-                              std::int64_t min_positions, bool writable) const {
+                              std::int64_t positions, bool exact, bool writable) const {
     const py::list arrays = py::cast<py::list>(list_obj);
     if (arrays.size() != m_.layers.size())
       throw py::value_error(std::string(name) + ": expected " + std::to_string(m_.layers.size()) +
@@ -142,10 +141,10 @@ class DecoderStepPlan {
     const std::int64_t H = m_.H, D = m_.C / m_.H;
     for (const py::handle& a : arrays) {
       const F32View v = py_helpers::f32_view(a, name, {5}, writable);
-      if ((rows > 0 && v.dim(0) != rows) || v.dim(1) < min_positions || v.dim(2) != 2 || v.dim(3) != H ||
-          v.dim(4) != D || v.stride(4) != 1)
-        throw py::value_error(std::string(name) + ": expected (" + std::to_string(rows) + ", >=" +
-                              std::to_string(min_positions) + ", 2, " + std::to_string(H) + ", " +
+      if (v.dim(0) != rows || v.dim(1) < positions || (exact && v.dim(1) != positions) || v.dim(2) != 2 ||
+          v.dim(3) != H || v.dim(4) != D || v.stride(4) != 1)
+        throw py::value_error(std::string(name) + ": expected (" + std::to_string(rows) + (exact ? ", " : ", >=") +
+                              std::to_string(positions) + ", 2, " + std::to_string(H) + ", " +
                               std::to_string(D) + ") with unit last stride, got " + shape_str(v.shape));
       out.push_back(StepKV{v.data, v.stride(0), v.stride(1), v.stride(2), v.stride(3), v.stride(4)});
     }
@@ -161,10 +160,7 @@ class DecoderStepPlan {
     if (s.G < 1 || s.S < 1 || B % s.G)
       throw py::value_error("cross_kvs: " + std::to_string(B) + " rows cannot share " + std::to_string(s.G) +
                             " memory rows of " + std::to_string(s.S) + " positions");
-    s.cross_kv = kv_list(arrays, "cross_kvs", s.G, s.S, false);
-    for (const py::handle& a : arrays)
-      if (py_helpers::f32_view(a, "cross_kvs", {5}).dim(1) != s.S)
-        throw py::value_error("cross_kvs: the layers' memories differ in length");
+    s.cross_kv = kv_list(arrays, "cross_kvs", s.G, s.S, true, false);
     if (lengths_obj.is_none()) return;
     lengths = py_helpers::int_array(lengths_obj, "cross_lengths", {1});
     if (lengths.shape(0) != s.G) py_helpers::shape_error("cross_lengths", {s.G}, {lengths.shape(0)});

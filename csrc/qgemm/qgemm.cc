@@ -14,6 +14,11 @@ namespace {
 
 index_t even(index_t k) { return (k + 1) / 2 * 2; }
 
+// Where W[r, k] sits in the packed panels of a weight with `pairs` k-pairs (see qpack_weight).
+index_t qpanel_byte(index_t r, index_t k, index_t pairs) {
+  return (r / kQNR) * pairs * 2 * kQNR + (k / 2) * 2 * kQNR + 2 * (r % kQNR) + (k & 1);
+}
+
 // Scratch for the widened activations (M x Kp int16), the row factors (M floats) and, when the
 // avx512vnni kernel is selected, the int8 activations (M x lda8, lda8 = Kp rounded up to 4) with
 // their row sums (lda8 = 0 otherwise), from the calling thread's scratch memory (the kernel is
@@ -71,12 +76,9 @@ void qpack_weight(std::int8_t* dst, const std::int8_t* w, index_t ldw, index_t N
   const index_t panels = (N + kQNR - 1) / kQNR, pairs = even(K) / 2;
   std::memset(dst, 0, static_cast<size_t>(qpacked_size(N, K)));
   parallel_for(panels, [&](std::int64_t q) {
-    std::int8_t* panel = dst + q * pairs * 2 * kQNR;
     const index_t cols = N - q * kQNR < kQNR ? N - q * kQNR : kQNR;
-    for (index_t j = 0; j < cols; ++j) {
-      const std::int8_t* row = w + (q * kQNR + j) * ldw;
-      for (index_t k = 0; k < K; ++k) panel[(k / 2) * 2 * kQNR + 2 * j + (k & 1)] = row[k];
-    }
+    for (index_t r = q * kQNR; r < q * kQNR + cols; ++r)
+      for (index_t k = 0; k < K; ++k) dst[qpanel_byte(r, k, pairs)] = w[r * ldw + k];
   });
 }
 
@@ -85,10 +87,9 @@ void qgather_rows(float* out, const std::int8_t* packed, index_t N, index_t K, c
   const index_t pairs = even(K) / 2;
   for (index_t i = 0; i < n; ++i) {
     const index_t r = ids[i];
-    const std::int8_t* lane = packed + (r / kQNR) * pairs * 2 * kQNR + 2 * (r % kQNR);
     const float f = scale / w_scale[r];
     float* row = out + i * K;
-    for (index_t k = 0; k < K; ++k) row[k] = static_cast<float>(lane[(k / 2) * 2 * kQNR + (k & 1)]) * f;
+    for (index_t k = 0; k < K; ++k) row[k] = static_cast<float>(packed[qpanel_byte(r, k, pairs)]) * f;
   }
 }
 
