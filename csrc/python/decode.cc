@@ -1,10 +1,13 @@
 // Binding of the native decoder step (csrc/decode): _C.DecoderStepPlan holds pointers into the
 // weight arrays of one model (and keeps those arrays alive); run() checks one step's arrays and
-// runs every layer with the GIL released. Used by pytransformer/models/state.py.
+// runs every layer with the GIL released. Used by pytransformer/models/state.py. Also the beam
+// search step's bookkeeping (csrc/decode/beam.h), used by pytransformer/decode/search.py.
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "decode/beam.h"
 #include "decode/decoder_step.h"
 #include "python/common.h"
 #include "python/registry.h"
@@ -172,6 +175,88 @@ class DecoderStepPlan {
   }
 };
 
+
+// A float64 array of exactly `shape`, C-contiguous (copied otherwise).
+py::array_t<double> f64_array(const py::handle& obj, const char* name, const std::vector<std::int64_t>& shape) {
+  const py::array a = py_helpers::as_ndarray(obj, name);
+  if (!a.dtype().is(py::dtype::of<double>()))
+    throw py::type_error(std::string(name) + ": expected float64, got dtype " + std::string(py::str(a.dtype())));
+  auto out = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
+  const std::vector<std::int64_t> got(out.shape(), out.shape() + out.ndim());
+  if (got != shape) py_helpers::shape_error(name, shape, got);
+  return out;
+}
+
+// An integer array of exactly `shape` as C-contiguous int64, each value in [lo, hi).
+py::array_t<std::int64_t> i64_array(const py::handle& obj, const char* name, const std::vector<std::int64_t>& shape,
+                                    std::int64_t lo = std::numeric_limits<std::int64_t>::min(),
+                                    std::int64_t hi = std::numeric_limits<std::int64_t>::max()) {
+  auto a = py_helpers::int_array(obj, name, {static_cast<int>(shape.size())});
+  const std::vector<std::int64_t> got(a.shape(), a.shape() + a.ndim());
+  if (got != shape) py_helpers::shape_error(name, shape, got);
+  if (lo == std::numeric_limits<std::int64_t>::min() && hi == std::numeric_limits<std::int64_t>::max()) return a;
+  for (py::ssize_t i = 0; i < a.size(); ++i)
+    if (a.data()[i] < lo || a.data()[i] >= hi)
+      throw py::value_error(std::string(name) + ": value " + std::to_string(a.data()[i]) + " is outside [" +
+                            std::to_string(lo) + ", " + std::to_string(hi) + ")");
+  return a;
+}
+
+py::tuple beam_candidates_py(const py::object& logits_obj, const py::object& cum_obj, std::int64_t C) {
+  const F32View x = py_helpers::f32_view(logits_obj, "logits", {2}, false, true);
+  const py::array cum_in = py_helpers::as_ndarray(cum_obj, "cum");
+  if (cum_in.ndim() != 2) throw py::value_error("cum: expected 2 dimensions (sentences, slots)");
+  const std::int64_t g = cum_in.shape(0), k = cum_in.shape(1), V = x.dim(1);
+  if (g < 1 || k < 1 || x.dim(0) != g * k) py_helpers::shape_error("logits", {g * k, V}, x.shape);
+  if (V < 1) throw py::value_error("logits: empty rows");
+  if (C < 1) throw py::value_error("C: must be >= 1, got " + std::to_string(C));
+  const py::array_t<double> cum = f64_array(cum_obj, "cum", {g, k});
+  py::array_t<double> val({g, C});
+  py::array_t<std::int64_t> slot({g, C}), tok({g, C});
+  {
+    double* pv = val.mutable_data();
+    std::int64_t *ps = slot.mutable_data(), *pt = tok.mutable_data();
+    py::gil_scoped_release release;
+    beam_candidates(pv, ps, pt, x.data, cum.data(), g, k, V, C);
+  }
+  return py::make_tuple(val, slot, tok);
+}
+
+py::tuple beam_settle_py(const py::object& c_val_obj, const py::object& c_slot_obj, const py::object& c_tok_obj,
+                         const py::object& pick_obj, const py::object& ci_obj, std::int64_t k_old,
+                         std::int64_t k_new) {
+  const py::array v_in = py_helpers::as_ndarray(c_val_obj, "c_val");
+  if (v_in.ndim() != 2) throw py::value_error("c_val: expected 2 dimensions (sentences, candidates)");
+  const std::int64_t n = v_in.shape(0), C = v_in.shape(1);
+  if (k_old < 1 || k_new < 1 || k_new > C)
+    throw py::value_error("k_old, k_new: must be >= 1 and k_new <= " + std::to_string(C));
+  const auto c_val = f64_array(c_val_obj, "c_val", {n, C});
+  const auto c_slot = i64_array(c_slot_obj, "c_slot", {n, C}, 0, k_old);
+  const auto c_tok = i64_array(c_tok_obj, "c_tok", {n, C});
+  const std::int64_t r = py_helpers::as_ndarray(ci_obj, "ci").size();
+  const auto ci = i64_array(ci_obj, "ci", {r}, 0, n);
+  py::array_t<std::int64_t> pick;
+  std::int64_t ldpick = 0;
+  if (!pick_obj.is_none()) {
+    const auto p_in = py_helpers::int_array(pick_obj, "pick", {2});
+    ldpick = p_in.shape(1);
+    if (ldpick < k_new) py_helpers::shape_error("pick", {n, k_new}, {p_in.shape(0), ldpick});
+    pick = i64_array(p_in, "pick", {n, ldpick}, 0, C);
+  }
+  py::array_t<double> s_val({r, k_new});
+  py::array_t<std::int64_t> s_tok({r, k_new}), parents(r * k_new);
+  bool moved;
+  {
+    double* pv = s_val.mutable_data();
+    std::int64_t *pt = s_tok.mutable_data(), *pp = parents.mutable_data();
+    const std::int64_t* pk = pick_obj.is_none() ? nullptr : pick.data();
+    py::gil_scoped_release release;
+    moved = beam_settle(pv, pt, pp, c_val.data(), c_slot.data(), c_tok.data(), pk, ldpick, ci.data(), n, r, C,
+                        k_old, k_new);
+  }
+  return py::make_tuple(s_val, s_tok, parents, moved);
+}
+
 }  // namespace
 
 void register_decode(py::module_& m) {
@@ -185,6 +270,12 @@ void register_decode(py::module_& m) {
       .def("run", &DecoderStepPlan::run, py::arg("x"), py::arg("pos"), py::arg("kv_caches"),
            py::arg("cross_kvs"), py::arg("cross_lengths"),
            "x (B, C) embedded tokens at position pos -> the decoder's output (B, C)");
+  m.def("beam_candidates", &beam_candidates_py, py::arg("logits"), py::arg("cum"), py::arg("C"),
+        "logits (g*k, V) float32, cum (g, k) float64 -> the C best extensions (val, slot, tok) of each "
+        "sentence; see csrc/decode/beam.h");
+  m.def("beam_settle", &beam_settle_py, py::arg("c_val"), py::arg("c_slot"), py::arg("c_tok"), py::arg("pick"),
+        py::arg("ci"), py::arg("k_old"), py::arg("k_new"),
+        "the beams a step keeps -> (s_val, s_tok, parents, moved); see csrc/decode/beam.h");
 }
 
 }  // namespace pt

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
+from .._native import _C
 from .logits import LogitsProcessors
 
 __all__ = [
@@ -345,7 +346,6 @@ def beam_search(
     # A running count by a product, not np.cumsum: cumsum here kept Python objects (~200 blocks
     # over a few thousand calls before levelling off), which tests/test_memory.py sees as a leak.
     upper = np.triu(np.ones((K, K), dtype=np.int64))
-    slots = np.arange(K)[None, :]
     total = prob.total_steps()
     seq = _seq_buffer(prob, n, total + 1)
     act = np.arange(n)
@@ -358,12 +358,11 @@ def beam_search(
             attn_hist = _keep_attention(attn_hist, attn, slice(None), t, (seq.shape[0], total))
         n_act = act.size
         gen = t >= P[act] - 1
-        c_val = np.full((n_act, C), -np.inf)
-        c_slot = np.zeros((n_act, C), dtype=np.int64)
-        c_tok = np.zeros((n_act, C), dtype=np.int64)
         if gen.any():
-            _beam_candidates(prob, logits, act, gen, cum, k, c_val, c_slot, c_tok, seq, t, off,
-                             sampling)
+            c_val, c_slot, c_tok = _beam_candidates(prob, logits, act, gen, cum, k, C, seq, t,
+                                                    off, sampling)
+        else:
+            c_val, c_slot, c_tok = _no_candidates(n_act, C)
         if not gen.all():  # sentences still reading their prefix: its token, in slot 0
             fi = np.flatnonzero(~gen)
             c_val[fi, 0] = cum[fi, 0]
@@ -392,28 +391,21 @@ def beam_search(
             pick = _refill(fin, ends, upper, K)
             s_val = _take(c_val, pick)
         else:  # most steps: nothing ended, the first K candidates go on as they are
-            pick = slots.repeat(n_act, axis=0)
+            pick = None
             s_val = c_val[:, :K]
-        s_live = s_val > -np.inf
-        done |= ~s_live.any(axis=1)
-        for i in np.flatnonzero(done):
-            b = int(act[i])
-            results[b] = _finalize(prob, b, finished[b], num_hypotheses)
-        if done.all():
-            break
+        done |= ~(s_val > -np.inf).any(axis=1)
+        if done.any():
+            for i in np.flatnonzero(done):
+                b = int(act[i])
+                results[b] = _finalize(prob, b, finished[b], num_hypotheses)
+            if done.all():
+                break
         ci = np.flatnonzero(~done)
         k_new = K if (k == K or gen.any()) else 1
-        pick, s_val, s_live = pick[ci, :k_new], s_val[ci, :k_new], s_live[ci, :k_new]
-        s_slot = _take(c_slot[ci], pick)
-        s_tok = _take(c_tok[ci], pick)
-        best = np.argmax(s_live, axis=1)[:, None]  # dead slots copy a live one
-        s_slot = np.where(s_live, s_slot, _take(s_slot, best))
-        s_tok = np.where(s_live, s_tok, _take(s_tok, best))
-        if k_new == k:  # slots are interchangeable: keep each parent's first child in its row
-            keep = _stay_in_place(s_slot)
-            s_slot, s_tok, s_val = _take(s_slot, keep), _take(s_tok, keep), _take(s_val, keep)
-        parents = (ci[:, None] * k + s_slot).ravel()
-        if parents.size != seq.shape[0] or (parents != np.arange(parents.size)).any():
+        # Slot j takes candidate pick[j], dead slots copy the first live one and, with k_new ==
+        # k, every parent's first child stays in its parent's row (see csrc/decode/beam.h).
+        s_val, s_tok, parents, moved = _C.beam_settle(c_val, c_slot, c_tok, pick, ci, k, k_new)
+        if moved:
             prob.state.reorder(parents)
             seq = seq[parents]
             if attn_hist is not None:
@@ -459,60 +451,41 @@ def _finalize(prob, b, entries, limit) -> list[Hypothesis]:
     return [hyps[i] for i in order[:limit]]
 
 
-def _stay_in_place(slots: np.ndarray) -> np.ndarray:
-    """A column order per row of `slots` (n, k) (each beam's parent slot) that puts the first
-    beam of every parent in the parent's own slot and the others in the slots left free, so
-    that reordering the decoder state moves only those others."""
-    order = np.empty_like(slots)
-    for r, row in enumerate(slots.tolist()):
-        place = [-1] * len(row)
-        rest = []
-        for j, slot in enumerate(row):
-            if place[slot] < 0:
-                place[slot] = j
-            else:
-                rest.append(j)
-        free = [p for p in range(len(row)) if place[p] < 0]
-        for p, j in zip(free, rest, strict=True):
-            place[p] = j
-        order[r] = place
-    return order
+def _no_candidates(n: int, C: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, slot, token) arrays (n, C) holding no candidate: -inf, 0, 0."""
+    return (np.full((n, C), -np.inf), np.zeros((n, C), dtype=np.int64),
+            np.zeros((n, C), dtype=np.int64))
 
 
-def _beam_candidates(prob, logits, act, gen, cum, k, c_val, c_slot, c_tok, seq, t, off,
-                     sampling):
-    """Fills the 2K best (or drawn) extensions (value, slot, token) of every generating
-    sentence, in order: best first, ties by slot then token."""
+def _beam_candidates(prob, logits, act, gen, cum, k, C, seq, t, off, sampling):
+    """The C best (or drawn) extensions (value, slot, token) of every generating sentence, in
+    order: best first, ties by slot then token; (n_act, C) arrays, rows of the sentences not
+    generating hold no candidate."""
     n_act = act.size
     V = logits.shape[1]
-    C = c_val.shape[1]
     gi = np.flatnonzero(gen)
     g = gi.size
     lp3 = logits.reshape(n_act, k, V)
     rows = _writable((lp3 if g == n_act else lp3[gi]).reshape(g * k, V))
     seq_rows = (gi[:, None] * k + np.arange(k)).ravel()
     _process(prob, rows, np.repeat(act[gi], k), seq_rows, t, seq, off)
-    if sampling is not None:
-        rows = _log_softmax_(rows)
-        _sampled_candidates(rows, cum[gi], act[gi], sampling, c_val, c_slot, c_tok, gi)
-        return
-    kk = min(C, V)
-    # The best C of a sentence lie among the best C of each of its rows (cum is per row); only
-    # those log-probabilities are computed, not the vocabulary-wide rows.
-    idx, val = ops.log_softmax_topk(rows, kk)
-    val = val.astype(np.float64)
-    cand = (cum[gi][:, :, None] + val.reshape(g, k, kk)).reshape(g, k * kk)
-    flat = (np.arange(k)[:, None] * V + idx.reshape(g, k, kk)).reshape(g, k * kk)
-    m = min(C, k * kk)
-    order = np.lexsort((flat, -cand), axis=-1)[:, :m]
-    c_val[gi, :m] = _take(cand, order)
-    pos = _take(flat, order)
-    c_slot[gi, :m] = pos // V
-    c_tok[gi, :m] = pos % V
+    if sampling is None:
+        # The best C of a sentence lie among the best C of each of its rows (cum is per row):
+        # only those log-probabilities are computed, not the vocabulary-wide rows.
+        found = _C.beam_candidates(rows, cum if g == n_act else cum[gi], C)
+        if g == n_act:
+            return found
+    else:
+        found = _sampled_candidates(_log_softmax_(rows), cum[gi], act[gi], sampling, C)
+    out = _no_candidates(n_act, C)
+    for full, part in zip(out, found, strict=True):
+        full[gi] = part
+    return out
 
 
-def _sampled_candidates(logp, cum, sent, s: BeamSampling, c_val, c_slot, c_tok, gi):
-    g = gi.size
+def _sampled_candidates(logp, cum, sent, s: BeamSampling, C: int):
+    """The C candidates (value, slot, token), (g, C) each, drawn for the g sentences `sent`."""
+    g = sent.size
     V = logp.shape[1]
     cand = (cum[:, :, None] + logp.reshape(g, -1, V).astype(np.float64)).reshape(g, -1)
     x = cand.copy()
@@ -530,13 +503,14 @@ def _sampled_candidates(logp, cum, sent, s: BeamSampling, c_val, c_slot, c_tok, 
         np.put_along_axis(x, order, np.where(drop, -np.inf, np.take_along_axis(x, order, 1)), 1)
     noise = np.stack([s.rngs[b].gumbel(size=w) for b in sent])
     pert = np.where(np.isfinite(x), x + noise, -np.inf)
-    C = c_val.shape[1]
     m = min(C, w)
     top = np.argsort(-pert, axis=1, kind="stable")[:, :m]
     val = np.take_along_axis(cand, top, 1)
-    c_val[gi, :m] = np.where(np.take_along_axis(pert, top, 1) > -np.inf, val, -np.inf)
-    c_slot[gi, :m] = top // V
-    c_tok[gi, :m] = top % V
+    c_val, c_slot, c_tok = _no_candidates(g, C)
+    c_val[:, :m] = np.where(np.take_along_axis(pert, top, 1) > -np.inf, val, -np.inf)
+    c_slot[:, :m] = top // V
+    c_tok[:, :m] = top % V
+    return c_val, c_slot, c_tok
 
 
 # --------------------------------------------------------------------------------------------
