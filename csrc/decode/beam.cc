@@ -72,11 +72,10 @@ bool beam_settle(double* s_val, std::int64_t* s_tok, std::int64_t* parents, cons
     const index_t src = first_live < 0 ? 0 : first_live;
     for (index_t j = 0; j < k_new; ++j)
       if (!(v[j] > -INFINITY)) sl[j] = sl[src], tk[j] = tk[src];
-    for (index_t j = 0; j < k_new; ++j) place[j] = j;
+    for (index_t j = 0; j < k_new; ++j) place[j] = k_new == k_old ? -1 : j;
     if (k_new == k_old) {
       // Each parent's first child into the parent's slot, the other children into the slots left
       // free, in order.
-      for (index_t p = 0; p < k_new; ++p) place[p] = -1;
       for (index_t j = 0; j < k_new; ++j)
         if (place[sl[j]] < 0) place[sl[j]] = j;
       index_t free_slot = 0;

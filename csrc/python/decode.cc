@@ -2,7 +2,6 @@
 // weight arrays of one model (and keeps those arrays alive); run() checks one step's arrays and
 // runs every layer with the GIL released. Used by pytransformer/models/state.py. Also the beam
 // search step's bookkeeping (csrc/decode/beam.h), used by pytransformer/decode/search.py.
-#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,6 +19,36 @@ namespace {
 
 using py_helpers::F32View;
 using py_helpers::shape_str;
+
+// A float64 array of exactly `shape`, C-contiguous (copied otherwise).
+py::array_t<double> f64_array(const py::handle& obj, const char* name, const std::vector<std::int64_t>& shape) {
+  const py::array a = py_helpers::as_ndarray(obj, name);
+  if (!a.dtype().is(py::dtype::of<double>()))
+    throw py::type_error(std::string(name) + ": expected float64, got dtype " + std::string(py::str(a.dtype())));
+  auto out = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
+  const std::vector<std::int64_t> got(out.shape(), out.shape() + out.ndim());
+  if (got != shape) py_helpers::shape_error(name, shape, got);
+  return out;
+}
+
+// An integer array of exactly `shape` as C-contiguous int64.
+py::array_t<std::int64_t> i64_array(const py::handle& obj, const char* name, const std::vector<std::int64_t>& shape) {
+  auto a = py_helpers::int_array(obj, name, {static_cast<int>(shape.size())});
+  const std::vector<std::int64_t> got(a.shape(), a.shape() + a.ndim());
+  if (got != shape) py_helpers::shape_error(name, shape, got);
+  return a;
+}
+
+// i64_array with every value in [lo, hi).
+py::array_t<std::int64_t> i64_array(const py::handle& obj, const char* name, const std::vector<std::int64_t>& shape,
+                                    std::int64_t lo, std::int64_t hi) {
+  auto a = i64_array(obj, name, shape);
+  for (py::ssize_t i = 0; i < a.size(); ++i)
+    if (a.data()[i] < lo || a.data()[i] >= hi)
+      throw py::value_error(std::string(name) + ": value " + std::to_string(a.data()[i]) + " is outside [" +
+                            std::to_string(lo) + ", " + std::to_string(hi) + ")");
+  return a;
+}
 
 class DecoderStepPlan {
  public:
@@ -165,42 +194,10 @@ class DecoderStepPlan {
                             " memory rows of " + std::to_string(s.S) + " positions");
     s.cross_kv = kv_list(arrays, "cross_kvs", s.G, s.S, true, false);
     if (lengths_obj.is_none()) return;
-    lengths = py_helpers::int_array(lengths_obj, "cross_lengths", {1});
-    if (lengths.shape(0) != s.G) py_helpers::shape_error("cross_lengths", {s.G}, {lengths.shape(0)});
-    for (std::int64_t g = 0; g < s.G; ++g)
-      if (lengths.data()[g] < 0 || lengths.data()[g] > s.S)
-        throw py::value_error("cross_lengths: value " + std::to_string(lengths.data()[g]) + " is outside [0, " +
-                              std::to_string(s.S) + "]");
+    lengths = i64_array(lengths_obj, "cross_lengths", {s.G}, 0, s.S + 1);
     s.cross_lengths = lengths.data();
   }
 };
-
-
-// A float64 array of exactly `shape`, C-contiguous (copied otherwise).
-py::array_t<double> f64_array(const py::handle& obj, const char* name, const std::vector<std::int64_t>& shape) {
-  const py::array a = py_helpers::as_ndarray(obj, name);
-  if (!a.dtype().is(py::dtype::of<double>()))
-    throw py::type_error(std::string(name) + ": expected float64, got dtype " + std::string(py::str(a.dtype())));
-  auto out = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
-  const std::vector<std::int64_t> got(out.shape(), out.shape() + out.ndim());
-  if (got != shape) py_helpers::shape_error(name, shape, got);
-  return out;
-}
-
-// An integer array of exactly `shape` as C-contiguous int64, each value in [lo, hi).
-py::array_t<std::int64_t> i64_array(const py::handle& obj, const char* name, const std::vector<std::int64_t>& shape,
-                                    std::int64_t lo = std::numeric_limits<std::int64_t>::min(),
-                                    std::int64_t hi = std::numeric_limits<std::int64_t>::max()) {
-  auto a = py_helpers::int_array(obj, name, {static_cast<int>(shape.size())});
-  const std::vector<std::int64_t> got(a.shape(), a.shape() + a.ndim());
-  if (got != shape) py_helpers::shape_error(name, shape, got);
-  if (lo == std::numeric_limits<std::int64_t>::min() && hi == std::numeric_limits<std::int64_t>::max()) return a;
-  for (py::ssize_t i = 0; i < a.size(); ++i)
-    if (a.data()[i] < lo || a.data()[i] >= hi)
-      throw py::value_error(std::string(name) + ": value " + std::to_string(a.data()[i]) + " is outside [" +
-                            std::to_string(lo) + ", " + std::to_string(hi) + ")");
-  return a;
-}
 
 py::tuple beam_candidates_py(const py::object& logits_obj, const py::object& cum_obj, std::int64_t C) {
   const F32View x = py_helpers::f32_view(logits_obj, "logits", {2}, false, true);

@@ -473,10 +473,10 @@ def _beam_candidates(prob, logits, act, gen, cum, k, C, seq, t, off, sampling):
         # The best C of a sentence lie among the best C of each of its rows (cum is per row):
         # only those log-probabilities are computed, not the vocabulary-wide rows.
         found = _C.beam_candidates(rows, cum if g == n_act else cum[gi], C)
-        if g == n_act:
-            return found
     else:
         found = _sampled_candidates(_log_softmax_(rows), cum[gi], act[gi], sampling, C)
+    if g == n_act:
+        return found
     out = _no_candidates(n_act, C)
     for full, part in zip(out, found, strict=True):
         full[gi] = part
