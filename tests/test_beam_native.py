@@ -181,3 +181,54 @@ def test_settle_errors():
         _C.beam_settle(c_val, c_slot, c_tok, None, ci, 2, 5)
     with pytest.raises(ValueError, match="c_tok"):
         _C.beam_settle(c_val, c_slot, c_tok[:1], None, ci, 2, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_move_cache_rows_matches_fancy_indexing(data):
+    """In place, rows [0, B2) positions [0, t) of every cache become the rows `indices` of
+    the old caches (duplicates, rows dropped, chains and swaps of moved rows); everything else
+    stays. Head-major views (the decoder's layout) and plain C-contiguous arrays."""
+    rows = data.draw(st.integers(1, 9))
+    cap, H, D = (data.draw(st.integers(1, n)) for n in (7, 3, 5))
+    B2 = data.draw(st.integers(1, rows))
+    indices = np.array(data.draw(st.lists(st.integers(0, rows - 1), min_size=B2, max_size=B2)))
+    t = data.draw(st.integers(0, cap))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    head_major = data.draw(st.booleans())
+    caches = []
+    for _ in range(data.draw(st.integers(1, 3))):
+        if head_major:
+            c = np.empty((rows, 2, H, cap, D), np.float32).transpose(0, 3, 1, 2, 4)
+            c[...] = rng.standard_normal(c.shape)
+        else:
+            c = rng.standard_normal((rows, cap, 2, H, D)).astype(np.float32)
+        caches.append(c)
+    expected = [c.copy() for c in caches]
+    for e, c in zip(expected, caches, strict=True):
+        e[:B2, :t] = c[indices, :t]
+    _C.move_cache_rows(caches, indices, t)
+    for e, c in zip(expected, caches, strict=True):
+        np.testing.assert_array_equal(c, e)
+
+
+def test_move_cache_rows_checks_its_arguments():
+    c = np.zeros((3, 4, 2, 2, 2), np.float32)
+    with pytest.raises(ValueError, match="indices"):
+        _C.move_cache_rows([c], np.array([0, 1, 2, 0]), 2)
+    with pytest.raises(ValueError, match="outside"):
+        _C.move_cache_rows([c], np.array([0, 3]), 2)
+    with pytest.raises(ValueError, match="t:"):
+        _C.move_cache_rows([c], np.array([0, 1]), 5)
+    with pytest.raises(ValueError, match="different shapes"):
+        _C.move_cache_rows([c, np.zeros((3, 5, 2, 2, 2), np.float32)], np.array([1]), 1)
+    with pytest.raises(ValueError, match="at least one"):
+        _C.move_cache_rows([], np.array([0]), 1)
+    with pytest.raises(TypeError):
+        _C.move_cache_rows([c.astype(np.float64)], np.array([0]), 1)
+    with pytest.raises(ValueError):
+        _C.move_cache_rows([c[:, :, :, :, ::2]], np.array([0]), 1)
+    ro = c.copy()
+    ro.flags.writeable = False
+    with pytest.raises((ValueError, TypeError)):
+        _C.move_cache_rows([ro], np.array([0]), 1)

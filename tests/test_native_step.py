@@ -174,3 +174,70 @@ def test_plan_checks_its_arrays():
         plan.run(x, 0, s.kv_caches, s.cross_kvs, np.array([4, 9]))
     with pytest.raises(ValueError, match="pos"):
         plan.run(x, -1, s.kv_caches, s.cross_kvs, None)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_decode_step_errors_are_the_same_on_both_paths(native, monkeypatch):
+    """The native step checks the tokens itself (the plan embeds them): the same exception
+    types, naming the argument, as check_ids on the Python path."""
+    model = _model("post-norm", False)
+    monkeypatch.setattr(state, "NATIVE_STEP", native)
+    memory = model.encode(np.array([[3, 4, 5], [6, 7, 0]]), np.array([3, 2]))
+    s = model.init_decoder_state(memory, np.array([3, 2]), 3)
+    V = model.config.tgt_vocab_size
+    with pytest.raises(IndexError, match=f"tokens: id {V} .* out of range"):
+        model.decode_step(s, np.array([1, V]))
+    with pytest.raises(IndexError, match="tokens: id -1"):
+        model.decode_step(s, np.array([-1, 1]))
+    with pytest.raises(TypeError, match="tokens"):
+        model.decode_step(s, np.array([1.0, 2.0]))
+    with pytest.raises(TypeError, match="tokens"):
+        model.decode_step(s, [1, 2])
+    with pytest.raises(ValueError, match="tokens"):
+        model.decode_step(s, np.array([[1, 2]]))
+    with pytest.raises(ValueError, match="tokens"):
+        model.decode_step(s, np.array([1]))
+    assert s.step == 0  # nothing ran
+    for dtype in (np.int32, np.uint8):
+        model.decode_step(s, np.array([1, 2], dtype=dtype))
+    assert s.step == 2
+
+
+def test_run_tokens_checks_its_arguments():
+    model = _model("post-norm", True)
+    memory = model.encode(np.array([[3, 4, 5], [6, 7, 0]]), np.array([3, 2]))
+    s = model.init_decoder_state(memory, np.array([3, 2]), 3)
+    plan = s.native
+    assert plan.has_embedding and plan.has_output
+    tok = np.array([1, 2])
+    with pytest.raises(ValueError, match="empty"):
+        plan.run_tokens(np.zeros(0, np.int64), 0, s.kv_caches, s.cross_kvs, None)
+    with pytest.raises(ValueError, match="pos"):
+        plan.run_tokens(tok, model.config.max_len, s.kv_caches, s.cross_kvs, None)
+    with pytest.raises(ValueError, match="kv_caches"):
+        plan.run_tokens(np.array([1, 2, 3]), 0, s.kv_caches, s.cross_kvs, None)
+    h = plan.run_tokens(tok, 0, s.kv_caches, s.cross_kvs, None, project=False)
+    assert h.shape == (2, model.config.d_model)
+    cfg = model.config
+    specs = [state._layer_spec(layer, None) for layer in model.decoder.layers]
+    final = state._norm_spec(model.decoder.norm) if model.decoder.norm is not None else None
+
+    def plan_with(**kw):
+        return state._C.DecoderStepPlan(specs, final, cfg.norm_first, cfg.activation,
+                                        cfg.d_model, cfg.num_heads, cfg.d_ff, None, 4, **kw)
+
+    table = np.zeros((5, cfg.d_model), np.float32)
+    positions = model.positions
+    with pytest.raises(ValueError, match="embedding"):
+        plan_with(embedding=(table, None))
+    with pytest.raises(ValueError, match="embedding.table"):
+        plan_with(embedding=(table, None, None, positions, 1.0, 6))
+    with pytest.raises(ValueError, match="embedding.positions"):
+        plan_with(embedding=(table, None, None, positions[:, :3], 1.0, 5))
+    with pytest.raises(ValueError, match="run_tokens"):
+        plan_with().run_tokens(tok, 0, s.kv_caches, s.cross_kvs, None)
+    no_output = plan_with(embedding=(table, None, None, positions, 1.0, 5))
+    with pytest.raises(ValueError, match="without an output"):
+        no_output.run_tokens(tok, 0, s.kv_caches, s.cross_kvs, None)
+    with pytest.raises(IndexError, match="tokens: id 5"):
+        no_output.run_tokens(np.array([5, 0]), 0, s.kv_caches, s.cross_kvs, None, project=False)

@@ -7,6 +7,7 @@
 #include "attention/attention.h"
 #include "norm/layer_norm.h"
 #include "qgemm/qgemm.h"
+#include "train/embedding.h"
 
 namespace pt {
 namespace {
@@ -139,6 +140,76 @@ void decoder_step(const StepModel& m, const StepState& s, float* x, index_t B, i
     std::swap(buf.x, buf.y);
   }
   if (buf.x != x) std::memcpy(x, buf.x, sizeof(float) * rows);
+}
+
+namespace {
+
+// Copies positions [0, t) of one cache row, from (src, its strides) to row dst of kv.
+void copy_row(const StepKV& kv, float* dst, const float* src, const StepKV& from, index_t H, index_t D,
+              index_t t) {
+  for (index_t part = 0; part < 2; ++part)
+    for (index_t h = 0; h < H; ++h) {
+      float* d = dst + part * kv.s_kv + h * kv.s_head;
+      const float* s = src + part * from.s_kv + h * from.s_head;
+      if (kv.s_pos == D && from.s_pos == D) {
+        std::memcpy(d, s, sizeof(float) * static_cast<size_t>(t * D));
+        continue;
+      }
+      for (index_t p = 0; p < t; ++p)
+        std::memcpy(d + p * kv.s_pos, s + p * from.s_pos, sizeof(float) * static_cast<size_t>(D));
+    }
+}
+
+}  // namespace
+
+void move_cache_rows(const StepKV& kv, index_t H, index_t D, const std::int64_t* indices, index_t B2,
+                     index_t t) {
+  if (t <= 0) return;
+  // Sources that are also destinations of a move, saved (head-major) before any row is written.
+  std::vector<char> dest(static_cast<size_t>(B2), 0);
+  for (index_t i = 0; i < B2; ++i) dest[static_cast<size_t>(i)] = indices[i] != i;
+  std::vector<index_t> saved_rows;
+  for (index_t i = 0; i < B2; ++i) {
+    const index_t j = indices[i];
+    if (j != i && j < B2 && dest[static_cast<size_t>(j)] &&
+        std::find(saved_rows.begin(), saved_rows.end(), j) == saved_rows.end())
+      saved_rows.push_back(j);
+  }
+  const StepKV packed{nullptr, 2 * H * t * D, D, H * t * D, t * D, 1};
+  std::vector<float> saved(saved_rows.size() * static_cast<size_t>(packed.s_row));
+  for (size_t n = 0; n < saved_rows.size(); ++n)
+    copy_row(packed, saved.data() + n * packed.s_row, kv.data + saved_rows[n] * kv.s_row, kv, H, D, t);
+  for (index_t i = 0; i < B2; ++i) {
+    const index_t j = indices[i];
+    if (j == i) continue;
+    const auto at = std::find(saved_rows.begin(), saved_rows.end(), j);
+    if (at != saved_rows.end())
+      copy_row(kv, kv.data + i * kv.s_row, saved.data() + (at - saved_rows.begin()) * packed.s_row, packed, H,
+               D, t);
+    else
+      copy_row(kv, kv.data + i * kv.s_row, kv.data + j * kv.s_row, kv, H, D, t);
+  }
+}
+
+void decoder_step_tokens(const StepModel& m, const StepState& s, const std::int64_t* tokens, index_t B,
+                         index_t pos, bool project, float* out) {
+  const StepEmbedding& e = m.embed;
+  const index_t C = m.C;
+  std::vector<float> x_own;
+  float* x = out;
+  if (project) {
+    x_own.resize(static_cast<size_t>(B * C));
+    x = x_own.data();
+  }
+  if (e.qpacked)
+    qgather_rows(x, e.qpacked, e.V, C, tokens, B, e.w_scale, e.scale);
+  else
+    embedding_forward(x, e.table, tokens, B, C, e.scale);
+  const float* p = e.positions + pos * C;
+  for (index_t r = 0; r < B; ++r)
+    for (index_t c = 0; c < C; ++c) x[r * C + c] += p[c];
+  decoder_step(m, s, x, B, pos);
+  if (project) linear(m.output, out, x, B, Activation::none, m.packed_min_rows);
 }
 
 }  // namespace pt

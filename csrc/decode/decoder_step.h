@@ -42,8 +42,21 @@ struct StepLayer {
   bool cross = false;
 };
 
+// The target embedding a step starts from: x = table[token] * scale + positions[pos], the table
+// float (V, C) or int8 panels with per-row scales (the rows qgather_rows dequantises).
+struct StepEmbedding {
+  const float* table = nullptr;
+  const std::int8_t* qpacked = nullptr;
+  const float* w_scale = nullptr;  // (V,) for qpacked
+  const float* positions = nullptr;  // (max_pos, C)
+  index_t V = 0, max_pos = 0;
+  float scale = 1.0f;
+};
+
 struct StepModel {
   std::vector<StepLayer> layers;
+  StepEmbedding embed;  // embed.V == 0: none (the caller embeds)
+  StepLinear output;    // output.N == 0: none (the caller projects)
   StepNorm final_norm;  // weight == nullptr: none (post-norm stacks)
   bool norm_first = false;
   Activation ffn_act = Activation::relu;
@@ -69,9 +82,23 @@ struct StepState {
   index_t G = 0, S = 0;
 };
 
+// Row i of the cache becomes its row indices[i] for i < B2 (indices in [0, rows), B2 <= rows),
+// positions [0, t) only, in place: only the rows that change are written, and a source row that is
+// itself overwritten is saved first. The beams a search keeps mostly stay in their rows, so a
+// step moves a few rows of each layer.
+void move_cache_rows(const StepKV& kv, index_t H, index_t D, const std::int64_t* indices, index_t B2,
+                     index_t t);
+
 // x (B, C) C-contiguous: the embedded tokens at position pos on entry, the decoder's output (after
 // the final norm of a pre-norm stack) on return. Threads: each kernel's own; same bits for any
 // thread count.
 void decoder_step(const StepModel& m, const StepState& s, float* x, index_t B, index_t pos);
+
+// The whole step from tokens (B,) in [0, embed.V) at pos < embed.max_pos: the embedding, every
+// layer, and with project the output projection into out (B, output.N); without, the decoder's
+// output into out (B, C). Needs m.embed (and m.output to project). The same kernels in the same
+// order as the Python embedding, decoder_step and output Linear, so the same bits.
+void decoder_step_tokens(const StepModel& m, const StepState& s, const std::int64_t* tokens, index_t B,
+                         index_t pos, bool project, float* out);
 
 }  // namespace pt

@@ -54,7 +54,8 @@ class DecoderStepPlan {
  public:
   DecoderStepPlan(const py::list& layers, const py::object& final_norm, bool norm_first,
                   const std::string& activation, std::int64_t d_model, std::int64_t heads,
-                  std::int64_t d_ff, const py::object& window, std::int64_t packed_min_rows) {
+                  std::int64_t d_ff, const py::object& window, std::int64_t packed_min_rows,
+                  const py::object& embedding, const py::object& output) {
     if (d_model < 1 || heads < 1 || d_model % heads || d_ff < 1 || layers.empty())
       throw py::value_error("DecoderStepPlan: inconsistent sizes d_model=" + std::to_string(d_model) +
                             ", heads=" + std::to_string(heads) + ", d_ff=" + std::to_string(d_ff) +
@@ -68,6 +69,12 @@ class DecoderStepPlan {
     else throw py::value_error("activation: the native step runs 'relu' or 'gelu', got '" + activation + "'");
     for (const py::handle& spec : layers) m_.layers.push_back(layer(py::cast<py::dict>(spec)));
     if (!final_norm.is_none()) m_.final_norm = norm(final_norm, "final_norm");
+    if (!embedding.is_none()) m_.embed = embed(embedding);
+    if (!output.is_none()) {
+      const std::int64_t V = py::cast<py::tuple>(output)[5].cast<std::int64_t>();
+      if (V < 1) throw py::value_error("output: expected at least one output row");
+      m_.output = linear(output, "output", V, m_.C);
+    }
   }
 
   py::array_t<float> run(const py::object& x_obj, std::int64_t pos, const py::list& caches,
@@ -90,6 +97,31 @@ class DecoderStepPlan {
     }
     return out;
   }
+
+  py::array_t<float> run_tokens(const py::object& tokens_obj, std::int64_t pos, const py::list& caches,
+                                const py::object& cross_obj, const py::object& lengths_obj, bool project) const {
+    if (m_.embed.V == 0) throw py::value_error("run_tokens: the plan was made without an embedding");
+    if (project && m_.output.N == 0) throw py::value_error("run_tokens: the plan was made without an output");
+    const py::array_t<std::int64_t> tokens = checked_tokens(tokens_obj);
+    const std::int64_t B = tokens.size();
+    if (pos < 0 || pos >= m_.embed.max_pos)
+      throw py::value_error("pos: " + std::to_string(pos) + " is outside the position table [0, " +
+                            std::to_string(m_.embed.max_pos) + ")");
+    StepState s;
+    s.self_kv = kv_list(caches, "kv_caches", B, pos + 1, false, true);
+    py::array_t<std::int64_t> lengths;
+    if (needs_cross()) cross(s, cross_obj, lengths_obj, B, lengths);
+    py::array_t<float> out = py_helpers::new_f32({B, project ? m_.output.N : m_.C});
+    {
+      float* y = out.mutable_data();
+      py::gil_scoped_release release;
+      decoder_step_tokens(m_, s, tokens.data(), B, pos, project, y);
+    }
+    return out;
+  }
+
+  bool has_embedding() const { return m_.embed.V > 0; }
+  bool has_output() const { return m_.output.N > 0; }
 
  private:
   StepModel m_;
@@ -127,12 +159,7 @@ class DecoderStepPlan {
     l.N = N, l.K = K;
     if (!t[4].is_none()) l.bias = f32(t[4], name + ".bias", {N});
     if (!t[2].is_none()) {
-      const py::array_t<std::int8_t> q = py::cast<py::array_t<std::int8_t>>(t[2]);
-      const std::int64_t size = (N + kQNR - 1) / kQNR * ((K + 1) / 2) * 2 * kQNR;
-      if (!q.dtype().is(py::dtype::of<std::int8_t>()) || q.size() != size || !(q.flags() & py::array::c_style))
-        throw py::value_error(name + ": int8 panels of the wrong size or layout");
-      keep_.push_back(q);
-      l.qpacked = q.data();
+      l.qpacked = int8_panels(t[2], name, N, K);
       l.inv_scale = f32(t[3], name + ".inv_scale", {N});
       return l;
     }
@@ -140,6 +167,48 @@ class DecoderStepPlan {
     l.ldw = K;
     if (!t[1].is_none()) l.packed = f32(t[1], name + ".packed", {(N + 15) / 16, K, 16});
     return l;
+  }
+
+  // (float table (V, C) or None, int8 panels or None, their row scales (V,) or None,
+  //  positions (max_pos, C), scale, V)
+  StepEmbedding embed(const py::handle& spec) {
+    const py::tuple t = py::cast<py::tuple>(spec);
+    if (t.size() != 6) throw py::value_error("embedding: expected a 6-tuple");
+    StepEmbedding e;
+    e.V = t[5].cast<std::int64_t>();
+    if (e.V < 1) throw py::value_error("embedding: expected at least one row");
+    const F32View pv = py_helpers::f32_view(t[3], "embedding.positions", {2}, false, true);
+    if (pv.dim(1) != m_.C) py_helpers::shape_error("embedding.positions", {pv.dim(0), m_.C}, pv.shape);
+    keep_.push_back(py::reinterpret_borrow<py::object>(t[3]));
+    e.positions = pv.data, e.max_pos = pv.dim(0);
+    e.scale = static_cast<float>(t[4].cast<double>());
+    if (t[1].is_none()) {
+      e.table = f32(t[0], "embedding.table", {e.V, m_.C});
+      return e;
+    }
+    e.qpacked = int8_panels(t[1], "embedding", e.V, m_.C);
+    e.w_scale = f32(t[2], "embedding.w_scale", {e.V});
+    return e;
+  }
+
+  const std::int8_t* int8_panels(const py::handle& obj, const std::string& name, std::int64_t N, std::int64_t K) {
+    const py::array_t<std::int8_t> q = py::cast<py::array_t<std::int8_t>>(obj);
+    const std::int64_t size = (N + kQNR - 1) / kQNR * ((K + 1) / 2) * 2 * kQNR;
+    if (!q.dtype().is(py::dtype::of<std::int8_t>()) || q.size() != size || !(q.flags() & py::array::c_style))
+      throw py::value_error(name + ": int8 panels of the wrong size or layout");
+    keep_.push_back(q);
+    return q.data();
+  }
+
+  // tokens (B,) integers in [0, V), B >= 1: IndexError names the first one outside, as check_ids.
+  py::array_t<std::int64_t> checked_tokens(const py::object& obj) const {
+    const py::array_t<std::int64_t> t = py_helpers::int_array(obj, "tokens", {1});
+    if (t.size() == 0) throw py::value_error("tokens: empty batch (shape (0,))");
+    for (py::ssize_t i = 0; i < t.size(); ++i)
+      if (t.data()[i] < 0 || t.data()[i] >= m_.embed.V)
+        throw py::index_error("tokens: id " + std::to_string(t.data()[i]) + " at (" + std::to_string(i) +
+                              ",) is out of range [0, " + std::to_string(m_.embed.V) + ")");
+    return t;
   }
 
   StepLayer layer(const py::dict& d) {
@@ -198,6 +267,29 @@ class DecoderStepPlan {
     s.cross_lengths = lengths.data();
   }
 };
+
+// caches: (rows, positions, 2, H, D) float32 writable arrays (D contiguous) of one shape;
+// indices (B2,) in [0, rows) with B2 <= rows; t <= positions.
+void move_cache_rows_py(const py::list& caches, const py::object& indices_obj, std::int64_t t) {
+  std::vector<StepKV> kvs;
+  std::vector<std::int64_t> shape;
+  for (const py::handle& a : caches) {
+    const F32View v = py_helpers::f32_view(a, "caches", {5}, true);
+    if (!shape.empty() && v.shape != shape) throw py::value_error("caches: arrays of different shapes");
+    if (v.stride(4) != 1 || v.dim(2) != 2) throw py::value_error("caches: expected (rows, positions, 2, H, D), D contiguous");
+    shape = v.shape;
+    kvs.push_back(StepKV{v.data, v.stride(0), v.stride(1), v.stride(2), v.stride(3), v.stride(4)});
+  }
+  if (kvs.empty()) throw py::value_error("caches: expected at least one array");
+  const std::int64_t rows = shape[0];
+  const std::int64_t B2 = py_helpers::as_ndarray(indices_obj, "indices").size();
+  if (B2 < 1 || B2 > rows) throw py::value_error("indices: expected 1 to " + std::to_string(rows) + " rows");
+  const auto idx = i64_array(indices_obj, "indices", {B2}, 0, rows);
+  if (t < 0 || t > shape[1]) throw py::value_error("t: outside [0, " + std::to_string(shape[1]) + "]");
+  const std::int64_t* ip = idx.data();
+  py::gil_scoped_release release;
+  for (const StepKV& kv : kvs) move_cache_rows(kv, shape[3], shape[4], ip, B2, t);
+}
 
 py::tuple beam_candidates_py(const py::object& logits_obj, const py::object& cum_obj, std::int64_t C) {
   const F32View x = py_helpers::f32_view(logits_obj, "logits", {2}, false, true);
@@ -261,12 +353,20 @@ void register_decode(py::module_& m) {
                               "Pointers into one model's decoder weights for the native step; see "
                               "pytransformer.models.state")
       .def(py::init<const py::list&, const py::object&, bool, const std::string&, std::int64_t, std::int64_t,
-                    std::int64_t, const py::object&, std::int64_t>(),
+                    std::int64_t, const py::object&, std::int64_t, const py::object&, const py::object&>(),
            py::arg("layers"), py::arg("final_norm"), py::arg("norm_first"), py::arg("activation"),
-           py::arg("d_model"), py::arg("heads"), py::arg("d_ff"), py::arg("window"), py::arg("packed_min_rows"))
+           py::arg("d_model"), py::arg("heads"), py::arg("d_ff"), py::arg("window"), py::arg("packed_min_rows"),
+           py::arg("embedding") = py::none(), py::arg("output") = py::none())
       .def("run", &DecoderStepPlan::run, py::arg("x"), py::arg("pos"), py::arg("kv_caches"),
            py::arg("cross_kvs"), py::arg("cross_lengths"),
-           "x (B, C) embedded tokens at position pos -> the decoder's output (B, C)");
+           "x (B, C) embedded tokens at position pos -> the decoder's output (B, C)")
+      .def("run_tokens", &DecoderStepPlan::run_tokens, py::arg("tokens"), py::arg("pos"), py::arg("kv_caches"),
+           py::arg("cross_kvs"), py::arg("cross_lengths"), py::arg("project") = true,
+           "tokens (B,) at position pos -> the logits (B, V) (project) or the decoder's output (B, C)")
+      .def_property_readonly("has_embedding", [](const DecoderStepPlan& p) { return p.has_embedding(); })
+      .def_property_readonly("has_output", [](const DecoderStepPlan& p) { return p.has_output(); });
+  m.def("move_cache_rows", &move_cache_rows_py, py::arg("caches"), py::arg("indices"), py::arg("t"),
+        "in place, row i of every cache becomes its row indices[i] (i < len(indices)), positions < t");
   m.def("beam_candidates", &beam_candidates_py, py::arg("logits"), py::arg("cum"), py::arg("C"),
         "logits (g*k, V) float32, cum (g, k) float64 -> the C best extensions (val, slot, tok) of each "
         "sentence; see csrc/decode/beam.h");

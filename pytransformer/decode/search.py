@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -122,6 +123,16 @@ class Problem:
         """Decode steps needed: the last output token is never fed."""
         return int((self.out_offsets() + self.max_gen).max())
 
+    @cached_property
+    def bounds(self) -> StepBounds:
+        """The steps past which every sentence generates, may end, or must end (see StepBounds)."""
+        off = self.out_offsets()
+        bans = (off + self.min_gen).astype(np.int64)
+        if not self.n:
+            return StepBounds(0, bans, 0, 0, 0)
+        return StepBounds(int((self.prefix_lens - 1).max()), bans, int(bans.min()),
+                          int(bans.max()), int((off + self.max_gen - 1).min()))
+
     def is_end(self, tok: np.ndarray) -> np.ndarray:
         e = self.end_ids
         if e.size == 1:
@@ -129,6 +140,20 @@ class Problem:
         if e.size == 0:
             return np.zeros(np.shape(tok), dtype=bool)
         return np.isin(tok, e)
+
+
+@dataclass(frozen=True)
+class StepBounds:
+    """Per problem, so the steps can skip per-row tests that cannot hold: from step
+    all_generate on every sentence generates; sentence i may end from step bans[i] on (its
+    minimum length bans the end tokens before); no sentence reaches its maximum length before
+    step first_stop. ban_min, ban_max: the least and greatest of bans."""
+
+    all_generate: int
+    bans: np.ndarray
+    ban_min: int
+    ban_max: int
+    first_stop: int
 
 
 @dataclass
@@ -185,9 +210,21 @@ def _process(prob: Problem, x: np.ndarray, sent: np.ndarray, rows: np.ndarray, t
                 hist = np.where(np.arange(t) < prob.cont_from[sent][:, None], -1, hist)
         pr.apply(x, hist)
     if prob.end_ids.size:
-        short = np.flatnonzero(t - off[sent] < prob.min_gen[sent])
-        if short.size:
-            x[short[:, None], prob.end_ids] = -np.inf
+        _ban_ends(prob, x, sent, t)
+
+
+def _ban_ends(prob: Problem, x: np.ndarray, sent: np.ndarray, t: int) -> None:
+    """Masks the end tokens of the rows whose sentence is still short of its minimum length.
+    The whole-batch cases (no sentence short, or all of them) skip the per-row test."""
+    b = prob.bounds
+    if t >= b.ban_max:
+        return
+    if t < b.ban_min:
+        x[:, prob.end_ids] = -np.inf
+        return
+    short = np.flatnonzero(t < b.bans[sent])
+    if short.size:
+        x[short[:, None], prob.end_ids] = -np.inf
 
 
 def _score(prob: Problem, sent: int, logprob: float, length: int, attn: np.ndarray | None):
@@ -264,28 +301,39 @@ def run_single(
             return results  # type: ignore[return-value]
         prob.state.reorder(act)
     plain = prob.processors is None and prob.end_ids.size == 0
+    bounds = prob.bounds
     for t in range(total):
         logits, attn = prob.step(seq[act, t])
         if need_attention:
             attn_hist = _keep_attention(attn_hist, attn, act, t, (n, total))
-        generating = t >= P[act] - 1
-        if not generating.any():
-            continue
-        rows = np.flatnonzero(generating)
-        sent = act[rows]
-        x = _writable(logits if rows.size == act.size else logits[rows])
+        if t >= bounds.all_generate:
+            rows, sent = None, act
+        else:
+            generating = t >= P[act] - 1
+            if not generating.any():
+                continue
+            rows = np.flatnonzero(generating)
+            sent = act[rows]
+        x = _writable(logits if rows is None or rows.size == act.size else logits[rows])
         if not plain:
             _process(prob, x, sent, sent, t, seq, off)
         if want_logprobs:
             x = _log_softmax_(x)
         tok = choose(x, sent)
         if want_logprobs:
-            sums[sent] += x[np.arange(rows.size), tok]
+            sums[sent] += x[np.arange(sent.size), tok]
         seq[sent, t + 1] = tok
         ended = prob.is_end(tok)
-        done = ended | (t + 1 - off[sent] >= prob.max_gen[sent])
-        if not done.any():
-            continue
+        if t < bounds.first_stop:
+            if not ended.any():
+                continue
+            done = ended
+        else:
+            done = ended | (t + 1 - off[sent] >= prob.max_gen[sent])
+            if not done.any():
+                continue
+        if rows is None:
+            rows = np.arange(act.size)
         for r in np.flatnonzero(done):
             i = int(sent[r])
             count = t + 1 - int(off[i])
@@ -352,17 +400,28 @@ def beam_search(
     k = 1
     cum = np.zeros((n, 1), dtype=np.float64)
     attn_hist = None
+    bounds = prob.bounds
     for t in range(total):
         logits, attn = prob.step(seq[:, t])
         if need_attention:
             attn_hist = _keep_attention(attn_hist, attn, slice(None), t, (seq.shape[0], total))
         n_act = act.size
-        gen = t >= P[act] - 1
-        if gen.any():
+        every = t >= bounds.all_generate
+        gen = None if every else t >= P[act] - 1
+        if every or gen.any():
             c_val, c_slot, c_tok = _beam_candidates(prob, logits, act, gen, cum, k, C, seq, t,
                                                     off, sampling)
         else:
             c_val, c_slot, c_tok = _no_candidates(n_act, C)
+        if every and t < bounds.first_stop and _quiet(prob, c_val, c_tok, K):
+            s_val, s_tok, parents, moved = _C.beam_settle(c_val, c_slot, c_tok, None,
+                                                          np.arange(n_act), k, K)
+            cum, k, seq = s_val, K, _settled(prob, seq, parents, moved, s_tok, t)
+            if moved and attn_hist is not None:
+                attn_hist = attn_hist[parents]
+            continue
+        if gen is None:
+            gen = np.ones(n_act, dtype=bool)
         if not gen.all():  # sentences still reading their prefix: its token, in slot 0
             fi = np.flatnonzero(~gen)
             c_val[fi, 0] = cum[fi, 0]
@@ -405,17 +464,31 @@ def beam_search(
         # Slot j takes candidate pick[j], dead slots copy the first live one and, with k_new ==
         # k, every parent's first child stays in its parent's row (see csrc/decode/beam.h).
         s_val, s_tok, parents, moved = _C.beam_settle(c_val, c_slot, c_tok, pick, ci, k, k_new)
-        if moved:
-            prob.state.reorder(parents)
-            seq = seq[parents]
-            if attn_hist is not None:
-                attn_hist = attn_hist[parents]
-        seq[:, t + 1] = s_tok.ravel()
+        seq = _settled(prob, seq, parents, moved, s_tok, t)
+        if moved and attn_hist is not None:
+            attn_hist = attn_hist[parents]
         cum, act, k = s_val, act[ci], k_new
     for b in act:  # only reached if the steps ran out first (cannot happen: last step ends all)
         if results[b] is None:
             results[b] = _finalize(prob, int(b), finished[b], num_hypotheses)
     return results  # type: ignore[return-value]
+
+
+def _quiet(prob: Problem, c_val: np.ndarray, c_tok: np.ndarray, K: int) -> bool:
+    """True when a step where every sentence generates and none is at its maximum length needs
+    none of the finishing rules: no end token among any sentence's first K candidates and a
+    live best candidate in every sentence (candidates come best first)."""
+    return not prob.is_end(c_tok[:, :K]).any() and bool((c_val[:, 0] > -np.inf).all())
+
+
+def _settled(prob, seq, parents, moved, s_tok, t) -> np.ndarray:
+    """The token rows after a step kept the beams `parents` with their new tokens s_tok (the
+    decoder state's rows moved with them)."""
+    if moved:
+        prob.state.reorder(parents)
+        seq = seq[parents]
+    seq[:, t + 1] = s_tok.ravel()
+    return seq
 
 
 def _set_aside(fin, act, k, t, off, seq, c_val, c_slot, c_tok, attn_hist, finished) -> None:
@@ -460,15 +533,16 @@ def _no_candidates(n: int, C: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _beam_candidates(prob, logits, act, gen, cum, k, C, seq, t, off, sampling):
     """The C best (or drawn) extensions (value, slot, token) of every generating sentence, in
     order: best first, ties by slot then token; (n_act, C) arrays, rows of the sentences not
-    generating hold no candidate."""
+    generating hold no candidate. gen None: every sentence generates."""
     n_act = act.size
     V = logits.shape[1]
-    gi = np.flatnonzero(gen)
+    gi = np.arange(n_act) if gen is None else np.flatnonzero(gen)
     g = gi.size
     lp3 = logits.reshape(n_act, k, V)
     rows = _writable((lp3 if g == n_act else lp3[gi]).reshape(g * k, V))
-    seq_rows = (gi[:, None] * k + np.arange(k)).ravel()
-    _process(prob, rows, np.repeat(act[gi], k), seq_rows, t, seq, off)
+    if prob.processors is not None or (prob.end_ids.size and t < prob.bounds.ban_max):
+        seq_rows = (gi[:, None] * k + np.arange(k)).ravel()
+        _process(prob, rows, np.repeat(act[gi], k), seq_rows, t, seq, off)
     if sampling is None:
         # The best C of a sentence lie among the best C of each of its rows (cum is per row):
         # only those log-probabilities are computed, not the vocabulary-wide rows.

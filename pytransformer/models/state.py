@@ -152,7 +152,7 @@ class DecoderState:
             raise ValueError(f"indices: expected 1 dimension, got shape {indices.shape}")
         if indices.size == 0:
             raise ValueError("indices: empty (a state needs at least one row)")
-        if (indices < 0).any() or (indices >= B).any():
+        if indices.min() < 0 or indices.max() >= B:
             bad = int(indices[(indices < 0) | (indices >= B)][0])
             raise IndexError(f"indices: row {bad} is out of range [0, {B})")
         return indices.astype(np.int64, copy=False)
@@ -176,16 +176,8 @@ class DecoderState:
         """Moves only the rows that change (beam search keeps most beams in their rows); a source
         row that is itself overwritten is saved first. The caches become views of their first
         len(indices) rows."""
-        t, B2 = self.step, indices.size
-        moved = np.flatnonzero(indices != np.arange(B2))
-        if moved.size:
-            dst, src = moved.tolist(), indices[moved].tolist()
-            clobbered = set(src) & set(dst)
-            for c in self.kv_caches:
-                saved = {j: c[j, :t].copy() for j in clobbered}
-                for i, j in zip(dst, src, strict=True):
-                    c[i, :t] = saved[j] if j in saved else c[j, :t]
-        self.kv_caches = [c[:B2] for c in self.kv_caches]
+        _C.move_cache_rows(self.kv_caches, indices, self.step)
+        self.kv_caches = [c[:indices.size] for c in self.kv_caches]
 
 
 def head_major_cache(rows: int, positions: int, H: int, D: int) -> np.ndarray:
@@ -267,6 +259,8 @@ def native_plan(model: Any, packed: dict | None) -> Any:
         return _C.DecoderStepPlan(
             specs, _norm_spec(final) if final is not None else None, cfg.norm_first,
             cfg.activation, cfg.d_model, cfg.num_heads, cfg.d_ff, windows.pop(), PACKED_MIN_ROWS,
+            embedding=_embedding_spec(model.tgt_embed, model.positions),
+            output=_linear_spec(model.output, packed),
         )
     except (TypeError, ValueError):  # a weight the native step cannot read: the Python step can
         return None
@@ -296,6 +290,14 @@ def _linear_spec(linear: Any, packed: dict | None) -> tuple:
     w = linear.weight.data
     p = packed.get(id(linear)) if packed else None
     return (w, p.data if p is not None else None, None, None, bias, w.shape[0], w.shape[1])
+
+
+def _embedding_spec(embed: Any, positions: np.ndarray) -> tuple:
+    q = embed.quantized
+    if q is not None:
+        return (None, q.data, q.scale, positions, embed.scale, q.out_features)
+    w = embed.weight.data
+    return (w, None, None, positions, embed.scale, w.shape[0])
 
 
 def _norm_spec(norm: Any) -> tuple:
@@ -376,28 +378,47 @@ def decode_step(
     capture: receives one layer's cross-attention."""
     if not isinstance(state, DecoderState):
         raise TypeError(f"state: expected a DecoderState, got {type(state).__name__}")
-    tokens = check_ids("tokens", tokens, model.config.tgt_vocab_size, 1)
-    if tokens.shape[0] != state.batch_size:
-        raise ValueError(f"tokens: {tokens.shape[0]} rows, the state has {state.batch_size}")
     if state.step >= state.max_steps:
         raise ValueError(f"state: all {state.max_steps} steps are used (max_steps)")
+    native = state.native_step(model) if capture is None else None
+    if native is not None:
+        return _native_decode_step(native, state, tokens)
+    tokens = check_ids("tokens", tokens, model.config.tgt_vocab_size, 1)
+    _check_rows(tokens, state)
     pos = state.step
     state.reserve(pos + 1)
     with model.ctx.inference(), packed_weights(state.packed_weights):
         x = model.tgt_embed.forward(tokens[:, None], model.positions[pos : pos + 1])
-        native = state.native_step(model) if capture is None else None
-        if native is not None:
-            ml = state.memory_layout
-            h = native.run(
-                x, pos, state.kv_caches, state.cross_kvs, ml.lengths if ml is not None else None
-            )
-        else:
-            h = model.decoder.step(
-                x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, capture
-            )
+        h = model.decoder.step(
+            x, pos, state.kv_caches, state.cross_kvs, state.memory_layout, capture
+        )
         if state.output_rows is not None:
             logits = state.output_rows.logits(h)
         else:
             logits = model.output.forward(h)
     state.step += 1
     return logits
+
+
+def _check_rows(tokens: np.ndarray, state: DecoderState) -> None:
+    if tokens.shape[0] != state.batch_size:
+        raise ValueError(f"tokens: {tokens.shape[0]} rows, the state has {state.batch_size}")
+
+
+def _native_decode_step(native: Any, state: DecoderState, tokens: Any) -> np.ndarray:
+    """decode_step as one native call: the plan checks the tokens (the errors of check_ids) and
+    embeds them, and projects them too unless the state scores a vocabulary subset."""
+    if not isinstance(tokens, np.ndarray):
+        raise TypeError(f"tokens: expected a numpy integer array, got {type(tokens).__name__}")
+    if tokens.ndim == 1:
+        _check_rows(tokens, state)
+    pos = state.step
+    state.reserve(pos + 1)
+    ml = state.memory_layout
+    lengths = ml.lengths if ml is not None else None
+    rows = state.output_rows
+    out = native.run_tokens(
+        tokens, pos, state.kv_caches, state.cross_kvs, lengths, project=rows is None
+    )
+    state.step += 1
+    return out if rows is None else rows.logits(out)
