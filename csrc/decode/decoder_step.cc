@@ -165,15 +165,15 @@ void copy_row(const StepKV& kv, float* dst, const float* src, const StepKV& from
 void move_cache_rows(const StepKV& kv, index_t H, index_t D, const std::int64_t* indices, index_t B2,
                      index_t t) {
   if (t <= 0) return;
-  // Sources that are also destinations of a move, saved (head-major) before any row is written.
-  std::vector<char> dest(static_cast<size_t>(B2), 0);
-  for (index_t i = 0; i < B2; ++i) dest[static_cast<size_t>(i)] = indices[i] != i;
-  std::vector<index_t> saved_rows;
+  // Sources that are also destinations of a move, saved (head-major) before any row is written:
+  // saved_at[j] is row j's place in `saved` (-1: not saved).
+  std::vector<index_t> saved_at(static_cast<size_t>(B2), -1), saved_rows;
   for (index_t i = 0; i < B2; ++i) {
     const index_t j = indices[i];
-    if (j != i && j < B2 && dest[static_cast<size_t>(j)] &&
-        std::find(saved_rows.begin(), saved_rows.end(), j) == saved_rows.end())
+    if (j != i && j < B2 && indices[j] != j && saved_at[static_cast<size_t>(j)] < 0) {
+      saved_at[static_cast<size_t>(j)] = static_cast<index_t>(saved_rows.size());
       saved_rows.push_back(j);
+    }
   }
   const StepKV packed{nullptr, 2 * H * t * D, D, H * t * D, t * D, 1};
   std::vector<float> saved(saved_rows.size() * static_cast<size_t>(packed.s_row));
@@ -182,10 +182,9 @@ void move_cache_rows(const StepKV& kv, index_t H, index_t D, const std::int64_t*
   for (index_t i = 0; i < B2; ++i) {
     const index_t j = indices[i];
     if (j == i) continue;
-    const auto at = std::find(saved_rows.begin(), saved_rows.end(), j);
-    if (at != saved_rows.end())
-      copy_row(kv, kv.data + i * kv.s_row, saved.data() + (at - saved_rows.begin()) * packed.s_row, packed, H,
-               D, t);
+    const index_t at = j < B2 ? saved_at[static_cast<size_t>(j)] : -1;
+    if (at >= 0)
+      copy_row(kv, kv.data + i * kv.s_row, saved.data() + at * packed.s_row, packed, H, D, t);
     else
       copy_row(kv, kv.data + i * kv.s_row, kv.data + j * kv.s_row, kv, H, D, t);
   }

@@ -83,10 +83,8 @@ class DecoderStepPlan {
     const std::int64_t B = xv.dim(0), C = m_.C;
     if (B < 1 || xv.dim(1) != C) py_helpers::shape_error("x", {B, C}, xv.shape);
     if (pos < 0) throw py::value_error("pos: must be >= 0, got " + std::to_string(pos));
-    StepState s;
-    s.self_kv = kv_list(caches, "kv_caches", B, pos + 1, false, true);
     py::array_t<std::int64_t> lengths;
-    if (needs_cross()) cross(s, cross_obj, lengths_obj, B, lengths);
+    const StepState s = step_state(caches, cross_obj, lengths_obj, B, pos, lengths);
     py::array_t<float> out = py_helpers::new_f32({B, C});
     float* y = out.mutable_data();
     for (std::int64_t r = 0; r < B; ++r)
@@ -107,10 +105,8 @@ class DecoderStepPlan {
     if (pos < 0 || pos >= m_.embed.max_pos)
       throw py::value_error("pos: " + std::to_string(pos) + " is outside the position table [0, " +
                             std::to_string(m_.embed.max_pos) + ")");
-    StepState s;
-    s.self_kv = kv_list(caches, "kv_caches", B, pos + 1, false, true);
     py::array_t<std::int64_t> lengths;
-    if (needs_cross()) cross(s, cross_obj, lengths_obj, B, lengths);
+    const StepState s = step_state(caches, cross_obj, lengths_obj, B, pos, lengths);
     py::array_t<float> out = py_helpers::new_f32({B, project ? m_.output.N : m_.C});
     {
       float* y = out.mutable_data();
@@ -126,6 +122,15 @@ class DecoderStepPlan {
  private:
   StepModel m_;
   std::vector<py::object> keep_;  // the arrays m_ points into
+
+  // The caches and memory of B rows at position pos; lengths keeps the checked cross lengths alive.
+  StepState step_state(const py::list& caches, const py::object& cross_obj, const py::object& lengths_obj,
+                       std::int64_t B, std::int64_t pos, py::array_t<std::int64_t>& lengths) const {
+    StepState s;
+    s.self_kv = kv_list(caches, "kv_caches", B, pos + 1, false, true);
+    if (needs_cross()) cross(s, cross_obj, lengths_obj, B, lengths);
+    return s;
+  }
 
   bool needs_cross() const {
     for (const StepLayer& l : m_.layers)

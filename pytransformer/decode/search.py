@@ -414,59 +414,57 @@ def beam_search(
         else:
             c_val, c_slot, c_tok = _no_candidates(n_act, C)
         if every and t < bounds.first_stop and _quiet(prob, c_val, c_tok, K):
-            s_val, s_tok, parents, moved = _C.beam_settle(c_val, c_slot, c_tok, None,
-                                                          np.arange(n_act), k, K)
-            cum, k, seq = s_val, K, _settled(prob, seq, parents, moved, s_tok, t)
-            if moved and attn_hist is not None:
-                attn_hist = attn_hist[parents]
-            continue
-        if gen is None:
-            gen = np.ones(n_act, dtype=bool)
-        if not gen.all():  # sentences still reading their prefix: its token, in slot 0
-            fi = np.flatnonzero(~gen)
-            c_val[fi, 0] = cum[fi, 0]
-            c_tok[fi, 0] = seq[fi * k, t + 1]
-        count = t + 1 - off[act]
-        last = gen & (count >= prob.max_gen[act])
-        if prob.eos_rule is not None:
-            first = gen & (t == P[act] - 1) & prob.eos_rule[act]
-            if first.any():
-                bad = first[:, None] & prob.is_end(c_tok)
-                bad[:, 0] = False
-                c_tok[bad], c_val[bad] = 0, _PENALIZED
-        ends = gen[:, None] & prob.is_end(c_tok)
-        finite = c_val > -np.inf
-        fin = (ends[:, :K] | last[:, None]) & finite[:, :K]
-        done = last.copy()
-        if fin.any():
-            _set_aside(fin, act, k, t, off, seq, c_val, c_slot, c_tok, attn_hist, finished)
-            top_ended[act] |= fin[:, 0]
-            n_finished[act] += fin.sum(axis=1)
-            nfin = n_finished[act]
-            if early_exit:
-                done |= top_ended[act] & (nfin >= num_hypotheses)
-            else:
-                done |= nfin >= max_finished
-            pick = _refill(fin, ends, upper, K)
-            s_val = _take(c_val, pick)
-        else:  # most steps: nothing ended, the first K candidates go on as they are
-            pick = None
-            s_val = c_val[:, :K]
-        done |= ~(s_val > -np.inf).any(axis=1)
-        if done.any():
-            for i in np.flatnonzero(done):
-                b = int(act[i])
-                results[b] = _finalize(prob, b, finished[b], num_hypotheses)
-            if done.all():
-                break
-        ci = np.flatnonzero(~done)
-        k_new = K if (k == K or gen.any()) else 1
+            pick, ci, k_new = None, np.arange(n_act), K  # no finishing rule applies this step
+        else:
+            gen = np.ones(n_act, dtype=bool) if gen is None else gen
+            if not gen.all():  # sentences still reading their prefix: its token, in slot 0
+                fi = np.flatnonzero(~gen)
+                c_val[fi, 0] = cum[fi, 0]
+                c_tok[fi, 0] = seq[fi * k, t + 1]
+            count = t + 1 - off[act]
+            last = gen & (count >= prob.max_gen[act])
+            if prob.eos_rule is not None:
+                first = gen & (t == P[act] - 1) & prob.eos_rule[act]
+                if first.any():
+                    bad = first[:, None] & prob.is_end(c_tok)
+                    bad[:, 0] = False
+                    c_tok[bad], c_val[bad] = 0, _PENALIZED
+            ends = gen[:, None] & prob.is_end(c_tok)
+            finite = c_val > -np.inf
+            fin = (ends[:, :K] | last[:, None]) & finite[:, :K]
+            done = last.copy()
+            if fin.any():
+                _set_aside(fin, act, k, t, off, seq, c_val, c_slot, c_tok, attn_hist, finished)
+                top_ended[act] |= fin[:, 0]
+                n_finished[act] += fin.sum(axis=1)
+                nfin = n_finished[act]
+                if early_exit:
+                    done |= top_ended[act] & (nfin >= num_hypotheses)
+                else:
+                    done |= nfin >= max_finished
+                pick = _refill(fin, ends, upper, K)
+                s_val = _take(c_val, pick)
+            else:  # most steps: nothing ended, the first K candidates go on as they are
+                pick = None
+                s_val = c_val[:, :K]
+            done |= ~(s_val > -np.inf).any(axis=1)
+            if done.any():
+                for i in np.flatnonzero(done):
+                    b = int(act[i])
+                    results[b] = _finalize(prob, b, finished[b], num_hypotheses)
+                if done.all():
+                    break
+            ci = np.flatnonzero(~done)
+            k_new = K if (k == K or gen.any()) else 1
         # Slot j takes candidate pick[j], dead slots copy the first live one and, with k_new ==
         # k, every parent's first child stays in its parent's row (see csrc/decode/beam.h).
         s_val, s_tok, parents, moved = _C.beam_settle(c_val, c_slot, c_tok, pick, ci, k, k_new)
-        seq = _settled(prob, seq, parents, moved, s_tok, t)
-        if moved and attn_hist is not None:
-            attn_hist = attn_hist[parents]
+        if moved:
+            prob.state.reorder(parents)
+            seq = seq[parents]
+            if attn_hist is not None:
+                attn_hist = attn_hist[parents]
+        seq[:, t + 1] = s_tok.ravel()
         cum, act, k = s_val, act[ci], k_new
     for b in act:  # only reached if the steps ran out first (cannot happen: last step ends all)
         if results[b] is None:
@@ -479,16 +477,6 @@ def _quiet(prob: Problem, c_val: np.ndarray, c_tok: np.ndarray, K: int) -> bool:
     none of the finishing rules: no end token among any sentence's first K candidates and a
     live best candidate in every sentence (candidates come best first)."""
     return not prob.is_end(c_tok[:, :K]).any() and bool((c_val[:, 0] > -np.inf).all())
-
-
-def _settled(prob, seq, parents, moved, s_tok, t) -> np.ndarray:
-    """The token rows after a step kept the beams `parents` with their new tokens s_tok (the
-    decoder state's rows moved with them)."""
-    if moved:
-        prob.state.reorder(parents)
-        seq = seq[parents]
-    seq[:, t + 1] = s_tok.ravel()
-    return seq
 
 
 def _set_aside(fin, act, k, t, off, seq, c_val, c_slot, c_tok, attn_hist, finished) -> None:
