@@ -430,3 +430,77 @@ def test_embedding_gelu_adam_equal_naive_siblings(isa, rng):
     _C._naive.adam_step(*b, 1e-2, 0.9, 0.98, 1e-9, 0.1, 5, True)
     for u, v in zip(a, b, strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- packed rows <-> padded layout
+
+
+def _padded_reference(x, lengths, L):
+    """numpy's fancy indexing: the rows of x at the real positions of a (B, L) batch."""
+    rows = np.flatnonzero(np.arange(L)[None, :] < np.asarray(lengths)[:, None])
+    out = np.zeros((len(lengths) * L,) + x.shape[1:], np.float32)
+    out[rows] = x
+    return out.reshape((len(lengths), L) + x.shape[1:]), rows
+
+
+@fixture_ok
+@given(
+    lengths=st.lists(st.integers(0, 9), min_size=1, max_size=7),
+    extra=st.integers(0, 3),
+    R=st.integers(1, 37),
+    in_strided=st.booleans(),
+    out_step=st.integers(1, 3),
+)
+def test_pad_and_pack_rows_match_fancy_indexing(threads, lengths, extra, R, in_strided, out_step):
+    rng = np.random.default_rng(sum(lengths) + R)
+    L = max(lengths) + extra
+    N = sum(lengths)
+    for t in (1, 3):
+        threads(t)
+        wide = f32(rng, (N, 2 * R))
+        x = wide[:, ::2] if in_strided else wide[:, :R]  # inner stride 2 (copied) or row stride 2R
+        expected, rows = _padded_reference(np.ascontiguousarray(x), lengths, L)
+        padded = ops.pad_rows(x, np.array(lengths), L)
+        assert padded.shape == (len(lengths), L, R) and padded.flags.c_contiguous
+        np.testing.assert_array_equal(padded, expected)
+        y = f32(rng, (len(lengths), L + 1, R))[:, :L]  # a strided view of the padded layout
+        want = y.reshape(-1, R)[rows] if L else np.zeros((0, R), np.float32)
+        np.testing.assert_array_equal(ops.pack_rows(y, np.array(lengths, np.int32)), want)
+        # into every out_step-th row group of a wider array: rows strided, the rest untouched
+        big = np.full((N, out_step, R), 7.0, np.float32)
+        ops.pack_rows(y, np.array(lengths), out=big[:, 0])
+        np.testing.assert_array_equal(big[:, 0], want)
+        assert (big[:, 1:] == 7.0).all()
+
+
+def test_pad_and_pack_rows_bad_inputs(rng):
+    x = f32(rng, (5, 3))
+    with pytest.raises(ValueError, match="sum\\(lengths\\) = 4 rows, got 5"):
+        ops.pad_rows(x, np.array([2, 2]), 3)
+    with pytest.raises(ValueError, match="lengths: entry 4 at position 1 is outside \\[0, 3\\]"):
+        ops.pad_rows(x, np.array([1, 4]), 3)
+    with pytest.raises(ValueError, match="lengths: entry -1"):
+        ops.pad_rows(x, np.array([6, -1]), 6)
+    with pytest.raises(TypeError, match="x"):
+        ops.pad_rows(x.astype(np.float64), np.array([5]), 5)
+    with pytest.raises(ValueError, match="x"):
+        ops.pad_rows(x[None], np.array([5]), 5)
+    with pytest.raises(TypeError, match="lengths"):
+        ops.pad_rows(x, np.array([2.0, 3.0]), 3)
+    with pytest.raises(ValueError, match="L"):
+        ops.pad_rows(x, np.array([5]), -1)
+    y = f32(rng, (2, 3, 4))
+    with pytest.raises(ValueError, match="lengths: expected 2 entries"):
+        ops.pack_rows(y, np.array([1, 1, 1]))
+    with pytest.raises(ValueError, match="lengths: entry 4"):
+        ops.pack_rows(y, np.array([4, 1]))
+    with pytest.raises(ValueError, match="out: expected shape \\(3, 4\\)"):
+        ops.pack_rows(y, np.array([2, 1]), out=np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="out: rows must be unit-stride"):
+        ops.pack_rows(y, np.array([2, 1]), out=np.zeros((4, 3), np.float32).T[:3])
+    with pytest.raises(ValueError, match="out"):
+        ops.pack_rows(y, np.array([2, 1]), out=np.zeros((3, 4), np.float32)[::-1])
+    frozen = np.zeros((3, 4), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        ops.pack_rows(y, np.array([2, 1]), out=frozen)

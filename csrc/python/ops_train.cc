@@ -7,6 +7,7 @@
 #include "train/adam.h"
 #include "train/elementwise.h"
 #include "train/embedding.h"
+#include "train/rows.h"
 
 namespace py = pybind11;
 
@@ -185,6 +186,97 @@ double clip_grad_norm_py(const py::object& arrays, double max_norm) {
   return norm;
 }
 
+// A float32 matrix of the given rank read through its outer strides; the last axis must have unit
+// stride, else `keep` holds a C-contiguous copy. strides: in elements.
+struct RowsIn {
+  py::array_t<float> keep;
+  const float* data = nullptr;
+  std::vector<std::int64_t> shape, strides;
+};
+
+RowsIn rows_in(const py::object& obj, const char* name, int rank) {
+  F32View v = f32_view(obj, name, {rank});
+  RowsIn r{py::array_t<float>(), v.data, v.shape, v.strides};
+  if (v.shape.back() > 1 && v.strides.back() != 1) {
+    const F32In c = f32_in(obj, name, {rank});
+    r.keep = c.arr;
+    r.data = c.data;
+    std::int64_t s = 1;
+    for (int i = rank - 1; i >= 0; --i) {
+      r.strides[static_cast<size_t>(i)] = s;
+      s *= r.shape[static_cast<size_t>(i)];
+    }
+  }
+  return r;
+}
+
+// lengths (B,) with every entry in [0, L]; returns them (C-contiguous int64) and their sum.
+py::array_t<std::int64_t> checked_lengths(const py::object& lengths, std::int64_t L, std::int64_t* total) {
+  auto Ls = int_array(lengths, "lengths", {1});
+  const std::int64_t* l = Ls.data();
+  *total = 0;
+  for (py::ssize_t b = 0; b < Ls.size(); ++b) {
+    if (l[b] < 0 || l[b] > L) {
+      std::ostringstream s;
+      s << "lengths: entry " << l[b] << " at position " << b << " is outside [0, " << L << "]";
+      throw py::value_error(s.str());
+    }
+    *total += l[b];
+  }
+  return Ls;
+}
+
+py::array pad_rows_py(const py::object& x, const py::object& lengths, std::int64_t L) {
+  if (L < 0) throw py::value_error("L: expected a length >= 0, got " + std::to_string(L));
+  const RowsIn X = rows_in(x, "x", 2);
+  std::int64_t N = 0;
+  const auto Ls = checked_lengths(lengths, L, &N);
+  if (X.shape[0] != N) {
+    std::ostringstream s;
+    s << "x: expected sum(lengths) = " << N << " rows, got " << X.shape[0];
+    throw py::value_error(s.str());
+  }
+  const std::int64_t B = Ls.size(), R = X.shape[1];
+  auto out = new_f32({B, L, R});
+  {
+    py::gil_scoped_release nogil;
+    pad_rows(out.mutable_data(), X.data, X.strides[0], Ls.data(), B, L, R);
+  }
+  return std::move(out);
+}
+
+py::object pack_rows_py(const py::object& y, const py::object& lengths, const py::object& out) {
+  const RowsIn Y = rows_in(y, "y", 3);
+  const std::int64_t B = Y.shape[0], R = Y.shape[2];
+  std::int64_t N = 0;
+  const auto Ls = checked_lengths(lengths, Y.shape[1], &N);
+  if (Ls.size() != B) {
+    std::ostringstream s;
+    s << "lengths: expected " << B << " entries (y's batch), got " << Ls.size();
+    throw py::value_error(s.str());
+  }
+  py::object result = out;
+  float* o = nullptr;
+  std::int64_t out_rs = R;
+  if (out.is_none()) {
+    auto r = new_f32({N, R});
+    o = r.mutable_data();
+    result = std::move(r);
+  } else {
+    const F32View O = f32_view(out, "out", {2}, /*writable=*/true);
+    require_shape(O, "out", {N, R});
+    if (N > 0 && ((R > 1 && O.stride(1) != 1) || (N > 1 && O.stride(0) < R)))
+      throw py::value_error("out: rows must be unit-stride and must not overlap (row stride >= row length)");
+    o = O.data;
+    out_rs = O.stride(0);
+  }
+  {
+    py::gil_scoped_release nogil;
+    pack_rows(o, out_rs, Y.data, Y.strides[0], Y.strides[1], Ls.data(), B, R);
+  }
+  return result;
+}
+
 }  // namespace
 
 void register_train_ops(py::module_& m) {
@@ -220,6 +312,8 @@ void register_train_ops(py::module_& m) {
   m.def("adam_step", &adam_step_py, py::arg("param"), py::arg("grad"), py::arg("m"), py::arg("v"), py::kw_only(),
         py::arg("lr"), py::arg("beta1") = 0.9, py::arg("beta2") = 0.98, py::arg("eps") = 1e-9,
         py::arg("weight_decay") = 0.0, py::arg("step"), py::arg("decoupled") = false);
+  m.def("pad_rows", &pad_rows_py, py::arg("x"), py::arg("lengths"), py::arg("L"));
+  m.def("pack_rows", &pack_rows_py, py::arg("y"), py::arg("lengths"), py::kw_only(), py::arg("out") = py::none());
   m.def("global_norm", &global_norm_py, py::arg("arrays"));
   m.def("clip_grad_norm", &clip_grad_norm_py, py::arg("arrays"), py::arg("max_norm"));
 }

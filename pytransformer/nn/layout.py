@@ -10,7 +10,11 @@ masked by length, and in causal attention padding only follows), while padding c
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from .. import ops
 
 
 class Layout:
@@ -46,6 +50,9 @@ class Layout:
         """x (N, ...) -> (B, L, ...), zeros at padding."""
         if self.dense:
             return x.reshape((self.B, self.L) + x.shape[1:])
+        if x.dtype == np.float32:
+            flat = x.reshape(self.n, math.prod(x.shape[1:]))
+            return ops.pad_rows(flat, self.lengths, self.L).reshape((self.B, self.L) + x.shape[1:])
         out = np.zeros((self.B * self.L,) + x.shape[1:], x.dtype)
         out[self.rows] = x
         return out.reshape((self.B, self.L) + x.shape[1:])
@@ -53,17 +60,39 @@ class Layout:
     def pack(self, y: np.ndarray) -> np.ndarray:
         """y (B, L, ...) -> (N, ...) (a view when dense and y is contiguous)."""
         flat = y.reshape((self.B * self.L,) + y.shape[2:])
-        return flat if self.dense else flat[self.rows]
+        if self.dense:
+            return flat
+        if y.dtype == np.float32:
+            rows = ops.pack_rows(self._rows3(y), self.lengths)
+            return rows.reshape((self.n,) + y.shape[2:])
+        return flat[self.rows]
 
     def pack_into(self, out: np.ndarray, y: np.ndarray) -> None:
         """out[...] = pack(y) without the intermediate copy; out may be a strided view."""
         flat = y.reshape((self.B * self.L,) + y.shape[2:])
         if self.dense:
             out[...] = flat
+            return
+        rows = _row_view(out) if y.dtype == out.dtype == np.float32 else None
+        if rows is not None:
+            ops.pack_rows(self._rows3(y), self.lengths, out=rows)
         else:
             np.take(flat, self.rows, axis=0, out=out, mode="clip")
+
+    def _rows3(self, y: np.ndarray) -> np.ndarray:
+        return y.reshape(self.B, self.L, math.prod(y.shape[2:]))
 
     def take(self, indices: np.ndarray) -> Layout:
         """The layout of rows `indices` (beam reordering)."""
         lengths = np.full(self.B, self.L, np.int64) if self.lengths is None else self.lengths
         return Layout(int(indices.size), self.L, lengths[indices])
+
+
+def _row_view(out: np.ndarray) -> np.ndarray | None:
+    """out (N, ...) as an (N, R) view with unit inner stride, or None where no such view exists."""
+    rows = out.view()
+    try:
+        rows.shape = (out.shape[0], math.prod(out.shape[1:]))
+    except AttributeError:  # not expressible as a view
+        return None
+    return rows if rows.shape[1] <= 1 or rows.strides[1] == rows.itemsize else None

@@ -28,6 +28,8 @@ __all__ = [
     "adam_step",
     "global_norm",
     "clip_grad_norm",
+    "pad_rows",
+    "pack_rows",
 ]
 
 _U64 = 1 << 64
@@ -154,3 +156,21 @@ def clip_grad_norm(arrays: Sequence[np.ndarray], max_norm: float) -> float:
     ``max_norm / (norm + 1e-6)`` as ``torch.nn.utils.clip_grad_norm_``. A NaN norm scales
     nothing: check the returned value."""
     return _C.clip_grad_norm(_array_list(arrays), max_norm)
+
+
+def pad_rows(x: np.ndarray, lengths: np.ndarray, L: int) -> np.ndarray:
+    """The packed rows x (N, R) of a batch's real positions laid out as (B, L, R): batch row b
+    gets the next ``lengths[b]`` rows of x, then zeros. ``lengths`` (B,) ints in [0, L] summing to
+    N. Parallel over batch rows (a copy: the bits are x's)."""
+    return _C.pad_rows(x, lengths, check_int("L", L, 0))
+
+
+def pack_rows(
+    y: np.ndarray, lengths: np.ndarray, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The real positions of a padded y (B, L, R), ``y[b, :lengths[b]]`` for b in order, as
+    (N, R) rows; the inverse of `pad_rows`. ``out`` (N, R) float32, writable, unit inner stride,
+    any row stride (e.g. a column slice of a wider array), not sharing memory with y: written in
+    place and returned."""
+    return _C.pack_rows(y, lengths, out=out)
+
