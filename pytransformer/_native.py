@@ -31,14 +31,17 @@ __all__ = ["_C", "cpu_info", "set_num_threads", "get_num_threads"]
 def cpu_info() -> dict:
     """What the native kernels run with.
 
-    Returns a dict with ``isa`` (the selected kernel set: ``"avx512vnni"`` (the AVX2 kernels, and
-    VNNI dot products in the int8 GEMM), ``"avx2"`` or ``"generic"``; ``PYTRANSFORMER_ISA=avx2``
-    or ``=generic`` caps it), ``cpu_has_avx2_fma``, ``cpu_has_avx512_vnni``, ``num_threads``,
+    Returns a dict with ``isa`` (the selected kernel set: ``"avx512vnni"`` (``"avx512"``, and
+    VNNI dot products in the int8 GEMM), ``"avx512"`` (the AVX2 kernels, and a 16-lane
+    micro-kernel in the float GEMM, which gives the same bits), ``"avx2"`` or ``"generic"``;
+    ``PYTRANSFORMER_ISA=avx512``, ``=avx2`` or ``=generic`` caps it), ``cpu_has_avx2_fma``,
+    ``cpu_has_avx512`` (F, VL, BW and DQ), ``cpu_has_avx512_vnni``, ``num_threads``,
     ``openmp`` (False means the extension was built single-threaded) and ``cores`` (usable cores).
     """
     return {
         "isa": _C.selected_isa(),
         "cpu_has_avx2_fma": _C.cpu_has_avx2_fma(),
+        "cpu_has_avx512": _C.cpu_has_avx512(),
         "cpu_has_avx512_vnni": _C.cpu_has_avx512_vnni(),
         "num_threads": _C.get_num_threads(),
         "openmp": _C.have_openmp(),

@@ -23,6 +23,8 @@ settings.load_profile(os.environ.get("PYTRANSFORMER_HYPOTHESIS_PROFILE", "defaul
 ISAS = ["generic"] + (["avx2"] if _C.cpu_has_avx2_fma() else [])
 # The int8 GEMM has one more level (avx512vnni runs the avx2 code everywhere else).
 QGEMM_ISAS = ISAS + (["avx512vnni"] if _C.cpu_has_avx512_vnni() else [])
+# So has the float GEMM (avx512: its 16-lane micro-kernel; every other kernel runs the avx2 code).
+GEMM_ISAS = ISAS + (["avx512"] if _C.cpu_has_avx512() else [])
 
 
 def _forced(name):
@@ -41,6 +43,12 @@ def isa(request):
 @pytest.fixture(params=QGEMM_ISAS)
 def qisa(request):
     """As `isa`, over the int8 GEMM's kernel sets."""
+    yield from _forced(request.param)
+
+
+@pytest.fixture(params=GEMM_ISAS)
+def gemm_isa(request):
+    """As `isa`, over the float GEMM's kernel sets."""
     yield from _forced(request.param)
 
 

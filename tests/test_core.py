@@ -10,13 +10,16 @@ from pytransformer import _C
 
 def test_cpu_info_fields():
     info = pytransformer.cpu_info()
-    assert info["isa"] in ("generic", "avx2", "avx512vnni")
+    assert info["isa"] in ("generic", "avx2", "avx512", "avx512vnni")
     assert info["num_threads"] == pytransformer.get_num_threads() >= 1
     assert isinstance(info["openmp"], bool)
     if not info["cpu_has_avx2_fma"]:
         assert info["isa"] == "generic"
     if not info["cpu_has_avx512_vnni"]:
         assert info["isa"] != "avx512vnni"
+    if not info["cpu_has_avx512"]:
+        assert info["isa"] in ("generic", "avx2")
+    assert info["cpu_has_avx512"] or not info["cpu_has_avx512_vnni"]
 
 
 def _isa_with_env(tmp_path, value):
@@ -33,22 +36,29 @@ def test_env_forces_generic(tmp_path):
     assert _isa_with_env(tmp_path, "generic") == "generic"
 
 
-def test_env_caps_at_avx2(tmp_path):
-    """PYTRANSFORMER_ISA=avx2 keeps the int8 GEMM off VNNI; the default takes the best level."""
-    expected = "avx2" if _C.cpu_has_avx2_fma() else "generic"
-    assert _isa_with_env(tmp_path, "avx2") == expected
-    best = "avx512vnni" if _C.cpu_has_avx512_vnni() else expected
-    assert _isa_with_env(tmp_path, "") == best
+def _best_at_or_below(level):
+    """The level a request for `level` should get on this CPU."""
+    order = ["generic", "avx2", "avx512", "avx512vnni"]
+    has = {"generic": True, "avx2": _C.cpu_has_avx2_fma(), "avx512": _C.cpu_has_avx512(),
+           "avx512vnni": _C.cpu_has_avx512_vnni()}
+    return next(name for name in reversed(order[: order.index(level) + 1]) if has[name])
+
+
+def test_env_caps_the_level(tmp_path):
+    """PYTRANSFORMER_ISA=avx2 keeps the float GEMM off AVX-512 and the int8 GEMM off VNNI,
+    =avx512 only the latter; the default takes the best level."""
+    for level in ("avx2", "avx512", "avx512vnni"):
+        assert _isa_with_env(tmp_path, level) == _best_at_or_below(level)
+    assert _isa_with_env(tmp_path, "") == _best_at_or_below("avx512vnni")
 
 
 def test_force_isa_falls_back_and_rejects_unknown_names():
     before = _C.selected_isa()
     try:
-        got = _C._force_isa("avx512vnni")
-        fallback = "avx2" if _C.cpu_has_avx2_fma() else "generic"
-        assert got == ("avx512vnni" if _C.cpu_has_avx512_vnni() else fallback)
+        for level in ("avx512vnni", "avx512", "avx2"):
+            assert _C._force_isa(level) == _best_at_or_below(level)
         with pytest.raises(ValueError, match="name:"):
-            _C._force_isa("avx512")
+            _C._force_isa("avx512f")
     finally:
         _C._force_isa(before)
 

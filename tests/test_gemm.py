@@ -13,11 +13,18 @@ from hypothesis import strategies as st
 
 import pytransformer as pt
 from pytransformer import _C
-from pytransformer.ops import matmul
+from pytransformer.ops import PackedWeight, matmul
 
-# Sizes around every block edge (MR=6, NR=16, MC=144, KC=256, small-M cut at 32), 1 and primes.
-SIZES = [1, 2, 3, 5, 6, 7, 13, 15, 16, 17, 31, 32, 33, 47, 97, 143, 145]
+# Sizes around every block edge (MR=6 or 12, NR=16, MC=144, KC=256, small-M cut at 32), 1 and
+# primes.
+SIZES = [1, 2, 3, 5, 6, 7, 11, 12, 13, 15, 16, 17, 25, 31, 32, 33, 47, 97, 143, 145]
 K_SIZES = [1, 2, 7, 8, 9, 16, 31, 61, 255, 256, 257, 263, 520]
+
+
+@pytest.fixture
+def isa(gemm_isa):
+    """Every test here runs under each of the float GEMM's kernel sets (avx512 included)."""
+    return gemm_isa
 
 
 def op(x: np.ndarray, trans: bool) -> np.ndarray:
@@ -235,6 +242,59 @@ def test_bit_identical_across_thread_counts(isa, threads, rng, M, N, K, trans_b)
     assert_close(results[0], r, tol)
 
 
+def _under(level, fn):
+    """fn() with the ISA forced to `level`, then the previous level restored."""
+    before = _C.selected_isa()
+    try:
+        assert _C._force_isa(level) == level
+        return fn()
+    finally:
+        _C._force_isa(before)
+
+
+@pytest.mark.skipif(not _C.cpu_has_avx512(), reason="the CPU has no AVX-512 F/VL/BW/DQ")
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(
+    M=st.sampled_from(SIZES + [150, 290, 300]),
+    N=st.sampled_from(SIZES + [4100]),
+    K=st.sampled_from(K_SIZES),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    strided=st.booleans(),
+    use_bias=st.booleans(),
+    mode=st.sampled_from([None, "relu", "gelu", "accumulate", "packed"]),
+    nthreads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_avx512_gives_the_avx2_bits(threads, M, N, K, trans_a, trans_b, strided, use_bias, mode,
+                                    nthreads, seed):
+    """The 12 x 16 AVX-512 micro-kernel sums every element in the same order as the 6 x 16 AVX2
+    one, so every path (small M, blocked, prepacked; any strides, epilogue, thread count) gives
+    the same bits; NaN-free inputs, so the comparison is exact."""
+    threads(nthreads)
+    rng = np.random.default_rng(seed)
+    a, b = operands(rng, M, N, K * (2 if strided else 1), trans_a, trans_b)
+    if strided:  # a column (or row) stride of 2 along K
+        a = a[::2] if trans_a else a[:, ::2]
+        b = b[:, ::2] if trans_b else b[::2]
+    bias = rand(rng, N) if use_bias else None
+    start = rand(rng, (M, N))
+    act = mode if mode in ("relu", "gelu") else None
+
+    def product():
+        if mode == "packed":
+            w = b if trans_b else b.T
+            return matmul(a.T if trans_a else a, PackedWeight(w), bias=bias)
+        if mode == "accumulate":
+            out = start.copy()
+            return matmul(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias, out=out,
+                          accumulate=True)
+        return matmul(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias, activation=act)
+
+    wide, narrow = _under("avx512", product), _under("avx2", product)
+    np.testing.assert_array_equal(wide.view(np.uint32), narrow.view(np.uint32))
+
+
 @pytest.mark.parametrize("M", [1, 20, 50])
 @pytest.mark.parametrize("activation", [None, "relu", "gelu"])
 def test_nan_propagates(isa, rng, M, activation):
@@ -294,7 +354,7 @@ def test_gelu_matches_torch(rng):
 def test_readme_command():
     a = np.ones((4, 3), np.float32)
     np.testing.assert_array_equal(matmul(a, a.T), np.full((4, 4), 3.0, np.float32))
-    assert pt.cpu_info()["isa"] in ("generic", "avx2", "avx512vnni")
+    assert pt.cpu_info()["isa"] in ("generic", "avx2", "avx512", "avx512vnni")
 
 
 # ---- bad input -------------------------------------------------------------------------------

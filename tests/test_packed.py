@@ -18,6 +18,12 @@ from pytransformer.ops import PackedWeight, matmul
 M_SIZES = SIZES + [150, 290]
 
 
+@pytest.fixture
+def isa(gemm_isa):
+    """Every test here runs under each of the float GEMM's kernel sets (avx512 included)."""
+    return gemm_isa
+
+
 def a_view(rng, M, K, layout, batch=None):
     """op(a) of shape ([batch,] M, K) stored contiguously, transposed or with a column stride."""
     pre = () if batch is None else (batch,)

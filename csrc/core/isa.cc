@@ -15,11 +15,20 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  // libgcc's feature bits include the OS check (XCR0 enables the AVX-512 register state).
+  return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx512_vnni() {
 #if defined(PT_HAVE_VNNI)
-  // libgcc's feature bits include the OS check (XCR0 enables the AVX-512 register state).
-  return cpu_has_avx2_fma() && __builtin_cpu_supports("avx512vnni") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
@@ -27,7 +36,12 @@ bool cpu_has_avx512_vnni() {
 
 // The best level at or below `wanted` that this build and CPU run.
 static Isa supported(Isa wanted) {
-  if (wanted == Isa::avx512vnni && !cpu_has_avx512_vnni()) wanted = Isa::avx2;
+  if (wanted == Isa::avx512vnni && !cpu_has_avx512_vnni()) wanted = Isa::avx512;
+#if defined(PT_HAVE_AVX512)
+  if (wanted == Isa::avx512 && !cpu_has_avx512()) wanted = Isa::avx2;
+#else
+  if (wanted == Isa::avx512) wanted = Isa::avx2;
+#endif
 #if defined(PT_HAVE_AVX2)
   if (wanted == Isa::avx2 && !cpu_has_avx2_fma()) wanted = Isa::generic;
 #else
@@ -40,6 +54,7 @@ static Isa detect() {
   const char* forced = std::getenv("PYTRANSFORMER_ISA");
   if (forced && std::strcmp(forced, "generic") == 0) return Isa::generic;
   if (forced && std::strcmp(forced, "avx2") == 0) return supported(Isa::avx2);
+  if (forced && std::strcmp(forced, "avx512") == 0) return supported(Isa::avx512);
   return supported(Isa::avx512vnni);
 }
 
@@ -52,8 +67,17 @@ Isa selected_isa() { return isa_setting().load(std::memory_order_relaxed); }
 
 void force_isa(Isa isa) { isa_setting().store(supported(isa), std::memory_order_relaxed); }
 
+bool float_gemm_avx512() {
+#if defined(PT_HAVE_AVX512)
+  return selected_isa() >= Isa::avx512;
+#else
+  return false;
+#endif
+}
+
 const char* isa_name(Isa isa) {
   if (isa == Isa::avx512vnni) return "avx512vnni";
+  if (isa == Isa::avx512) return "avx512";
   return isa == Isa::avx2 ? "avx2" : "generic";
 }
 

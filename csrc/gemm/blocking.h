@@ -17,9 +17,15 @@ namespace pt {
 namespace PT_ISA_NS {
 namespace {  // internal linkage in every *_isa.cc that includes this (see blocking.h)
 
+// The register tile's height is the ISA's (the AVX-512 micro-kernel holds twice the rows); its
+// width, and so the packed-B layout, is the same for all.
+#if defined(PT_ISA_AVX512)
+constexpr int MR = 12;
+#else
 constexpr int MR = static_cast<int>(kMR);
+#endif
 constexpr int NR = static_cast<int>(kNR);
-static_assert(kMC % kMR == 0 && kNC % kNR == 0, "cache blocks hold whole register tiles");
+static_assert(kMC % MR == 0 && kNC % kNR == 0, "cache blocks hold whole register tiles");
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 inline index_t min_i(index_t a, index_t b) { return a < b ? a : b; }

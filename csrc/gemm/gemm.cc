@@ -11,6 +11,13 @@ namespace pt {
 
 namespace {
 
+// PT_DISPATCH, plus the float GEMM's AVX-512 level.
+#if defined(PT_HAVE_AVX512)
+#define GEMM_DISPATCH(sym) (float_gemm_avx512() ? ::pt::avx512::sym : PT_DISPATCH(sym))
+#else
+#define GEMM_DISPATCH(sym) PT_DISPATCH(sym)
+#endif
+
 // Runs kernel(one 2-D product) for each batch item of args. A batch of row blocks that share B
 // and lie evenly spaced in A and C is one taller product (the (batch, M, K) @ (K, N) of a Linear
 // layer): fewer, larger blocks and one thread team.
@@ -34,23 +41,23 @@ void for_each_item(const GemmArgs& args, Kernel kernel) {
 
 }  // namespace
 
-void gemm_forward(const GemmArgs& args) { for_each_item(args, PT_DISPATCH(gemm_2d)); }
+void gemm_forward(const GemmArgs& args) { for_each_item(args, GEMM_DISPATCH(gemm_2d)); }
 
 index_t packed_weight_size(index_t N, index_t K) { return (N + kNR - 1) / kNR * kNR * K; }
 
 void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K) {
-  if (N > 0 && K > 0) PT_DISPATCH(pack_weight)(dst, w, ldw, N, K);
+  if (N > 0 && K > 0) GEMM_DISPATCH(pack_weight)(dst, w, ldw, N, K);
 }
 
 void gemm_forward_prepacked(const GemmArgs& args) {
   GemmArgs shared = args;
   shared.b_bs = 0;  // every item reads the one packed W
-  for_each_item(shared, PT_DISPATCH(gemm_2d_prepacked));
+  for_each_item(shared, GEMM_DISPATCH(gemm_2d_prepacked));
 }
 
 double fma_probe_seconds(index_t iters) {
   const auto t0 = std::chrono::steady_clock::now();
-  volatile float sink = PT_DISPATCH(fma_probe)(iters);
+  volatile float sink = GEMM_DISPATCH(fma_probe)(iters);
   (void)sink;
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

@@ -7,7 +7,8 @@
 namespace pt {
 
 // Blocking constants (BLIS names). MR x NR is the register tile of the micro-kernel (6 x 16 =
-// 12 eight-lane accumulators, leaving 4 of AVX2's 16 ymm registers for B loads and A broadcasts).
+// 12 eight-lane accumulators, leaving 4 of AVX2's 16 ymm registers for B loads and A broadcasts;
+// the AVX-512 build's tile is 12 x 16, one 16-lane register a row: blocking.h).
 // KC x NR floats of B (16 KiB) stay in L1 while a micro-kernel runs, MC x KC of A (144 KiB) in L2,
 // KC x NC of B (up to 4 MiB) in L3. KC alone fixes the rounding (partial sums are added to C in
 // K-block order), so MC and NC may change with the shape or the thread count without changing bits.
@@ -45,6 +46,15 @@ float fma_probe(index_t iters);
 void gemm_2d_prepacked(const GemmArgs& args);
 void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
 }  // namespace avx2
+#endif
+
+#if defined(PT_HAVE_AVX512) || defined(PT_ISA_AVX512)
+namespace avx512 {  // AVX-512 F/VL/BW/DQ: the 12 x 16 micro-kernel, the same bits as avx2
+void gemm_2d(const GemmArgs& args);
+float fma_probe(index_t iters);
+void gemm_2d_prepacked(const GemmArgs& args);
+void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
+}  // namespace avx512
 #endif
 
 }  // namespace pt

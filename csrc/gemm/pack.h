@@ -53,6 +53,27 @@ inline void pack_a_6x8(float* d, const float* s, index_t ld) {
   _mm_storeu_ps(d + 42, _mm256_castps256_ps128(r[7]));
   _mm_storel_pi(reinterpret_cast<__m64*>(d + 46), _mm256_extractf128_ps(r[7], 1));
 }
+
+// Eight k-steps of a full MR = 12 panel from row-major A: d[k * 12 + i] = s[i * ld + k], k < 8.
+// Rows 0..7 are one 8 x 8 transpose (eight lanes per k), rows 8..11 another (four lanes per k).
+inline void pack_a_12x8(float* d, const float* s, index_t ld) {
+  __m256 r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ld);
+  for (int i = 0; i < 4; ++i) u[i] = _mm256_loadu_ps(s + (8 + i) * ld);
+  u[4] = u[5] = u[6] = u[7] = _mm256_setzero_ps();
+  transpose8(r);
+  transpose8(u);
+  for (int k = 0; k < 8; ++k) {
+    _mm256_storeu_ps(d + k * 12, r[k]);
+    _mm_storeu_ps(d + k * 12 + 8, _mm256_castps256_ps128(u[k]));
+  }
+}
+
+// Eight k-steps of a full panel from row-major A, for this ISA's MR.
+inline void pack_a_x8(float* d, const float* s, index_t ld) {
+  if constexpr (MR == 12) pack_a_12x8(d, s, ld);
+  else pack_a_6x8(d, s, ld);
+}
 #endif
 
 // Packing. pack_a: mc x kc of op(A) (element (i, k) at a[i * rs + k * cs]) into ceil(mc / MR)
@@ -63,17 +84,14 @@ inline void pack_a_6x8(float* d, const float* s, index_t ld) {
   for (index_t p = 0; p < mc; p += MR, dst += MR * kc) {
     const index_t rows = mc - p < MR ? mc - p : MR;
     const float* src = a + p * rs;
-    if (rows == MR && cs == 1) {  // row-major A: six row streams, transposed on the fly
-      const float *r0 = src, *r1 = src + rs, *r2 = src + 2 * rs, *r3 = src + 3 * rs,
-                  *r4 = src + 4 * rs, *r5 = src + 5 * rs;
+    if (rows == MR && cs == 1) {  // row-major A: MR row streams, transposed on the fly
       index_t k = 0;
 #if defined(PT_ISA_AVX2)
-      for (; k + 8 <= kc; k += 8) pack_a_6x8(dst + k * MR, src + k, rs);
+      for (; k + 8 <= kc; k += 8) pack_a_x8(dst + k * MR, src + k, rs);
 #endif
-      for (; k < kc; ++k) {
-        float* d = dst + k * MR;
-        d[0] = r0[k], d[1] = r1[k], d[2] = r2[k], d[3] = r3[k], d[4] = r4[k], d[5] = r5[k];
-      }
+      for (; k < kc; ++k)
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) dst[k * MR + i] = src[i * rs + k];
     } else if (rows == MR && rs == 1) {  // transposed A: MR contiguous values per k
       for (index_t k = 0; k < kc; ++k)
         for (int i = 0; i < MR; ++i) dst[k * MR + i] = src[k * cs + i];

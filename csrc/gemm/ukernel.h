@@ -2,6 +2,9 @@
 // run_tile, which dispatches a tile of any size 1..MR x 1..NR to it. Include only from *_isa.cc.
 #pragma once
 
+#include <array>
+#include <utility>
+
 #include "core/isa_unit.h"
 #include "core/vec.h"
 #include "gemm/blocking.h"
@@ -11,7 +14,7 @@ namespace pt {
 namespace PT_ISA_NS {
 namespace {  // internal linkage in every *_isa.cc that includes this (see blocking.h)
 
-static_assert(NR == 2 * Vec::width, "the micro-kernel holds a C row in two vectors");
+static_assert(NR == 2 * Vec::width, "the micro-kernel holds a C row in two 8-lane vectors");
 
 // Micro-kernel (the BLIS contract, R <= MR rows, NR = 16 columns):
 //
@@ -22,7 +25,49 @@ static_assert(NR == 2 * Vec::width, "the micro-kernel holds a C row in two vecto
 //                                                                   the row stride of B if not)
 //   c: C tile, element (i, j) at c[i * ldc + j]; all 16 columns are read and written.
 // The block's product is summed from zero and added to C at the end, so the FMAs never wait for
-// C's cache lines (prefetched at the start).
+// C's cache lines (prefetched at the start). Every ISA sums each element with one FMA per k, in k
+// order, so they all give the same bits.
+#if defined(PT_ISA_AVX512)
+// A C row is one 16-lane register, so MR = 12 rows fill 12 of the 32 registers and each k step
+// loads one B vector for 12 FMAs (the AVX2 kernel loads two for 12 half-width ones).
+template <int R>
+void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
+             const Epilogue& ep) {
+  __m512 acc[R];
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int i = 0; i < R; ++i) {  // C is needed at the end: fetch its lines meanwhile
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
+  }
+#pragma GCC unroll 2
+  for (index_t k = 0; k < kc; ++k) {
+    const __m512 bk = _mm512_loadu_ps(b);
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), bk, acc[i]);
+    a += MR;
+    b += rs_b;
+  }
+  const __m512 bias = ep.bias ? _mm512_loadu_ps(ep.bias) : _mm512_setzero_ps();
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i) {
+    __m512 x = acc[i];
+    // The same adds, in the same operand order, as the two halves of the AVX2 kernel.
+    if (ep.load_c) x = _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), x);
+    if (ep.bias) x = _mm512_add_ps(x, bias);
+    if (ep.act == Activation::none) {
+      _mm512_storeu_ps(c + i * ldc, x);
+    } else {
+      // Through memory, not a 512 -> 256 cast: GCC 12's casts trip -Wmaybe-uninitialized.
+      alignas(64) float row[16];
+      _mm512_store_ps(row, x);
+      const Vec lo = Vec::load(row), hi = Vec::load(row + 8);
+      activate(lo, ep.act).store(c + i * ldc);
+      activate(hi, ep.act).store(c + i * ldc + 8);
+    }
+  }
+}
+#else
 template <int R>
 void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
              const Epilogue& ep) {
@@ -64,6 +109,7 @@ void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c,
     activate(x1, ep.act).store(c + i * ldc + 8);
   }
 }
+#endif
 
 // A tile of `rows` x `cols` (rows <= MR, cols <= NR) of C. Narrow tiles go through a 16-wide
 // scratch tile so the micro-kernel never touches C (or bias) past column `cols`; B must still be
@@ -90,18 +136,20 @@ void tile(index_t kc, const float* a, const float* b, index_t rs_b, float* c, in
     for (int j = 0; j < cols; ++j) c[i * ldc + j] = t[i * NR + j];
 }
 
+using TileFn = void (*)(index_t, const float*, const float*, index_t, float*, index_t, int,
+                        const Epilogue&);
+
+template <int... I>
+constexpr std::array<TileFn, sizeof...(I)> tile_table(std::integer_sequence<int, I...>) {
+  return {&tile<I + 1>...};
+}
+
+// A tile of 1..MR rows (anything else runs as one row).
 [[maybe_unused]] void run_tile(int rows, index_t kc, const float* a, const float* b, index_t rs_b,
                                float* c, index_t ldc, int cols, const Epilogue& ep) {
-  switch (rows) {
-    case 6: tile<6>(kc, a, b, rs_b, c, ldc, cols, ep); break;
-    case 5: tile<5>(kc, a, b, rs_b, c, ldc, cols, ep); break;
-    case 4: tile<4>(kc, a, b, rs_b, c, ldc, cols, ep); break;
-    case 3: tile<3>(kc, a, b, rs_b, c, ldc, cols, ep); break;
-    case 2: tile<2>(kc, a, b, rs_b, c, ldc, cols, ep); break;
-    default: tile<1>(kc, a, b, rs_b, c, ldc, cols, ep); break;
-  }
+  static constexpr std::array<TileFn, MR> tiles = tile_table(std::make_integer_sequence<int, MR>());
+  tiles[rows >= 1 && rows <= MR ? rows - 1 : 0](kc, a, b, rs_b, c, ldc, cols, ep);
 }
-static_assert(MR == 6, "run_tile dispatches 1..6 rows");
 
 }  // namespace
 }  // namespace PT_ISA_NS

@@ -14,13 +14,16 @@ void register_core(py::module_& m) {
   m.def("_force_isa", [](const std::string& name) {
     Isa isa = Isa::generic;
     if (name == "avx2") isa = Isa::avx2;
+    else if (name == "avx512") isa = Isa::avx512;
     else if (name == "avx512vnni") isa = Isa::avx512vnni;
     else if (name != "generic")
-      throw py::value_error("name: expected 'generic', 'avx2' or 'avx512vnni', got '" + name + "'");
+      throw py::value_error("name: expected 'generic', 'avx2', 'avx512' or 'avx512vnni', got '" + name +
+                            "'");
     force_isa(isa);
     return isa_name(selected_isa());
   });
   m.def("cpu_has_avx2_fma", &cpu_has_avx2_fma);
+  m.def("cpu_has_avx512", &cpu_has_avx512);
   m.def("cpu_has_avx512_vnni", &cpu_has_avx512_vnni);
   m.def("have_openmp", &have_openmp);
   m.def("get_num_threads", &num_threads);
