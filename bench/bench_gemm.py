@@ -12,8 +12,10 @@ repeat of each) is shown too because the machine is shared and slowdowns from ot
 ever add time. On a machine shared with other busy processes, OpenMP's default spin-waiting
 makes multi-threaded calls stall whenever a team thread is descheduled; OMP_WAIT_POLICY=PASSIVE
 (recorded in the table's command) then measures the kernels rather than the scheduler.
-The FMA peak comes from a probe: one thread timing a loop of 12 independent 8-lane FMA chains
-(_C._fma_probe), best of a few runs, times the thread count.
+The FMA peak comes from a probe: one thread timing a loop of 12 independent FMA chains
+(_C._fma_probe; 16-lane FMAs at the avx512 levels, 8-lane ones below), best of a few runs, times
+the thread count. On a CPU with AVX-512 a last column compares the float GEMM's AVX-512 kernel
+(the default there) with its AVX2 one on the same calls.
 Writes the table into section `gemm` of bench/RESULTS.md.
 """
 
@@ -60,10 +62,29 @@ def timed(fns: dict, repeats: int, min_time: float) -> dict[str, tuple[float, fl
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
+def at_level(level: str, fn):
+    """fn with the kernels' ISA level switched to `level` for the call (both sides of a
+    comparison pay the same switch)."""
+    from pytransformer import _C
+
+    def call():
+        before = _C.selected_isa()
+        _C._force_isa(level)
+        try:
+            fn()
+        finally:
+            _C._force_isa(before)
+
+    return call
+
+
 def worker(threads: int, repeats: int, min_time: float) -> list[dict]:
     import pytransformer as pt
 
     pt.set_num_threads(threads)
+    level = pt.cpu_info()["isa"]
+    # On an AVX-512 CPU the float GEMM's 16-lane kernel is also timed against its AVX2 one.
+    wide = level in ("avx512", "avx512vnni")
     rng = np.random.default_rng(0)
     rows = []
     for M, N, K in SHAPES:
@@ -76,17 +97,18 @@ def worker(threads: int, repeats: int, min_time: float) -> list[dict]:
             if layout == "NT packed":
                 b, nt = pt.ops.PackedWeight(b), False
             out = np.empty((M, N), np.float32)
-            t = timed(
-                {
-                    "ours": lambda a=a, b=b, nt=nt, out=out: pt.ops.matmul(
-                        a, b, trans_b=nt, out=out
-                    ),
-                    "numpy": lambda a=a, b_np=b_np, out=out: np.matmul(a, b_np, out=out),
-                },
-                repeats,
-                min_time,
-            )
-            rows.append(dict(M=M, N=N, K=K, layout=layout, ours=t["ours"], numpy=t["numpy"]))
+
+            def ours(a=a, b=b, nt=nt, out=out):
+                pt.ops.matmul(a, b, trans_b=nt, out=out)
+
+            fns = {
+                "ours": at_level(level, ours) if wide else ours,
+                "numpy": lambda a=a, b_np=b_np, out=out: np.matmul(a, b_np, out=out),
+            }
+            if wide:
+                fns["avx2"] = at_level("avx2", ours)
+            t = timed(fns, repeats, min_time)
+            rows.append(dict(M=M, N=N, K=K, layout=layout, **t))
     return rows
 
 
@@ -103,6 +125,8 @@ def main() -> None:
         return
 
     import pytransformer as pt
+
+    wide = pt.cpu_info()["isa"] in ("avx512", "avx512vnni")
 
     table, notes = [], []
     for threads in (1, 2):
@@ -130,6 +154,8 @@ def main() -> None:
                 f"{np_best / ours_best:.2f}",
                 f"{100 * flop / ours_med / 1e9 / peak:.0f}%",
             ]
+            if wide:
+                row.append(f"{r['avx2'][0] / ours_med:.2f}")
             table.append(row)
             print(" | ".join(str(c) for c in row), flush=True)
     header = [
@@ -141,7 +167,7 @@ def main() -> None:
         "ours/numpy (median)",
         "ours/numpy (best)",
         "ours % of FMA peak",
-    ]
+    ] + (["ours / ours at avx2 (median)"] if wide else [])
     info = pt.cpu_info()
     body = "\n".join(
         [
@@ -151,7 +177,9 @@ def main() -> None:
             f"{info['cores']} cores; numpy {np.__version__}. " + "; ".join(notes) + ".",
             "NN: b stored (K, N); NT: b stored (N, K) with trans_b=True (numpy: `a @ b.T`); "
             "NT packed (M <= 32): the same b packed once by ops.PackedWeight, as decoding uses "
-            "it. GFLOP/s = 2MNK / median time; ratios > 1 mean ours is faster.",
+            "it. GFLOP/s = 2MNK / median time; ratios > 1 mean ours is faster."
+            + (" The last column times the same calls with the float GEMM's AVX2 kernel "
+               "(PYTRANSFORMER_ISA=avx2), interleaved with the others." if wide else ""),
             "",
             markdown_table(header, table),
         ]

@@ -444,3 +444,30 @@ def test_out_must_be_writable_and_separate():
     big = np.ones((8, 4), F)
     with pytest.raises(ValueError, match="out: must not share memory"):
         matmul(big[:4], b, out=big[2:6])
+
+
+@pytest.mark.skipif(not _C.cpu_has_avx512(), reason="the CPU has no AVX-512 F/VL/BW/DQ")
+def test_avx512_training_and_decoding_give_the_avx2_bits():
+    """A training step (forward, loss, backward: every GEMM layout the model uses) and a beam
+    search give the same bits at both levels, so training reproduces across machines."""
+    from model_cases import random_batch, small_config
+
+    cfg = small_config(vocab=61, d_model=48, layers=2, num_heads=4, d_ff=80, dropout=0.1)
+    batch = random_batch(cfg, np.random.default_rng(0), B=37, S=13, T=11)
+
+    def run():
+        model = pt.Transformer(cfg, seed=3)
+        model.train()
+        loss, _ = model.loss_and_grad(batch, label_smoothing=0.1, dropout_seed=7)
+        grads = {k: g.copy() for k, g in model.gradients().items()}
+        model.eval()
+        hyps = model.translate(batch.src[:5].tolist(), beam_size=3, max_decoding_length=9)
+        return loss, grads, hyps
+
+    loss_w, grads_w, hyps_w = _under("avx512", run)
+    loss_n, grads_n, hyps_n = _under("avx2", run)
+    assert loss_w == loss_n
+    assert grads_w.keys() == grads_n.keys()
+    for k in grads_w:
+        np.testing.assert_array_equal(grads_w[k].view(np.uint32), grads_n[k].view(np.uint32), k)
+    assert hyps_w == hyps_n

@@ -27,11 +27,12 @@ static_assert(NR == 2 * Vec::width, "the micro-kernel holds a C row in two 8-lan
 // The block's product is summed from zero and added to C at the end, so the FMAs never wait for
 // C's cache lines (prefetched at the start). Every ISA sums each element with one FMA per k, in k
 // order, so they all give the same bits.
+
 #if defined(PT_ISA_AVX512)
-// A C row is one 16-lane register, so MR = 12 rows fill 12 of the 32 registers and each k step
-// loads one B vector for 12 FMAs (the AVX2 kernel loads two for 12 half-width ones).
+// ukernel16 holds a C row in one 16-lane register, so MR = 12 rows fill 12 of the 32 registers
+// and each k step loads one B vector for 12 FMAs (ukernel8 loads two for 12 half-width ones).
 template <int R>
-void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
+void ukernel16(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
              const Epilogue& ep) {
   __m512 acc[R];
 #pragma GCC unroll 12
@@ -67,10 +68,12 @@ void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c,
     }
   }
 }
-#else
+#endif
+
+// ukernel8 holds a C row in two 8-lane vectors (AVX2, and the generic build's arrays).
 template <int R>
-void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
-             const Epilogue& ep) {
+void ukernel8(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
+              const Epilogue& ep) {
   Vec lo[R], hi[R];
 #pragma GCC unroll 6
   for (int i = 0; i < R; ++i) lo[i] = hi[i] = Vec::zero();
@@ -109,7 +112,20 @@ void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c,
     activate(x1, ep.act).store(c + i * ldc + 8);
   }
 }
+
+// Below four rows one 16-lane chain a row leaves too few FMAs in flight to hide their latency
+// (two pipes x four cycles want eight), so those tiles keep two 8-lane chains a row.
+template <int R>
+void ukernel(index_t kc, const float* a, const float* b, index_t rs_b, float* c, index_t ldc,
+             const Epilogue& ep) {
+#if defined(PT_ISA_AVX512)
+  if constexpr (R >= 4) {
+    ukernel16<R>(kc, a, b, rs_b, c, ldc, ep);
+    return;
+  }
 #endif
+  ukernel8<R>(kc, a, b, rs_b, c, ldc, ep);
+}
 
 // A tile of `rows` x `cols` (rows <= MR, cols <= NR) of C. Narrow tiles go through a 16-wide
 // scratch tile so the micro-kernel never touches C (or bias) past column `cols`; B must still be
