@@ -28,33 +28,35 @@ inline constexpr index_t kDotM = 16;
 // Seconds the selected ISA takes for fma_probe(iters) (single thread): the bench's peak probe.
 double fma_probe_seconds(index_t iters);
 
+// The entry points of each kernel set (namespaces generic, avx2, avx512):
+//   gemm_2d            one 2-D product (args.batch is ignored; the caller loops over batch
+//                      items). K >= 0, M, N > 0.
+//   fma_probe          peak-rate probe for the benchmark: 12 independent FMA chains, iters
+//                      rounds of 192 flops.
+//   gemm_2d_prepacked  gemm_2d with args.b a pack_weight buffer (b strides unused).
+//   pack_weight        see pt::pack_weight.
+#define PT_GEMM_ENTRY_POINTS                    \
+  void gemm_2d(const GemmArgs& args);           \
+  float fma_probe(index_t iters);               \
+  void gemm_2d_prepacked(const GemmArgs& args); \
+  void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
+
 namespace generic {
-// One 2-D product (args.batch is ignored; the caller loops over batch items). K >= 0, M, N > 0.
-void gemm_2d(const GemmArgs& args);
-// Peak-rate probe for the benchmark: iters x 12 independent 8-lane FMAs (192 flops each round).
-float fma_probe(index_t iters);
-// gemm_2d with args.b a pack_weight buffer (b strides unused).
-void gemm_2d_prepacked(const GemmArgs& args);
-// See pt::pack_weight.
-void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
+PT_GEMM_ENTRY_POINTS
 }  // namespace generic
 
 #if defined(PT_HAVE_AVX2) || defined(PT_ISA_AVX2)
 namespace avx2 {
-void gemm_2d(const GemmArgs& args);
-float fma_probe(index_t iters);
-void gemm_2d_prepacked(const GemmArgs& args);
-void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
+PT_GEMM_ENTRY_POINTS
 }  // namespace avx2
 #endif
 
 #if defined(PT_HAVE_AVX512) || defined(PT_ISA_AVX512)
 namespace avx512 {  // AVX-512 F/VL/BW/DQ: the 12 x 16 micro-kernel, the same bits as avx2
-void gemm_2d(const GemmArgs& args);
-float fma_probe(index_t iters);
-void gemm_2d_prepacked(const GemmArgs& args);
-void pack_weight(float* dst, const float* w, index_t ldw, index_t N, index_t K);
+PT_GEMM_ENTRY_POINTS
 }  // namespace avx512
 #endif
+
+#undef PT_GEMM_ENTRY_POINTS
 
 }  // namespace pt
