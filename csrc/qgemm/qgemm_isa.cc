@@ -103,6 +103,45 @@ PT_QTILE void tile_panels(const Act* a, index_t lda, const std::int8_t* b, index
   }
 }
 
+// acc += vpdpbusd on 512-bit registers.
+PT_QTILE void dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+}
+
+// tile_panels<R, 1> with a row's 16 columns in one 512-bit register: one vpdpbusd a row and quad
+// instead of two. The register holds the two 256-bit halves' column groups as 0-3, 8-11, 4-7,
+// 12-15; the store puts them back in order. Same integer sums, so the same int32 results.
+template <int R>
+PT_QTILE void tile_panel_zmm(const Act* a, index_t lda, const std::int8_t* b, index_t pairs,
+                             const std::int32_t* a_sum, std::int32_t* out) {
+  __m512i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  const auto step = [&](index_t qd, bool full) PT_QTILE_LAMBDA {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    const std::int8_t* bp = b + 64 * qd;
+    const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+    const __m256i p1 = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32)) : _mm256_setzero_si256();
+    const __m256i lo = _mm256_xor_si256(_mm256_unpacklo_epi16(p0, p1), flip);
+    const __m256i hi = _mm256_xor_si256(_mm256_unpackhi_epi16(p0, p1), flip);
+    // (maskz forms: the plain ones' undefined sources trip GCC 12's -Wmaybe-uninitialized)
+    const __m512i w = _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(lo), hi, 1);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      std::int32_t quad;
+      std::memcpy(&quad, a + r * lda + 4 * qd, sizeof quad);
+      dpbusd(acc[r], w, _mm512_set1_epi32(quad));
+    }
+  };
+  const index_t quads = pairs / 2;
+  for (index_t qd = 0; qd < quads; ++qd) step(qd, true);
+  if (pairs & 1) step(quads, false);  // as in tile_panels
+  for (int r = 0; r < R; ++r) {
+    const __m512i x = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(a_sum[r]));
+    // 128-bit groups 0, 2, 1, 3: columns 0-3, 4-7, 8-11, 12-15.
+    _mm512_storeu_si512(out + r * NR, _mm512_maskz_shuffle_i64x2(0xFF, x, x, 0xD8));
+  }
+}
+
 #elif defined(PT_ISA_AVX2)
 
 // R rows x P adjacent panels (16 P columns; panel i at b + i * panel_bytes): out is R x 16 P int32.
@@ -156,6 +195,13 @@ PT_QTILE void tile_panels(const Act* a, index_t lda, const std::int8_t* b, index
 template <int R>
 PT_QTILE void tile(const Act* a, index_t lda, const std::int8_t* b, index_t pairs, const std::int32_t* a_sum,
                    std::int32_t* out) {
+#if defined(PT_ISA_VNNI)
+  // Below four rows, one 512-bit chain a row leaves too few vpdpbusd in flight.
+  if constexpr (R >= 4) {
+    tile_panel_zmm<R>(a, lda, b, pairs, a_sum, out);
+    return;
+  }
+#endif
   tile_panels<R, 1>(a, lda, b, 0, pairs, a_sum, out);
 }
 
