@@ -67,14 +67,6 @@ Isa selected_isa() { return isa_setting().load(std::memory_order_relaxed); }
 
 void force_isa(Isa isa) { isa_setting().store(supported(isa), std::memory_order_relaxed); }
 
-bool float_gemm_avx512() {
-#if defined(PT_HAVE_AVX512)
-  return selected_isa() >= Isa::avx512;
-#else
-  return false;
-#endif
-}
-
 const char* isa_name(Isa isa) {
   if (isa == Isa::avx512vnni) return "avx512vnni";
   if (isa == Isa::avx512) return "avx512";

@@ -22,9 +22,6 @@ bool cpu_has_avx2_fma();
 bool cpu_has_avx512();
 // cpu_has_avx512() and VNNI.
 bool cpu_has_avx512_vnni();
-// Whether the float GEMM runs its AVX-512 micro-kernel: the selected level is avx512 or above and
-// the build has that kernel.
-bool float_gemm_avx512();
 
 }  // namespace pt
 

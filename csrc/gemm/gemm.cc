@@ -11,9 +11,10 @@ namespace pt {
 
 namespace {
 
-// PT_DISPATCH, plus the float GEMM's AVX-512 level.
+// PT_DISPATCH, plus the float GEMM's AVX-512 kernel for the avx512 level and above.
 #if defined(PT_HAVE_AVX512)
-#define GEMM_DISPATCH(sym) (float_gemm_avx512() ? ::pt::avx512::sym : PT_DISPATCH(sym))
+#define GEMM_DISPATCH(sym) \
+  (::pt::selected_isa() >= ::pt::Isa::avx512 ? ::pt::avx512::sym : PT_DISPATCH(sym))
 #else
 #define GEMM_DISPATCH(sym) PT_DISPATCH(sym)
 #endif

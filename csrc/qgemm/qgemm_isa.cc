@@ -57,6 +57,16 @@ PT_QTILE void dpbusd(__m256i& acc, __m256i u8, __m256i s8) {
   __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
 }
 
+// One quad (two k-pair rows, 64 bytes at bp; the second zero unless `full`) of a weight panel as
+// vpdpbusd's unsigned operand (w + 128): lo holds columns 0-3 and 8-11, hi 4-7 and 12-15.
+PT_QTILE void weight_quad(const std::int8_t* bp, bool full, __m256i& lo, __m256i& hi) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
+  const __m256i p1 = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32)) : _mm256_setzero_si256();
+  lo = _mm256_xor_si256(_mm256_unpacklo_epi16(p0, p1), flip);
+  hi = _mm256_xor_si256(_mm256_unpackhi_epi16(p0, p1), flip);
+}
+
 // R rows x P adjacent panels (16 P columns; panel i at b + i * panel_bytes): out is R x 16 P int32.
 // Two k-pair rows of a panel, interleaved by 16-bit units (vpunpck{l,h}wd), hold four consecutive
 // k per column, as vpdpbusd wants them: the low half gives columns 0-3 and 8-11, the high half
@@ -69,15 +79,8 @@ PT_QTILE void tile_panels(const Act* a, index_t lda, const std::int8_t* b, index
     for (int v = 0; v < 2 * P; ++v) acc[r][v] = _mm256_setzero_si256();
   // Quad qd = pairs 2 qd and 2 qd + 1 (k = 4 qd .. 4 qd + 3).
   const auto step = [&](index_t qd, bool full) PT_QTILE_LAMBDA {
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
     __m256i w[2 * P];
-    for (int i = 0; i < P; ++i) {
-      const std::int8_t* bp = b + i * panel_bytes + 64 * qd;
-      const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
-      const __m256i p1 = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32)) : _mm256_setzero_si256();
-      w[2 * i] = _mm256_xor_si256(_mm256_unpacklo_epi16(p0, p1), flip);
-      w[2 * i + 1] = _mm256_xor_si256(_mm256_unpackhi_epi16(p0, p1), flip);
-    }
+    for (int i = 0; i < P; ++i) weight_quad(b + i * panel_bytes + 64 * qd, full, w[2 * i], w[2 * i + 1]);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       std::int32_t quad;
@@ -117,12 +120,8 @@ PT_QTILE void tile_panel_zmm(const Act* a, index_t lda, const std::int8_t* b, in
   __m512i acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
   const auto step = [&](index_t qd, bool full) PT_QTILE_LAMBDA {
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    const std::int8_t* bp = b + 64 * qd;
-    const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp));
-    const __m256i p1 = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + 32)) : _mm256_setzero_si256();
-    const __m256i lo = _mm256_xor_si256(_mm256_unpacklo_epi16(p0, p1), flip);
-    const __m256i hi = _mm256_xor_si256(_mm256_unpackhi_epi16(p0, p1), flip);
+    __m256i lo, hi;
+    weight_quad(b + 64 * qd, full, lo, hi);
     // (maskz forms: the plain ones' undefined sources trip GCC 12's -Wmaybe-uninitialized)
     const __m512i w = _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(lo), hi, 1);
 #pragma GCC unroll 16
