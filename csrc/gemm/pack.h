@@ -76,11 +76,34 @@ inline void pack_a_x8(float* d, const float* s, index_t ld) {
 }
 #endif
 
+// pack_a of a transposed A (element (i, k) at a[k * ld + i]: a weight gradient's dy^T). Each k
+// is mc contiguous values, so A is read row by row, front to back, and each row is dealt out to
+// the panels; read panel by panel instead, every k would be a new cache line for every panel.
+[[maybe_unused]] void pack_a_transposed(float* dst, const float* a, index_t ld, index_t mc,
+                                        index_t kc) {
+  const index_t full = mc / MR, rows = mc - full * MR;
+  for (index_t k = 0; k < kc; ++k) {
+    const float* src = a + k * ld;
+    if (k + 8 < kc)
+      for (index_t j = 0; j < mc; j += 16) __builtin_prefetch(src + 8 * ld + j, 0, 3);
+    for (index_t q = 0; q < full; ++q)
+      __builtin_memcpy(dst + q * MR * kc + k * MR, src + q * MR, MR * sizeof(float));
+    if (rows > 0) {  // the ragged last panel, zero-padded
+      float* d = dst + full * MR * kc + k * MR;
+      for (int i = 0; i < MR; ++i) d[i] = i < rows ? src[full * MR + i] : 0.0f;
+    }
+  }
+}
+
 // Packing. pack_a: mc x kc of op(A) (element (i, k) at a[i * rs + k * cs]) into ceil(mc / MR)
 // panels of MR x kc, panel p at dst + p * MR * kc, element (i, k) at [k * MR + i]; rows past mc
 // are zero.
 [[maybe_unused]] void pack_a(float* dst, const float* a, index_t rs, index_t cs, index_t mc,
                              index_t kc) {
+  if (rs == 1 && cs != 1) {
+    pack_a_transposed(dst, a, cs, mc, kc);
+    return;
+  }
   for (index_t p = 0; p < mc; p += MR, dst += MR * kc) {
     const index_t rows = mc - p < MR ? mc - p : MR;
     const float* src = a + p * rs;
@@ -92,9 +115,6 @@ inline void pack_a_x8(float* d, const float* s, index_t ld) {
       for (; k < kc; ++k)
 #pragma GCC unroll 12
         for (int i = 0; i < MR; ++i) dst[k * MR + i] = src[i * rs + k];
-    } else if (rows == MR && rs == 1) {  // transposed A: MR contiguous values per k
-      for (index_t k = 0; k < kc; ++k)
-        for (int i = 0; i < MR; ++i) dst[k * MR + i] = src[k * cs + i];
     } else {
       for (index_t k = 0; k < kc; ++k)
         for (index_t i = 0; i < MR; ++i) dst[k * MR + i] = i < rows ? src[i * rs + k * cs] : 0.0f;
