@@ -3,7 +3,9 @@
 Usage: [OMP_WAIT_POLICY=PASSIVE] PYTHONPATH=$PWD python bench/bench_gemm.py [--quick]
 
 Layout "NT packed" (M <= 32 only): the (N, K) weight packed once with ops.PackedWeight, as the
-decoders use it; numpy multiplies by the same weight transposed.
+decoders use it; numpy multiplies by the same weight transposed. Layout "TN" (the weight-gradient
+shapes of the demo's training, dW = dy^T x with K = 2,900 tokens): a stored (K, M) with
+trans_a=True; numpy computes `a.T @ b`.
 
 Each thread count runs in its own subprocess with OPENBLAS_NUM_THREADS set, so numpy and our
 kernels get the same number of threads. In a worker, ours and numpy's calls alternate (one batch of
@@ -45,6 +47,16 @@ SHAPES = [
     (2048, 2048, 512),
     (2048, 512, 2048),
 ]
+# Weight gradients: a small C and a long K (tokens), which ours splits along K between threads.
+GRAD_SHAPES = [(128, 128, 2900), (128, 512, 2900), (512, 128, 2900)]
+
+
+def cases() -> list[tuple[int, int, int, str]]:
+    rows = []
+    for M, N, K in SHAPES:
+        for layout in ("NN", "NT", "NT packed") if M <= 32 else ("NN", "NT"):
+            rows.append((M, N, K, layout))
+    return rows + [(M, N, K, "TN") for M, N, K in GRAD_SHAPES]
 
 
 def fma_peak_per_thread() -> float:
@@ -87,28 +99,26 @@ def worker(threads: int, repeats: int, min_time: float) -> list[dict]:
     wide = level in ("avx512", "avx512vnni")
     rng = np.random.default_rng(0)
     rows = []
-    for M, N, K in SHAPES:
-        a = rng.standard_normal((M, K)).astype(np.float32)
-        # "NT packed": the weight packed once (ops.PackedWeight), as decoding uses it.
-        for layout in ("NN", "NT", "NT packed") if M <= 32 else ("NN", "NT"):
-            nt = layout != "NN"
-            b = rng.standard_normal((N, K) if nt else (K, N)).astype(np.float32)
-            b_np = b.T if nt else b
-            if layout == "NT packed":
-                b, nt = pt.ops.PackedWeight(b), False
-            out = np.empty((M, N), np.float32)
+    for M, N, K, layout in cases():
+        ta, nt = layout == "TN", layout in ("NT", "NT packed")
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if nt else (K, N)).astype(np.float32)
+        a_np, b_np = (a.T if ta else a), (b.T if nt else b)
+        if layout == "NT packed":  # the weight packed once, as decoding uses it
+            b, nt = pt.ops.PackedWeight(b), False
+        out = np.empty((M, N), np.float32)
 
-            def ours(a=a, b=b, nt=nt, out=out):
-                pt.ops.matmul(a, b, trans_b=nt, out=out)
+        def ours(a=a, b=b, ta=ta, nt=nt, out=out):
+            pt.ops.matmul(a, b, trans_a=ta, trans_b=nt, out=out)
 
-            fns = {
-                "ours": at_level(level, ours) if wide else ours,
-                "numpy": lambda a=a, b_np=b_np, out=out: np.matmul(a, b_np, out=out),
-            }
-            if wide:
-                fns["avx2"] = at_level("avx2", ours)
-            t = timed(fns, repeats, min_time)
-            rows.append(dict(M=M, N=N, K=K, layout=layout, **t))
+        fns = {
+            "ours": at_level(level, ours) if wide else ours,
+            "numpy": lambda a_np=a_np, b_np=b_np, out=out: np.matmul(a_np, b_np, out=out),
+        }
+        if wide:
+            fns["avx2"] = at_level("avx2", ours)
+        t = timed(fns, repeats, min_time)
+        rows.append(dict(M=M, N=N, K=K, layout=layout, **t))
     return rows
 
 

@@ -225,6 +225,7 @@ THREAD_CASES = [
     (8, 900, 600, True),  # small M, dot products against B^T
     (300, 200, 600, False),  # packed path, rows split between threads
     (40, 3000, 300, True),  # packed path, columns split between threads
+    (130, 200, 2900, False),  # packed path, K split between threads (a small C, a long K)
 ]
 
 
@@ -240,6 +241,38 @@ def test_bit_identical_across_thread_counts(isa, threads, rng, M, N, K, trans_b)
         np.testing.assert_array_equal(c.view(np.uint32), results[0].view(np.uint32))
     r, tol = reference(a, b, False, trans_b, bias, "gelu")
     assert_close(results[0], r, tol)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=30)
+@given(
+    M=st.sampled_from([33, 47, 130, 145, 300, 512]),
+    N=st.sampled_from([1, 15, 17, 130, 512]),
+    K=st.sampled_from([1024, 1025, 1300, 2900, 4097]),
+    mode=st.sampled_from(["accumulate", "bias", "relu", "gelu"]),
+    nthreads=st.sampled_from([2, 3, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_k_split_weight_gradients(isa, threads, M, N, K, mode, nthreads, seed):
+    """A small C with a long K (a weight gradient, dW = dy^T x with K = tokens) is split along K
+    between threads, each slice's sums added to C in slice order afterwards: the same bits as one
+    thread, and the float64 product."""
+    rng = np.random.default_rng(seed)
+    a, b = operands(rng, M, N, K, True, False)
+    bias = rand(rng, N) if mode != "accumulate" else None
+    start = rand(rng, (M, N))
+    act = mode if mode in ("relu", "gelu") else None
+
+    def product():
+        out = start.copy()
+        return matmul(a, b, trans_a=True, bias=bias, activation=act, out=out,
+                      accumulate=mode == "accumulate")
+
+    threads(1)
+    one = product()
+    threads(nthreads)
+    np.testing.assert_array_equal(product().view(np.uint32), one.view(np.uint32))
+    r, tol = reference(a, b, True, False, bias, act, start if mode == "accumulate" else None)
+    assert_close(one, r, tol)
 
 
 def _under(level, fn):

@@ -10,7 +10,14 @@
 //
 // Partial sums go to C in K-block order and each C tile belongs to one thread, so the bits of C
 // do not depend on the thread count.
+//
+// gemm_blocked_ksplit, for a small C and a long K (weight gradients: dW = dy^T x, K = tokens),
+// splits K instead: each thread packs and multiplies its own run of KC slices over the whole of
+// C, the first thread's straight into C and the others' into one buffer per slice, which are
+// added to C in slice order afterwards. Each slice's sums are the same FMAs from zero as above and
+// C takes them in the same order, so the bits are those of gemm_blocked at any thread count.
 #include "core/threading.h"
+#include "core/vec.h"
 #include "gemm/blocking.h"
 #include "gemm/gemm_paths.h"
 #include "gemm/pack.h"
@@ -79,6 +86,80 @@ void gemm_blocked(const GemmArgs& p, int nt) {
         team_barrier(team);  // B's buffer is repacked next
       }
     }
+  });
+}
+
+namespace {
+
+// One K slice [pc, pc + kc) of the whole product on one thread, into out (row stride ldo):
+// out = act((load_c ? out : 0) + A[:, slice] @ B[slice, :] + bias).
+void slice_product(const GemmArgs& p, index_t pc, index_t kc, float* out, index_t ldo,
+                   const Epilogue& ep, float* bbuf, float* abuf) {
+  for (index_t jc = 0; jc < p.N; jc += kNC) {
+    const index_t nc = min_i(kNC, p.N - jc), panels = (nc + NR - 1) / NR;
+    pack_b(bbuf, p.b + pc * p.b_rs + jc * p.b_cs, p.b_rs, p.b_cs, kc, nc);
+    for (index_t ic = 0; ic < p.M; ic += kMC) {
+      const index_t mc = min_i(kMC, p.M - ic);
+      pack_a(abuf, p.a + ic * p.a_rs + pc * p.a_cs, p.a_rs, p.a_cs, mc, kc);
+      for (index_t q = 0; q < panels; ++q) {
+        Epilogue e = ep;
+        if (ep.bias) e.bias = ep.bias + jc + q * NR;
+        const int cols = static_cast<int>(min_i(NR, nc - q * NR));
+        for (index_t ir = 0; ir < mc; ir += MR)
+          run_tile(static_cast<int>(min_i(MR, mc - ir)), kc, abuf + ir * kc, bbuf + q * kc * NR, NR,
+                   out + (ic + ir) * ldo + jc + q * NR, ldo, cols, e);
+      }
+    }
+  }
+}
+
+// Rows [r0, r1) of C take the buffered slices in order: C = C + P_s, and on the last one the
+// bias and activation, the micro-kernel's write-back done element by element.
+void add_slices(const GemmArgs& p, const float* bufs, index_t count, index_t r0, index_t r1) {
+  const index_t size = p.M * p.N;
+  for (index_t m = r0; m < r1; ++m) {
+    float* row = p.c + m * p.ldc;
+    for (index_t n = 0; n < p.N; n += Vec::width) {
+      const int w = p.N - n < Vec::width ? static_cast<int>(p.N - n) : Vec::width;
+      Vec x = Vec::load(row + n, w);
+      for (index_t s = 0; s < count; ++s) x = x + Vec::load(bufs + s * size + m * p.N + n, w);
+      if (p.bias) x = x + Vec::load(p.bias + n, w);
+      activate(x, p.act).store(row + n, w);
+    }
+  }
+}
+
+}  // namespace
+
+bool ksplit_worth(const GemmArgs& p, int nt) {
+  const index_t slices = (p.K + kKC - 1) / kKC;
+  const index_t buffered = slices - slices / (nt > 1 ? nt : 1);
+  return nt > 1 && slices >= 2 * nt && p.M * p.N <= kKSplitMaxC &&
+         buffered * p.M * p.N <= kKSplitMaxBuffer;
+}
+
+void gemm_blocked_ksplit(const GemmArgs& p, int nt) {
+  const index_t M = p.M, N = p.N, K = p.K, slices = (K + kKC - 1) / kKC;
+  const index_t b_size = kKC * min_i(round_up(N, NR), kNC), a_size = kMC * kKC;
+  float* buf = thread_scratch(static_cast<size_t>(nt * (b_size + a_size) +
+                                                  (slices - slices / nt) * M * N));
+  run_team(nt, [&](int t, int team) {
+    const index_t first_buffered = slices / team;  // thread 0 takes [0, slices / team)
+    float* bufs = buf + nt * (b_size + a_size);
+    float* bbuf = buf + t * (b_size + a_size);
+    for (index_t s = slices * t / team; s < slices * (t + 1) / team; ++s) {
+      const index_t pc = s * kKC, kc = min_i(kKC, K - pc);
+      Epilogue ep;
+      if (t == 0) {
+        ep.load_c = p.accumulate || pc > 0;
+        if (pc + kc == K) ep.bias = p.bias, ep.act = p.act;
+      }
+      float* out = t == 0 ? p.c : bufs + (s - first_buffered) * M * N;
+      slice_product(p, pc, kc, out, t == 0 ? p.ldc : N, ep, bbuf, bbuf + b_size);
+    }
+    if (team == 1) return;
+    team_barrier(team);
+    add_slices(p, bufs, slices - first_buffered, M * t / team, M * (t + 1) / team);
   });
 }
 

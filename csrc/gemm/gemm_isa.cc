@@ -34,6 +34,8 @@ void gemm_2d(const GemmArgs& p) {
     gemm_detail::gemm_small_m_blocked(p, nt);
   } else if (p.M <= kSmallM && p.b_rs == 1) {
     gemm_detail::gemm_small_m_transposed_b(p, nt);
+  } else if (gemm_detail::ksplit_worth(p, nt)) {
+    gemm_detail::gemm_blocked_ksplit(p, nt);
   } else {
     gemm_detail::gemm_blocked(p, nt);
   }

@@ -17,6 +17,10 @@ inline constexpr index_t kNR = 16;
 inline constexpr index_t kKC = 256;
 inline constexpr index_t kMC = 144;
 inline constexpr index_t kNC = 4080;
+// The K-split path (gemm_blocked_isa.cc) for products whose C has at most kKSplitMaxC elements,
+// while its per-slice buffers stay within kKSplitMaxBuffer floats (16 MB).
+inline constexpr index_t kKSplitMaxC = 512 * 512;
+inline constexpr index_t kKSplitMaxBuffer = index_t{4} << 20;
 // Products with at most kSmallM rows (decoding: batch x beam) take the small-M paths in
 // gemm_small_isa.cc, which pack A once and B a block at a time: up to kTinyM rows a GEMV-like
 // sweep reads a row-major B once, in address order; up to kDotM rows a B stored transposed (N, K)

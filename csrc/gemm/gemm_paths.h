@@ -11,6 +11,9 @@ namespace gemm_detail {
 
 // gemm_blocked_isa.cc: the general path, both operands packed (BLIS blocking).
 void gemm_blocked(const GemmArgs& p, int nt);
+// The same product split along K (a small C, a long K); same bits. ksplit_worth says when.
+bool ksplit_worth(const GemmArgs& p, int nt);
+void gemm_blocked_ksplit(const GemmArgs& p, int nt);
 
 // gemm_small_isa.cc, for M <= kSmallM:
 // A packed once, B packed a KC x 64 block at a time (row-major B, or B^T with M > kDotM).
