@@ -245,6 +245,27 @@ def test_loss_and_grad_accumulates_and_counts_tokens():
     np.testing.assert_allclose(m.grad_buffer, 2 * g1, rtol=1e-5, atol=1e-6 * np.abs(g1).max())
 
 
+def test_logits_buffer_kept_across_steps_leaves_no_trace():
+    """The logits buffer a model keeps between training steps: a step after a larger and a
+    smaller batch gives the bits of the same step on a fresh model, and eval() frees it."""
+    cfg = tiny_config()
+    rng = np.random.default_rng(3)
+    big, small = random_batch(cfg, rng, B=6), random_batch(cfg, rng, B=2)
+    fresh = pt.Transformer(cfg, seed=0)
+    loss, _ = fresh.loss_and_grad(small)
+    used = pt.Transformer(cfg, seed=0)
+    used.loss_and_grad(big)
+    used.loss_and_grad(small)
+    used.zero_grad()
+    assert used.loss_and_grad(small)[0] == loss
+    np.testing.assert_array_equal(used.grad_buffer, fresh.grad_buffer)
+    assert used._logits_buffer._data.size >= small.n_tokens * cfg.tgt_vocab_size
+    used.eval()
+    assert used._logits_buffer._data.size == 0
+    used.train()
+    assert used.loss_and_grad(small)[0] == loss
+
+
 def test_evaluate_loss_is_plain_cross_entropy_of_forward_logits():
     cfg = tiny_config(dropout=0.3)
     m = pt.Transformer(cfg, seed=0)

@@ -134,15 +134,21 @@ def project(
     quantized: ops.QuantizedWeight | None = None,
     packed: ops.PackedWeight | None = None,
     activation: str | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """x (..., in) @ weight (out, in).T + bias by the kernel a `Linear` takes: the int8 product
     when quantized is given, the packed copy when given and x has PACKED_MIN_ROWS rows or more
-    (below that the plain small-M paths are faster), else the plain product."""
+    (below that the plain small-M paths are faster), else the plain product. Written into `out`
+    when given (C-contiguous, the result's shape)."""
     if quantized is not None:
-        return ops.qlinear(x, quantized, bias=bias, activation=activation)
+        y = ops.qlinear(x, quantized, bias=bias, activation=activation)
+        if out is None:
+            return y
+        out[...] = y
+        return out
     if packed is not None and x.size >= PACKED_MIN_ROWS * x.shape[-1]:
-        return ops.matmul(x, packed, bias=bias, activation=activation)
-    return ops.matmul(x, weight, trans_b=True, bias=bias, activation=activation)
+        return ops.matmul(x, packed, bias=bias, activation=activation, out=out)
+    return ops.matmul(x, weight, trans_b=True, bias=bias, activation=activation, out=out)
 
 
 @contextlib.contextmanager
@@ -178,12 +184,16 @@ class Linear:
         # Set by models.quantize for int8 inference: forward then runs the int8 product.
         self.quantized: ops.QuantizedWeight | None = None
 
-    def forward(self, x: np.ndarray, activation: str | None = None) -> np.ndarray:
-        """x (..., in) -> (..., out); activation "relu"/"gelu" is fused into the GEMM epilogue."""
+    def forward(
+        self, x: np.ndarray, activation: str | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """x (..., in) -> (..., out); activation "relu"/"gelu" is fused into the GEMM epilogue.
+        With `out` (C-contiguous, the result's shape) the result is written there."""
         b = self.bias.data if self.bias is not None else None
         packed = getattr(_packed, "weights", None)
         return project(x, self.weight.data, b, quantized=self.quantized,
-                       packed=packed.get(id(self)) if packed else None, activation=activation)
+                       packed=packed.get(id(self)) if packed else None, activation=activation,
+                       out=out)
 
     def pack(self) -> ops.PackedWeight:
         """The weight packed for `packed_weights` (a snapshot: it does not follow later updates);
