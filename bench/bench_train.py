@@ -10,6 +10,11 @@ row ``small/real`` is added: the small model with DATA's vocabularies on the fir
 ``ShardBatcher`` draws from DATA's training split (4,096 tokens of padded cost each: a few
 hundred short sentences), the batches the trainer sees on a real corpus.
 
+Both workers first set glibc's allocator as ``pytransformer train`` does
+(``train.allocator.reuse_freed_memory``: a step reuses the memory the previous one freed instead
+of mapping and faulting it in afresh); the setting is process-wide and applies to torch's CPU
+allocator as much as to numpy's.
+
 Each system runs in its own worker process (so its peak RSS is its own); the parent alternates
 timed rounds between the two workers (interleaved, so machine noise hits both alike) and reports
 medians. Usage::
@@ -183,6 +188,9 @@ def worker(system: str, fields: dict, threads: int, weights: str, batches_path: 
     """Line protocol on stdin/stdout: prints a JSON "ready" line, then answers "run N" with the
     seconds per step of N steps, and "quit" with the peak RSS."""
     import_base = current_rss_mb()
+    from pytransformer.train.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as `pytransformer train` runs; glibc-wide, so torch's too
     make = ours_stepper if system == "ours" else torch_stepper
     step, base = make(fields, threads, weights, batches_path)
     first_loss, _ = step(0)  # warm-up: allocations, thread pools, caches
@@ -350,7 +358,8 @@ def main() -> None:
         "Peak RSS = the process's ru_maxrss (torch's includes ~220 MB of library after import); "
         "'above imports' = peak minus RSS after importing the library."
         + (" small/real: the small model on the first four batches of DATA's training split "
-           f"({args.data}; 4,096 tokens of padded cost each)." if args.data else ""),
+           "(DATA: a `pytransformer preprocess` directory; 4,096 tokens of padded cost each)."
+           if args.data else ""),
         "",
         table,
     ])  # fmt: skip
