@@ -132,6 +132,9 @@ void add_slices(const GemmArgs& p, const float* bufs, index_t count, index_t r0,
 }  // namespace
 
 bool ksplit_worth(const GemmArgs& p, int nt) {
+#if defined(_OPENMP)
+  if (omp_in_parallel()) return false;  // a team of one (run_team): no split, no buffers
+#endif
   const index_t slices = (p.K + kKC - 1) / kKC;
   const index_t buffered = slices - slices / (nt > 1 ? nt : 1);
   return nt > 1 && slices >= 2 * nt && p.M * p.N <= kKSplitMaxC &&
