@@ -90,6 +90,41 @@ def check_case(rng, B, Lq, Lk, H, D, *, key_lengths=None, causal=False, query_of
 # ---------------------------------------------------------------------------- forward/backward
 
 
+@settings(FIXTURE_OK, max_examples=25)
+@given(
+    B=st.integers(8, 24),
+    H=st.integers(1, 4),
+    Lq=st.integers(9, 64),
+    Lk=st.integers(1, 64),
+    causal=st.booleans(),
+    layout=st.sampled_from(["contiguous", "fused_qkv", "fused_kv", "transposed"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_task_a_sentence(isa, threads, B, H, Lq, Lk, causal, layout, seed):
+    """Training batches of many short sentences run a whole sentence's heads in one task: the
+    float64 reference holds, and every sentence gets the bits it gets alone (a task a head)."""
+    threads(2)
+    rng = np.random.default_rng(seed)
+    if layout == "fused_qkv":
+        Lk = Lq
+    lengths = rng.integers(1, Lk + 1, size=B)
+    check_case(rng, B, Lq, Lk, H, 32, key_lengths=lengths, causal=causal, layout=layout)
+    q, k, v = make_qkv(rng, B, Lq, Lk, H, 32, layout)
+    kw = dict(causal=causal)
+    out, lse = ops.attention(q, k, v, key_lengths=lengths, return_lse=True, **kw)
+    dout = randn(rng, *out.shape)
+    grads = ops.attention_backward(dout, q, k, v, out, lse, key_lengths=lengths, **kw)
+    for b in (0, B - 1):
+        one = slice(b, b + 1)
+        o1, l1 = ops.attention(q[one], k[one], v[one], key_lengths=lengths[one], return_lse=True,
+                               **kw)
+        np.testing.assert_array_equal(o1, out[one])
+        g1 = ops.attention_backward(dout[one], q[one], k[one], v[one], o1, l1,
+                                    key_lengths=lengths[one], **kw)
+        for got, alone in zip(grads, g1, strict=True):
+            np.testing.assert_array_equal(alone, got[one])
+
+
 @pytest.mark.parametrize(
     "B,Lq,Lk,H,D,causal,offset",
     [
