@@ -337,8 +337,9 @@ class RowBuffer:
     """A float32 (rows, cols) buffer kept across training steps: the logits of a step (N x V,
     over 100 MB at V = 8,000) are otherwise a fresh mapping that the kernel zeroes and the GEMM
     faults in again every step, which made the output projection run at 55 % of the rate of the
-    same product into warm memory (Multi30k batches, 2 threads). Grows by at least a quarter, so
-    batches of varying size settle on one allocation; `release` frees it (`Model.eval` does)."""
+    same product into warm memory (Multi30k batches, 2 threads). It grows to the largest batch
+    seen (rounded up to 64 rows), which batches of varying size reach after a few steps, so it
+    holds no more than the largest step needed; `release` frees it (`Model.eval` does)."""
 
     def __init__(self) -> None:
         self._data = np.empty(0, np.float32)
@@ -346,7 +347,7 @@ class RowBuffer:
     def rows(self, n: int, cols: int) -> np.ndarray:
         """A C-contiguous (n, cols) view of the buffer (its contents are undefined)."""
         if self._data.size < n * cols:
-            self._data = np.empty(max(n * cols, self._data.size * 5 // 4), np.float32)
+            self._data = np.empty(-(-n // 64) * 64 * cols, np.float32)
         return self._data[: n * cols].reshape(n, cols)
 
     def release(self) -> None:
