@@ -504,3 +504,54 @@ def test_pad_and_pack_rows_bad_inputs(rng):
     frozen.flags.writeable = False
     with pytest.raises(ValueError, match="out"):
         ops.pack_rows(y, np.array([2, 1]), out=frozen)
+
+
+# ---------------------------------------------------------------------------- column sums
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    M=st.integers(0, 300),
+    N=st.sampled_from([1, 7, 63, 64, 65, 128, 200, 513]),
+    row_pad=st.sampled_from([0, 3]),
+    nthreads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_add_column_sums_is_numpys_axis_0_sum(threads, M, N, row_pad, nthreads, seed):
+    """A bias gradient: out += x.sum(axis=0), the same bits as numpy at any thread count, for
+    rows read through a row stride (a column slice of a wider array)."""
+    threads(nthreads)
+    rng = np.random.default_rng(seed)
+    wide = (rng.standard_normal((M, N + row_pad)) * 10).astype(np.float32)
+    x = wide[:, :N]
+    start = rng.standard_normal(N).astype(np.float32)
+    out = start.copy()
+    assert ops.add_column_sums(out, x) is out
+    rows = np.zeros(N, np.float32)
+    for row in x:  # the documented order: rows in turn, from zero
+        rows += row
+    np.testing.assert_array_equal(out.view(np.uint32), (start + rows).view(np.uint32))
+    if N > 1:  # numpy sums axis 0 in that order too (a single column it sums pairwise)
+        np.testing.assert_array_equal(out.view(np.uint32), (start + x.sum(axis=0)).view(np.uint32))
+    np.testing.assert_allclose(out, start + x.astype(np.float64).sum(axis=0), rtol=1e-4,
+                               atol=1e-3 * max(1, M) ** 0.5)
+
+
+def test_add_column_sums_bad_input():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="out"):
+        ops.add_column_sums(np.zeros(4, np.float32), x)  # wrong length
+    with pytest.raises(TypeError, match="out"):
+        ops.add_column_sums(np.zeros(3, np.float64), x)
+    with pytest.raises(TypeError, match="x"):
+        ops.add_column_sums(np.zeros(3, np.float32), x.astype(np.float64))
+    with pytest.raises(ValueError, match="out"):
+        ops.add_column_sums(np.zeros(6, np.float32)[::2], x)  # not contiguous
+    ro = np.zeros(3, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out"):
+        ops.add_column_sums(ro, x)
+    with pytest.raises(ValueError, match="share memory"):
+        ops.add_column_sums(x[0], x)
+    with pytest.raises(ValueError, match="x"):
+        ops.add_column_sums(np.zeros(3, np.float32), np.ones(3, np.float32))  # not 2-D

@@ -277,6 +277,18 @@ py::object pack_rows_py(const py::object& y, const py::object& lengths, const py
   return result;
 }
 
+py::object add_column_sums_py(const py::object& out, const py::object& x) {
+  const RowsIn X = rows_in(x, "x", 2);
+  const F32View O = f32_view(out, "out", {1}, /*writable=*/true);
+  require_shape(O, "out", {X.shape[1]});
+  if (O.shape[0] > 1 && O.stride(0) != 1) throw py::value_error("out: must be contiguous");
+  {
+    py::gil_scoped_release nogil;
+    add_column_sums(O.data, X.data, X.strides[0], X.shape[0], X.shape[1]);
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_train_ops(py::module_& m) {
@@ -314,6 +326,7 @@ void register_train_ops(py::module_& m) {
         py::arg("weight_decay") = 0.0, py::arg("step"), py::arg("decoupled") = false);
   m.def("pad_rows", &pad_rows_py, py::arg("x"), py::arg("lengths"), py::arg("L"));
   m.def("pack_rows", &pack_rows_py, py::arg("y"), py::arg("lengths"), py::kw_only(), py::arg("out") = py::none());
+  m.def("add_column_sums", &add_column_sums_py, py::arg("out"), py::arg("x"));
   m.def("global_norm", &global_norm_py, py::arg("arrays"));
   m.def("clip_grad_norm", &clip_grad_norm_py, py::arg("arrays"), py::arg("max_norm"));
 }

@@ -53,4 +53,17 @@ void pack_rows(float* out, index_t out_rs, const float* y, index_t y_bs, index_t
   });
 }
 
+void add_column_sums(float* out, const float* x, index_t x_rs, index_t M, index_t N) {
+  constexpr index_t kCols = 64;
+  parallel_for((N + kCols - 1) / kCols, [&](index_t blk) {
+    const index_t j0 = blk * kCols, n = N - j0 < kCols ? N - j0 : kCols;
+    float acc[kCols] = {};
+    for (index_t i = 0; i < M; ++i) {
+      const float* row = x + i * x_rs + j0;
+      for (index_t j = 0; j < n; ++j) acc[j] += row[j];
+    }
+    for (index_t j = 0; j < n; ++j) out[j0 + j] += acc[j];
+  });
+}
+
 }  // namespace pt

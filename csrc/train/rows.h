@@ -21,4 +21,8 @@ void pad_rows(float* out, const float* x, index_t x_rs, const std::int64_t* leng
 void pack_rows(float* out, index_t out_rs, const float* y, index_t y_bs, index_t y_ls,
                const std::int64_t* lengths, index_t B, index_t R);
 
+// out[j] += sum over i of x[i * x_rs + j] for j < N, the rows summed in order from zero (numpy's
+// x.sum(axis=0) order for N > 1): a bias gradient. Parallel over blocks of columns.
+void add_column_sums(float* out, const float* x, index_t x_rs, index_t M, index_t N);
+
 }  // namespace pt

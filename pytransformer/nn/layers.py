@@ -219,7 +219,7 @@ class Linear:
         x2 = x.reshape(-1, x.shape[-1])
         ops.matmul(dy2, x2, trans_a=True, out=self.weight.grad, accumulate=True)
         if self.bias is not None:
-            self.bias.grad += dy2.sum(axis=0)
+            ops.add_column_sums(self.bias.grad, dy2)
         if dx_out is not None:
             ops.matmul(
                 dy2, self.weight.data, out=dx_out.reshape(-1, dx_out.shape[-1]), accumulate=True

@@ -30,6 +30,7 @@ __all__ = [
     "clip_grad_norm",
     "pad_rows",
     "pack_rows",
+    "add_column_sums",
 ]
 
 _U64 = 1 << 64
@@ -163,6 +164,17 @@ def pad_rows(x: np.ndarray, lengths: np.ndarray, L: int) -> np.ndarray:
     gets the next ``lengths[b]`` rows of x, then zeros. ``lengths`` (B,) ints in [0, L] summing to
     N. Parallel over batch rows (a copy: the bits are x's)."""
     return _C.pad_rows(x, lengths, check_int("L", L, 0))
+
+
+def add_column_sums(out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``out += x.sum(axis=0)``, the rows summed in order from zero (numpy's order for x with
+    more than one column, so the same bits), in parallel over columns with the GIL released: a
+    bias gradient. x (M, N) float32 with unit
+    inner stride (else copied); out (N,) float32, contiguous, writable, not sharing memory with
+    x. Returns out."""
+    if isinstance(out, np.ndarray) and isinstance(x, np.ndarray) and np.may_share_memory(out, x):
+        raise ValueError("out: must not share memory with x")
+    return _C.add_column_sums(out, x)
 
 
 def pack_rows(
