@@ -26,6 +26,29 @@
 namespace pt {
 namespace PT_ISA_NS {
 namespace gemm_detail {
+namespace {
+
+// The write-back of C's tiles at column j for the K slice [pc, pc + kc): from C when
+// accumulating or past the first slice, with the bias and activation on the last slice.
+Epilogue slice_epilogue(const GemmArgs& p, index_t pc, index_t kc, index_t j) {
+  Epilogue ep;
+  ep.load_c = p.accumulate || pc > 0;
+  if (pc + kc == p.K) {
+    ep.bias = p.bias ? p.bias + j : nullptr;
+    ep.act = p.act;
+  }
+  return ep;
+}
+
+// The MR-row tiles of a packed A block (mc rows) times one packed B panel, into c (row stride ldc).
+void panel_tiles(const float* abuf, const float* bpanel, index_t mc, index_t kc, float* c,
+                 index_t ldc, int cols, const Epilogue& ep) {
+  for (index_t ir = 0; ir < mc; ir += MR)
+    run_tile(static_cast<int>(min_i(MR, mc - ir)), kc, abuf + ir * kc, bpanel, NR, c + ir * ldc,
+             ldc, cols, ep);
+}
+
+}  // namespace
 
 // The general path: pack both operands.
 void gemm_blocked(const GemmArgs& p, int nt) {
@@ -47,7 +70,6 @@ void gemm_blocked(const GemmArgs& p, int nt) {
       const index_t q0 = panels * jt / tn, q1 = panels * (jt + 1) / tn;
       for (index_t pc = 0; pc < K; pc += kKC) {
         const index_t kc = min_i(kKC, K - pc);
-        const bool last = pc + kc == K;
         // Every thread packs its share of B's panels; all of them use all of B.
         const index_t s0 = panels * t / team, s1 = panels * (t + 1) / team;
         if (s1 > s0)
@@ -72,15 +94,8 @@ void gemm_blocked(const GemmArgs& p, int nt) {
               prefetch_strided(next_a + r0 * p.a_rs, p.a_rs, p.a_cs, r1 - r0, next_kc);
             }
             const int cols = static_cast<int>(min_i(NR, nc - q * NR));
-            Epilogue ep;
-            ep.load_c = p.accumulate || pc > 0;
-            ep.bias = last && p.bias ? p.bias + jc + q * NR : nullptr;
-            ep.act = last ? p.act : Activation::none;
-            for (index_t ir = 0; ir < mc; ir += MR) {
-              const int rows = static_cast<int>(min_i(MR, mc - ir));
-              run_tile(rows, kc, abuf + ir * kc, bbuf + q * kc * NR, NR,
-                       p.c + (ic + ir) * p.ldc + jc + q * NR, p.ldc, cols, ep);
-            }
+            panel_tiles(abuf, bbuf + q * kc * NR, mc, kc, p.c + ic * p.ldc + jc + q * NR, p.ldc,
+                        cols, slice_epilogue(p, pc, kc, jc + q * NR));
           }
         }
         team_barrier(team);  // B's buffer is repacked next
@@ -91,27 +106,28 @@ void gemm_blocked(const GemmArgs& p, int nt) {
 
 namespace {
 
-// One K slice [pc, pc + kc) of the whole product on one thread, into out (row stride ldo):
-// out = act((load_c ? out : 0) + A[:, slice] @ B[slice, :] + bias).
+// One K slice [pc, pc + kc) of the whole product on one thread: into C with the slice's
+// write-back (into_c), else its sums alone into out (row stride ldo).
 void slice_product(const GemmArgs& p, index_t pc, index_t kc, float* out, index_t ldo,
-                   const Epilogue& ep, float* bbuf, float* abuf) {
+                   bool into_c, float* bbuf, float* abuf) {
   for (index_t jc = 0; jc < p.N; jc += kNC) {
     const index_t nc = min_i(kNC, p.N - jc), panels = (nc + NR - 1) / NR;
     pack_b(bbuf, p.b + pc * p.b_rs + jc * p.b_cs, p.b_rs, p.b_cs, kc, nc);
     for (index_t ic = 0; ic < p.M; ic += kMC) {
       const index_t mc = min_i(kMC, p.M - ic);
       pack_a(abuf, p.a + ic * p.a_rs + pc * p.a_cs, p.a_rs, p.a_cs, mc, kc);
-      for (index_t q = 0; q < panels; ++q) {
-        Epilogue e = ep;
-        if (ep.bias) e.bias = ep.bias + jc + q * NR;
-        const int cols = static_cast<int>(min_i(NR, nc - q * NR));
-        for (index_t ir = 0; ir < mc; ir += MR)
-          run_tile(static_cast<int>(min_i(MR, mc - ir)), kc, abuf + ir * kc, bbuf + q * kc * NR, NR,
-                   out + (ic + ir) * ldo + jc + q * NR, ldo, cols, e);
-      }
+      for (index_t q = 0; q < panels; ++q)
+        panel_tiles(abuf, bbuf + q * kc * NR, mc, kc, out + ic * ldo + jc + q * NR, ldo,
+                    static_cast<int>(min_i(NR, nc - q * NR)),
+                    into_c ? slice_epilogue(p, pc, kc, jc + q * NR) : Epilogue{});
     }
   }
 }
+
+// The KC slices of K, and those the threads after the first take (thread 0 takes the first
+// slices / team and writes them straight into C).
+index_t k_slices(const GemmArgs& p) { return (p.K + kKC - 1) / kKC; }
+index_t buffered_slices(index_t slices, int team) { return slices - slices / team; }
 
 // Rows [r0, r1) of C take the buffered slices in order: C = C + P_s, and on the last one the
 // bias and activation, the micro-kernel's write-back done element by element.
@@ -135,34 +151,31 @@ bool ksplit_worth(const GemmArgs& p, int nt) {
 #if defined(_OPENMP)
   if (omp_in_parallel()) return false;  // a team of one (run_team): no split, no buffers
 #endif
-  const index_t slices = (p.K + kKC - 1) / kKC;
-  const index_t buffered = slices - slices / (nt > 1 ? nt : 1);
-  return nt > 1 && slices >= 2 * nt && p.M * p.N <= kKSplitMaxC &&
-         buffered * p.M * p.N <= kKSplitMaxBuffer;
+  if (nt < 2) return false;
+  const index_t slices = k_slices(p);
+  return slices >= 2 * nt && p.M * p.N <= kKSplitMaxC &&
+         buffered_slices(slices, nt) * p.M * p.N <= kKSplitMaxBuffer;
 }
 
 void gemm_blocked_ksplit(const GemmArgs& p, int nt) {
-  const index_t M = p.M, N = p.N, K = p.K, slices = (K + kKC - 1) / kKC;
+  const index_t M = p.M, N = p.N, K = p.K, slices = k_slices(p);
   const index_t b_size = kKC * min_i(round_up(N, NR), kNC), a_size = kMC * kKC;
   float* buf = thread_scratch(static_cast<size_t>(nt * (b_size + a_size) +
-                                                  (slices - slices / nt) * M * N));
+                                                  buffered_slices(slices, nt) * M * N));
   run_team(nt, [&](int t, int team) {
-    const index_t first_buffered = slices / team;  // thread 0 takes [0, slices / team)
+    const index_t first_buffered = slices - buffered_slices(slices, team);
     float* bufs = buf + nt * (b_size + a_size);
     float* bbuf = buf + t * (b_size + a_size);
     for (index_t s = slices * t / team; s < slices * (t + 1) / team; ++s) {
       const index_t pc = s * kKC, kc = min_i(kKC, K - pc);
-      Epilogue ep;
-      if (t == 0) {
-        ep.load_c = p.accumulate || pc > 0;
-        if (pc + kc == K) ep.bias = p.bias, ep.act = p.act;
-      }
-      float* out = t == 0 ? p.c : bufs + (s - first_buffered) * M * N;
-      slice_product(p, pc, kc, out, t == 0 ? p.ldc : N, ep, bbuf, bbuf + b_size);
+      if (t == 0)
+        slice_product(p, pc, kc, p.c, p.ldc, true, bbuf, bbuf + b_size);
+      else
+        slice_product(p, pc, kc, bufs + (s - first_buffered) * M * N, N, false, bbuf, bbuf + b_size);
     }
     if (team == 1) return;
     team_barrier(team);
-    add_slices(p, bufs, slices - first_buffered, M * t / team, M * (t + 1) / team);
+    add_slices(p, bufs, buffered_slices(slices, team), M * t / team, M * (t + 1) / team);
   });
 }
 
