@@ -347,7 +347,7 @@ class RowBuffer:
     def rows(self, n: int, cols: int) -> np.ndarray:
         """A C-contiguous (n, cols) view of the buffer (its contents are undefined)."""
         if self._data.size < n * cols:
-            self._data = np.empty(0, np.float32)  # the old one goes first: no two alive at once
+            self.release()  # the old one goes first: no two alive at once
             self._data = np.empty(-(-n // 64) * 64 * cols, np.float32)
         return self._data[: n * cols].reshape(n, cols)
 

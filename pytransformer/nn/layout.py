@@ -69,12 +69,13 @@ class Layout:
 
     def pack_into(self, out: np.ndarray, y: np.ndarray) -> None:
         """out[...] = pack(y) without the intermediate copy; out may be a strided view."""
-        flat = y.reshape((self.B * self.L,) + y.shape[2:])
         rows = _row_view(out) if y.dtype == out.dtype == np.float32 else None
         if rows is not None:  # the native copy, parallel over rows (numpy's is one thread)
             lengths = np.full(self.B, self.L, np.int64) if self.dense else self.lengths
             ops.pack_rows(self._rows3(y), lengths, out=rows)
-        elif self.dense:
+            return
+        flat = y.reshape((self.B * self.L,) + y.shape[2:])
+        if self.dense:
             out[...] = flat
         else:
             np.take(flat, self.rows, axis=0, out=out, mode="clip")

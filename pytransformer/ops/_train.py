@@ -169,9 +169,8 @@ def pad_rows(x: np.ndarray, lengths: np.ndarray, L: int) -> np.ndarray:
 def add_column_sums(out: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``out += x.sum(axis=0)``, the rows summed in order from zero (numpy's order for x with
     more than one column, so the same bits), in parallel over columns with the GIL released: a
-    bias gradient. x (M, N) float32 with unit
-    inner stride (else copied); out (N,) float32, contiguous, writable, not sharing memory with
-    x. Returns out."""
+    bias gradient. x (M, N) float32 with unit inner stride (else copied); out (N,) float32,
+    contiguous, writable, not sharing memory with x. Returns out."""
     if isinstance(out, np.ndarray) and isinstance(x, np.ndarray) and np.may_share_memory(out, x):
         raise ValueError("out: must not share memory with x")
     return _C.add_column_sums(out, x)
