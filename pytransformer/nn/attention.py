@@ -208,7 +208,8 @@ class SelfAttention:
         )
         return self.out.forward(ctx.reshape(B * L, C))
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, dx_out: np.ndarray | None = None) -> np.ndarray:
+        """dy (N, C) -> dx (N, C), added into dx_out when given."""
         x, ctx, layout = self.saved
         self.saved = None
         C = x.shape[-1]
@@ -222,7 +223,7 @@ class SelfAttention:
         layout.pack_into(dqkv[:, 1], dk)
         layout.pack_into(dqkv[:, 2], dv)
         del dq, dk, dv
-        return self.qkv.backward(dqkv.reshape(layout.n, 3 * C), x)
+        return self.qkv.backward(dqkv.reshape(layout.n, 3 * C), x, dx_out=dx_out)
 
 
 class CrossAttention:
@@ -288,8 +289,11 @@ class CrossAttention:
             capture.probs = p.reshape((B, H, 1, -1) if capture.per_head else (B, 1, -1))
         return self.out.forward(ctx.reshape(B, C))
 
-    def backward(self, dy: np.ndarray, dmemory: np.ndarray) -> np.ndarray:
-        """Returns dx; adds this layer's contribution into dmemory (N_s, C) in place."""
+    def backward(
+        self, dy: np.ndarray, dmemory: np.ndarray, dx_out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Returns dx (added into dx_out when given); adds this layer's contribution into dmemory
+        (N_s, C) in place."""
         x, layout, memory, memory_layout, ctx = self.saved
         self.saved = None
         C = x.shape[-1]
@@ -303,4 +307,4 @@ class CrossAttention:
         memory_layout.pack_into(dkv[:, 1], dv)
         del dk, dv
         self.kv.backward(dkv.reshape(memory_layout.n, 2 * C), memory, dx_out=dmemory)
-        return self.q.backward(layout.pack(dq).reshape(layout.n, C), x)
+        return self.q.backward(layout.pack(dq).reshape(layout.n, C), x, dx_out=dx_out)

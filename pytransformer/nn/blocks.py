@@ -19,6 +19,9 @@ from .layout import Layout
 from .params import ParamStore
 
 Sublayer = Callable[[np.ndarray], np.ndarray]
+# A sub-layer's backward: (d of its output, dx_out) -> d of its input, added into dx_out when that
+# is given (the last product then accumulates into it) or else a fresh array.
+SublayerBackward = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
 
 class Residual:
@@ -38,16 +41,20 @@ class Residual:
             return a
         return self.norm.add_forward(self.dropout.forward(f(x)), x)
 
-    def backward(self, dy: np.ndarray, f_backward: Sublayer) -> np.ndarray:
-        """f_backward: the sub-layer's backward (d of its output -> d of its input)."""
+    def backward(self, dy: np.ndarray, f_backward: SublayerBackward) -> np.ndarray:
+        """f_backward: the sub-layer's backward (see SublayerBackward)."""
         if self.norm_first:
-            dx = self.norm.backward(f_backward(self.dropout.backward(dy)))
+            dx = self.norm.backward(f_backward(self.dropout.backward(dy), None))
             dx += dy
             return dx
-        ds = self.norm.backward(dy)
-        dx = f_backward(self.dropout.backward(ds))
-        dx += ds
-        return dx
+        ds = self.norm.backward(dy)  # a fresh array, only needed for the residual's share
+        dsub = self.dropout.backward(ds)
+        if dsub is ds:  # no dropout: the sub-layer's input would alias its output
+            dx = f_backward(dsub, None)
+            dx += ds
+            return dx
+        # The residual's share rides on the sub-layer's last product (no separate pass).
+        return f_backward(dsub, ds)
 
 
 def _residual(store: ParamStore, name: str, cfg: Any, ctx: Context) -> Residual:
@@ -154,7 +161,9 @@ class DecoderLayer:
     def backward(self, dy: np.ndarray, dmemory: np.ndarray | None) -> np.ndarray:
         dy = self.ffn_block.backward(dy, self.ffn.backward)
         if self.cross_attn is not None:
-            dy = self.cross_block.backward(dy, lambda d: self.cross_attn.backward(d, dmemory))
+            dy = self.cross_block.backward(
+                dy, lambda d, out: self.cross_attn.backward(d, dmemory, out)
+            )
         return self.attn_block.backward(dy, self.self_attn.backward)
 
 

@@ -386,7 +386,8 @@ class FeedForward:
             self.saved = (x, a, h)
         return self.fc2.forward(h)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def backward(self, dy: np.ndarray, dx_out: np.ndarray | None = None) -> np.ndarray:
+        """dy (N, C) -> dx (N, C), added into dx_out when given."""
         x, a, h = self.saved
         self.saved = None
         dh = self.fc2.backward(dy, h)
@@ -397,7 +398,7 @@ class FeedForward:
         else:
             dh = ops.gelu_backward(dh, a)
         del a, h
-        return self.fc1.backward(dh, x)
+        return self.fc1.backward(dh, x, dx_out=dx_out)
 
 
 def swish(a: np.ndarray) -> np.ndarray:
